@@ -1,0 +1,1 @@
+"""edgefl edge_node."""

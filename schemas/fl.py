@@ -1,0 +1,201 @@
+"""Federated-learning messages: round plans, evaluation results, task status and
+the JSON envelopes carried in the header of safetensors updates and weights."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Self
+
+from pydantic import Field, model_validator
+
+from schemas.base import (
+    Fraction,
+    Id,
+    NonNegFloat,
+    NonNegInt,
+    ShortText,
+    UnixTime,
+    Version,
+    WireModel,
+)
+
+MAX_SELECTED = 10_000
+FiniteLoss = Annotated[float, Field(ge=0.0, description="Mean loss over the examples")]
+
+
+class Compression(StrEnum):
+    """How an update's tensors are encoded on the wire."""
+
+    NONE = "none"
+    FP16 = "fp16"
+    INT8 = "int8"
+    TOPK_INT8 = "topk_int8"
+
+
+class CompressionSpec(WireModel):
+    """Compression asked of the clients in a round."""
+
+    kind: Compression = Compression.NONE
+    topk_fraction: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(
+        default=None, description="Share of coordinates kept by top-k, 0-1"
+    )
+
+    @model_validator(mode="after")
+    def _topk_has_fraction(self) -> Self:
+        if self.kind == Compression.TOPK_INT8 and self.topk_fraction is None:
+            raise ValueError("topk_int8 needs topk_fraction")
+        return self
+
+
+class PrivacySpec(WireModel):
+    """Client-side differential privacy: clip each update, then add Gaussian noise."""
+
+    clip_norm: Annotated[float, Field(gt=0.0, description="L2 clipping bound")]
+    noise_multiplier: Annotated[float, Field(ge=0.0, description="sigma / clip_norm")]
+
+
+class SecAggSpec(WireModel):
+    """Secure aggregation (Bonawitz et al. 2017) parameters for a round."""
+
+    threshold: Annotated[int, Field(ge=2, description="Shares needed to reconstruct")]
+    quantization_bits: Annotated[int, Field(ge=8, le=32)] = 16
+    clip_range: Annotated[float, Field(gt=0.0)] = Field(
+        default=1.0, description="Values are clipped to [-clip_range, clip_range] before quantizing"
+    )
+
+
+class HyperParams(WireModel):
+    """Local training hyper-parameters sent with a round plan."""
+
+    local_epochs: Annotated[int, Field(ge=1, le=1000)] = 1
+    batch_size: Annotated[int, Field(ge=1, le=65536)] = 32
+    learning_rate: Annotated[float, Field(gt=0.0, le=100.0)] = 0.01
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    proximal_mu: Annotated[float, Field(ge=0.0)] = Field(
+        default=0.0, description="FedProx: mu/2 * ||w - w_global||^2 added to the local loss"
+    )
+
+
+class RoundPlan(WireModel):
+    """Retained on ``fl/{t}/round``: who trains in this round, on what, until when."""
+
+    task: Id
+    round: Annotated[int, Field(ge=1)]
+    global_version: Version = Field(description="Version of the weights to train from")
+    selected: list[Id] = Field(max_length=MAX_SELECTED, description="Devices asked to train")
+    evaluate: list[Id] = Field(
+        default_factory=list, max_length=MAX_SELECTED, description="Devices asked to evaluate"
+    )
+    issued_at: UnixTime
+    deadline: UnixTime = Field(description="Updates arriving later are refused")
+    strategy: Id = Field(description="Aggregation strategy name, e.g. `fedavg`")
+    hyperparams: HyperParams = Field(default_factory=HyperParams)
+    compression: CompressionSpec = Field(default_factory=CompressionSpec)
+    privacy: PrivacySpec | None = None
+    secagg: SecAggSpec | None = None
+    max_update_norm: Annotated[float, Field(gt=0.0)] | None = Field(
+        default=None, description="Updates with a larger L2 norm are refused"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.deadline <= self.issued_at:
+            raise ValueError("deadline must be after issued_at")
+        if len(set(self.selected)) != len(self.selected):
+            raise ValueError("selected devices must be unique")
+        return self
+
+
+class UpdateEnvelope(WireModel):
+    """JSON envelope in the safetensors header of ``fl/{t}/rounds/{r}/updates/{d}``."""
+
+    task: Id
+    round: Annotated[int, Field(ge=1)]
+    device_id: Id
+    base_version: Version = Field(description="Global version the delta is relative to")
+    num_examples: Annotated[int, Field(ge=1, description="Local training examples")]
+    train_loss: FiniteLoss | None = None
+    train_accuracy: Fraction | None = None
+    train_time_s: NonNegFloat | None = None
+    compression: Compression = Compression.NONE
+    clip_norm: Annotated[float, Field(gt=0.0)] | None = Field(
+        default=None, description="DP clipping bound applied on the device"
+    )
+    sent_at: UnixTime
+
+
+class GlobalModelEnvelope(WireModel):
+    """JSON envelope in the safetensors header of ``fl/{t}/global/{version}``."""
+
+    task: Id
+    version: Version
+    round: NonNegInt = Field(description="Round that produced these weights; 0 = initial")
+    created_at: UnixTime
+
+
+class EvalResult(WireModel):
+    """A device's evaluation of the global model on its local data."""
+
+    task: Id
+    round: Annotated[int, Field(ge=1)]
+    device_id: Id
+    global_version: Version
+    num_examples: Annotated[int, Field(ge=1)]
+    loss: FiniteLoss
+    accuracy: Fraction | None = None
+    ts: UnixTime
+
+
+class TaskState(StrEnum):
+    """The coordinator's state machine for one task."""
+
+    WAITING = "waiting"
+    ROUND_OPEN = "round_open"
+    COLLECTING = "collecting"
+    AGGREGATING = "aggregating"
+    EVALUATING = "evaluating"
+    RELEASED = "released"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+
+class Rejection(WireModel):
+    """An update or evaluation refused by the coordinator, with its reason."""
+
+    device_id: Id
+    reason: Id = Field(description="Short code, e.g. `non_finite`, `norm_bound`, `not_selected`")
+    detail: ShortText | None = None
+
+
+class Fairness(WireModel):
+    """Spread of client accuracies in a round."""
+
+    mean: Fraction
+    std: NonNegFloat
+    cv: NonNegFloat = Field(description="Coefficient of variation, std / mean")
+    disparity: Fraction = Field(description="Best minus worst client accuracy")
+
+
+class TaskStatus(WireModel):
+    """Retained on ``fl/{t}/status``: progress of a federated task."""
+
+    task: Id
+    state: TaskState
+    round: NonNegInt
+    rounds_total: Annotated[int, Field(ge=1)]
+    global_version: Version | None = None
+    participants: list[Id] = Field(default_factory=list, max_length=MAX_SELECTED)
+    rejected: list[Rejection] = Field(default_factory=list, max_length=MAX_SELECTED)
+    train_loss: FiniteLoss | None = None
+    eval_loss: FiniteLoss | None = None
+    eval_accuracy: Fraction | None = None
+    central_accuracy: Fraction | None = None
+    fairness: Fairness | None = None
+    bytes_received: NonNegInt = 0
+    duration_s: NonNegFloat | None = None
+    epsilon_spent: NonNegFloat | None = Field(
+        default=None, description="Differential-privacy epsilon spent so far"
+    )
+    message: ShortText | None = Field(default=None, description="Why the task failed or stopped")
+    ts: UnixTime
