@@ -107,8 +107,8 @@ def encode(tensors: Mapping[str, np.ndarray], envelope: BaseModel) -> bytes:
         arr = np.asarray(array)
         dtype = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype
         if dtype not in _NUMPY_TO_ST:
-            raise EncodeError("bad_dtype", f"{name}: dtype {arr.dtype} is not one of {list(DTYPES)}")
-        prepared[name] = np.ascontiguousarray(arr, dtype=dtype)
+            raise EncodeError("bad_dtype", f"{name}: dtype {arr.dtype} not in {list(DTYPES)}")
+        prepared[name] = np.asarray(arr, dtype=dtype, order="C")
     metadata = {
         ENVELOPE_KEY: envelope.model_dump_json(),
         ENVELOPE_TYPE_KEY: type(envelope).__name__,
@@ -211,7 +211,9 @@ def decode(
         raise DecodeError("no_envelope", "no envelope in __metadata__")
     declared = metadata.get(ENVELOPE_TYPE_KEY)
     if declared is not None and declared != envelope_type.__name__:
-        raise DecodeError("wrong_envelope", f"envelope is {declared}, expected {envelope_type.__name__}")
+        raise DecodeError(
+            "wrong_envelope", f"envelope is {declared}, expected {envelope_type.__name__}"
+        )
     try:
         envelope = decode_message(envelope_type, envelope_json, max_bytes=limits.max_envelope_bytes)
     except DecodeError as exc:

@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         stale = stale_files()
         for path in stale:
-            print(f"out of date: {path}", file=sys.stderr)  # noqa: T201
+            print(f"out of date: {path}", file=sys.stderr)
         return 1 if stale else 0
     JSON_DIR.mkdir(exist_ok=True)
     files = render_files()
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             old.unlink()
     for path, text in files.items():
         path.write_text(text)
-    print(f"wrote {len(files)} files under {PACKAGE_DIR}")  # noqa: T201
+    print(f"wrote {len(files)} files under {PACKAGE_DIR}")
     return 0
 
 

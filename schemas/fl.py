@@ -1,5 +1,8 @@
-"""Federated-learning messages: round plans, evaluation results, task status and
-the JSON envelopes carried in the header of safetensors updates and weights."""
+"""Federated-learning messages.
+
+Round plans, evaluation results, task status, and the JSON envelopes carried in
+the header of safetensors updates and global weights.
+"""
 
 from __future__ import annotations
 

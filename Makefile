@@ -1,0 +1,52 @@
+# edgefl: the two commands are `make demo` and `make test`. Both are idempotent.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+ASYNCAPI_SPECS_VERSION := 6.11.1
+ASYNCAPI_SCHEMA := .cache/asyncapi/asyncapi-3.0.0.json
+
+.PHONY: demo test venv services lint check-python
+
+check-python:
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "edgefl needs Python 3.11 or newer (found " + sys.version.split()[0] + ")")'
+
+# torch is installed first and pinned: an open range would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml | check-python
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[edge,train,cloud,test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Mosquitto for the tests: installed with apt-get when missing and we are root.
+services:
+	@if command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing mosquitto with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mosquitto >/dev/null; \
+	else \
+	  echo "Mosquitto is required for the tests: sudo apt-get install mosquitto (Debian/Ubuntu) or brew install mosquitto" >&2; exit 1; \
+	fi
+
+# The official AsyncAPI 3.0 JSON Schema, from the npm package @asyncapi/specs.
+$(ASYNCAPI_SCHEMA):
+	@command -v npm >/dev/null || { echo "npm is required to fetch @asyncapi/specs (apt-get install npm)" >&2; exit 1; }
+	mkdir -p .cache/asyncapi
+	npm install --silent --no-save --no-audit --no-fund --prefix .cache/asyncapi @asyncapi/specs@$(ASYNCAPI_SPECS_VERSION)
+	cp '.cache/asyncapi/node_modules/@asyncapi/specs/schemas/3.0.0-without-$$id.json' $@
+
+demo: venv
+	$(VENV)/bin/edgefl demo
+
+test: venv services $(ASYNCAPI_SCHEMA)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(PY) -m pytest
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy

@@ -1,0 +1,163 @@
+"""``edgefl broker``: run Mosquitto with edgefl's config, and manage its identities."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from broker.config import render_acl, render_config
+from broker.errors import BrokerError
+from broker.launcher import MosquittoProcess
+from broker.provision import (
+    add_identity,
+    init_broker,
+    reload_running_broker,
+    remove_identity,
+    write_config_files,
+)
+from broker.settings import BrokerSettings
+from schemas.errors import SchemaError
+
+logger = logging.getLogger(__name__)
+
+app = typer.Typer(
+    name="broker",
+    help="Run the fleet's Mosquitto (generated config, ACL, passwords, optional mTLS).",
+    invoke_without_command=True,
+    no_args_is_help=False,
+)
+
+DataDir = Annotated[
+    Path | None,
+    typer.Option("--data-dir", help="Broker data folder [env EDGEFL_BROKER_DATA_DIR]"),
+]
+
+
+def _settings(data_dir: Path | None, **overrides: Any) -> BrokerSettings:
+    values = {k: v for k, v in overrides.items() if v is not None}
+    if data_dir is not None:
+        values["data_dir"] = data_dir
+    base = BrokerSettings()
+    if "tls" in values:
+        values["tls"] = base.tls.model_copy(update=values["tls"])
+    return base.model_copy(update=values)
+
+
+def _fail(exc: BrokerError) -> typer.Exit:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code=2)
+
+
+@app.callback()
+def run(
+    ctx: typer.Context,
+    data_dir: DataDir = None,
+    port: Annotated[int | None, typer.Option(help="Plain listener port [1883]")] = None,
+    host: Annotated[str | None, typer.Option(help="Plain listener address [127.0.0.1]")] = None,
+    tls: Annotated[bool, typer.Option("--tls", help="Also open the mTLS listener")] = False,
+    tls_port: Annotated[int | None, typer.Option(help="TLS listener port [8883]")] = None,
+) -> None:
+    """Start Mosquitto in the foreground until Ctrl-C (runs `init` first when needed)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    tls_update: dict[str, Any] = {"enabled": True} if tls else {}
+    if tls_port is not None:
+        tls_update["port"] = tls_port
+    settings = _settings(data_dir, port=port, host=host, tls=tls_update or None)
+    try:
+        cloud = init_broker(settings)
+        config = write_config_files(settings)
+        process = MosquittoProcess(
+            config, settings.host, settings.port,
+            pid_file=settings.layout.root / "mosquitto.pid", stdout=None,
+        )
+        typer.echo(f"config: {config}")
+        typer.echo(f"cloud identity: {cloud.username} (password in {cloud.password_file})")
+        process.start()
+    except BrokerError as exc:
+        raise _fail(exc) from exc
+    typer.echo(f"mosquitto pid {process.pid} on {settings.host}:{settings.port}; Ctrl-C stops it")
+
+    def _terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        code = process.wait()
+    except KeyboardInterrupt:
+        code = process.stop() or 0
+        typer.echo("mosquitto stopped")
+        raise typer.Exit(0) from None
+    raise typer.Exit(code)
+
+
+@app.command("init")
+def init_cmd(
+    data_dir: DataDir = None,
+    tls: Annotated[bool, typer.Option("--tls", help="Create a dev CA and server cert")] = False,
+) -> None:
+    """Create the data folder: config, ACL, cloud identity (and CA with --tls)."""
+    settings = _settings(data_dir, tls={"enabled": True} if tls else None)
+    try:
+        cloud = init_broker(settings)
+    except BrokerError as exc:
+        raise _fail(exc) from exc
+    typer.echo(f"initialised {settings.layout.root}")
+    typer.echo(f"cloud identity {cloud.username}: password in {cloud.password_file}")
+    if cloud.cert:
+        typer.echo(f"cloud certificate {cloud.cert.cert}")
+
+
+@app.command("add-device")
+def add_device_cmd(
+    device_id: Annotated[str, typer.Argument(help="Device id = MQTT username")],
+    data_dir: DataDir = None,
+    tls: Annotated[bool, typer.Option("--tls", help="Also issue a client certificate")] = False,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from standard input")
+    ] = False,
+) -> None:
+    """Provision a device: password entry (secret written to a 0600 file), optional cert.
+
+    The password is never printed or passed as an argument.
+    """
+    settings = _settings(data_dir)
+    password = sys.stdin.readline().rstrip("\n") if password_stdin else None
+    try:
+        identity = add_identity(settings, device_id, password=password, tls=tls)
+    except (BrokerError, SchemaError) as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"device {device_id}: password in {identity.password_file}")
+    if identity.cert:
+        typer.echo(f"device {device_id}: certificate {identity.cert.cert}, key {identity.cert.key}")
+    if reload_running_broker(settings):
+        typer.echo("running broker reloaded")
+
+
+@app.command("remove-device")
+def remove_device_cmd(device_id: str, data_dir: DataDir = None) -> None:
+    """Remove a device's password entry (its certificate should be revoked separately)."""
+    settings = _settings(data_dir)
+    existed = remove_identity(settings, device_id)
+    typer.echo(f"device {device_id}: {'removed' if existed else 'was not provisioned'}")
+    if reload_running_broker(settings):
+        typer.echo("running broker reloaded")
+
+
+@app.command("show-config")
+def show_config_cmd(
+    data_dir: DataDir = None,
+    acl: Annotated[bool, typer.Option("--acl", help="Print the ACL instead")] = False,
+) -> None:
+    """Print the rendered mosquitto.conf (or ACL) for the current settings."""
+    settings = _settings(data_dir)
+    if acl:
+        typer.echo(render_acl(settings.topic_root, settings.cloud_username), nl=False)
+    else:
+        typer.echo(render_config(settings), nl=False)

@@ -1,0 +1,142 @@
+"""Broker initialisation and identities: config files, passwords, certificates."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from broker.config import render_acl, render_config
+from broker.errors import CredentialError
+from broker.launcher import pid_is_mosquitto
+from broker.passwords import PasswordFile, generate_password, write_private
+from broker.pki import CertPair, DevCA
+from broker.settings import BrokerSettings
+from schemas.topics import validate_id
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """An MQTT identity: username, where its password is, and its certificate if any."""
+
+    username: str
+    password_file: Path
+    cert: CertPair | None = None
+
+    def password(self) -> str:
+        """Read the password from its 0600 file."""
+        return self.password_file.read_text().strip()
+
+
+def write_config_files(settings: BrokerSettings, *, log_to_file: bool = False) -> Path:
+    """(Re)render ``mosquitto.conf`` and the ACL; returns the config path."""
+    layout = settings.layout
+    layout.root.mkdir(parents=True, exist_ok=True)
+    if settings.persistence:
+        layout.persistence.mkdir(parents=True, exist_ok=True)
+    layout.acl.write_text(render_acl(settings.topic_root, settings.cloud_username))
+    layout.config.write_text(render_config(settings, log_to_file=log_to_file))
+    if not layout.passwd.exists():
+        PasswordFile(layout.passwd).save()
+    return layout.config
+
+
+def init_broker(settings: BrokerSettings, *, log_to_file: bool = False) -> Identity:
+    """Create the data folder, CA (with TLS), cloud identity, ACL and config.
+
+    Idempotent: existing secrets and certificates are kept.
+
+    Returns:
+        The cloud service's identity.
+    """
+    layout = settings.layout
+    layout.secrets.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if settings.tls.enabled:
+        ca = DevCA(layout.pki)
+        ca.create()
+        if not (layout.pki / "server.crt").exists():
+            ca.issue_server(settings.server_hostnames)
+    cloud = add_identity(settings, settings.cloud_username, tls=settings.tls.enabled,
+                         allow_cloud=True)
+    write_config_files(settings, log_to_file=log_to_file)
+    logger.info("broker data folder ready: %s", layout.root)
+    return cloud
+
+
+def add_identity(
+    settings: BrokerSettings,
+    username: str,
+    *,
+    password: str | None = None,
+    tls: bool = False,
+    allow_cloud: bool = False,
+) -> Identity:
+    """Create (or keep) the password entry of ``username``, and a client cert with ``tls``.
+
+    Args:
+        settings: broker settings (for the data folder).
+        username: device id or the cloud user.
+        password: a chosen password; by default an existing one is kept, or a random
+            one generated. Never logged.
+        tls: also issue a client certificate (CN = username) from the dev CA.
+        allow_cloud: permit the cloud username (only :func:`init_broker` does).
+
+    Raises:
+        CredentialError: the cloud's username was used for a device.
+    """
+    validate_id(username, "device id")
+    if username == settings.cloud_username and not allow_cloud:
+        raise CredentialError(username, "reserved for the cloud service")
+    layout = settings.layout
+    secret = layout.secret_file(username)
+    passwd = PasswordFile(layout.passwd)
+    if password is None and secret.exists() and username in passwd:
+        password = secret.read_text().strip()
+        if not passwd.check(username, password):
+            raise CredentialError(username, f"{secret} does not match the password file")
+    else:
+        password = password or generate_password()
+        write_private(secret, password + "\n")
+        passwd.set(username, password)
+        passwd.save()
+        logger.info("password entry written for %s (secret in %s)", username, secret)
+    cert = None
+    if tls:
+        ca = DevCA(layout.pki)
+        existing = CertPair(layout.pki / "clients" / f"{username}.crt",
+                            layout.pki / "clients" / f"{username}.key")
+        cert = existing if existing.cert.exists() else ca.issue_client(username)
+    return Identity(username, secret, cert)
+
+
+def remove_identity(settings: BrokerSettings, username: str) -> bool:
+    """Remove a device's password entry and secret; returns whether it existed."""
+    layout = settings.layout
+    passwd = PasswordFile(layout.passwd)
+    existed = passwd.remove(username)
+    passwd.save()
+    layout.secret_file(username).unlink(missing_ok=True)
+    return existed
+
+
+def reload_running_broker(settings: BrokerSettings) -> bool:
+    """Ask a broker started by :mod:`broker.launcher` to re-read password and ACL files.
+
+    Returns:
+        Whether a running broker was signalled (SIGHUP).
+    """
+    pid_file = settings.layout.root / "mosquitto.pid"
+    if not pid_file.exists():
+        return False
+    try:
+        pid = int(pid_file.read_text().strip())
+        if not pid_is_mosquitto(pid):
+            return False
+        os.kill(pid, signal.SIGHUP)
+    except (ValueError, ProcessLookupError, PermissionError):
+        return False
+    return True

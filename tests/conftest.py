@@ -1,0 +1,118 @@
+"""Fixtures: a real Mosquitto from edgefl's own config, and a topic root per test."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from broker.launcher import MosquittoProcess, find_mosquitto, free_port
+from broker.provision import Identity, add_identity, init_broker, write_config_files
+from broker.settings import BrokerSettings, TlsListenerSettings
+from schemas.topics import Topics
+from tests.mqtt_client import SyncClient, TlsFiles
+
+# Devices provisioned when the broker starts; more can be added (with a reload).
+DEVICE_IDS = (*tuple(f"dev-{i}" for i in range(12)), "dev-tls")
+TEST_ROOT_FILTER = "+/edgefl/v1"
+"""The ACL is rendered for this root so that each test's own root `t<hex>/edgefl/v1` is covered."""
+
+
+@dataclass
+class RunningBroker:
+    """A Mosquitto started for the test session, with its identities."""
+
+    host: str
+    port: int
+    tls_port: int
+    settings: BrokerSettings
+    process: MosquittoProcess
+    identities: dict[str, Identity] = field(default_factory=dict)
+
+    @property
+    def cloud_username(self) -> str:
+        """Username of the cloud identity."""
+        return self.settings.cloud_username
+
+    def password(self, username: str) -> str:
+        """Password of a provisioned identity."""
+        return self.identities[username].password()
+
+    def tls_files(self, username: str) -> TlsFiles:
+        """CA, client certificate and key of an identity provisioned with TLS."""
+        cert = self.identities[username].cert
+        assert cert is not None, f"{username} has no certificate"
+        return TlsFiles(self.settings.layout.pki / "ca.crt", cert.cert, cert.key)
+
+    def client(self, username: str, *, client_id: str | None = None, protocol: int = 5,
+               will: tuple[str, bytes, bool] | None = None) -> SyncClient:
+        """An unconnected client authenticated as ``username``."""
+        return SyncClient(
+            self.host, self.port, client_id=client_id or f"{username}-{uuid.uuid4().hex[:6]}",
+            username=username, password=self.password(username), protocol=protocol, will=will,
+        )
+
+    def connected(self, username: str, **kwargs: object) -> SyncClient:
+        """A connected client; fails the test when the broker refuses it."""
+        client = self.client(username, **kwargs)  # type: ignore[arg-type]
+        rc = client.connect()
+        assert not rc.is_failure, f"{username} refused: {rc}"
+        return client
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningBroker]:
+    """A real Mosquitto on free ports, configured by broker/ exactly as in production.
+
+    The only difference from a production config is the ACL's topic root, which is
+    `+/edgefl/v1` so every test can use its own root.
+    """
+    if find_mosquitto() is None:
+        pytest.fail("mosquitto is not installed: run `make test` (it installs it) or "
+                    "`sudo apt-get install mosquitto`")
+    data: Path = tmp_path_factory.mktemp("mosquitto")
+    settings = BrokerSettings(
+        data_dir=data, port=free_port(), topic_root=TEST_ROOT_FILTER,
+        tls=TlsListenerSettings(enabled=True, port=free_port()),
+    )
+    cloud = init_broker(settings, log_to_file=True)
+    identities = {cloud.username: cloud}
+    for device_id in DEVICE_IDS:
+        identities[device_id] = add_identity(settings, device_id, tls=device_id == "dev-tls")
+    config = write_config_files(settings, log_to_file=True)
+    process = MosquittoProcess(
+        config, settings.host, settings.port, log_file=settings.layout.log,
+        pid_file=data / "mosquitto.pid",
+    ).start()
+    try:
+        yield RunningBroker(settings.host, settings.port, settings.tls.port, settings, process,
+                            identities)
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+def topics() -> Topics:
+    """A topic root of this test's own, under the ACL's `+/edgefl/v1`."""
+    return Topics(f"t{uuid.uuid4().hex[:12]}/edgefl/v1")
+
+
+@pytest.fixture(autouse=True)
+def fail_on_logged_exception(
+    request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
+) -> Iterator[None]:
+    """Fail a test when an exception was only logged (e.g. inside a callback)."""
+    yield
+    if request.node.get_closest_marker("allow_logged_exceptions"):
+        return
+    logged = [
+        r for r in caplog.get_records("call")
+        if r.levelno >= logging.ERROR and r.exc_info is not None
+    ]
+    if logged:
+        pytest.fail("exception logged during the test: " + "; ".join(
+            f"{r.name}: {r.getMessage()}" for r in logged))

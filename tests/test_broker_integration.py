@@ -1,0 +1,188 @@
+"""Against the real Mosquitto fixture: ACL, identity, LWT, retained binaries, mTLS."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from schemas.base import decode_message, now
+from schemas.device import DeviceState, HardwareInfo
+from schemas.topics import TopicKind, Topics
+from tests.conftest import RunningBroker
+from tests.mqtt_client import SyncClient
+
+pytestmark = pytest.mark.integration
+
+NOT_AUTHORIZED = 0x87
+BAD_CREDENTIALS = 0x86
+DELIVERED = {0x00, 0x10}  # success, or "no matching subscribers" (still accepted)
+
+
+def test_device_writes_its_own_topics(mosquitto: RunningBroker, topics: Topics) -> None:
+    cloud = mosquitto.connected(mosquitto.cloud_username)
+    assert cloud.subscribe(topics.all()) == [1]
+    device = mosquitto.connected("dev-0")
+    for topic in (topics.telemetry("dev-0"), topics.model_metrics("dev-0", "m"),
+                  topics.update("digits", 1, "dev-0"), topics.command_reply("dev-0", "ping")):
+        assert device.publish(topic, b"{}") in DELIVERED
+        assert cloud.wait_topic(topic).payload == b"{}"
+    device.close()
+    cloud.close()
+
+
+@pytest.mark.parametrize("target", ["other_telemetry", "other_state", "release", "chunk",
+                                    "round_plan", "alert", "other_update", "command"])
+def test_mqtt5_device_is_refused_with_0x87(mosquitto: RunningBroker, topics: Topics,
+                                           target: str) -> None:
+    topic = {
+        "other_telemetry": topics.telemetry("dev-2"),
+        "other_state": topics.device_state("dev-2"),
+        "release": topics.release("digits"),
+        "chunk": topics.chunk("digits", "1.0", 0),
+        "round_plan": topics.round_plan("digits"),
+        "alert": topics.alert("dev-1", "cpu"),
+        "other_update": topics.update("digits", 1, "dev-2"),
+        "command": topics.command("dev-2", "rollback"),
+    }[target]
+    device = mosquitto.connected("dev-1")
+    assert device.publish(topic, b"forged") == NOT_AUTHORIZED
+    device.close()
+
+
+def _denied_is_never_delivered(mosquitto: RunningBroker, topics: Topics, *, protocol: int,
+                               client_id: str | None = None) -> None:
+    cloud = mosquitto.connected(mosquitto.cloud_username)
+    cloud.subscribe(topics.all())
+    device = mosquitto.connected("dev-3", protocol=protocol, client_id=client_id)
+    forged = topics.telemetry("dev-4")
+    code = device.publish(forged, b"forged")
+    # A sentinel on the device's own topic, published after the forged one on the same
+    # connection: once it arrives, the forged message would have arrived before it.
+    sentinel = topics.telemetry("dev-3")
+    assert device.publish(sentinel, b"sentinel") in DELIVERED
+    cloud.wait_topic(sentinel)
+    assert cloud.received_on(forged) == []
+    device.close()
+    cloud.close()
+    if protocol == 5:
+        assert code == NOT_AUTHORIZED
+    else:
+        assert code == 0  # MQTT 3.1.1 cannot report the denial: PUBACK looks like success
+
+
+def test_mqtt311_denial_is_silent_but_nothing_arrives(mosquitto: RunningBroker,
+                                                      topics: Topics) -> None:
+    _denied_is_never_delivered(mosquitto, topics, protocol=4)
+
+
+def test_spoofed_client_id_does_not_grant_the_others_topics(mosquitto: RunningBroker,
+                                                            topics: Topics) -> None:
+    # dev-3 connects with client id "dev-4" but its own username and password.
+    _denied_is_never_delivered(mosquitto, topics, protocol=5, client_id="dev-4")
+
+
+def test_wrong_password_is_refused_at_connect(mosquitto: RunningBroker) -> None:
+    for protocol in (5, 4):
+        client = SyncClient(mosquitto.host, mosquitto.port, client_id="dev-5-x",
+                            username="dev-5", password="not-the-password", protocol=protocol)
+        rc = client.connect()
+        assert rc.is_failure
+        if protocol == 5:  # Mosquitto 2.0.11 answers 0x87; newer releases 0x86
+            assert rc.value in (BAD_CREDENTIALS, NOT_AUTHORIZED)
+        client.close()
+    anonymous = SyncClient(mosquitto.host, mosquitto.port, client_id="anon")
+    assert anonymous.connect().is_failure
+    anonymous.close()
+
+
+def test_device_never_receives_other_devices_updates(mosquitto: RunningBroker,
+                                                     topics: Topics) -> None:
+    # Mosquitto grants the SUBSCRIBE and applies read access per delivered message.
+    spy = mosquitto.connected("dev-6")
+    spy.subscribe(topics.filter(TopicKind.UPDATE, task="digits", round=1))
+    spy.subscribe(topics.release("digits"))
+    victim = mosquitto.connected("dev-9")
+    update = topics.update("digits", 1, "dev-9")
+    assert victim.publish(update, b"private delta") in DELIVERED
+    cloud = mosquitto.connected(mosquitto.cloud_username)
+    sentinel = topics.release("digits")
+    assert cloud.publish(sentinel, b"{}") in DELIVERED
+    spy.wait_topic(sentinel)
+    assert spy.received_on(update) == []
+    for client in (spy, victim, cloud):
+        client.close()
+
+
+def test_lwt_offline_is_retained_with_matching_bdseq(mosquitto: RunningBroker,
+                                                     topics: Topics) -> None:
+    state_topic = topics.device_state("dev-7")
+    bd_seq = 5
+    will = DeviceState(device_id="dev-7", state="offline", bd_seq=bd_seq, ts=now(), reason="lwt")
+    device = mosquitto.connected("dev-7", will=(state_topic, will.to_json(), True))
+    birth = DeviceState(device_id="dev-7", state="online", bd_seq=bd_seq, ts=now(),
+                        agent_version="test",
+                        hardware=HardwareInfo(platform="Linux", machine="x86_64", cpu_count=2,
+                                              memory_total_mb=1024.0))
+    assert device.publish(state_topic, birth.to_json(), retain=True) in DELIVERED
+    device.drop()
+
+    late = mosquitto.connected(mosquitto.cloud_username)
+    late.subscribe(state_topic)
+    retained = late.wait_for(lambda m: m.topic == state_topic and m.retain
+                             and decode_message(DeviceState, m.payload).state == "offline")
+    state = decode_message(DeviceState, retained.payload)
+    assert (state.state, state.bd_seq, state.reason) == ("offline", bd_seq, "lwt")
+    late.close()
+
+
+def test_4mib_retained_binary_reaches_a_late_subscriber_intact(mosquitto: RunningBroker,
+                                                               topics: Topics) -> None:
+    blob = os.urandom(4 * 1024 * 1024)
+    topic = topics.chunk("big-model", "1.0.0", 0)
+    cloud = mosquitto.connected(mosquitto.cloud_username)
+    assert cloud.publish(topic, blob, retain=True) in DELIVERED
+    cloud.close()
+    late = mosquitto.connected("dev-8")
+    assert late.subscribe(topic) == [1]
+    got = late.wait_topic(topic)
+    assert got.retain
+    assert hashlib.sha256(got.payload).digest() == hashlib.sha256(blob).digest()
+    late.close()
+    # Clear the retained binary: retained messages live in broker RAM.
+    cleaner = mosquitto.connected(mosquitto.cloud_username)
+    assert cleaner.publish(topic, b"", retain=True) in DELIVERED
+    cleaner.close()
+
+
+def test_mtls_identity_is_the_certificate_cn(mosquitto: RunningBroker, topics: Topics) -> None:
+    cloud = mosquitto.connected(mosquitto.cloud_username)
+    cloud.subscribe(topics.all())
+    device = SyncClient(mosquitto.host, mosquitto.tls_port, client_id="dev-tls",
+                        tls=mosquitto.tls_files("dev-tls"))
+    assert not device.connect().is_failure
+    assert device.publish(topics.telemetry("dev-tls"), b"{}") in DELIVERED
+    assert device.publish(topics.telemetry("dev-0"), b"{}") == NOT_AUTHORIZED
+    cloud.wait_topic(topics.telemetry("dev-tls"))
+    device.close()
+    cloud.close()
+
+
+def test_tls_listener_refuses_a_client_without_certificate(mosquitto: RunningBroker) -> None:
+    files = mosquitto.tls_files("dev-tls")
+    client = SyncClient(mosquitto.host, mosquitto.tls_port, client_id="no-cert",
+                        username="dev-0", password=mosquitto.password("dev-0"))
+    client.client.tls_set(ca_certs=str(files.ca))
+    rc = client.connect(timeout=5)  # the broker aborts the TLS handshake
+    assert rc.is_failure
+    assert not client.client.is_connected()
+    assert "did not return a certificate" in mosquitto.process.log_tail(50)
+    client.close()
+
+
+def test_passwords_are_not_in_the_broker_command_line(mosquitto: RunningBroker) -> None:
+    cmdline = Path(f"/proc/{mosquitto.process.pid}/cmdline").read_bytes()
+    for identity in mosquitto.identities.values():
+        assert identity.password().encode() not in cmdline

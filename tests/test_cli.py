@@ -1,0 +1,137 @@
+"""The `edgefl` command line: version, broker lifecycle, provisioning, demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from broker.launcher import free_port, port_accepts
+from broker.passwords import PasswordFile
+from tests.mqtt_client import SyncClient
+
+EDGEFL = [sys.executable, "-m", "cloud.cli"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(
+    *args: str, stdin: str | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*EDGEFL, *args], capture_output=True, text=True, input=stdin,
+                          timeout=timeout, cwd=REPO, check=False)
+
+
+def test_version_reports_installed_parts() -> None:
+    result = _run("version", "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["schema_version"] == 1
+    assert info["mosquitto"] is not None
+    assert info["paho-mqtt"].startswith("2.")
+
+
+def test_schema_export_check_passes() -> None:
+    result = subprocess.run([sys.executable, "-m", "schemas.export", "--check"],
+                            capture_output=True, text=True, cwd=REPO, check=False)
+    assert result.returncode == 0, result.stderr
+
+
+def _wait_port(host: str, port: int, proc: subprocess.Popen[str], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if port_accepts(host, port):
+            return
+        try:
+            proc.wait(timeout=0.05)
+        except subprocess.TimeoutExpired:
+            continue
+        pytest.fail(f"edgefl broker exited early: {proc.stdout.read() if proc.stdout else ''}")
+    pytest.fail("edgefl broker did not listen in time")
+
+
+def _connect_when_ready(port: int, username: str, password: str, timeout: float = 10) -> SyncClient:
+    """Connect, retrying while the broker re-reads its password file after SIGHUP."""
+    deadline = time.monotonic() + timeout
+    while True:
+        client = SyncClient("127.0.0.1", port, client_id=f"{username}-cli", username=username,
+                            password=password)
+        if not client.connect().is_failure:
+            return client
+        client.close()
+        if time.monotonic() > deadline:
+            pytest.fail(f"{username} still refused after {timeout} s")
+
+
+@pytest.mark.integration
+def test_broker_runs_in_foreground_reloads_devices_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    port = free_port()
+    data = tmp_path / "broker"
+    proc = subprocess.Popen([*EDGEFL, "broker", "--port", str(port), "--data-dir", str(data)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    try:
+        _wait_port("127.0.0.1", port, proc)
+        cloud_password = (data / "secrets" / "edgefl-cloud.password").read_text().strip()
+        cloud = _connect_when_ready(port, "edgefl-cloud", cloud_password)
+        cloud.close()
+
+        added = _run("broker", "add-device", "pi-new", "--data-dir", str(data))
+        assert added.returncode == 0, added.stderr
+        assert "running broker reloaded" in added.stdout
+        password = (data / "secrets" / "pi-new.password").read_text().strip()
+        assert password not in added.stdout + added.stderr
+        device = _connect_when_ready(port, "pi-new", password)
+        assert device.publish("edgefl/v1/devices/pi-new/telemetry", b"{}") in (0, 0x10)
+        assert device.publish("edgefl/v1/devices/other/telemetry", b"{}") == 0x87
+        device.close()
+
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out
+    assert "mosquitto stopped" in out
+    assert not port_accepts("127.0.0.1", port)
+    assert password not in out
+    for path in data.rglob("*"):
+        if path.is_file() and path.parent.name != "secrets":
+            assert password.encode() not in path.read_bytes(), path
+
+
+def test_add_device_with_chosen_password_and_tls(tmp_path: Path) -> None:
+    data = tmp_path / "b"
+    assert _run("broker", "init", "--tls", "--data-dir", str(data)).returncode == 0
+    result = _run("broker", "add-device", "pi-9", "--tls", "--password-stdin",
+                  "--data-dir", str(data), stdin="chosen-secret\n")
+    assert result.returncode == 0, result.stderr
+    assert "chosen-secret" not in result.stdout
+    assert PasswordFile(data / "passwd").check("pi-9", "chosen-secret")
+    assert (data / "pki" / "clients" / "pi-9.crt").exists()
+    bad = _run("broker", "add-device", "bad/id", "--data-dir", str(data))
+    assert bad.returncode == 2
+    assert "invalid" in bad.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("broker", ["mosquitto", "amqtt"])
+def test_demo_finishes_and_reports(tmp_path: Path, broker: str) -> None:
+    summary_path = tmp_path / "demo.json"
+    env = {**os.environ, "COLUMNS": "100"}
+    result = subprocess.run([*EDGEFL, "demo", "--broker", broker, "--json", str(summary_path)],
+                            capture_output=True, text=True, timeout=180, cwd=REPO, env=env,
+                            check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads(summary_path.read_text())
+    assert summary["ok"] is True
+    assert summary["received"]["telemetry"] >= summary["telemetry_expected"]
+    assert summary["refused"] == {"validation": 1}
+    assert summary["lwt_offline_retained"] is True
+    if broker == "mosquitto":
+        assert summary["acl_denied_reason"] == 0x87
