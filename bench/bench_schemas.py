@@ -39,7 +39,7 @@ def _rate(fn: Callable[[], object], n: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def bench_validation(repeats: int, n: int = 100_000) -> dict[str, float | int]:
+def bench_validation(repeats: int, n: int = 100_000) -> dict[str, object]:
     """Objects per second of DeviceTelemetry decoded at the boundary."""
     rates = [_rate(lambda: decode_message(DeviceTelemetry, TELEMETRY), n)
              for _ in range(repeats)]
@@ -53,7 +53,7 @@ def bench_validation(repeats: int, n: int = 100_000) -> dict[str, float | int]:
     }
 
 
-def bench_codec(repeats: int, params: int = 1_000_000, n: int = 30) -> dict[str, float | int]:
+def bench_codec(repeats: int, params: int = 1_000_000, n: int = 30) -> dict[str, object]:
     """MB/s to encode and decode a 1M-parameter float32 update."""
     rng = np.random.default_rng(0)
     tensors = {
