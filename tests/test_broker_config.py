@@ -109,3 +109,20 @@ def test_dev_ca_issues_client_cert_with_device_cn(tmp_path: Path) -> None:
     sans = server_cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "localhost" in sans.get_values_for_type(x509.DNSName)
     assert stat.S_IMODE(client.key.stat().st_mode) == 0o600
+
+
+def test_missing_mosquitto_says_how_to_install(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    import broker.cli
+    import broker.launcher
+    from broker.errors import MosquittoNotFoundError
+    from broker.launcher import MosquittoProcess
+
+    monkeypatch.setattr(broker.launcher, "find_mosquitto", lambda: None)
+    with pytest.raises(MosquittoNotFoundError, match="apt-get install mosquitto"):
+        MosquittoProcess(tmp_path / "mosquitto.conf", "127.0.0.1", 1883)
+    result = CliRunner().invoke(broker.cli.app, ["--data-dir", str(tmp_path), "--port", "1"])
+    assert result.exit_code == 2
+    assert "apt-get install mosquitto" in result.output
