@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +17,9 @@ from schemas.topics import Topics
 from tests.mqtt_client import SyncClient, TlsFiles
 
 # Devices provisioned when the broker starts; more can be added (with a reload).
-DEVICE_IDS = (*tuple(f"dev-{i}" for i in range(12)), "dev-tls")
+DEVICE_IDS = (*tuple(f"dev-{i}" for i in range(64)), "dev-tls")
+FREE_IDS = iter(DEVICE_IDS[20:64])
+"""Ids handed out one per use by `new_device_id`, so persistent sessions never mix."""
 TEST_ROOT_FILTER = "+/edgefl/v1"
 """The ACL is rendered for this root so that each test's own root `t<hex>/edgefl/v1` is covered."""
 
@@ -93,6 +95,12 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningBroke
                             identities)
     finally:
         process.stop()
+
+
+@pytest.fixture
+def new_device_id() -> Callable[[], str]:
+    """Hands out a provisioned device id no other test has used in this session."""
+    return lambda: next(FREE_IDS)
 
 
 @pytest.fixture

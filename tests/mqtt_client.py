@@ -16,6 +16,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 WAIT_S = 10.0
@@ -55,8 +57,10 @@ class SyncClient:
         tls: TlsFiles | None = None,
         will: tuple[str, bytes, bool] | None = None,
         clean: bool = True,
+        session_expiry: int | None = None,
     ) -> None:
         self.host, self.port = host, port
+        self.session_expiry = session_expiry
         version = mqtt.MQTTv5 if protocol == 5 else mqtt.MQTTv311
         self.protocol = protocol
         self.client = mqtt.Client(
@@ -124,7 +128,13 @@ class SyncClient:
 
     def connect(self, timeout: float = WAIT_S) -> ReasonCode:
         """Connect and return the CONNACK reason code (raises on timeout)."""
-        self.client.connect(self.host, self.port, keepalive=30)
+        if self.protocol == 5 and self.session_expiry is not None:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = self.session_expiry
+            self.client.connect(self.host, self.port, keepalive=30, clean_start=False,
+                                properties=props)
+        else:
+            self.client.connect(self.host, self.port, keepalive=30)
         self.client.loop_start()
         with self._cond:
             if not self._cond.wait_for(lambda: self.connack is not None, timeout):

@@ -1,0 +1,374 @@
+"""The edge agent: one MQTT session and the components that share it.
+
+Threads: the session's network thread (paho) only decodes topics and enqueues;
+the agent thread runs commands, telemetry and store-and-forward; the OTA thread
+installs models. Applications call :meth:`EdgeAgent.infer` from their own
+threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+from pydantic import JsonValue
+
+from edge_node import __version__
+from edge_node.commands import CommandRouter
+from edge_node.errors import EdgeError, InferenceError, PacketTooLargeError
+from edge_node.inference import available_runtimes, supported_formats
+from edge_node.inference_service import InferenceService
+from edge_node.model_store import ModelStore
+from edge_node.offline_buffer import OfflineBuffer
+from edge_node.ota import Capabilities, OtaManager
+from edge_node.release_verify import load_trusted_keys
+from edge_node.session import ACCEPTED, MqttSession
+from edge_node.settings import EdgeSettings
+from edge_node.system_metrics import SystemSample, hardware_info, sample
+from schemas.base import now
+from schemas.device import DeploymentStatus, DeviceState, DeviceTelemetry, ModelMetrics
+from schemas.errors import TopicError
+from schemas.topics import TopicKind, Topics
+
+logger = logging.getLogger(__name__)
+
+Sampler = Callable[[], SystemSample]
+DRAIN_BATCH = 100
+
+
+class EdgeAgent:
+    """One device's agent.
+
+    Args:
+        settings: the agent's settings.
+        sampler: psutil reading (the fleet simulator passes a shared, jittered one).
+    """
+
+    def __init__(self, settings: EdgeSettings, *, sampler: Sampler | None = None) -> None:
+        self.settings = settings
+        self.device_id = settings.device_id
+        self.topics = Topics(settings.topic_root)
+        self.state_dir = settings.state_dir
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.session_id = secrets.token_hex(8)
+        self.sampler = sampler or (lambda: sample(self.state_dir))
+        self.counters: Counter[str] = Counter()
+        self.interval_s = settings.telemetry.interval_s
+        self.telemetry_seq = 0
+        self.metrics_seq = 0
+        self.runtimes = available_runtimes()
+        self.formats = supported_formats()
+        self.hardware = hardware_info(self.state_dir)
+        self.buffer = OfflineBuffer(self.state_dir / "outbox.sqlite3",
+                                    max_messages=settings.buffer.max_messages,
+                                    max_bytes=settings.buffer.max_bytes)
+        self.inference = InferenceService(max_samples=settings.telemetry.latency_samples,
+                                          window_s=settings.telemetry.metrics_window_s)
+        self.store = ModelStore(self.state_dir / "models")
+        self.session = MqttSession(settings, self.topics, birth=self._birth,
+                                   on_message=self._on_message,
+                                   on_connected=lambda: self._events.put(("connected", None)))
+        self.ota = OtaManager(
+            device_id=self.device_id, topics=self.topics, store=self.store,
+            inference=self.inference, settings=settings.ota,
+            keys=load_trusted_keys(settings.ota.trusted_keys),
+            capabilities=Capabilities(
+                formats=frozenset(self.formats), runtimes=frozenset(self.runtimes),
+                gpu=self.hardware.gpu,
+                available_memory_mb=lambda: self.sampler().memory_available_mb,
+            ),
+            publish_status=self._publish_status, chunk_subscriptions=self._chunk_subscriptions,
+            counters=self.counters, threads=settings.agent_threads,
+        )
+        self.commands = CommandRouter(self.device_id, self.counters)
+        self._register_commands()
+        self._events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._report_now = threading.Event()
+        self.telemetry_published = 0
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Serve the models on disk, then connect and start reporting."""
+        restored = self.ota.restore()
+        if restored:
+            logger.info("%s: serving %s from disk", self.device_id, ", ".join(restored))
+        self.sampler()  # prime psutil's CPU counter
+        self.session.subscribe(self.topics.filter(TopicKind.COMMAND, device_id=self.device_id))
+        self.session.subscribe(self.topics.filter(TopicKind.RELEASE))
+        self.ota.start()
+        self._thread = threading.Thread(target=self._run, name=f"agent-{self.device_id}",
+                                        daemon=True)
+        self._thread.start()
+        self.session.start()
+
+    def stop(self) -> None:
+        """Publish ``offline`` (shutdown), disconnect, stop the threads, close files."""
+        self._stop.set()
+        self._events.put(("stop", None))
+        if self._thread is not None:
+            self._thread.join(10)
+        self.ota.stop()
+        offline = DeviceState(device_id=self.device_id, state="offline",
+                              bd_seq=self.session.bd_seq, ts=now(), reason="shutdown")
+        self.session.stop(offline)
+        self.inference.close()
+        self.buffer.close()
+
+    def run_forever(self, stop: threading.Event) -> None:
+        """Start, wait for ``stop`` (Ctrl-C/SIGTERM handlers set it), then stop."""
+        self.start()
+        try:
+            stop.wait()
+        finally:
+            self.stop()
+
+    # -- birth -------------------------------------------------------------------
+
+    def _birth(self, bd_seq: int) -> DeviceState:
+        return DeviceState(
+            device_id=self.device_id, state="online", bd_seq=bd_seq, ts=now(),
+            agent_version=__version__, hardware=self.hardware,
+            memory_available_mb=self.sampler().memory_available_mb,
+            runtimes=self.runtimes, model_formats=self.formats, site=self.settings.site,
+            reason="birth",
+        )
+
+    # -- network thread: decode the topic, hand over -------------------------------
+
+    def _on_message(self, msg: mqtt.MQTTMessage) -> None:
+        try:
+            parsed = self.topics.parse(msg.topic)
+        except TopicError:
+            self.counters["refused_topic"] += 1
+            logger.warning("%s: message on unexpected topic %s", self.device_id, msg.topic)
+            return
+        payload = bytes(msg.payload)
+        if parsed.kind is TopicKind.COMMAND and parsed.device_id == self.device_id:
+            self._events.put(("command", (parsed.command, payload)))
+        elif parsed.kind is TopicKind.RELEASE and parsed.model:
+            self.ota.submit_release(parsed.model, payload)
+        elif parsed.kind is TopicKind.CHUNK and parsed.model and parsed.version \
+                and parsed.chunk is not None:
+            self.ota.submit_chunk(parsed.model, parsed.version, parsed.chunk, payload)
+        else:
+            self.counters["refused_topic"] += 1
+
+    def _chunk_subscriptions(self, topics: list[str], subscribe: bool) -> None:
+        if subscribe:
+            self.session.subscribe_many(topics)
+        else:
+            for topic in topics:
+                self.session.unsubscribe(topic)
+
+    # -- agent thread ----------------------------------------------------------
+
+    def _run(self) -> None:
+        next_report = time.monotonic() + self.interval_s
+        while not self._stop.is_set():
+            timeout = max(0.0, next_report - time.monotonic())
+            try:
+                kind, data = self._events.get(timeout=timeout)
+            except queue.Empty:
+                kind, data = "tick", None
+            try:
+                if kind == "stop":
+                    break
+                if kind == "connected":
+                    self._drain()
+                elif kind == "command":
+                    self._handle_command(*data)
+                elif kind == "report":
+                    self.report()
+            except (EdgeError, TimeoutError, OSError, ValueError) as exc:
+                # The one dispatcher of this loop: log, count, carry on.
+                self.counters[f"agent_{getattr(exc, 'reason', type(exc).__name__)}"] += 1
+                logger.exception("%s: %s failed", self.device_id, kind)
+            if time.monotonic() >= next_report:
+                self.report()
+                self.ota.check_probation()
+                next_report = max(next_report + self.interval_s, time.monotonic())
+
+    def request_report(self) -> None:
+        """Publish telemetry and metrics now (from any thread)."""
+        self._events.put(("report", None))
+
+    def report(self) -> None:
+        """Measure and publish one DeviceTelemetry and one ModelMetrics per active model."""
+        s = self.sampler()
+        predictions, errors = self.inference.take_counts()
+        counters = dict(self.counters)
+        counters["buffer_evicted"] = self.buffer.evicted
+        counters["buffer_queued"] = len(self.buffer)
+        telemetry = DeviceTelemetry(
+            device_id=self.device_id, session_id=self.session_id, seq=self.telemetry_seq,
+            ts=now(), cpu_percent=s.cpu_percent, memory_percent=s.memory_percent,
+            disk_percent=s.disk_percent, temperature_c=s.temperature_c,
+            battery_percent=s.battery_percent, battery_plugged=s.battery_plugged,
+            network_latency_ms=self.session.rtt_ms, prediction_count=predictions,
+            error_count=errors, uptime_s=s.uptime_s, interval_s=self.interval_s,
+            counters={k: v for k, v in sorted(counters.items())[:64] if _is_id(k)},
+        )
+        self.telemetry_seq += 1
+        self._emit(self.topics.telemetry(self.device_id), telemetry)
+        self.telemetry_published += 1
+        for name in self.inference.names():
+            self._report_model(name)
+
+    def _report_model(self, name: str) -> None:
+        model = self.inference.get(name)
+        stats = self.inference.stats(name)
+        if model is None or stats is None:
+            return
+        metrics = ModelMetrics(
+            device_id=self.device_id, model=name, version=model.installed.version,
+            runtime=model.runtime.runtime, session_id=self.session_id, seq=self.metrics_seq,
+            ts=now(), window_s=self.inference.window_s, sample_count=stats.samples,
+            latency_ms_mean=stats.latency_ms_mean, latency_ms_p50=stats.latency_ms_p50,
+            latency_ms_p95=stats.latency_ms_p95, latency_ms_p99=stats.latency_ms_p99,
+            throughput_per_s=stats.throughput_per_s, memory_mb=model.memory_mb,
+            cpu_percent=stats.cpu_percent, error_count=stats.errors,
+            error_rate_percent=min(100.0, stats.error_rate_percent), accuracy=stats.accuracy,
+        )
+        self.metrics_seq += 1
+        self._emit(self.topics.model_metrics(self.device_id, name), metrics)
+
+    # -- store and forward -------------------------------------------------------
+
+    def _emit(self, topic: str, message: DeviceTelemetry | ModelMetrics) -> None:
+        """Publish now, or queue durably (marked historical) while the broker is away."""
+        if self.session.connected.is_set() and len(self.buffer) == 0:
+            payload = message.to_json()
+            try:
+                self.session.publish(topic, payload)
+            except PacketTooLargeError:
+                self.counters["refused_packet_too_large"] += 1
+                raise
+            return
+        offline = not self.session.connected.is_set()
+        queued = message.model_copy(update={"historical": True}) if offline else message
+        self.buffer.append(topic, queued.to_json())
+
+    def _drain(self) -> None:
+        """Publish what was queued while offline, in order, deleting what the broker acked."""
+        while len(self.buffer) and self.session.connected.is_set():
+            batch = self.buffer.peek(DRAIN_BATCH)
+            tracker = _AckTracker(len(batch))
+            for item in batch:
+                self.session.publish(item.topic, item.payload, retain=item.retain,
+                                     on_ack=tracker.callback(item.id))
+            finished = tracker.done.wait(self.settings.mqtt.publish_timeout_s)
+            acked, refused = tracker.result()
+            self.counters["buffer_refused_by_broker"] += refused
+            self.buffer.remove(acked)  # refused ones too: resending would fail forever
+            if not finished:
+                logger.warning("%s: drain paused: %d of %d acknowledged", self.device_id,
+                               len(acked), len(batch))
+                return
+        if len(self.buffer) == 0:
+            logger.info("%s: offline buffer drained", self.device_id)
+
+    # -- deployment status -------------------------------------------------------
+
+    def _publish_status(self, status: DeploymentStatus) -> None:
+        self.session.publish(self.topics.deployment_status(self.device_id, status.model),
+                             status.to_json(), retain=True)
+
+    # -- inference API -------------------------------------------------------------
+
+    def infer(self, model: str, batch: np.ndarray) -> np.ndarray:
+        """Run local inference on an active model (for on-device applications)."""
+        return self.inference.infer(model, batch)
+
+    # -- commands ------------------------------------------------------------------
+
+    def _handle_command(self, name: str, payload: bytes) -> None:
+        result = self.commands.handle(name, payload)
+        self.session.publish(self.topics.command_reply(self.device_id, name), result.to_json())
+
+    def _register_commands(self) -> None:
+        router = self.commands
+        router.register("ping", lambda args: {
+            "pong": now(), "bd_seq": self.session.bd_seq, "session_id": self.session_id})
+        router.register("report_now", self._cmd_report_now)
+        router.register("set_telemetry_interval", self._cmd_set_interval)
+        router.register("rollback", self._cmd_rollback)
+        router.register("infer", self._cmd_infer)
+
+    def _cmd_report_now(self, args: dict[str, Any]) -> dict[str, JsonValue]:
+        self.report()
+        return {"seq": self.telemetry_seq - 1}
+
+    def _cmd_set_interval(self, args: dict[str, Any]) -> dict[str, JsonValue]:
+        interval = args.get("interval_s")
+        if isinstance(interval, bool) or not isinstance(interval, int | float) \
+                or not 0.05 <= float(interval) <= 86_400:
+            raise ValueError("interval_s must be a number of seconds in [0.05, 86400]")
+        self.interval_s = float(interval)
+        return {"interval_s": self.interval_s}
+
+    def _cmd_rollback(self, args: dict[str, Any]) -> dict[str, JsonValue]:
+        model = args.get("model")
+        if not isinstance(model, str):
+            raise TypeError("args.model (the model name) is required")
+        reason = str(args.get("reason", "rollback requested by command"))
+        status = self.ota.rollback(model, reason)
+        return {"active_version": status.active_version,
+                "previous_version": status.previous_version}
+
+    def _cmd_infer(self, args: dict[str, Any]) -> dict[str, JsonValue]:
+        model = args.get("model")
+        inputs = args.get("inputs")
+        if not isinstance(model, str) or not isinstance(inputs, list):
+            raise TypeError("args.model (str) and args.inputs (nested list) are required")
+        active = self.inference.get(model)
+        if active is None:
+            raise InferenceError(f"no model {model!r} is active")
+        spec = active.runtime.inputs[0]
+        dtype = np.dtype(spec.dtype) if spec.known else np.dtype(np.float32)
+        try:
+            batch = np.asarray(inputs, dtype=dtype)
+        except (ValueError, TypeError) as exc:
+            raise InferenceError(f"inputs are not a {dtype} array: {exc}") from None
+        out = self.infer(model, batch)
+        return {"outputs": out.tolist(), "version": active.installed.version}
+
+
+class _AckTracker:
+    """Collects the PUBACKs of one drain batch (called from the network thread)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.done = threading.Event()
+        self._lock = threading.Lock()
+        self._acked: list[int] = []
+        self._refused = 0
+
+    def callback(self, message_id: int) -> Callable[[int], None]:
+        def on_ack(code: int) -> None:
+            with self._lock:
+                self._acked.append(message_id)
+                if code not in ACCEPTED:
+                    self._refused += 1
+                if len(self._acked) == self.total:
+                    self.done.set()
+        return on_ack
+
+    def result(self) -> tuple[list[int], int]:
+        with self._lock:
+            return list(self._acked), self._refused
+
+
+def _is_id(text: str) -> bool:
+    return 0 < len(text) <= 64 and all(c.isalnum() or c in "_-" for c in text) and text.isascii()
+

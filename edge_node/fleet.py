@@ -1,0 +1,108 @@
+"""A simulated fleet: many real agents in one process.
+
+Each agent has its own MQTT connection, credentials and state folder. Telemetry
+values come from the host's psutil (read once per second for the whole fleet)
+with a per-device jitter; the message path is the real one.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from edge_node.agent import EdgeAgent
+from edge_node.settings import EdgeSettings, MqttSettings
+from edge_node.system_metrics import SystemSample, sample
+
+logger = logging.getLogger(__name__)
+
+
+class SharedSampler:
+    """One psutil reading per ``max_age_s`` for the whole fleet."""
+
+    def __init__(self, data_path: Path, max_age_s: float = 1.0) -> None:
+        self.data_path = data_path
+        self.max_age_s = max_age_s
+        self._lock = threading.Lock()
+        self._sample: SystemSample | None = None
+        self._at = 0.0
+
+    def __call__(self) -> SystemSample:
+        """The cached reading, refreshed when older than ``max_age_s``."""
+        with self._lock:
+            if self._sample is None or time.monotonic() - self._at > self.max_age_s:
+                self._sample = sample(self.data_path)
+                self._at = time.monotonic()
+            return self._sample
+
+
+class JitteredSampler:
+    """The shared reading, shifted per device so devices differ (deterministic per id)."""
+
+    def __init__(self, shared: SharedSampler, device_id: str, spread: float = 10.0) -> None:
+        self.shared = shared
+        self.rng = random.Random(device_id)  # noqa: S311 - simulation noise, not crypto
+        self.offset = self.rng.uniform(-spread, spread)
+        self.spread = spread
+
+    def _jitter(self, value: float) -> float:
+        noise = self.rng.uniform(-self.spread / 4, self.spread / 4)
+        return min(100.0, max(0.0, value + self.offset + noise))
+
+    def __call__(self) -> SystemSample:
+        """This device's jittered reading."""
+        s = self.shared()
+        return replace(s, cpu_percent=self._jitter(s.cpu_percent),
+                       memory_percent=self._jitter(s.memory_percent))
+
+
+def fleet_settings(
+    count: int, *, prefix: str, state_root: Path, mqtt: MqttSettings,
+    secrets_dir: Path | None = None, interval_s: float = 10.0, topic_root: str | None = None,
+) -> list[EdgeSettings]:
+    """Settings for ``count`` devices named ``{prefix}{i:03d}``.
+
+    Each device's password is read from ``secrets_dir/{id}.password`` (the files
+    ``edgefl broker add-device`` writes) when a folder is given.
+    """
+    result = []
+    for i in range(count):
+        device_id = f"{prefix}{i:03d}"
+        password_file = secrets_dir / f"{device_id}.password" if secrets_dir else None
+        device_mqtt = mqtt.model_copy(update={"password_file": password_file, "username": None})
+        extra = {"topic_root": topic_root} if topic_root else {}
+        result.append(EdgeSettings(
+            device_id=device_id, state_dir=state_root / device_id, mqtt=device_mqtt,
+            telemetry={"interval_s": interval_s}, **extra,  # type: ignore[arg-type]
+        ))
+    return result
+
+
+class Fleet:
+    """Start and stop many agents together."""
+
+    def __init__(self, settings: list[EdgeSettings], data_path: Path) -> None:
+        shared = SharedSampler(data_path)
+        self.agents = [EdgeAgent(s, sampler=JitteredSampler(shared, s.device_id))
+                       for s in settings]
+
+    def start(self) -> None:
+        """Start every agent (each connects in the background)."""
+        for agent in self.agents:
+            agent.start()
+
+    def wait_connected(self, timeout: float) -> int:
+        """Wait (bounded) until every agent is connected; returns how many are."""
+        deadline = time.monotonic() + timeout
+        for agent in self.agents:
+            agent.session.connected.wait(max(0.0, deadline - time.monotonic()))
+        return sum(a.session.connected.is_set() for a in self.agents)
+
+    def stop(self) -> None:
+        """Stop every agent cleanly (offline state, disconnect)."""
+        for agent in self.agents:
+            agent.stop()

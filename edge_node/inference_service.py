@@ -1,0 +1,187 @@
+"""Local inference for on-device applications, measuring what it does.
+
+Each active model keeps a sliding window of its real inferences (end time,
+latency, thread CPU time, success) from which :meth:`InferenceService.metrics`
+computes latency percentiles, throughput, CPU use and error rate. Prediction
+and error counts since the previous telemetry message feed DeviceTelemetry.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import psutil
+
+from edge_node.errors import InferenceError
+from edge_node.inference import InferenceRuntime
+from edge_node.model_store import InstalledModel
+
+logger = logging.getLogger(__name__)
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class WindowStats:
+    """What one model did over the metrics window."""
+
+    samples: int
+    errors: int
+    latency_ms_mean: float | None
+    latency_ms_p50: float | None
+    latency_ms_p95: float | None
+    latency_ms_p99: float | None
+    throughput_per_s: float
+    cpu_percent: float | None
+    error_rate_percent: float
+    accuracy: float | None
+
+
+@dataclass
+class ActiveModel:
+    """A loaded model and its measurements."""
+
+    name: str
+    installed: InstalledModel
+    runtime: InferenceRuntime
+    memory_mb: float | None
+    loaded_at: float
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    # (monotonic end, latency s, thread cpu s, ok)
+    calls: deque[tuple[float, float, float, bool]] = field(default_factory=deque)
+    feedback: deque[tuple[float, int, int]] = field(default_factory=deque)
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process."""
+    return int(psutil.Process().memory_info().rss)
+
+
+class InferenceService:
+    """The models serving on this device, by name."""
+
+    def __init__(self, *, max_samples: int = 2048, window_s: float = 60.0) -> None:
+        self.max_samples = max_samples
+        self.window_s = window_s
+        self._models: dict[str, ActiveModel] = {}
+        self._lock = threading.Lock()
+        self._predictions = 0
+        self._errors = 0
+
+    def activate(self, name: str, installed: InstalledModel, runtime: InferenceRuntime,
+                 memory_mb: float | None) -> None:
+        """Serve ``runtime`` as ``name`` from now on; the previous one is closed."""
+        model = ActiveModel(name, installed, runtime, memory_mb, time.monotonic(),
+                            calls=deque(maxlen=self.max_samples))
+        with self._lock:
+            old = self._models.get(name)
+            self._models[name] = model
+        if old is not None:
+            with old.lock:
+                old.runtime.close()
+
+    def deactivate(self, name: str) -> None:
+        """Stop serving ``name``."""
+        with self._lock:
+            old = self._models.pop(name, None)
+        if old is not None:
+            with old.lock:
+                old.runtime.close()
+
+    def get(self, name: str) -> ActiveModel | None:
+        """The active model called ``name``."""
+        return self._models.get(name)
+
+    def names(self) -> list[str]:
+        """Names of the models serving."""
+        return list(self._models)
+
+    def infer(self, name: str, batch: np.ndarray) -> np.ndarray:
+        """Run one batch; counts predictions and errors, records latency.
+
+        Raises:
+            InferenceError: unknown model, bad input or runtime failure.
+        """
+        model = self._models.get(name)
+        if model is None:
+            with self._lock:
+                self._errors += max(1, len(batch) if batch.ndim else 1)
+            raise InferenceError(f"no model {name!r} is active")
+        rows = int(batch.shape[0]) if batch.ndim else 1
+        with model.lock:
+            cpu0 = time.thread_time()
+            start = time.perf_counter()
+            try:
+                out = model.runtime.run(batch)
+            except InferenceError:
+                end = time.perf_counter()
+                model.calls.append((time.monotonic(), end - start, time.thread_time() - cpu0,
+                                    False))
+                with self._lock:
+                    self._predictions += rows
+                    self._errors += rows
+                raise
+            end = time.perf_counter()
+            model.calls.append((time.monotonic(), end - start, time.thread_time() - cpu0, True))
+        with self._lock:
+            self._predictions += rows
+        return out
+
+    def record_feedback(self, name: str, correct: int, total: int) -> None:
+        """Labelled feedback from the application, for the accuracy metric."""
+        model = self._models.get(name)
+        if model is None or total <= 0 or not 0 <= correct <= total:
+            raise InferenceError(f"bad feedback for {name!r}: {correct}/{total}")
+        model.feedback.append((time.monotonic(), correct, total))
+
+    def take_counts(self) -> tuple[int, int]:
+        """Predictions and errors since the previous call (for DeviceTelemetry)."""
+        with self._lock:
+            counts = (self._predictions, self._errors)
+            self._predictions = self._errors = 0
+        return counts
+
+    def stats(self, name: str, window_s: float | None = None) -> WindowStats | None:
+        """Window statistics of ``name`` (None if not active)."""
+        model = self._models.get(name)
+        if model is None:
+            return None
+        window = window_s or self.window_s
+        now = time.monotonic()
+        since = now - window
+        with model.lock:
+            calls = [c for c in model.calls if c[0] >= since]
+            feedback = [f for f in model.feedback if f[0] >= since]
+            while model.feedback and model.feedback[0][0] < since:
+                model.feedback.popleft()
+        span = max(1e-9, min(window, now - model.loaded_at))
+        errors = sum(1 for c in calls if not c[3])
+        if calls:
+            latencies = np.fromiter((c[1] for c in calls), dtype=np.float64) * 1000.0
+            p50, p95, p99 = np.percentile(latencies, [50, 95, 99])
+            mean = float(latencies.mean())
+            cpu = 100.0 * sum(c[2] for c in calls) / span
+        else:
+            p50 = p95 = p99 = mean = cpu = None  # type: ignore[assignment]
+        total_fb = sum(f[2] for f in feedback)
+        return WindowStats(
+            samples=len(calls),
+            errors=errors,
+            latency_ms_mean=mean,
+            latency_ms_p50=None if p50 is None else float(p50),
+            latency_ms_p95=None if p95 is None else float(p95),
+            latency_ms_p99=None if p99 is None else float(p99),
+            throughput_per_s=len(calls) / span,
+            cpu_percent=cpu,
+            error_rate_percent=100.0 * errors / len(calls) if calls else 0.0,
+            accuracy=sum(f[1] for f in feedback) / total_fb if total_fb else None,
+        )
+
+    def close(self) -> None:
+        """Close every runtime."""
+        for name in list(self._models):
+            self.deactivate(name)

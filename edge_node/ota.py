@@ -1,0 +1,427 @@
+"""Over-the-air model installs, verified, atomic, with rollback.
+
+Manifest -> signature -> compatibility -> chunks -> size + sha256 -> load +
+smoke test -> A/B switch -> report; rollback on demand or when the new model's
+error rate is too high during its probation window.
+
+All work runs on one thread fed by a queue, so the MQTT network thread only
+enqueues. A model that fails any step is never activated: the previous one
+keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from edge_node.errors import EdgeError, InstallError, ModelLoadError, RuntimeUnavailableError
+from edge_node.inference import InferenceRuntime, load_runtime
+from edge_node.inference_service import InferenceService, MiB, rss_bytes
+from edge_node.model_store import EXTENSIONS, InstalledModel, ModelStore
+from edge_node.release_verify import verify_manifest
+from edge_node.settings import OtaSettings
+from schemas.base import ModelFormat, RuntimeName, decode_message, now
+from schemas.device import DeploymentState, DeploymentStatus
+from schemas.errors import DecodeError
+from schemas.release import ReleaseManifest
+from schemas.topics import Topics
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What this device can run, for the compatibility check."""
+
+    formats: frozenset[ModelFormat]
+    runtimes: frozenset[RuntimeName]
+    gpu: bool
+    available_memory_mb: Callable[[], float]
+
+
+def compatibility_problems(manifest: ReleaseManifest, caps: Capabilities) -> list[str]:
+    """Why this device cannot run the release (empty when it can)."""
+    reqs = manifest.targeting.requirements
+    problems = []
+    if manifest.format not in caps.formats:
+        have = ", ".join(sorted(f.value for f in caps.formats)) or "none"
+        problems.append(f"format {manifest.format.value} not supported (have: {have})")
+    if reqs.formats and not set(reqs.formats) & caps.formats:
+        problems.append("none of the required formats "
+                        f"{sorted(f.value for f in reqs.formats)} is supported")
+    if reqs.runtimes and not set(reqs.runtimes) & caps.runtimes:
+        problems.append(f"none of the required runtimes {sorted(r.value for r in reqs.runtimes)}"
+                        " is installed")
+    available = caps.available_memory_mb()
+    if reqs.min_memory_mb > available:
+        problems.append(f"needs {reqs.min_memory_mb:.0f} MiB available, has {available:.0f} MiB")
+    if reqs.gpu and not caps.gpu:
+        problems.append("needs a GPU")
+    return problems
+
+
+@dataclass
+class Download:
+    """A release being fetched."""
+
+    manifest: ReleaseManifest
+    missing: set[int]
+    started: float = field(default_factory=time.monotonic)
+    received: int = 0
+
+
+PublishStatus = Callable[[DeploymentStatus], None]
+ChunkSubscriptions = Callable[[list[str], bool], None]
+"""(topics, subscribe?) - subscribe to or drop chunk topics."""
+
+
+class OtaManager:
+    """Installs, rolls back and watches models on one device."""
+
+    def __init__(
+        self,
+        *,
+        device_id: str,
+        topics: Topics,
+        store: ModelStore,
+        inference: InferenceService,
+        settings: OtaSettings,
+        keys: dict[str, Ed25519PublicKey],
+        capabilities: Capabilities,
+        publish_status: PublishStatus,
+        chunk_subscriptions: ChunkSubscriptions,
+        counters: Counter[str],
+        threads: int = 1,
+    ) -> None:
+        self.device_id = device_id
+        self.topics = topics
+        self.store = store
+        self.inference = inference
+        self.settings = settings
+        self.keys = keys
+        self.caps = capabilities
+        self._publish_status = publish_status
+        self._chunks = chunk_subscriptions
+        self.counters = counters
+        self.threads = threads
+        self.downloads: dict[str, Download] = {}
+        self.chunk_messages: Counter[str] = Counter()
+        self.probation: dict[str, tuple[float, str]] = {}
+        self._failed: set[tuple[str, str, str]] = set()
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    # -- thread ----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the install thread."""
+        self._thread = threading.Thread(target=self._run, name=f"ota-{self.device_id}",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the current step and end the thread."""
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            try:
+                job()
+            except (EdgeError, DecodeError, OSError, ValueError) as exc:
+                # The one dispatcher: log, count, keep serving.
+                self.counters[f"ota_{getattr(exc, 'reason', type(exc).__name__)}"] += 1
+                logger.exception("%s: OTA step failed", self.device_id)
+
+    def call(self, fn: Callable[[], DeploymentStatus], timeout: float = 60.0) -> DeploymentStatus:
+        """Run ``fn`` on the install thread and wait for its result."""
+        future: Future[DeploymentStatus] = Future()
+
+        def job() -> None:
+            try:
+                future.set_result(fn())
+            except (EdgeError, OSError) as exc:
+                future.set_exception(exc)
+
+        self._queue.put(job)
+        return future.result(timeout)
+
+    # -- entry points (any thread) ---------------------------------------------
+
+    def submit_release(self, model: str, payload: bytes) -> None:
+        """A retained manifest arrived on ``models/{model}/release``."""
+        self._queue.put(lambda: self._on_release(model, payload))
+
+    def submit_chunk(self, model: str, version: str, index: int, payload: bytes) -> None:
+        """A chunk arrived."""
+        self._queue.put(lambda: self._on_chunk(model, version, index, payload))
+
+    def rollback(self, model: str, reason: str) -> DeploymentStatus:
+        """Return to the previous slot (on the install thread); raises InstallError."""
+        return self.call(lambda: self._rollback(model, reason))
+
+    def check_probation(self) -> None:
+        """Queue a probation check of freshly installed models."""
+        self._queue.put(self._check_probation)
+
+    # -- status ---------------------------------------------------------------
+
+    def _status(self, model: str, state: DeploymentState, *, manifest: ReleaseManifest | None
+                = None, error: str | None = None, reasons: list[str] | None = None,
+                received: int | None = None) -> DeploymentStatus:
+        active, previous = self.store.active(model), self.store.previous(model)
+        status = DeploymentStatus(
+            device_id=self.device_id, model=model, ts=now(), state=state,
+            target_version=manifest.version if manifest else None,
+            active_version=active.version if active else None,
+            previous_version=previous.version if previous else None,
+            slot=active.slot if active else None,
+            chunks_received=received, chunks_total=manifest.chunk_count if manifest else None,
+            error=error, reasons=reasons or [],
+        )
+        self._publish_status(status)
+        return status
+
+    def _fail(self, model: str, manifest: ReleaseManifest | None, reason: str,
+              detail: str) -> None:
+        self.counters[f"install_{reason}"] += 1
+        logger.warning("%s: install of %s %s refused: %s: %s", self.device_id, model,
+                       manifest.version if manifest else "?", reason, detail)
+        if manifest is not None:
+            self._failed.add((model, manifest.version, manifest.sha256))
+            self._drop_download(model)
+        self._status(model, DeploymentState.FAILED, manifest=manifest,
+                     error=f"{reason}: {detail}"[:1024])
+
+    # -- restore --------------------------------------------------------------
+
+    def restore(self) -> list[str]:
+        """Load every model's active slot from disk (before the network is up)."""
+        restored = []
+        for model in self.store.models():
+            installed = self.store.active(model)
+            if installed is None:
+                continue
+            try:
+                runtime, memory = self._load(installed.path, installed.format)
+            except (ModelLoadError, RuntimeUnavailableError) as exc:
+                self.counters["restore_failed"] += 1
+                logger.error("%s: cannot restore %s %s: %s", self.device_id, model,  # noqa: TRY400
+                             installed.version, exc)
+                continue
+            self.inference.activate(model, installed, runtime, memory)
+            restored.append(model)
+        return restored
+
+    def _load(self, path: str, fmt: ModelFormat) -> tuple[InferenceRuntime, float]:
+        before = rss_bytes()
+        runtime = load_runtime(Path(path), fmt, threads=self.threads)
+        return runtime, max(0.0, (rss_bytes() - before) / MiB)
+
+    # -- release --------------------------------------------------------------
+
+    def _on_release(self, model: str, payload: bytes) -> None:  # noqa: PLR0911 - one step each
+        if not payload:  # release withdrawn (retained message cleared)
+            self._drop_download(model)
+            return
+        try:
+            manifest = decode_message(ReleaseManifest, payload)
+        except DecodeError as exc:
+            self._fail(model, None, "invalid_manifest", exc.detail)
+            return
+        if manifest.model != model:
+            self._fail(model, None, "invalid_manifest",
+                       f"manifest names model {manifest.model!r}")
+            return
+        if not manifest.targeting.targets(self.device_id):
+            logger.debug("%s: release %s %s not for this device", self.device_id, model,
+                         manifest.version)
+            return
+        active = self.store.active(model)
+        if active is not None and (active.version, active.sha256) == (manifest.version,
+                                                                      manifest.sha256):
+            self._status(model, DeploymentState.INSTALLED, manifest=manifest)
+            return
+        if (model, manifest.version, manifest.sha256) in self._failed:
+            return
+        try:
+            verify_manifest(manifest, self.keys)
+        except InstallError as exc:
+            self._fail(model, manifest, exc.reason, exc.detail)
+            return
+        problems = compatibility_problems(manifest, self.caps)
+        if problems:
+            self.counters["install_incompatible"] += 1
+            self._failed.add((model, manifest.version, manifest.sha256))
+            self._status(model, DeploymentState.INCOMPATIBLE, manifest=manifest,
+                         reasons=problems)
+            return
+        if manifest.size_bytes > self.settings.max_model_bytes:
+            self._fail(model, manifest, "too_large",
+                       f"{manifest.size_bytes} bytes > {self.settings.max_model_bytes}")
+            return
+        self._drop_download(model)
+        present = self.store.present_chunks(manifest)
+        download = Download(manifest, set(range(manifest.chunk_count)) - present)
+        self.downloads[model] = download
+        self._status(model, DeploymentState.DOWNLOADING, manifest=manifest,
+                     received=len(present))
+        if download.missing:
+            self._chunks([self.topics.chunk(model, manifest.version, i)
+                          for i in sorted(download.missing)], True)
+        else:
+            self._finish(model, download)
+
+    def _drop_download(self, model: str) -> None:
+        download = self.downloads.pop(model, None)
+        if download is not None and download.missing:
+            m = download.manifest
+            self._chunks([self.topics.chunk(model, m.version, i) for i in download.missing],
+                         False)
+
+    # -- chunks ---------------------------------------------------------------
+
+    def _on_chunk(self, model: str, version: str, index: int, payload: bytes) -> None:
+        self.chunk_messages[model] += 1
+        download = self.downloads.get(model)
+        if download is None or download.manifest.version != version:
+            self.counters["chunk_unexpected"] += 1
+            return
+        manifest = download.manifest
+        if index >= manifest.chunk_count:
+            self.counters["chunk_out_of_range"] += 1
+            logger.warning("%s: chunk %d of %s %s out of range (%d chunks)", self.device_id,
+                           index, model, version, manifest.chunk_count)
+            return
+        if index not in download.missing:
+            self.counters["chunk_duplicate"] += 1
+            return
+        expected = manifest.chunk_length(index)
+        if len(payload) != expected:
+            self.store.discard_staging(manifest)
+            self._fail(model, manifest, "chunk_size_mismatch",
+                       f"chunk {index} has {len(payload)} bytes, manifest says {expected}")
+            return
+        self.store.store_chunk(manifest, index, payload)
+        download.missing.discard(index)
+        download.received += 1
+        self._chunks([self.topics.chunk(model, version, index)], False)
+        have = manifest.chunk_count - len(download.missing)
+        step = max(1, manifest.chunk_count // 10)
+        if download.missing and have % step == 0:
+            self._status(model, DeploymentState.DOWNLOADING, manifest=manifest, received=have)
+        if not download.missing:
+            self._finish(model, download)
+
+    # -- verify, load, smoke test, switch ----------------------------------------
+
+    def _finish(self, model: str, download: Download) -> None:
+        manifest = download.manifest
+        self.downloads.pop(model, None)
+        self._status(model, DeploymentState.VERIFYING, manifest=manifest,
+                     received=manifest.chunk_count)
+        assembled = self.store.staging_dir(manifest) / f"assembled.{EXTENSIONS[manifest.format]}"
+        digest = self.store.assemble(manifest, assembled)
+        size = assembled.stat().st_size
+        if size != manifest.size_bytes:
+            self.store.discard_staging(manifest)
+            self._fail(model, manifest, "size_mismatch",
+                       f"{size} bytes, manifest says {manifest.size_bytes}")
+            return
+        if digest != manifest.sha256:
+            self.store.discard_staging(manifest)
+            self._fail(model, manifest, "sha256_mismatch",
+                       f"sha256 {digest[:16]}..., manifest says {manifest.sha256[:16]}...")
+            return
+        self._status(model, DeploymentState.INSTALLING, manifest=manifest,
+                     received=manifest.chunk_count)
+        try:
+            runtime, memory = self._load(str(assembled), manifest.format)
+        except (ModelLoadError, RuntimeUnavailableError) as exc:
+            self.store.discard_staging(manifest)
+            self._fail(model, manifest, "load_failed", str(exc))
+            return
+        problem = smoke_test(runtime, manifest.input_shape)
+        if problem is not None:
+            runtime.close()
+            self.store.discard_staging(manifest)
+            self._fail(model, manifest, "smoke_test_failed", problem)
+            return
+        slot = self.store.target_slot(model)
+        path = self.store.place(assembled, model, slot, manifest.format)
+        installed = InstalledModel(manifest.version, manifest.format, manifest.sha256,
+                                   manifest.size_bytes, slot, str(path))
+        self.store.commit(model, installed)
+        self.inference.activate(model, installed, runtime, memory)
+        self.store.discard_staging(manifest)
+        self.probation[model] = (time.monotonic(), manifest.version)
+        logger.info("%s: %s %s installed in slot %s", self.device_id, model, manifest.version,
+                    slot)
+        self._status(model, DeploymentState.INSTALLED, manifest=manifest,
+                     received=manifest.chunk_count)
+
+    # -- rollback ---------------------------------------------------------------
+
+    def _rollback(self, model: str, reason: str) -> DeploymentStatus:
+        current = self.store.active(model)
+        previous = self.store.previous(model)
+        if previous is None:
+            raise InstallError("no_previous", f"{model} has no previous version to return to")
+        runtime, memory = self._load(previous.path, previous.format)
+        self.store.rollback(model)
+        self.inference.activate(model, previous, runtime, memory)
+        self.probation.pop(model, None)
+        if current is not None:
+            self._failed.add((model, current.version, current.sha256))
+        self.counters["rollbacks"] += 1
+        logger.warning("%s: %s rolled back to %s: %s", self.device_id, model, previous.version,
+                       reason)
+        return self._status(model, DeploymentState.ROLLED_BACK, error=reason[:1024])
+
+    def _check_probation(self) -> None:
+        for model, (started, version) in list(self.probation.items()):
+            age = time.monotonic() - started
+            if age > self.settings.probation_s:
+                del self.probation[model]
+                continue
+            stats = self.inference.stats(model, window_s=max(age, 1e-3))
+            if stats is None or stats.samples < self.settings.probation_min_samples:
+                continue
+            if stats.error_rate_percent > self.settings.max_error_rate_percent:
+                self._rollback(model, f"error rate {stats.error_rate_percent:.1f}% > "
+                               f"{self.settings.max_error_rate_percent:.1f}% within "
+                               f"{age:.0f} s of installing {version}")
+
+
+def smoke_test(runtime: InferenceRuntime, input_shape: list[int] | None = None) -> str | None:
+    """Run one zero input through a freshly loaded model; the problem, or None.
+
+    The input shape comes from the model's signature, or from the manifest's
+    ``input_shape`` when the file declares none (TorchScript without a signature).
+    """
+    if not runtime.inputs:
+        return "model declares no input"
+    spec = runtime.inputs[0]
+    dims: tuple[int | None, ...] | list[int] | None = spec.shape if spec.known else input_shape
+    if not dims:
+        return "the model declares no input shape and the manifest gives no input_shape"
+    shape = tuple(1 if d is None or d < 0 else d for d in dims)
+    dtype = np.dtype(spec.dtype) if spec.known else np.dtype(np.float32)
+    try:
+        out = runtime.run(np.zeros(shape, dtype=dtype))
+    except EdgeError as exc:
+        return str(exc)
+    if not np.all(np.isfinite(np.asarray(out, dtype=np.float64))):
+        return "output is not finite"
+    return None

@@ -1,0 +1,287 @@
+"""The agent's MQTT session (paho-mqtt 2.x): birth/death with bdSeq, reconnects, limits.
+
+One network thread per session runs paho's loop; it reconnects with jittered
+exponential backoff, re-registers the will with a new ``bd_seq`` before every
+connection attempt and publishes the birth with the same number once
+connected. The session is persistent (MQTT 5 clean start off with a session
+expiry, or 3.1.1 clean session off), so QoS 1 messages in flight survive a
+reconnect.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from edge_node.errors import NotConnectedError, PacketTooLargeError
+from edge_node.settings import EdgeSettings
+from schemas.base import now
+from schemas.device import DeviceState
+from schemas.topics import Topics
+
+logger = logging.getLogger(__name__)
+
+AckCallback = Callable[[int], None]
+"""Called with the PUBACK reason code (0 or 0x10 = accepted) in the network thread."""
+ACCEPTED = frozenset({0x00, 0x10})
+_PUBLISH_OVERHEAD = 16  # fixed header, lengths, packet id, property length
+
+
+class MqttSession:
+    """paho client with a supervised connection and PUBACK tracking.
+
+    Args:
+        settings: the agent's settings.
+        topics: topic builder for the agent's root.
+        birth: makes the ``online`` DeviceState for a bd_seq.
+        on_message: called in the network thread for every message.
+        on_connected: called in the network thread after the birth was queued.
+    """
+
+    def __init__(
+        self,
+        settings: EdgeSettings,
+        topics: Topics,
+        *,
+        birth: Callable[[int], DeviceState],
+        on_message: Callable[[mqtt.MQTTMessage], None],
+        on_connected: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.settings = settings
+        self.topics = topics
+        self.device_id = settings.device_id
+        self._birth = birth
+        self._on_message_cb = on_message
+        self._on_connected_cb = on_connected
+        self._bd_seq_file = settings.state_dir / "bd_seq"
+        self.bd_seq = self._load_bd_seq()
+        self.connected = threading.Event()
+        self.max_packet_size: int | None = None
+        self.rtt_ms: float | None = None
+        self.connect_count = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._pending: dict[int, tuple[float, AckCallback | None]] = {}
+        self._early: dict[int, tuple[float, int]] = {}
+        self._subscriptions: dict[str, int] = {}
+        self._thread: threading.Thread | None = None
+        mqtt_settings = settings.mqtt
+        v5 = mqtt_settings.protocol == 5
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.device_id,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            clean_session=None if v5 else False,
+            reconnect_on_failure=False,
+        )
+        self.client.username_pw_set(settings.username, mqtt_settings.resolved_password())
+        if mqtt_settings.tls is not None:
+            tls = mqtt_settings.tls
+            self.client.tls_set(
+                ca_certs=str(tls.ca_file),
+                certfile=str(tls.cert_file) if tls.cert_file else None,
+                keyfile=str(tls.key_file) if tls.key_file else None,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_publish = self._on_publish
+        self.client.on_message = self._on_message
+
+    # -- bdSeq -----------------------------------------------------------------
+
+    def _load_bd_seq(self) -> int:
+        try:
+            return int(self._bd_seq_file.read_text().strip())
+        except (OSError, ValueError):
+            return -1
+
+    def _next_will(self) -> None:
+        """New bd_seq for the next connection, persisted, and its will registered."""
+        self.bd_seq += 1
+        self._bd_seq_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._bd_seq_file.with_suffix(".tmp")
+        tmp.write_text(f"{self.bd_seq}\n")
+        os.replace(tmp, self._bd_seq_file)
+        will = DeviceState(device_id=self.device_id, state="offline", bd_seq=self.bd_seq,
+                           ts=now(), reason="lwt")
+        self.client.will_set(self.topics.device_state(self.device_id), will.to_json(),
+                             qos=1, retain=True)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the network thread; it connects (and reconnects) in the background."""
+        self._thread = threading.Thread(target=self._run, name=f"mqtt-{self.device_id}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        attempt = 0
+        settings = self.settings.mqtt
+        while not self._stop.is_set():
+            self._next_will()
+            properties = None
+            if settings.protocol == 5:
+                properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+                properties.SessionExpiryInterval = settings.session_expiry_s
+            try:
+                self.client.connect(settings.host, settings.port, keepalive=settings.keepalive_s,
+                                    clean_start=False if settings.protocol == 5 else
+                                    mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+                                    properties=properties)
+            except (OSError, ssl.SSLError) as exc:
+                logger.info("%s: connect to %s:%s failed: %s", self.device_id, settings.host,
+                            settings.port, exc)
+            else:
+                before = self.connect_count
+                self.client.loop_forever(retry_first_connection=False)
+                self.connected.clear()
+                if self.connect_count > before:
+                    attempt = 0
+            if self._stop.is_set():
+                break
+            cap = min(settings.reconnect_max_s, settings.reconnect_min_s * 2 ** min(attempt, 30))
+            attempt += 1
+            self._stop.wait(random.uniform(cap / 2, cap))  # noqa: S311 - jitter, not crypto
+        logger.debug("%s: network thread ends", self.device_id)
+
+    def stop(self, offline: DeviceState | None = None, timeout: float = 5.0) -> None:
+        """Publish ``offline`` (retained) if connected, disconnect cleanly, end the thread."""
+        if offline is not None and self.connected.is_set():
+            try:
+                self.publish_wait(self.topics.device_state(self.device_id), offline.to_json(),
+                                  retain=True, timeout=timeout)
+            except (NotConnectedError, TimeoutError) as exc:
+                logger.warning("%s: offline state not acknowledged: %s", self.device_id, exc)
+        self._stop.set()
+        self.client.disconnect()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def drop(self) -> None:
+        """Cut the TCP connection without DISCONNECT (the broker sends the will)."""
+        sock = self.client.socket()
+        if isinstance(sock, socket.socket):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError as exc:
+                logger.debug("socket already closed: %s", exc)
+
+    # -- callbacks (network thread) ------------------------------------------
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, _flags: Any, rc: ReasonCode,
+                    props: Properties | None) -> None:
+        if rc.is_failure:
+            logger.warning("%s: broker refused the connection: %s", self.device_id, rc)
+            return
+        self.connect_count += 1
+        limit = getattr(props, "MaximumPacketSize", None) if props is not None else None
+        self.max_packet_size = int(limit) if limit else None
+        if self._subscriptions:
+            client.subscribe(list(self._subscriptions.items()))
+        birth = self._birth(self.bd_seq)
+        client.publish(self.topics.device_state(self.device_id), birth.to_json(), qos=1,
+                       retain=True)
+        self.connected.set()
+        logger.info("%s: connected (bd_seq %d, max packet %s)", self.device_id, self.bd_seq,
+                    self.max_packet_size)
+        self._on_connected_cb()
+
+    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode,
+                       _p: Properties | None) -> None:
+        was = self.connected.is_set()
+        self.connected.clear()
+        if was:
+            logger.info("%s: disconnected: %s", self.device_id, rc)
+
+    def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, rc: ReasonCode,
+                    _p: Properties | None) -> None:
+        acked = time.monotonic()
+        with self._lock:
+            entry = self._pending.pop(mid, None)
+            if entry is None:
+                self._early[mid] = (acked, rc.value)
+                return
+        self._acked(entry, acked, rc.value)
+
+    def _acked(self, entry: tuple[float, AckCallback | None], acked: float, code: int) -> None:
+        sent, callback = entry
+        if code in ACCEPTED:
+            self.rtt_ms = (acked - sent) * 1000.0
+        if callback is not None:
+            callback(code)
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        self._on_message_cb(msg)
+
+    # -- publish / subscribe -------------------------------------------------
+
+    def check_size(self, topic: str, payload: bytes) -> None:
+        """Raise PacketTooLargeError when the broker advertised a smaller maximum."""
+        size = len(payload) + len(topic.encode()) + _PUBLISH_OVERHEAD
+        if self.max_packet_size is not None and size > self.max_packet_size:
+            raise PacketTooLargeError(topic, size, self.max_packet_size)
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False,
+                on_ack: AckCallback | None = None) -> int:
+        """QoS 1 publish; paho queues it while disconnected. Returns the message id."""
+        self.check_size(topic, payload)
+        sent = time.monotonic()
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        with self._lock:
+            early = self._early.pop(info.mid, None)
+            if early is None:
+                self._pending[info.mid] = (sent, on_ack)
+        if early is not None:
+            self._acked((sent, on_ack), early[0], early[1])
+        return info.mid
+
+    def publish_wait(self, topic: str, payload: bytes, *, retain: bool = False,
+                     timeout: float | None = None) -> int:
+        """Publish and wait for the PUBACK; returns its reason code."""
+        if not self.connected.is_set():
+            raise NotConnectedError(f"publish on {topic}")
+        done = threading.Event()
+        codes: list[int] = []
+
+        def on_ack(code: int) -> None:
+            codes.append(code)
+            done.set()
+
+        self.publish(topic, payload, retain=retain, on_ack=on_ack)
+        if not done.wait(timeout or self.settings.mqtt.publish_timeout_s):
+            raise TimeoutError(f"no PUBACK for {topic}")
+        return codes[0]
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        """Subscribe now (if connected) and after every reconnect."""
+        self._subscriptions[topic_filter] = qos
+        if self.connected.is_set():
+            self.client.subscribe(topic_filter, qos=qos)
+
+    def subscribe_many(self, filters: list[str], qos: int = 1) -> None:
+        """Subscribe to several filters in as few SUBSCRIBE packets as possible."""
+        for topic_filter in filters:
+            self._subscriptions[topic_filter] = qos
+        if self.connected.is_set():
+            for start in range(0, len(filters), 100):
+                self.client.subscribe([(f, qos) for f in filters[start:start + 100]])
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Stop receiving ``topic_filter``."""
+        if self._subscriptions.pop(topic_filter, None) is not None and self.connected.is_set():
+            self.client.unsubscribe(topic_filter)

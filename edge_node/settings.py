@@ -1,0 +1,111 @@
+"""EdgeSettings: everything an agent is configured with (``EDGEFL_*``, a file, CLI)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from schemas.base import Id
+from schemas.settings_files import FileSettings
+from schemas.topics import DEFAULT_ROOT
+
+MiB = 1024 * 1024
+
+
+class TlsClientSettings(BaseModel):
+    """Client side of TLS; with cert and key it is mTLS (the CN is the device id)."""
+
+    ca_file: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+class MqttSettings(BaseModel):
+    """The agent's MQTT session."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 1883
+    protocol: Literal[5, 4] = Field(default=5, description="5 = MQTT 5, 4 = MQTT 3.1.1")
+    username: str | None = Field(default=None, description="Defaults to the device id")
+    password: SecretStr | None = None
+    password_file: Path | None = Field(default=None, description="File holding the password")
+    tls: TlsClientSettings | None = None
+    keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
+    session_expiry_s: Annotated[int, Field(ge=0)] = Field(
+        default=3600, description="Persistent session kept by the broker while offline"
+    )
+    reconnect_min_s: Annotated[float, Field(gt=0)] = 0.5
+    reconnect_max_s: Annotated[float, Field(gt=0)] = 60.0
+    publish_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+
+    def resolved_password(self) -> str | None:
+        """The password from settings or its file (never logged)."""
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.password_file is not None:
+            return self.password_file.read_text().strip()
+        return None
+
+
+class TelemetrySettings(BaseModel):
+    """Telemetry cadence and the model-metrics window."""
+
+    interval_s: Annotated[float, Field(ge=0.05, le=86_400)] = 10.0
+    metrics_window_s: Annotated[float, Field(gt=0)] = 60.0
+    latency_samples: Annotated[int, Field(ge=10)] = Field(
+        default=2048, description="Inference latencies kept per model for percentiles"
+    )
+
+
+class BufferSettings(BaseModel):
+    """The on-disk store-and-forward queue used while the broker is unreachable."""
+
+    max_messages: Annotated[int, Field(ge=1)] = 10_000
+    max_bytes: Annotated[int, Field(ge=1024)] = 16 * MiB
+
+
+class OtaSettings(BaseModel):
+    """Model installs: who may sign releases, and when a new model is rolled back."""
+
+    trusted_keys: dict[Id, str] = Field(
+        default_factory=dict,
+        description="key_id -> Ed25519 public key (base64 of the 32 raw bytes, or PEM)",
+    )
+    probation_s: Annotated[float, Field(ge=0)] = 300.0
+    probation_min_samples: Annotated[int, Field(ge=1)] = 20
+    max_error_rate_percent: Annotated[float, Field(ge=0, le=100)] = 5.0
+    max_model_bytes: Annotated[int, Field(ge=1)] = 512 * MiB
+
+
+class EdgeSettings(FileSettings):
+    """Settings of one edge agent."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EDGEFL_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    device_id: Id
+    topic_root: str = DEFAULT_ROOT
+    state_dir: Path = Field(default=Path("var/edge"), description="Buffer, models, state")
+    site: Id | None = None
+    agent_threads: Annotated[int, Field(ge=1, le=64)] = Field(
+        default=1, description="Threads per inference session"
+    )
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    buffer: BufferSettings = Field(default_factory=BufferSettings)
+    ota: OtaSettings = Field(default_factory=OtaSettings)
+
+    @model_validator(mode="after")
+    def _reconnect_bounds(self) -> EdgeSettings:
+        if self.mqtt.reconnect_max_s < self.mqtt.reconnect_min_s:
+            raise ValueError("mqtt.reconnect_max_s must be >= mqtt.reconnect_min_s")
+        return self
+
+    @property
+    def username(self) -> str:
+        """MQTT username: the device id unless set."""
+        return self.mqtt.username or self.device_id
