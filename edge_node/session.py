@@ -100,6 +100,9 @@ class MqttSession:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+        self._ready_mid: int | None = None
+        self.counters_refused_subscriptions = 0
 
     # -- bdSeq -----------------------------------------------------------------
 
@@ -192,10 +195,27 @@ class MqttSession:
         limit = getattr(props, "MaximumPacketSize", None) if props is not None else None
         self.max_packet_size = int(limit) if limit else None
         if self._subscriptions:
-            client.subscribe(list(self._subscriptions.items()))
+            # Birth only once the broker confirmed the subscriptions, so that a command
+            # sent to a device the cloud saw born is never lost.
+            _, self._ready_mid = client.subscribe(list(self._subscriptions.items()))
+        else:
+            self._ready()
+
+    def _on_subscribe(self, _c: mqtt.Client, _u: Any, mid: int, codes: list[ReasonCode],
+                      _p: Properties | None) -> None:
+        refused = [c for c in codes if c.is_failure]
+        if refused:
+            self.counters_refused_subscriptions += len(refused)
+            logger.warning("%s: broker refused %d subscription(s): %s", self.device_id,
+                           len(refused), refused)
+        if mid == self._ready_mid:
+            self._ready_mid = None
+            self._ready()
+
+    def _ready(self) -> None:
         birth = self._birth(self.bd_seq)
-        client.publish(self.topics.device_state(self.device_id), birth.to_json(), qos=1,
-                       retain=True)
+        self.client.publish(self.topics.device_state(self.device_id), birth.to_json(), qos=1,
+                            retain=True)
         self.connected.set()
         logger.info("%s: connected (bd_seq %d, max packet %s)", self.device_id, self.bd_seq,
                     self.max_packet_size)

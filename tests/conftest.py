@@ -16,6 +16,8 @@ from broker.settings import BrokerSettings, TlsListenerSettings
 from schemas.topics import Topics
 from tests.mqtt_client import SyncClient, TlsFiles
 
+pytest_plugins = ["tests.agent_fixtures"]
+
 # Devices provisioned when the broker starts; more can be added (with a reload).
 DEVICE_IDS = (*tuple(f"dev-{i}" for i in range(64)), "dev-tls")
 FREE_IDS = iter(DEVICE_IDS[20:64])
@@ -95,6 +97,25 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningBroke
                             identities)
     finally:
         process.stop()
+
+
+@pytest.fixture
+def restartable_mosquitto(tmp_path: Path) -> Iterator[RunningBroker]:
+    """A Mosquitto of this test's own (persistence on) that the test may stop and restart."""
+    settings = BrokerSettings(data_dir=tmp_path / "broker", port=free_port(),
+                              topic_root=TEST_ROOT_FILTER, autosave_interval_s=1)
+    cloud = init_broker(settings, log_to_file=True)
+    identities = {cloud.username: cloud}
+    for device_id in ("dev-a", "dev-b"):
+        identities[device_id] = add_identity(settings, device_id)
+    config = write_config_files(settings, log_to_file=True)
+    process = MosquittoProcess(config, settings.host, settings.port,
+                               log_file=settings.layout.log).start()
+    broker = RunningBroker(settings.host, settings.port, 0, settings, process, identities)
+    try:
+        yield broker
+    finally:
+        broker.process.stop()
 
 
 @pytest.fixture

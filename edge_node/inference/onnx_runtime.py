@@ -130,28 +130,43 @@ class OnnxRuntime(InferenceRuntime):
         session = self._session
         if session is None:
             raise InferenceError("the onnxruntime session is closed")
-        self._check_input(batch)
-        fixed = self._fixed_batch
-        if fixed is not None and batch.shape[0] != fixed:
-            return self._run_in_slices(batch, fixed)
+        # Hot path: onnxruntime itself refuses a wrong dtype, rank or dimension, so only
+        # the dtype (a list would be cast silently) is checked here, by identity; the full
+        # check runs when that fails or onnxruntime raises, to word the error.
+        try:
+            dtype = batch.dtype
+        except AttributeError:
+            raise InferenceError(f"expected a numpy array, got {type(batch).__name__}") from None
+        if dtype is not self._in_dtype or self._fixed_batch is not None:
+            return self._run_checked(batch)
         try:
             result: np.ndarray = session.run(self._output_names, {self._input_name: batch})[0]
         except self._errors as exc:
+            self._check_input(batch)
             raise InferenceError(f"onnxruntime: {exc}") from exc
         return result
 
-    def _run_in_slices(self, batch: np.ndarray, size: int) -> np.ndarray:
+    def _run_checked(self, batch: np.ndarray) -> np.ndarray:
+        """Check the batch in full, then run it (in slices for a fixed-batch model)."""
+        self._check_input(batch)
         count = batch.shape[0]
-        if count % size:
+        size = self._fixed_batch
+        if size is None or count == size:
+            starts = [0]
+            size = count
+        elif count and count % size == 0:
+            starts = list(range(0, count, size))
+        else:
             raise InferenceError(f"batch of {count} is not a multiple of the model's fixed "
                                  f"batch size {size}")
         run = self._session.run
         try:
             parts = [run(self._output_names, {self._input_name: batch[start:start + size]})[0]
-                     for start in range(0, count, size)]
+                     for start in starts]
         except self._errors as exc:
             raise InferenceError(f"onnxruntime: {exc}") from exc
-        return np.concatenate(parts)
+        result: np.ndarray = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return result
 
     def close(self) -> None:
         """Drop the session; onnxruntime frees it with the last reference."""

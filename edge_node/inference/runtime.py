@@ -65,6 +65,9 @@ class InferenceRuntime(ABC):
 
     runtime: ClassVar[RuntimeName]
     format: ClassVar[ModelFormat]
+    path: Path
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
 
     __slots__ = ("_in_dtype", "_in_rank", "_in_tail", "_in_tail_known", "inputs", "outputs",
                  "path")
@@ -105,8 +108,9 @@ class InferenceRuntime(ABC):
         """Run the model on one batch.
 
         Args:
-            batch: the single input, batch first; any batch size >= 1. Its dtype must be
-                the model's input dtype (no silent cast) and its other dimensions must match.
+            batch: the single input, batch first, any batch size (an empty batch gives an
+                empty output). Its dtype must be the model's input dtype (no silent cast),
+                its rank and its other known dimensions the model's.
 
         Returns:
             The model's first output.
@@ -136,10 +140,10 @@ class InferenceRuntime(ABC):
             raise InferenceError(f"expected a numpy array, got {type(batch).__name__}") from None
         expected = self._in_dtype
         if expected is None:
-            if not shape or shape[0] == 0:
-                raise InferenceError(f"input shape {shape} has no batch")
+            if not shape:
+                raise InferenceError("a scalar input has no batch dimension")
             return
-        if (dtype != expected or len(shape) != self._in_rank or shape[0] == 0
+        if (dtype != expected or len(shape) != self._in_rank
                 or (shape[1:] != self._in_tail if self._in_tail_known
                     else not self._tail_matches(shape))):
             raise self._input_error(dtype, shape)
@@ -151,8 +155,7 @@ class InferenceRuntime(ABC):
                               f"{format_shape(self.inputs[0].shape)}")
 
     def _tail_matches(self, shape: tuple[int, ...]) -> bool:
-        if self._in_tail_known:
-            return shape[1:] == self._in_tail
+        """Non-batch dimensions against a tail with dynamic entries; same rank assumed."""
         return all(want is None or got == want
                    for got, want in zip(shape[1:], self._in_tail, strict=True))
 

@@ -139,7 +139,9 @@ def _summary(exc: BaseException, *, last: bool) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     if not lines:
         return type(exc).__name__
-    return (lines[-1] if last else lines[0])[:300]
+    if last:
+        return lines[-1][:300]
+    return lines[0].split(". ", 1)[0][:300]  # torch's zip errors go on with advice
 
 
 class TorchScriptRuntime(InferenceRuntime):

@@ -1,0 +1,116 @@
+"""The edge agent against the real Mosquitto: session, telemetry, commands, limits."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edge_node.errors import PacketTooLargeError
+from schemas.base import decode_message, now
+from schemas.device import Command, CommandStatus, DeviceState, DeviceTelemetry
+from schemas.topics import TopicKind, Topics
+from tests.agent_fixtures import AgentFactory, is_state, send_command, telemetry
+from tests.conftest import RunningBroker
+from tests.mqtt_client import SyncClient
+
+pytestmark = pytest.mark.integration
+
+
+def test_birth_cadence_and_lwt_with_matching_bdseq(make_agent: AgentFactory, cloud: SyncClient,
+                                                   topics: Topics) -> None:
+    agent = make_agent(interval_s=0.2)
+    d = agent.device_id
+    birth = decode_message(DeviceState, cloud.wait_for(is_state(topics, d, "online")).payload)
+    assert birth.bd_seq == agent.session.bd_seq
+    assert birth.hardware is not None and birth.hardware.cpu_count >= 1
+    assert set(birth.model_formats) == {"onnx", "tflite", "torchscript"}
+    assert "onnxruntime" in birth.runtimes
+
+    cloud.wait_for(lambda m: m.topic == topics.telemetry(d)
+                   and decode_message(DeviceTelemetry, m.payload).seq >= 4, timeout=10)
+    reports = telemetry(cloud, topics, d)[:5]
+    assert [t.seq for t in reports] == [0, 1, 2, 3, 4]
+    assert len({t.session_id for t in reports}) == 1
+    gaps = np.diff([t.ts for t in reports])
+    assert 0.1 < float(np.median(gaps)) < 0.5, gaps
+    assert reports[-1].network_latency_ms is not None  # measured from PUBACKs
+    assert not any(t.historical for t in reports)
+
+    first = agent.session.bd_seq
+    agent.session.drop()  # abrupt: the broker publishes the will
+    death = decode_message(DeviceState, cloud.wait_for(
+        is_state(topics, d, "offline", first)).payload)
+    assert (death.reason, death.bd_seq) == ("lwt", first)
+    rebirth = decode_message(DeviceState, cloud.wait_for(
+        is_state(topics, d, "online", first + 1)).payload)
+    assert rebirth.bd_seq == first + 1
+
+
+def test_clean_stop_publishes_offline_shutdown(make_agent: AgentFactory, cloud: SyncClient,
+                                               topics: Topics) -> None:
+    agent = make_agent()
+    agent.stop()
+    stopped = decode_message(DeviceState, cloud.wait_for(
+        is_state(topics, agent.device_id, "offline")).payload)
+    assert stopped.reason == "shutdown"
+    assert stopped.bd_seq == agent.session.bd_seq
+
+
+def test_commands_answer_with_the_correlation_id(make_agent: AgentFactory, cloud: SyncClient,
+                                                 topics: Topics) -> None:
+    agent = make_agent(interval_s=30)
+    d = agent.device_id
+    pong = send_command(cloud, topics, d, "ping")
+    assert pong.status is CommandStatus.OK and pong.result["bd_seq"] == agent.session.bd_seq
+
+    unknown = send_command(cloud, topics, d, "self_destruct")
+    assert unknown.status is CommandStatus.ERROR and "unknown command" in (unknown.error or "")
+
+    bad = send_command(cloud, topics, d, "set_telemetry_interval", {"interval_s": -1})
+    assert bad.status is CommandStatus.ERROR
+    ok = send_command(cloud, topics, d, "set_telemetry_interval", {"interval_s": 0.1})
+    assert ok.status is CommandStatus.OK and agent.interval_s == 0.1
+
+    report = send_command(cloud, topics, d, "report_now")
+    assert report.status is CommandStatus.OK
+    cloud.wait_for(lambda m: m.topic == topics.telemetry(d))
+
+    garbage = send_command(cloud, topics, d, "ping", raw=b"{not json")
+    assert garbage.status is CommandStatus.ERROR and garbage.correlation_id == "invalid"
+    expired = send_command(cloud, topics, d, "ping", raw=Command(
+        correlation_id="late", ts=now() - 100, expires_at=now() - 50).to_json())
+    assert expired.status is CommandStatus.ERROR and "expired" in (expired.error or "")
+    assert agent.counters["command_unknown"] == 1
+    assert agent.counters["command_invalid_json"] == 1
+
+    no_model = send_command(cloud, topics, d, "rollback", {"model": "nothing-installed"})
+    assert no_model.status is CommandStatus.ERROR and "no previous" in (no_model.error or "")
+
+
+def test_refuses_packets_over_the_brokers_maximum(make_agent: AgentFactory,
+                                                  mosquitto: RunningBroker) -> None:
+    agent = make_agent()
+    assert agent.session.max_packet_size == mosquitto.settings.max_packet_size
+    topic = agent.topics.model_metrics(agent.device_id, "m")
+    with pytest.raises(PacketTooLargeError):
+        agent.session.publish(topic, b"x" * mosquitto.settings.max_packet_size)
+    # Still connected and publishing afterwards.
+    assert agent.session.publish_wait(topic, b"{}") in (0, 0x10)
+
+
+def test_counters_and_latency_reach_telemetry(make_agent: AgentFactory, cloud: SyncClient,
+                                              topics: Topics) -> None:
+    agent = make_agent(interval_s=0.2)
+    send_command(cloud, topics, agent.device_id, "nope")
+    cloud.wait_for(lambda m: m.topic == topics.telemetry(agent.device_id)
+                   and decode_message(DeviceTelemetry, m.payload).counters.get(
+                       "command_unknown") == 1)
+    last = telemetry(cloud, topics, agent.device_id)[-1]
+    assert last.counters["buffer_evicted"] == 0
+    assert json.loads(last.to_json())["error_rate_percent"] == 0.0
+
+
+def test_filters_cover_what_the_agent_subscribes(topics: Topics) -> None:
+    assert topics.filter(TopicKind.COMMAND, device_id="dev-1").endswith("/devices/dev-1/cmd/+")

@@ -1,0 +1,265 @@
+"""OTA model installs against the real Mosquitto: signed, verified, atomic, with rollback."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edge_node.agent import EdgeAgent
+from schemas.base import ModelFormat, RuntimeName, decode_message
+from schemas.device import CommandStatus, DeploymentState, DeploymentStatus, ModelMetrics
+from schemas.release import Requirements, Targeting
+from schemas.topics import Topics
+from tests.agent_fixtures import AgentFactory, send_command, wait_until
+from tests.mqtt_client import Received, SyncClient
+from tests.releases import (
+    OTHER_KEY,
+    build_release,
+    export_onnx,
+    export_torchscript,
+    mlp,
+    publish_chunks,
+    publish_manifest,
+    reference,
+    release,
+)
+
+pytestmark = pytest.mark.integration
+
+MODEL = "digits"
+FIXTURES = Path(__file__).parent / "fixtures" / "models"
+BATCH = np.random.default_rng(3).standard_normal((6, 64)).astype(np.float32)
+
+
+def status_is(topics: Topics, device_id: str, state: DeploymentState,
+              version: str | None = None, model: str = MODEL) -> Callable[[Received], bool]:
+    """Predicate on DeploymentStatus messages."""
+    def check(m: Received) -> bool:
+        if m.topic != topics.deployment_status(device_id, model) or not m.payload:
+            return False
+        s = decode_message(DeploymentStatus, m.payload)
+        return s.state is state and (version is None or s.target_version == version
+                                     or s.active_version == version)
+    return check
+
+
+def last_status(cloud: SyncClient, topics: Topics, device_id: str,
+                model: str = MODEL) -> DeploymentStatus:
+    """The newest DeploymentStatus received."""
+    return decode_message(DeploymentStatus,
+                          cloud.received_on(topics.deployment_status(device_id, model))[-1]
+                          .payload)
+
+
+@pytest.fixture
+def onnx_v1(tmp_path: Path) -> tuple[torch.nn.Module, bytes]:
+    model = mlp(1)
+    return model, export_onnx(model, tmp_path / "v1.onnx")
+
+
+@pytest.fixture
+def onnx_v2(tmp_path: Path) -> tuple[torch.nn.Module, bytes]:
+    model = mlp(2)
+    return model, export_onnx(model, tmp_path / "v2.onnx")
+
+
+def install(cloud: SyncClient, topics: Topics, agent: EdgeAgent, version: str, data: bytes,
+            **kwargs: object) -> DeploymentStatus:
+    """Release ``data`` and wait for the device to report installed."""
+    manifest, chunks = build_release(MODEL, version, data, **kwargs)  # type: ignore[arg-type]
+    release(cloud, topics, manifest, chunks)
+    msg = cloud.wait_for(status_is(topics, agent.device_id, DeploymentState.INSTALLED, version),
+                         timeout=20)
+    return decode_message(DeploymentStatus, msg.payload)
+
+
+def test_signed_release_is_installed_and_served(make_agent: AgentFactory, cloud: SyncClient,
+                                                topics: Topics,
+                                                onnx_v1: tuple[torch.nn.Module, bytes]) -> None:
+    agent = make_agent()
+    model, data = onnx_v1
+    status = install(cloud, topics, agent, "1.0.0", data)
+    assert (status.active_version, status.slot) == ("1.0.0", "A")
+    seen = [decode_message(DeploymentStatus, m.payload).state for m in
+            cloud.received_on(topics.deployment_status(agent.device_id, MODEL))]
+    for state in (DeploymentState.DOWNLOADING, DeploymentState.VERIFYING,
+                  DeploymentState.INSTALLING, DeploymentState.INSTALLED):
+        assert state in seen
+    np.testing.assert_allclose(agent.infer(MODEL, BATCH), reference(model, BATCH),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fault", ["tampered_chunk", "wrong_signature", "fails_to_load",
+                                   "untrusted_key", "chunk_too_long"])
+def test_bad_release_leaves_the_old_model_serving(
+    make_agent: AgentFactory, cloud: SyncClient, topics: Topics, fault: str,
+    onnx_v1: tuple[torch.nn.Module, bytes], onnx_v2: tuple[torch.nn.Module, bytes],
+) -> None:
+    agent = make_agent()
+    model_v1, data_v1 = onnx_v1
+    install(cloud, topics, agent, "1.0.0", data_v1)
+    _, data_v2 = onnx_v2
+    if fault == "tampered_chunk":
+        manifest, chunks = build_release(MODEL, "2.0.0", data_v2)
+        chunks[1] = bytes([chunks[1][0] ^ 0xFF]) + chunks[1][1:]
+        expected = "sha256_mismatch"
+    elif fault == "wrong_signature":
+        manifest, chunks = build_release(MODEL, "2.0.0", data_v2, key=OTHER_KEY)
+        expected = "bad_signature"
+    elif fault == "untrusted_key":
+        manifest, chunks = build_release(MODEL, "2.0.0", data_v2, key=OTHER_KEY,
+                                         key_id="someone-else")
+        expected = "untrusted_key"
+    elif fault == "fails_to_load":
+        manifest, chunks = build_release(MODEL, "2.0.0", b"\x08\x01garbage, not a model" * 50)
+        expected = "load_failed"
+    else:
+        manifest, chunks = build_release(MODEL, "2.0.0", data_v2)
+        chunks[0] = chunks[0] + b"extra"
+        expected = "chunk_size_mismatch"
+    release(cloud, topics, manifest, chunks)
+    failed = decode_message(DeploymentStatus, cloud.wait_for(
+        status_is(topics, agent.device_id, DeploymentState.FAILED, "2.0.0"), timeout=20).payload)
+    assert failed.error is not None and failed.error.startswith(expected)
+    assert failed.active_version == "1.0.0"
+    assert agent.counters[f"install_{expected}"] == 1
+    np.testing.assert_allclose(agent.infer(MODEL, BATCH), reference(model_v1, BATCH),
+                               rtol=1e-5, atol=1e-5)
+    assert agent.store.active(MODEL).version == "1.0.0"  # type: ignore[union-attr]
+
+
+def test_incompatible_release_is_reported_not_installed(make_agent: AgentFactory,
+                                                        cloud: SyncClient, topics: Topics,
+                                                        onnx_v1: tuple[torch.nn.Module, bytes],
+                                                        ) -> None:
+    agent = make_agent()
+    targeting = Targeting(requirements=Requirements(min_memory_mb=10**9, gpu=True))
+    manifest, chunks = build_release(MODEL, "1.0.0", onnx_v1[1], targeting=targeting)
+    release(cloud, topics, manifest, chunks)
+    status = decode_message(DeploymentStatus, cloud.wait_for(
+        status_is(topics, agent.device_id, DeploymentState.INCOMPATIBLE)).payload)
+    assert any("MiB" in r for r in status.reasons) and "needs a GPU" in status.reasons
+    assert agent.store.active(MODEL) is None
+
+
+def test_release_for_other_devices_is_ignored(make_agent: AgentFactory, cloud: SyncClient,
+                                              topics: Topics,
+                                              onnx_v1: tuple[torch.nn.Module, bytes]) -> None:
+    agent = make_agent()
+    other = make_agent()
+    targeting = Targeting(stage="canary", canary=[other.device_id])
+    manifest, chunks = build_release(MODEL, "1.0.0", onnx_v1[1], targeting=targeting)
+    release(cloud, topics, manifest, chunks)
+    cloud.wait_for(status_is(topics, other.device_id, DeploymentState.INSTALLED), timeout=20)
+    assert cloud.received_on(topics.deployment_status(agent.device_id, MODEL)) == []
+    assert agent.store.active(MODEL) is None
+
+
+def test_rollback_by_command(make_agent: AgentFactory, cloud: SyncClient, topics: Topics,
+                             onnx_v1: tuple[torch.nn.Module, bytes],
+                             onnx_v2: tuple[torch.nn.Module, bytes]) -> None:
+    agent = make_agent()
+    install(cloud, topics, agent, "1.0.0", onnx_v1[1])
+    status = install(cloud, topics, agent, "2.0.0", onnx_v2[1])
+    assert (status.active_version, status.previous_version, status.slot) == ("2.0.0", "1.0.0",
+                                                                             "B")
+    np.testing.assert_allclose(agent.infer(MODEL, BATCH), reference(onnx_v2[0], BATCH),
+                               rtol=1e-5, atol=1e-5)
+    reply = send_command(cloud, topics, agent.device_id, "rollback", {"model": MODEL})
+    assert reply.status is CommandStatus.OK and reply.result["active_version"] == "1.0.0"
+    rolled = decode_message(DeploymentStatus, cloud.wait_for(
+        status_is(topics, agent.device_id, DeploymentState.ROLLED_BACK)).payload)
+    assert (rolled.active_version, rolled.slot) == ("1.0.0", "A")
+    np.testing.assert_allclose(agent.infer(MODEL, BATCH), reference(onnx_v1[0], BATCH),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_rollback_when_probation_error_rate_is_exceeded(
+    make_agent: AgentFactory, cloud: SyncClient, topics: Topics,
+    onnx_v1: tuple[torch.nn.Module, bytes], onnx_v2: tuple[torch.nn.Module, bytes],
+) -> None:
+    agent = make_agent(ota={"probation_s": 60, "probation_min_samples": 5,
+                            "max_error_rate_percent": 20.0}, interval_s=0.1)
+    install(cloud, topics, agent, "1.0.0", onnx_v1[1])
+    agent.ota.probation.clear()  # v1 is the known-good baseline
+    install(cloud, topics, agent, "2.0.0", onnx_v2[1])
+    for _ in range(5):  # the application feeds inputs v2 cannot take
+        with pytest.raises(Exception, match="inference failed"):
+            agent.infer(MODEL, BATCH.astype(np.float64))
+    rolled = decode_message(DeploymentStatus, cloud.wait_for(
+        status_is(topics, agent.device_id, DeploymentState.ROLLED_BACK), timeout=10).payload)
+    assert rolled.active_version == "1.0.0"
+    assert rolled.error is not None and "error rate" in rolled.error
+
+
+def test_resume_after_disconnect_fetches_only_missing_chunks(
+    make_agent: AgentFactory, cloud: SyncClient, topics: Topics,
+    onnx_v1: tuple[torch.nn.Module, bytes],
+) -> None:
+    agent = make_agent()
+    manifest, chunks = build_release(MODEL, "1.0.0", onnx_v1[1], chunk_size=1024)
+    half = len(chunks) // 2
+    publish_manifest(cloud, topics, manifest)
+    publish_chunks(cloud, topics, manifest, chunks, list(range(half)))
+    wait_until(lambda: len(agent.store.present_chunks(manifest)) >= half,
+               what="first half of the chunks on the device's disk")
+    first_bd = agent.session.bd_seq
+    agent.session.drop()
+    cloud.wait_for(lambda m: m.topic == topics.device_state(agent.device_id)
+                   and b'"online"' in m.payload and f'"bd_seq":{first_bd + 1}'.encode()
+                   in m.payload)
+    publish_chunks(cloud, topics, manifest, chunks, list(range(half, len(chunks))))
+    cloud.wait_for(status_is(topics, agent.device_id, DeploymentState.INSTALLED), timeout=20)
+    assert agent.ota.chunk_messages[MODEL] == len(chunks)
+    np.testing.assert_allclose(agent.infer(MODEL, BATCH), reference(onnx_v1[0], BATCH),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_restart_serves_the_last_model_without_the_network(
+    make_agent: AgentFactory, cloud: SyncClient, topics: Topics, tmp_path: Path,
+    onnx_v1: tuple[torch.nn.Module, bytes],
+) -> None:
+    agent = make_agent()
+    install(cloud, topics, agent, "1.0.0", onnx_v1[1])
+    agent.stop()
+    offline = make_agent(agent.device_id, start=False, state_dir=agent.state_dir,
+                         mqtt={"port": 1})  # nothing listens there
+    offline.start()
+    np.testing.assert_allclose(offline.infer(MODEL, BATCH), reference(onnx_v1[0], BATCH),
+                               rtol=1e-5, atol=1e-5)
+    assert not offline.session.connected.is_set()
+
+
+def test_every_runtime_reports_latency_percentiles(make_agent: AgentFactory, cloud: SyncClient,
+                                                   topics: Topics, tmp_path: Path) -> None:
+    agent = make_agent(interval_s=30)
+    torch_model = mlp(5)
+    files = {
+        "mlp-onnx": (ModelFormat.ONNX, export_onnx(torch_model, tmp_path / "m.onnx")),
+        "mlp-ts": (ModelFormat.TORCHSCRIPT, export_torchscript(torch_model, tmp_path / "m.pt")),
+        "mlp-tflite": (ModelFormat.TFLITE, (FIXTURES / "digits_mlp.tflite").read_bytes()),
+    }
+    for name, (fmt, data) in files.items():
+        manifest, chunks = build_release(name, "1.0.0", data, fmt=fmt, input_shape=[1, 64])
+        release(cloud, topics, manifest, chunks)
+        cloud.wait_for(status_is(topics, agent.device_id, DeploymentState.INSTALLED,
+                                 model=name), timeout=20)
+    for name in files:
+        for _ in range(50):
+            agent.infer(name, BATCH[:1])
+    send_command(cloud, topics, agent.device_id, "report_now")
+    runtimes = {"mlp-onnx": RuntimeName.ONNXRUNTIME, "mlp-ts": RuntimeName.TORCHSCRIPT,
+                "mlp-tflite": RuntimeName.LITERT}
+    for name, runtime in runtimes.items():
+        topic = topics.model_metrics(agent.device_id, name)
+        metrics = decode_message(ModelMetrics, cloud.wait_topic(topic).payload)
+        assert metrics.runtime is runtime
+        assert metrics.sample_count >= 50
+        p50, p95, p99 = metrics.latency_ms_p50, metrics.latency_ms_p95, metrics.latency_ms_p99
+        assert p50 is not None and p95 is not None and p99 is not None
+        assert 0 < p50 <= p95 <= p99
+        assert metrics.throughput_per_s > 0 and metrics.error_count == 0
