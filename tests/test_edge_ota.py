@@ -263,3 +263,36 @@ def test_every_runtime_reports_latency_percentiles(make_agent: AgentFactory, clo
         assert p50 is not None and p95 is not None and p99 is not None
         assert 0 < p50 <= p95 <= p99
         assert metrics.throughput_per_s > 0 and metrics.error_count == 0
+
+
+@pytest.mark.parametrize(("payload", "reason"), [
+    (b"{not json", "invalid_manifest"),
+    (b'{"model": "digits", "version": "1", "format": "caffe"}', "invalid_manifest"),
+])
+def test_malformed_manifests_are_refused_and_counted(make_agent: AgentFactory,
+                                                     cloud: SyncClient, topics: Topics,
+                                                     payload: bytes, reason: str) -> None:
+    agent = make_agent()
+    assert cloud.publish(topics.release(MODEL), payload, retain=True) in (0, 0x10)
+    failed = decode_message(DeploymentStatus, cloud.wait_for(
+        status_is(topics, agent.device_id, DeploymentState.FAILED)).payload)
+    assert failed.error is not None and failed.error.startswith(reason)
+    assert agent.counters[f"install_{reason}"] == 1
+    assert agent.session.connected.is_set()
+
+
+def test_out_of_range_and_unexpected_chunks_are_counted(
+    make_agent: AgentFactory, cloud: SyncClient, topics: Topics,
+    onnx_v1: tuple[torch.nn.Module, bytes],
+) -> None:
+    agent = make_agent()
+    manifest, chunks = build_release(MODEL, "1.0.0", onnx_v1[1])
+    publish_manifest(cloud, topics, manifest)
+    cloud.wait_for(status_is(topics, agent.device_id, DeploymentState.DOWNLOADING))
+    # Deliveries the agent did not subscribe to (as after a manifest was replaced).
+    agent.ota.submit_chunk(MODEL, "1.0.0", manifest.chunk_count + 5, b"x")
+    agent.ota.submit_chunk(MODEL, "0.9.0", 0, b"x")
+    wait_until(lambda: agent.counters["chunk_out_of_range"] == 1
+               and agent.counters["chunk_unexpected"] == 1, what="chunks counted")
+    publish_chunks(cloud, topics, manifest, chunks)
+    cloud.wait_for(status_is(topics, agent.device_id, DeploymentState.INSTALLED), timeout=20)

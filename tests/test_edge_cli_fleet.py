@@ -1,0 +1,77 @@
+"""`edgefl node` and the fleet simulator against the real broker."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from edge_node.fleet import Fleet, fleet_settings
+from edge_node.settings import MqttSettings
+from schemas.base import decode_message
+from schemas.device import DeviceState, DeviceTelemetry
+from schemas.topics import Topics
+from tests.agent_fixtures import is_state
+from tests.conftest import RunningBroker
+from tests.mqtt_client import SyncClient
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_node_command_runs_until_sigterm_and_says_goodbye(
+    mosquitto: RunningBroker, topics: Topics, cloud: SyncClient, tmp_path: Path,
+    new_device_id: Callable[[], str],
+) -> None:
+    device_id = new_device_id()
+    password_file = tmp_path / "pw"
+    password_file.write_text(mosquitto.password(device_id))
+    env = {"EDGEFL_TOPIC_ROOT": topics.root, "PATH": "/usr/bin:/bin"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cloud.cli", "node", "--device-id", device_id,
+         "--broker", f"{mosquitto.host}:{mosquitto.port}", "--password-file", str(password_file),
+         "--state-dir", str(tmp_path / "state"), "--interval", "0.2"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        cloud.wait_for(is_state(topics, device_id, "online"), timeout=30)
+        cloud.wait_for(lambda m: m.topic == topics.telemetry(device_id), timeout=10)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    state = decode_message(DeviceState, cloud.wait_for(
+        is_state(topics, device_id, "offline")).payload)
+    assert state.reason == "shutdown"
+    assert mosquitto.password(device_id) not in out
+
+
+def test_fleet_runs_real_agents_with_their_own_connections(
+    mosquitto: RunningBroker, topics: Topics, cloud: SyncClient, tmp_path: Path,
+) -> None:
+    settings = fleet_settings(
+        3, prefix="sim-", state_root=tmp_path, topic_root=topics.root,
+        mqtt=MqttSettings(host=mosquitto.host, port=mosquitto.port, reconnect_min_s=0.1),
+        secrets_dir=mosquitto.settings.layout.secrets, interval_s=0.2,
+    )
+    ids = [s.device_id for s in settings]
+    assert ids == ["sim-000", "sim-001", "sim-002"]
+    fleet = Fleet(settings, tmp_path)
+    fleet.start()
+    try:
+        assert fleet.wait_connected(15) == 3
+        for device_id in ids:
+            msg = cloud.wait_topic(topics.telemetry(device_id))
+            assert decode_message(DeviceTelemetry, msg.payload).device_id == device_id
+        sockets = {id(a.session.client.socket()) for a in fleet.agents}
+        assert len(sockets) == 3  # one real connection each
+    finally:
+        fleet.stop()
+    for device_id in ids:
+        cloud.wait_for(is_state(topics, device_id, "offline"))
