@@ -1,45 +1,64 @@
-"""``edgefl demo``: start a broker and show the wire contract working end to end.
+"""``edgefl demo``: the platform end to end on one machine.
 
-What exists so far (foundation): a real broker from edgefl's config, a few
-in-process devices with their own MQTT connections and credentials publishing
-a retained birth and psutil telemetry, an observer with the cloud identity
-validating every message against the schemas, an ACL refusal, a malformed
-message refused with its reason, and an abrupt disconnect whose LWT arrives
-retained. Later issues add the cloud service, the fleet, FL and rollout.
+What exists so far: a real broker from edgefl's config; a simulated fleet of
+real edge agents (each with its own MQTT connection, credentials, state folder,
+psutil telemetry and offline buffer); an observer with the cloud identity that
+validates every message against the schemas; a digits classifier trained on
+scikit-learn's bundled digits, exported to ONNX, signed and rolled out over MQTT
+to every device, which installs it (sha256, Ed25519, A/B slot, smoke test) and
+serves it, reporting latency percentiles and accuracy on labelled feedback; an
+ACL refusal, a malformed message refused with its reason, and an abrupt
+disconnect whose LWT arrives retained. Later issues add the cloud service, FL
+and staged rollout.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import secrets
-import socket
 import tempfile
 import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
+import numpy as np
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-from paho.mqtt.reasoncodes import ReasonCode
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from paho.mqtt.enums import CallbackAPIVersion
 from rich.console import Console
 from rich.table import Table
 
 from broker.local import LocalBroker, start_local_broker
-from edge_node.system_metrics import hardware_info, sample
-from schemas.base import decode_message, now
+from cloud.demo_model import DigitsModel, train_digits_mlp
+from cloud.releases import build_release, public_key_b64
+from edge_node.agent import EdgeAgent
+from edge_node.settings import EdgeSettings
+from schemas.base import ModelFormat, decode_message, now
 from schemas.catalog import CHANNELS
-from schemas.device import DeviceState, DeviceTelemetry
+from schemas.device import DeploymentState, DeploymentStatus, DeviceState, ModelMetrics
 from schemas.errors import DecodeError, TopicError
 from schemas.topics import Topics
 
 logger = logging.getLogger(__name__)
 
 NOT_AUTHORIZED = 0x87
-WAIT_S = 10.0
+WAIT_S = 20.0
+MODEL = "digits-mlp"
+KEY_ID = "demo-release"
+
+
+@dataclass
+class DeviceResult:
+    """What one device did."""
+
+    device_id: str
+    installed_version: str | None = None
+    accuracy: float | None = None
+    latency_ms_p50: float | None = None
+    latency_ms_p95: float | None = None
 
 
 @dataclass
@@ -53,28 +72,31 @@ class DemoSummary:
     received: dict[str, int] = field(default_factory=dict)
     valid: int = 0
     refused: dict[str, int] = field(default_factory=dict)
+    model_test_accuracy: float | None = None
+    fleet: list[DeviceResult] = field(default_factory=list)
     acl_denied_reason: int | None = None
     lwt_offline_retained: bool = False
+    duration_s: float = 0.0
     ok: bool = False
 
 
 class Observer:
     """Subscribes with the cloud identity and validates everything it receives."""
 
-    def __init__(self, broker: LocalBroker, topics: Topics, protocol: MQTTProtocolVersion):
+    def __init__(self, broker: LocalBroker, topics: Topics) -> None:
         self.topics = topics
         self.kinds: Counter[str] = Counter()
         self.refused: Counter[str] = Counter()
         self.valid = 0
-        self.offline_seen = threading.Event()
-        self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
-        self.client = _client("demo-observer", broker, "edgefl-cloud", protocol)
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self._changed = threading.Condition()
+        self.client = _client("demo-observer", broker, "edgefl-cloud")
         self.client.on_message = self._on_message
         subscribed = threading.Event()
-        self.client.on_subscribe = lambda *_args: subscribed.set()
+        self.client.on_subscribe = lambda *_a: subscribed.set()
         self.client.on_connect = lambda c, *_a: c.subscribe(topics.all(), qos=1)
-        _connect(self.client, broker)
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
         if not subscribed.wait(WAIT_S):
             raise TimeoutError("observer did not get SUBACK")
 
@@ -84,128 +106,46 @@ class Observer:
                 parsed = self.topics.parse(msg.topic)
                 channel = CHANNELS[parsed.kind]
                 self.kinds[parsed.kind.value] += 1
-                if channel.message is not None and channel.content_type == "application/json":
-                    message = decode_message(channel.message, msg.payload)
-                    if isinstance(message, DeviceState) and message.state == "offline" \
-                            and message.reason == "lwt":
-                        self.offline_seen.set()
+                if channel.message is not None and channel.content_type == "application/json" \
+                        and msg.payload:
+                    decode_message(channel.message, msg.payload)
                 self.valid += 1
+                self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
             except (DecodeError, TopicError) as exc:
-                reason = getattr(exc, "reason", type(exc).__name__)
-                self.refused[reason] += 1
+                self.refused[getattr(exc, "reason", type(exc).__name__)] += 1
                 logger.warning("refused message on %s: %s", msg.topic, exc)
             self._changed.notify_all()
 
-    def wait_for(self, kind: str, count: int, timeout: float = WAIT_S) -> bool:
-        """Wait (bounded) until ``count`` messages of ``kind`` arrived."""
+    def wait(self, predicate: object, timeout: float = WAIT_S) -> bool:
+        """Wait (bounded) until ``predicate()`` holds."""
         with self._changed:
-            return self._changed.wait_for(lambda: self.kinds[kind] >= count, timeout)
+            return self._changed.wait_for(predicate, timeout)  # type: ignore[arg-type]
 
-    def wait_refused(self, count: int, timeout: float = WAIT_S) -> bool:
-        """Wait (bounded) until ``count`` messages were refused."""
+    def on_topic(self, topic: str) -> list[bytes]:
+        """Payloads received on ``topic``."""
         with self._changed:
-            return self._changed.wait_for(lambda: sum(self.refused.values()) >= count, timeout)
+            return [p for t, p, _ in self.messages if t == topic]
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """Publish as the cloud, QoS 1, and wait until it is sent."""
+        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(WAIT_S)
+
+    def close(self) -> None:
+        """Disconnect."""
+        self.client.disconnect()
+        self.client.loop_stop()
 
 
-def _client(
-    client_id: str, broker: LocalBroker, username: str, protocol: MQTTProtocolVersion
-) -> mqtt.Client:
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol
-    )
+def _client(client_id: str, broker: LocalBroker, username: str) -> mqtt.Client:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=mqtt.MQTTv5 if broker.mqtt5 else mqtt.MQTTv311)
     creds = broker.credentials(username)
     if creds is not None:
         client.username_pw_set(*creds)
     return client
 
 
-def _connect(client: mqtt.Client, broker: LocalBroker) -> None:
-    connected = threading.Event()
-    client.on_connect_fail = lambda *_a: logger.error("connect failed")
-    previous: Any = client.on_connect
-
-    def on_connect(c: mqtt.Client, u: Any, flags: Any, rc: ReasonCode, props: Any) -> None:
-        if previous is not None:
-            previous(c, u, flags, rc, props)
-        if not rc.is_failure:
-            connected.set()
-
-    client.on_connect = on_connect
-    client.connect(broker.host, broker.port, keepalive=30)
-    client.loop_start()
-    if not connected.wait(WAIT_S):
-        raise TimeoutError(f"{client._client_id!r} could not connect")
-
-
-class DemoDevice:
-    """An in-process device: birth with LWT, psutil telemetry with sequence numbers."""
-
-    def __init__(self, device_id: str, broker: LocalBroker, topics: Topics,
-                 protocol: MQTTProtocolVersion) -> None:
-        self.device_id = device_id
-        self.topics = topics
-        self.session_id = secrets.token_hex(6)
-        self.seq = 0
-        self.client = _client(device_id, broker, device_id, protocol)
-        will = DeviceState(device_id=device_id, state="offline", bd_seq=0, ts=now(), reason="lwt")
-        self.client.will_set(topics.device_state(device_id), will.to_json(), qos=1, retain=True)
-        self.acks: dict[int, int] = {}
-        self._acked = threading.Condition()
-        self.client.on_publish = self._on_publish
-        _connect(self.client, broker)
-        sys = sample()
-        birth = DeviceState(
-            device_id=device_id, state="online", bd_seq=0, ts=now(), agent_version="demo",
-            hardware=hardware_info(), memory_available_mb=sys.memory_available_mb,
-            reason="birth",
-        )
-        self.publish(topics.device_state(device_id), birth.to_json(), retain=True)
-
-    def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, rc: ReasonCode, _p: Any) -> None:
-        with self._acked:
-            self.acks[mid] = rc.value
-            self._acked.notify_all()
-
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> int:
-        """Publish QoS 1 and return the broker's PUBACK reason code (0 = success)."""
-        info = self.client.publish(topic, payload, qos=1, retain=retain)
-        with self._acked:
-            if not self._acked.wait_for(lambda: info.mid in self.acks, WAIT_S):
-                raise TimeoutError(f"no PUBACK for {topic}")
-            return self.acks.pop(info.mid)
-
-    def report(self) -> None:
-        """Measure with psutil and publish one DeviceTelemetry."""
-        s = sample()
-        telemetry = DeviceTelemetry(
-            device_id=self.device_id, session_id=self.session_id, seq=self.seq, ts=now(),
-            cpu_percent=s.cpu_percent, memory_percent=s.memory_percent,
-            disk_percent=s.disk_percent, temperature_c=s.temperature_c,
-            battery_percent=s.battery_percent, battery_plugged=s.battery_plugged,
-            uptime_s=s.uptime_s, interval_s=0.2,
-        )
-        self.seq += 1
-        self.publish(self.topics.telemetry(self.device_id), telemetry.to_json())
-
-    def drop_connection(self) -> None:
-        """Abrupt loss: stop the network loop and cut the TCP socket (no DISCONNECT)."""
-        self.client.loop_stop()
-        sock = self.client.socket()
-        if isinstance(sock, socket.socket):
-            sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-
-    def shutdown(self) -> None:
-        """Clean stop: retained offline state, then DISCONNECT."""
-        state = DeviceState(device_id=self.device_id, state="offline", bd_seq=0, ts=now(),
-                            reason="shutdown")
-        self.publish(self.topics.device_state(self.device_id), state.to_json(), retain=True)
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-def _retained_state(broker: LocalBroker, topics: Topics, device_id: str,
-                    protocol: MQTTProtocolVersion, expect: str) -> bool:
+def _retained_state(broker: LocalBroker, topics: Topics, device_id: str, expect: str) -> bool:
     """Whether a late subscriber finds ``expect`` retained on a device's state topic.
 
     Re-subscribes (each SUBSCRIBE re-sends retained messages) until the state is
@@ -221,9 +161,10 @@ def _retained_state(broker: LocalBroker, topics: Topics, device_id: str,
             changed.notify_all()
 
     topic = topics.device_state(device_id)
-    late = _client("demo-late-subscriber", broker, "edgefl-cloud", protocol)
+    late = _client("demo-late-subscriber", broker, "edgefl-cloud")
     late.on_message = on_message
-    _connect(late, broker)
+    late.connect(broker.host, broker.port)
+    late.loop_start()
     deadline = time.monotonic() + WAIT_S
     ok = False
     while not ok and time.monotonic() < deadline:
@@ -238,6 +179,23 @@ def _retained_state(broker: LocalBroker, topics: Topics, device_id: str,
     return ok
 
 
+def _agent(broker: LocalBroker, device_id: str, folder: Path, key: Ed25519PrivateKey,
+           interval_s: float) -> EdgeAgent:
+    creds = broker.credentials(device_id)
+    mqtt_settings: dict[str, object] = {
+        "host": broker.host, "port": broker.port, "protocol": 5 if broker.mqtt5 else 4,
+        "reconnect_min_s": 0.2, "reconnect_max_s": 2.0,
+    }
+    if creds is not None:
+        mqtt_settings["password"] = creds[1]
+    settings = EdgeSettings.model_validate({
+        "device_id": device_id, "state_dir": folder / device_id, "mqtt": mqtt_settings,
+        "telemetry": {"interval_s": interval_s},
+        "ota": {"trusted_keys": {KEY_ID: public_key_b64(key)}},
+    })
+    return EdgeAgent(settings)
+
+
 def run_demo(
     *, devices: int = 3, reports: int = 5, data_dir: Path | None = None,
     json_path: Path | None = None, console: Console | None = None,
@@ -250,64 +208,140 @@ def run_demo(
         ids = [f"demo-{i:02d}" for i in range(devices)]
         broker = start_local_broker(folder / "broker", device_ids=ids, kind=broker_kind)
         try:
-            return _run(broker, ids, reports, console, json_path)
+            return _run(broker, ids, reports, folder, console, json_path)
         finally:
             broker.stop()
 
 
-def _run(broker: LocalBroker, ids: list[str], reports: int, console: Console,
+def _run(broker: LocalBroker, ids: list[str], reports: int, folder: Path, console: Console,
          json_path: Path | None) -> DemoSummary:
+    started = time.monotonic()
     if broker.kind == "amqtt":
         console.print(
             "[yellow]note:[/] mosquitto is not installed; using the embedded amqtt broker "
             "(MQTT 3.1.1, no ACL). `sudo apt-get install mosquitto` for the real one."
         )
-    protocol = mqtt.MQTTv5 if broker.mqtt5 else mqtt.MQTTv311
     console.print(f"broker: {broker.kind} on {broker.host}:{broker.port}")
     topics = Topics()
+    interval = 0.25
     summary = DemoSummary(broker=broker.kind, mqtt_version="5" if broker.mqtt5 else "3.1.1",
                           devices=len(ids), telemetry_expected=len(ids) * reports)
-    observer = Observer(broker, topics, protocol)
-    fleet = [DemoDevice(d, broker, topics, protocol) for d in ids]
-    for _ in range(reports):
-        for device in fleet:
-            device.report()
-    observer.wait_for("telemetry", summary.telemetry_expected)
-
-    # A malformed message (CPU over 100 %) is refused by the observer with its reason.
-    bad = json.loads(DeviceTelemetry(
-        device_id=ids[0], session_id=fleet[0].session_id, seq=fleet[0].seq, ts=now(),
-        cpu_percent=1.0, memory_percent=1.0, disk_percent=1.0).model_dump_json())
-    bad["cpu_percent"] = 250.0
-    fleet[0].publish(topics.telemetry(ids[0]), json.dumps(bad).encode())
-    observer.wait_refused(1)
-
-    if broker.mqtt5 and len(fleet) > 1:
-        # The ACL: a device writing another device's topic is refused (reason 0x87).
-        summary.acl_denied_reason = fleet[0].publish(topics.telemetry(ids[1]), b"{}")
-
-    fleet[-1].drop_connection()
-    if observer.offline_seen.wait(WAIT_S):
-        summary.lwt_offline_retained = _retained_state(broker, topics, ids[-1], protocol,
-                                                       "offline")
-    for device in fleet[:-1]:
-        device.shutdown()
-    observer.client.disconnect()
-    observer.client.loop_stop()
-
+    observer = Observer(broker, topics)
+    key = Ed25519PrivateKey.generate()
+    fleet = [_agent(broker, d, folder / "fleet", key, interval) for d in ids]
+    try:
+        for agent in fleet:
+            agent.start()
+        for agent in fleet:
+            if not agent.session.connected.wait(WAIT_S):
+                raise TimeoutError(f"{agent.device_id} did not connect")
+        console.print(f"fleet: {len(fleet)} agents online; training the model to roll out")
+        _rollout(observer, topics, fleet, key, summary, console)
+        observer.wait(lambda: observer.kinds["telemetry"] >= summary.telemetry_expected,
+                      timeout=reports * interval * 4 + WAIT_S)
+        _faults(broker, observer, topics, fleet, summary)
+    finally:
+        for agent in fleet:
+            agent.stop()
+        observer.close()
     summary.received = dict(observer.kinds)
     summary.valid = observer.valid
     summary.refused = dict(observer.refused)
+    summary.duration_s = round(time.monotonic() - started, 1)
     summary.ok = (
         observer.kinds["telemetry"] >= summary.telemetry_expected
         and summary.lwt_offline_retained
         and summary.refused.get("validation", 0) >= 1
-        and (summary.acl_denied_reason in (None, NOT_AUTHORIZED))
+        and summary.acl_denied_reason in (None, NOT_AUTHORIZED)
+        and all(d.installed_version == "1.0.0" and d.accuracy is not None for d in summary.fleet)
     )
     _print(console, summary)
     if json_path is not None:
         json_path.write_text(json.dumps(asdict(summary), indent=2) + "\n")
     return summary
+
+
+def _rollout(observer: Observer, topics: Topics, fleet: list[EdgeAgent], key: Ed25519PrivateKey,
+             summary: DemoSummary, console: Console) -> None:
+    """Train, export, sign, publish; every device installs, serves and reports."""
+    trained: DigitsModel = train_digits_mlp()
+    summary.model_test_accuracy = round(trained.test_accuracy, 4)
+    manifest, chunks = build_release(
+        MODEL, "1.0.0", trained.onnx, fmt=ModelFormat.ONNX, key=key, key_id=KEY_ID,
+        chunk_size=4096, input_shape=[1, 64],
+        metadata={"trained_on": "sklearn digits", "test_accuracy": trained.test_accuracy},
+    )
+    for i, chunk in enumerate(chunks):
+        observer.publish(topics.chunk(MODEL, "1.0.0", i), chunk, retain=True)
+    observer.publish(topics.release(MODEL), manifest.to_json(), retain=True)
+    console.print(f"release: {MODEL} 1.0.0, {manifest.size_bytes} bytes in "
+                  f"{manifest.chunk_count} signed chunks")
+
+    def installed(device_id: str) -> bool:
+        for payload in observer.on_topic(topics.deployment_status(device_id, MODEL)):
+            if decode_message(DeploymentStatus, payload).state is DeploymentState.INSTALLED:
+                return True
+        return False
+
+    observer.wait(lambda: all(installed(a.device_id) for a in fleet))
+    x, y = trained.test_x, trained.test_y
+    shares = np.array_split(np.arange(len(y)), len(fleet))
+    for agent, share in zip(fleet, shares, strict=True):
+        result = DeviceResult(agent.device_id)
+        summary.fleet.append(result)
+        if agent.store.active(MODEL) is None:
+            continue
+        result.installed_version = agent.store.active(MODEL).version  # type: ignore[union-attr]
+        for i in share:  # one request per sample, as an application would
+            logits = agent.infer(MODEL, x[i:i + 1])
+            agent.inference.record_feedback(MODEL, int(logits.argmax() == y[i]), 1)
+        agent.request_report()
+    def measured(device_id: str, count: int) -> ModelMetrics | None:
+        """The first metrics that cover this device's inferences and feedback."""
+        for payload in observer.on_topic(topics.model_metrics(device_id, MODEL)):
+            metrics = decode_message(ModelMetrics, payload)
+            if metrics.accuracy is not None and metrics.sample_count >= count:
+                return metrics
+        return None
+
+    observer.wait(lambda: all(measured(a.device_id, len(s)) for a, s in
+                              zip(fleet, shares, strict=True)))
+    for result, share in zip(summary.fleet, shares, strict=True):
+        metrics = measured(result.device_id, len(share))
+        if metrics is not None:
+            result.accuracy = metrics.accuracy
+            result.latency_ms_p50 = metrics.latency_ms_p50
+            result.latency_ms_p95 = metrics.latency_ms_p95
+
+
+def _faults(broker: LocalBroker, observer: Observer, topics: Topics, fleet: list[EdgeAgent],
+            summary: DemoSummary) -> None:
+    """A malformed message, an ACL refusal and an abrupt disconnect."""
+    first = fleet[0]
+    payload = json.dumps({"schema_version": 1, "device_id": first.device_id,
+                          "session_id": first.session_id, "seq": 10**6, "ts": now(),
+                          "cpu_percent": 250.0, "memory_percent": 1.0,
+                          "disk_percent": 1.0}).encode()
+    first.session.publish_wait(topics.telemetry(first.device_id), payload)
+    observer.wait(lambda: sum(observer.refused.values()) >= 1)
+    if broker.mqtt5 and len(fleet) > 1:
+        summary.acl_denied_reason = first.session.publish_wait(
+            topics.telemetry(fleet[1].device_id), b"{}")
+    last = fleet[-1]
+    bd_seq = last.session.bd_seq
+    last.session.drop()
+
+    def died() -> bool:
+        for payload in observer.on_topic(topics.device_state(last.device_id)):
+            state = decode_message(DeviceState, payload)
+            if (state.state, state.bd_seq, state.reason) == ("offline", bd_seq, "lwt"):
+                return True
+        return False
+
+    if observer.wait(died):
+        summary.lwt_offline_retained = _retained_state(broker, topics, last.device_id,
+                                                       "offline")
+    last.session.connected.wait(WAIT_S)  # it reconnects by itself, with a new bd_seq
 
 
 def _print(console: Console, summary: DemoSummary) -> None:
@@ -317,6 +351,16 @@ def _print(console: Console, summary: DemoSummary) -> None:
     for kind, count in sorted(summary.received.items()):
         table.add_row(kind, str(count))
     console.print(table)
+    fleet = Table(title=f"{MODEL} on the fleet (central test accuracy "
+                  f"{summary.model_test_accuracy})")
+    for column in ("device", "installed", "accuracy", "p50 ms", "p95 ms"):
+        fleet.add_column(column)
+    for d in summary.fleet:
+        fleet.add_row(d.device_id, d.installed_version or "-",
+                      f"{d.accuracy:.3f}" if d.accuracy is not None else "-",
+                      f"{d.latency_ms_p50:.3f}" if d.latency_ms_p50 is not None else "-",
+                      f"{d.latency_ms_p95:.3f}" if d.latency_ms_p95 is not None else "-")
+    console.print(fleet)
     console.print(f"validated: {summary.valid}, refused: {summary.refused or 'none'}")
     if summary.acl_denied_reason is not None:
         verdict = "refused" if summary.acl_denied_reason == NOT_AUTHORIZED else "NOT refused"
@@ -324,5 +368,5 @@ def _print(console: Console, summary: DemoSummary) -> None:
                       f"(reason 0x{summary.acl_denied_reason:02x})")
     console.print(f"LWT: abrupt disconnect -> retained offline state "
                   f"{'received' if summary.lwt_offline_retained else 'MISSING'}")
-    console.print("[green]demo ok[/]" if summary.ok else "[red]demo FAILED[/]")
-
+    console.print(f"[green]demo ok[/] in {summary.duration_s} s" if summary.ok
+                  else "[red]demo FAILED[/]")

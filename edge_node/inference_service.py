@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
+from time import perf_counter
 
 import numpy as np
 import psutil
@@ -51,9 +51,11 @@ class ActiveModel:
     memory_mb: float | None
     loaded_at: float
     lock: threading.Lock = field(default_factory=threading.Lock)
-    # (monotonic end, latency s, thread cpu s, ok)
-    calls: deque[tuple[float, float, float, bool]] = field(default_factory=deque)
+    # (perf_counter at the end, latency s, ok); perf_counter is monotonic
+    calls: deque[tuple[float, float, bool]] = field(default_factory=deque)
     feedback: deque[tuple[float, int, int]] = field(default_factory=deque)
+    predictions: int = 0
+    errors: int = 0
 
 
 def rss_bytes() -> int:
@@ -69,13 +71,12 @@ class InferenceService:
         self.window_s = window_s
         self._models: dict[str, ActiveModel] = {}
         self._lock = threading.Lock()
-        self._predictions = 0
-        self._errors = 0
+        self._orphan_errors = 0
 
     def activate(self, name: str, installed: InstalledModel, runtime: InferenceRuntime,
                  memory_mb: float | None) -> None:
         """Serve ``runtime`` as ``name`` from now on; the previous one is closed."""
-        model = ActiveModel(name, installed, runtime, memory_mb, time.monotonic(),
+        model = ActiveModel(name, installed, runtime, memory_mb, perf_counter(),
                             calls=deque(maxlen=self.max_samples))
         with self._lock:
             old = self._models.get(name)
@@ -109,26 +110,22 @@ class InferenceService:
         model = self._models.get(name)
         if model is None:
             with self._lock:
-                self._errors += max(1, len(batch) if batch.ndim else 1)
+                self._orphan_errors += 1
             raise InferenceError(f"no model {name!r} is active")
-        rows = int(batch.shape[0]) if batch.ndim else 1
+        rows = batch.shape[0] if batch.ndim else 1
         with model.lock:
-            cpu0 = time.thread_time()
-            start = time.perf_counter()
+            start = perf_counter()
             try:
                 out = model.runtime.run(batch)
             except InferenceError:
-                end = time.perf_counter()
-                model.calls.append((time.monotonic(), end - start, time.thread_time() - cpu0,
-                                    False))
-                with self._lock:
-                    self._predictions += rows
-                    self._errors += rows
+                end = perf_counter()
+                model.calls.append((end, end - start, False))
+                model.predictions += rows
+                model.errors += rows
                 raise
-            end = time.perf_counter()
-            model.calls.append((time.monotonic(), end - start, time.thread_time() - cpu0, True))
-        with self._lock:
-            self._predictions += rows
+            end = perf_counter()
+            model.calls.append((end, end - start, True))
+            model.predictions += rows
         return out
 
     def record_feedback(self, name: str, correct: int, total: int) -> None:
@@ -136,14 +133,20 @@ class InferenceService:
         model = self._models.get(name)
         if model is None or total <= 0 or not 0 <= correct <= total:
             raise InferenceError(f"bad feedback for {name!r}: {correct}/{total}")
-        model.feedback.append((time.monotonic(), correct, total))
+        model.feedback.append((perf_counter(), correct, total))
 
     def take_counts(self) -> tuple[int, int]:
         """Predictions and errors since the previous call (for DeviceTelemetry)."""
+        predictions = errors = 0
+        for model in list(self._models.values()):
+            with model.lock:
+                predictions += model.predictions
+                errors += model.errors
+                model.predictions = model.errors = 0
         with self._lock:
-            counts = (self._predictions, self._errors)
-            self._predictions = self._errors = 0
-        return counts
+            errors += self._orphan_errors
+            self._orphan_errors = 0
+        return predictions, errors
 
     def stats(self, name: str, window_s: float | None = None) -> WindowStats | None:
         """Window statistics of ``name`` (None if not active)."""
@@ -151,7 +154,7 @@ class InferenceService:
         if model is None:
             return None
         window = window_s or self.window_s
-        now = time.monotonic()
+        now = perf_counter()
         since = now - window
         with model.lock:
             calls = [c for c in model.calls if c[0] >= since]
@@ -159,12 +162,14 @@ class InferenceService:
             while model.feedback and model.feedback[0][0] < since:
                 model.feedback.popleft()
         span = max(1e-9, min(window, now - model.loaded_at))
-        errors = sum(1 for c in calls if not c[3])
+        errors = sum(1 for c in calls if not c[2])
         if calls:
             latencies = np.fromiter((c[1] for c in calls), dtype=np.float64) * 1000.0
             p50, p95, p99 = np.percentile(latencies, [50, 95, 99])
             mean = float(latencies.mean())
-            cpu = 100.0 * sum(c[2] for c in calls) / span
+            # Inference runs synchronously on the caller's thread (one intra-op thread):
+            # its busy time is its CPU time.
+            cpu = 100.0 * float(latencies.sum()) / 1000.0 / span
         else:
             p50 = p95 = p99 = mean = cpu = None  # type: ignore[assignment]
         total_fb = sum(f[2] for f in feedback)

@@ -255,6 +255,9 @@ class OtaManager:
             return
         if (model, manifest.version, manifest.sha256) in self._failed:
             return
+        current = self.downloads.get(model)
+        if current is not None and current.manifest == manifest:
+            return  # the retained manifest again (after a reconnect): keep downloading
         try:
             verify_manifest(manifest, self.keys)
         except InstallError as exc:

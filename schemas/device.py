@@ -163,7 +163,8 @@ class ModelMetrics(WireModel):
         default=None, description="Resident memory attributable to the model, MiB"
     )
     cpu_percent: NonNegFloat | None = Field(
-        default=None, description="Process CPU spent in inference, % of one core"
+        default=None,
+        description="Share of one core busy in inference calls over the window, %",
     )
     error_count: NonNegInt = Field(default=0, description="Failed inferences in the window")
     error_rate_percent: Percent = Field(default=0.0, description="Failed / all inferences, %")

@@ -1,22 +1,21 @@
 """Test-side release tooling: real models, Ed25519 signatures, chunked retained publishing.
 
-The cloud's release manager comes with the rollout issue; until then tests sign and
-publish releases here, with the same manifest rules the agent verifies.
+Manifests are built and signed by cloud.releases; tests publish them with a
+cloud-identity client.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from schemas.base import ModelFormat, now
+from cloud.releases import build_release as cloud_build_release
+from cloud.releases import public_key_b64 as cloud_public_key_b64
+from schemas.base import ModelFormat
 from schemas.release import ReleaseManifest, Targeting
 from schemas.topics import Topics
 from tests.mqtt_client import SyncClient
@@ -29,9 +28,7 @@ DELIVERED = {0x00, 0x10}
 
 def public_key_b64(key: Ed25519PrivateKey = SIGNING_KEY) -> str:
     """Base64 of the raw public key, as in OtaSettings.trusted_keys."""
-    raw = key.public_key().public_bytes(serialization.Encoding.Raw,
-                                        serialization.PublicFormat.Raw)
-    return base64.b64encode(raw).decode()
+    return cloud_public_key_b64(key)
 
 
 def mlp(seed: int) -> torch.nn.Module:
@@ -65,20 +62,12 @@ def reference(model: torch.nn.Module, batch: np.ndarray) -> np.ndarray:
 def build_release(
     model: str, version: str, data: bytes, *, fmt: ModelFormat = ModelFormat.ONNX,
     chunk_size: int = 4096, key: Ed25519PrivateKey = SIGNING_KEY, key_id: str = KEY_ID,
-    targeting: Targeting | None = None, sha256: str | None = None,
-    input_shape: list[int] | None = None,
+    targeting: Targeting | None = None, input_shape: list[int] | None = None,
 ) -> tuple[ReleaseManifest, list[bytes]]:
-    """A signed manifest and the chunks of ``data``."""
-    count = max(1, math.ceil(len(data) / chunk_size))
-    manifest = ReleaseManifest(
-        model=model, version=version, format=fmt, size_bytes=len(data),
-        sha256=sha256 or hashlib.sha256(data).hexdigest(), chunk_size=chunk_size,
-        chunk_count=count, created_at=now(), targeting=targeting or Targeting(),
-        key_id=key_id, input_shape=input_shape,
-    )
-    signature = base64.b64encode(key.sign(manifest.signing_bytes())).decode()
-    chunks = [data[i * chunk_size:(i + 1) * chunk_size] for i in range(count)]
-    return manifest.model_copy(update={"signature": signature}), chunks
+    """A signed manifest and the chunks of ``data`` (small chunks: many of them)."""
+    return cloud_build_release(model, version, data, fmt=fmt, key=key, key_id=key_id,
+                               chunk_size=chunk_size, targeting=targeting,
+                               input_shape=input_shape)
 
 
 def publish_chunks(cloud: SyncClient, topics: Topics, manifest: ReleaseManifest,

@@ -135,3 +135,8 @@ def test_demo_finishes_and_reports(tmp_path: Path, broker: str) -> None:
     assert summary["lwt_offline_retained"] is True
     if broker == "mosquitto":
         assert summary["acl_denied_reason"] == 0x87
+    assert summary["model_test_accuracy"] > 0.9
+    for device in summary["fleet"]:
+        assert device["installed_version"] == "1.0.0"
+        assert device["accuracy"] > 0.8
+        assert 0 < device["latency_ms_p50"] <= device["latency_ms_p95"]

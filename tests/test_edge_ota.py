@@ -14,7 +14,7 @@ from schemas.base import ModelFormat, RuntimeName, decode_message
 from schemas.device import CommandStatus, DeploymentState, DeploymentStatus, ModelMetrics
 from schemas.release import Requirements, Targeting
 from schemas.topics import Topics
-from tests.agent_fixtures import AgentFactory, send_command, wait_until
+from tests.agent_fixtures import AgentFactory, send_command, telemetry, wait_until
 from tests.mqtt_client import Received, SyncClient
 from tests.releases import (
     OTHER_KEY,
@@ -296,3 +296,22 @@ def test_out_of_range_and_unexpected_chunks_are_counted(
                and agent.counters["chunk_unexpected"] == 1, what="chunks counted")
     publish_chunks(cloud, topics, manifest, chunks)
     cloud.wait_for(status_is(topics, agent.device_id, DeploymentState.INSTALLED), timeout=20)
+
+
+def test_infer_command_and_prediction_counts(make_agent: AgentFactory, cloud: SyncClient,
+                                             topics: Topics,
+                                             onnx_v1: tuple[torch.nn.Module, bytes]) -> None:
+    agent = make_agent(interval_s=30)
+    install(cloud, topics, agent, "1.0.0", onnx_v1[1])
+    reply = send_command(cloud, topics, agent.device_id, "infer",
+                         {"model": MODEL, "inputs": BATCH[:2].tolist()})
+    assert reply.status is CommandStatus.OK
+    np.testing.assert_allclose(np.asarray(reply.result["outputs"], dtype=np.float32),
+                               reference(onnx_v1[0], BATCH[:2]), rtol=1e-5, atol=1e-5)
+    bad = send_command(cloud, topics, agent.device_id, "infer",
+                       {"model": MODEL, "inputs": [[1.0, 2.0]]})
+    assert bad.status is CommandStatus.ERROR and "inference failed" in (bad.error or "")
+    agent.infer(MODEL, BATCH)
+    send_command(cloud, topics, agent.device_id, "report_now")
+    sent = telemetry(cloud, topics, agent.device_id)[-1]
+    assert (sent.prediction_count, sent.error_count) == (2 + 1 + 6, 1)
