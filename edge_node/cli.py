@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Annotated, Any
@@ -12,7 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from edge_node.agent import EdgeAgent
-from edge_node.fleet import Fleet, fleet_settings
+from edge_node.fleet import MAX_AGENTS_PER_PROCESS, Fleet, fleet_settings
 from edge_node.settings import EdgeSettings, MqttSettings
 from schemas.errors import SchemaError
 
@@ -95,27 +97,58 @@ def node(
 
 @fleet_app.callback()
 def fleet(
-    devices: Annotated[int, typer.Option(min=1, max=10_000, help="Number of agents")] = 10,
+    devices: Annotated[int, typer.Option(min=1, max=100_000, help="Number of agents")] = 10,
     broker: Annotated[str, typer.Option(help="HOST:PORT of the broker")] = "127.0.0.1:1883",
     secrets_dir: Annotated[Path | None, typer.Option(
         help="Folder of {id}.password files (the broker's secrets folder)")] = None,
     prefix: Annotated[str, typer.Option(help="Device ids are {prefix}{i:03d}")] = "sim-",
+    first_index: Annotated[int, typer.Option(min=0, help="Index of the first device")] = 0,
     state_dir: Annotated[Path, typer.Option(help="One sub-folder per device")] = Path("var/fleet"),
     interval: Annotated[float, typer.Option(help="Telemetry interval, s")] = 10.0,
     protocol: Annotated[int, typer.Option(help="5 (MQTT 5) or 4 (3.1.1)")] = 5,
+    per_process: Annotated[int, typer.Option(
+        min=1, max=MAX_AGENTS_PER_PROCESS, help="Agents per process")] = MAX_AGENTS_PER_PROCESS,
 ) -> None:
-    """Run N agents in this process until Ctrl-C."""
+    """Run N agents until Ctrl-C (in several processes when N > --per-process)."""
+    stop = _stop_on_signals()
+    if devices > per_process:
+        _run_processes(devices, per_process, first_index, stop, [
+            "--broker", broker, "--prefix", prefix, "--state-dir", str(state_dir),
+            "--interval", str(interval), "--protocol", str(protocol),
+            *(["--secrets-dir", str(secrets_dir)] if secrets_dir else []),
+        ])
+        return
     host, port = parse_broker(broker)
     settings = fleet_settings(devices, prefix=prefix, state_root=state_dir,
                               mqtt=MqttSettings(host=host, port=port,
                                                 protocol=5 if protocol == 5 else 4),
-                              secrets_dir=secrets_dir, interval_s=interval)
+                              secrets_dir=secrets_dir, interval_s=interval,
+                              first_index=first_index)
     sim = Fleet(settings, state_dir)
-    stop = _stop_on_signals()
     sim.start()
-    connected = sim.wait_connected(30)
+    connected = sim.wait_connected(60)
     typer.echo(f"{connected}/{devices} agents connected to {host}:{port}; Ctrl-C stops them")
     stop.wait()
     sim.stop()
     typer.echo("fleet stopped")
 
+
+def _run_processes(devices: int, per_process: int, first_index: int, stop: threading.Event,
+                   options: list[str]) -> None:
+    children = []
+    for start in range(first_index, first_index + devices, per_process):
+        count = min(per_process, first_index + devices - start)
+        children.append(subprocess.Popen([
+            sys.executable, "-m", "edge_node", "fleet", "--devices", str(count),
+            "--first-index", str(start), *options,
+        ]))
+    typer.echo(f"{devices} agents in {len(children)} processes; Ctrl-C stops them")
+    while not stop.wait(0.5):
+        if all(child.poll() is not None for child in children):
+            break
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    codes = [child.wait() for child in children]
+    if any(codes):
+        raise typer.Exit(1)

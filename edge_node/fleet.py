@@ -63,6 +63,7 @@ class JitteredSampler:
 def fleet_settings(
     count: int, *, prefix: str, state_root: Path, mqtt: MqttSettings,
     secrets_dir: Path | None = None, interval_s: float = 10.0, topic_root: str | None = None,
+    first_index: int = 0,
 ) -> list[EdgeSettings]:
     """Settings for ``count`` devices named ``{prefix}{i:03d}``.
 
@@ -70,7 +71,7 @@ def fleet_settings(
     ``edgefl broker add-device`` writes) when a folder is given.
     """
     result = []
-    for i in range(count):
+    for i in range(first_index, first_index + count):
         device_id = f"{prefix}{i:03d}"
         password_file = secrets_dir / f"{device_id}.password" if secrets_dir else None
         device_mqtt = mqtt.model_copy(update={"password_file": password_file, "username": None})
@@ -82,8 +83,14 @@ def fleet_settings(
     return result
 
 
+MAX_AGENTS_PER_PROCESS = 150
+"""paho waits on its sockets with select(), which cannot watch descriptors above 1023;
+each agent holds 3 (its connection and paho's wake-up socket pair), plus a few while
+its offline buffer is in use. Larger fleets run in several processes."""
+
+
 class Fleet:
-    """Start and stop many agents together."""
+    """Start and stop many agents together (at most MAX_AGENTS_PER_PROCESS)."""
 
     def __init__(self, settings: list[EdgeSettings], data_path: Path) -> None:
         shared = SharedSampler(data_path)

@@ -54,13 +54,32 @@ class OfflineBuffer:
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
-        row = self._db.execute(
-            "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox").fetchone()
-        self._count, self._bytes = int(row[0]), int(row[1])
+        self._db: sqlite3.Connection | None = None
+        self._count = self._bytes = 0
+        self._evicted = 0
+        if path.exists():
+            db = self._open()
+            row = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox").fetchone()
+            self._count, self._bytes = int(row[0]), int(row[1])
+            evicted = db.execute("SELECT value FROM counters WHERE name='evicted'").fetchone()
+            self._evicted = int(evicted[0]) if evicted else 0
+            self._close_if_empty()
+
+    def _open(self) -> sqlite3.Connection:
+        """The database, opened on demand: an agent that stays online keeps no file open."""
+        if self._db is None:
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_SCHEMA)
+            self._db = db
+        return self._db
+
+    def _close_if_empty(self) -> None:
+        if self._count == 0 and self._db is not None:
+            self._db.close()
+            self._db = None
 
     def __len__(self) -> int:
         return self._count
@@ -68,16 +87,14 @@ class OfflineBuffer:
     @property
     def evicted(self) -> int:
         """Messages dropped (oldest first) because the queue was full, since creation."""
-        with self._lock:
-            row = self._db.execute("SELECT value FROM counters WHERE name='evicted'").fetchone()
-        return int(row[0]) if row else 0
+        return self._evicted
 
     def append(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int:
         """Queue a message durably; returns how many old messages were evicted for it."""
         if len(payload) > self.max_bytes:
             raise ValueError(f"message of {len(payload)} bytes exceeds the buffer cap")
         with self._lock:
-            db = self._db
+            db = self._open()
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.execute("INSERT INTO outbox(topic, payload, qos, retain) VALUES (?,?,?,?)",
@@ -101,6 +118,7 @@ class OfflineBuffer:
             except sqlite3.Error:
                 db.execute("ROLLBACK")
                 raise
+            self._evicted += evicted
         if evicted:
             logger.warning("offline buffer full: evicted %d oldest message(s)", evicted)
         return evicted
@@ -108,7 +126,9 @@ class OfflineBuffer:
     def peek(self, limit: int = 100) -> list[BufferedMessage]:
         """The oldest ``limit`` messages, oldest first."""
         with self._lock:
-            rows = self._db.execute(
+            if self._count == 0:
+                return []
+            rows = self._open().execute(
                 "SELECT id, topic, payload, qos, retain FROM outbox ORDER BY id LIMIT ?",
                 (limit,)).fetchall()
         return [BufferedMessage(int(r[0]), r[1], bytes(r[2]), int(r[3]), bool(r[4]))
@@ -119,7 +139,9 @@ class OfflineBuffer:
         if not ids:
             return
         with self._lock:
-            db = self._db
+            if self._count == 0:
+                return
+            db = self._open()
             db.execute("BEGIN IMMEDIATE")
             removed = 0
             freed = 0
@@ -134,8 +156,11 @@ class OfflineBuffer:
             db.execute("COMMIT")
             self._count -= removed
             self._bytes -= freed
+            self._close_if_empty()
 
     def close(self) -> None:
         """Close the database."""
         with self._lock:
-            self._db.close()
+            if self._db is not None:
+                self._db.close()
+                self._db = None

@@ -15,6 +15,7 @@ from edge_node.inference.runtime import (
     TensorSpec,
     check_model_file,
     check_threads,
+    installed_version,
 )
 from schemas.base import ModelFormat, RuntimeName
 
@@ -134,12 +135,6 @@ class LiteRtRuntime(InferenceRuntime):
 
     @staticmethod
     def library_version() -> str | None:
-        """Version of ai_edge_litert (or of tflite_runtime), or None when neither imports."""
-        try:
-            import ai_edge_litert as litert
-        except ImportError:
-            try:
-                import tflite_runtime as litert
-            except ImportError:
-                return None
-        return str(getattr(litert, "__version__", "unknown"))
+        """Version of ai_edge_litert (or of tflite_runtime), or None when neither is installed."""
+        return (installed_version("ai_edge_litert", ("ai-edge-litert", "ai-edge-litert-nightly"))
+                or installed_version("tflite_runtime", ("tflite-runtime",)))

@@ -14,6 +14,7 @@ from edge_node.inference.runtime import (
     TensorSpec,
     check_model_file,
     check_threads,
+    installed_version,
 )
 from schemas.base import ModelFormat, RuntimeName
 
@@ -174,9 +175,6 @@ class OnnxRuntime(InferenceRuntime):
 
     @staticmethod
     def library_version() -> str | None:
-        """Version of onnxruntime, or None when it cannot be imported."""
-        try:
-            import onnxruntime
-        except ImportError:
-            return None
-        return str(onnxruntime.__version__)
+        """Version of onnxruntime, or None when it is not installed."""
+        return installed_version("onnxruntime", ("onnxruntime", "onnxruntime-gpu",
+                                                 "onnxruntime-openvino", "onnxruntime-qnn"))

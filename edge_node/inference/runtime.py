@@ -7,9 +7,11 @@ fewer :func:`available_runtimes`.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Final, Self
 
@@ -204,10 +206,29 @@ def _implementations() -> dict[ModelFormat, type[InferenceRuntime]]:
     return {cls.format: cls for cls in (OnnxRuntime, LiteRtRuntime, TorchScriptRuntime)}
 
 
-def available_runtimes() -> dict[RuntimeName, str]:
-    """Runtimes whose library imports here, with the library's version.
+def installed_version(module: str, distributions: tuple[str, ...]) -> str | None:
+    """Version of an installed library, found without importing it.
 
-    This imports each library (torch included, about a second) but loads no model.
+    Importing torch costs about a second and 200 MB; an agent that never loads a
+    TorchScript model should not pay that just to declare the runtime in its birth.
+    """
+    try:
+        if importlib.util.find_spec(module) is None:
+            return None
+    except (ImportError, ValueError):
+        return None
+    for distribution in distributions:
+        try:
+            return metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def available_runtimes() -> dict[RuntimeName, str]:
+    """Runtimes whose library is installed here, with the library's version.
+
+    Nothing is imported: the library is imported when a model is loaded.
     """
     found: dict[RuntimeName, str] = {}
     for cls in _implementations().values():

@@ -32,6 +32,7 @@ from edge_node.inference.runtime import (
     TensorSpec,
     check_model_file,
     check_threads,
+    installed_version,
 )
 from schemas.base import ModelFormat, RuntimeName
 
@@ -250,9 +251,5 @@ class TorchScriptRuntime(InferenceRuntime):
 
     @staticmethod
     def library_version() -> str | None:
-        """Version of torch, or None when it cannot be imported."""
-        try:
-            import torch
-        except (ImportError, OSError):
-            return None
-        return str(torch.__version__)
+        """Version of torch, or None when it is not installed (found without importing it)."""
+        return installed_version("torch", ("torch",))
