@@ -17,6 +17,7 @@ from edge_node.agent import EdgeAgent
 from edge_node.fleet import MAX_AGENTS_PER_PROCESS, Fleet, fleet_settings
 from edge_node.settings import EdgeSettings, MqttSettings
 from schemas.errors import SchemaError
+from schemas.topics import DEFAULT_ROOT
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ def fleet(
     state_dir: Annotated[Path, typer.Option(help="One sub-folder per device")] = Path("var/fleet"),
     interval: Annotated[float, typer.Option(help="Telemetry interval, s")] = 10.0,
     protocol: Annotated[int, typer.Option(help="5 (MQTT 5) or 4 (3.1.1)")] = 5,
+    topic_root: Annotated[str, typer.Option(help="Topic root")] = DEFAULT_ROOT,
     per_process: Annotated[int, typer.Option(
         min=1, max=MAX_AGENTS_PER_PROCESS, help="Agents per process")] = MAX_AGENTS_PER_PROCESS,
 ) -> None:
@@ -115,6 +117,7 @@ def fleet(
         _run_processes(devices, per_process, first_index, stop, [
             "--broker", broker, "--prefix", prefix, "--state-dir", str(state_dir),
             "--interval", str(interval), "--protocol", str(protocol),
+            "--topic-root", topic_root,
             *(["--secrets-dir", str(secrets_dir)] if secrets_dir else []),
         ])
         return
@@ -123,7 +126,7 @@ def fleet(
                               mqtt=MqttSettings(host=host, port=port,
                                                 protocol=5 if protocol == 5 else 4),
                               secrets_dir=secrets_dir, interval_s=interval,
-                              first_index=first_index)
+                              first_index=first_index, topic_root=topic_root)
     sim = Fleet(settings, state_dir)
     sim.start()
     connected = sim.wait_connected(60)

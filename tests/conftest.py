@@ -20,7 +20,7 @@ pytest_plugins = ["tests.agent_fixtures"]
 
 # Devices provisioned when the broker starts; more can be added (with a reload).
 DEVICE_IDS = (*tuple(f"dev-{i}" for i in range(64)), "dev-tls",
-              *tuple(f"sim-{i:03d}" for i in range(5)))
+              *tuple(f"sim-{i:03d}" for i in range(10)))
 FREE_IDS = iter(DEVICE_IDS[20:64])
 """Ids handed out one per use by `new_device_id`, so persistent sessions never mix."""
 TEST_ROOT_FILTER = "+/edgefl/v1"

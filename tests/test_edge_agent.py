@@ -114,3 +114,14 @@ def test_counters_and_latency_reach_telemetry(make_agent: AgentFactory, cloud: S
 
 def test_filters_cover_what_the_agent_subscribes(topics: Topics) -> None:
     assert topics.filter(TopicKind.COMMAND, device_id="dev-1").endswith("/devices/dev-1/cmd/+")
+
+
+def test_mqtt_311_agent(make_agent: AgentFactory, cloud: SyncClient, topics: Topics) -> None:
+    agent = make_agent(mqtt={"protocol": 4})
+    cloud.wait_for(is_state(topics, agent.device_id, "online"))
+    cloud.wait_for(lambda m: m.topic == topics.telemetry(agent.device_id))
+    assert agent.session.max_packet_size is None  # 3.1.1 has no CONNACK properties
+    first = agent.session.bd_seq
+    agent.session.drop()
+    cloud.wait_for(is_state(topics, agent.device_id, "offline", first))
+    cloud.wait_for(is_state(topics, agent.device_id, "online", first + 1))

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 
 from edge_node.fleet import Fleet, fleet_settings
@@ -75,3 +76,31 @@ def test_fleet_runs_real_agents_with_their_own_connections(
         fleet.stop()
     for device_id in ids:
         cloud.wait_for(is_state(topics, device_id, "offline"))
+
+
+def test_fleet_command_spreads_agents_over_processes(
+    mosquitto: RunningBroker, topics: Topics, cloud: SyncClient, tmp_path: Path,
+) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cloud.cli", "fleet", "--devices", "4", "--per-process", "2",
+         "--first-index", "5", "--broker", f"{mosquitto.host}:{mosquitto.port}",
+         "--secrets-dir", str(mosquitto.settings.layout.secrets), "--topic-root", topics.root,
+         "--state-dir", str(tmp_path), "--interval", "0.5"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    ids = ["sim-005", "sim-006", "sim-007", "sim-008"]
+    try:
+        for device_id in ids:
+            cloud.wait_for(is_state(topics, device_id, "online"), timeout=60)
+        children = psutil.Process(proc.pid).children()
+        assert len(children) == 2
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    for device_id in ids:
+        state = decode_message(DeviceState, cloud.wait_for(
+            is_state(topics, device_id, "offline")).payload)
+        assert state.reason == "shutdown"
