@@ -22,14 +22,19 @@ $(VENV)/.installed: pyproject.toml | check-python
 
 venv: $(VENV)/.installed
 
-# Mosquitto for the tests: installed with apt-get when missing and we are root.
+# Servers the tests start (Mosquitto; VictoriaMetrics, which speaks the InfluxDB v2 write
+# API): installed with apt-get when missing and we are root. The tests start their own
+# instances on free ports; the packages' system services are not used.
 services:
-	@if command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ]; then exit 0; fi; \
+	@missing=""; \
+	command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
+	command -v victoria-metrics >/dev/null || missing="$$missing victoria-metrics"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  echo "installing mosquitto with apt-get"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mosquitto >/dev/null; \
+	  echo "installing$$missing with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	else \
-	  echo "Mosquitto is required for the tests: sudo apt-get install mosquitto (Debian/Ubuntu) or brew install mosquitto" >&2; exit 1; \
+	  echo "The tests need:$$missing (sudo apt-get install$$missing)" >&2; exit 1; \
 	fi
 
 # The official AsyncAPI 3.0 JSON Schema, from the npm package @asyncapi/specs.

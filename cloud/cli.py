@@ -104,6 +104,9 @@ def _register_plugins() -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    from cloud.cloud_cli import register
+
+    register(app)
     _register_plugins()
     app()
 

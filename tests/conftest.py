@@ -16,7 +16,7 @@ from broker.settings import BrokerSettings, TlsListenerSettings
 from schemas.topics import Topics
 from tests.mqtt_client import SyncClient, TlsFiles
 
-pytest_plugins = ["tests.agent_fixtures"]
+pytest_plugins = ["tests.agent_fixtures", "tests.cloud_fixtures", "tests.victoria"]
 
 # Devices provisioned when the broker starts; more can be added (with a reload).
 DEVICE_IDS = (*tuple(f"dev-{i}" for i in range(64)), "dev-tls",

@@ -1,0 +1,212 @@
+"""``edgefl cloud``, ``edgefl devices``, ``edgefl alerts``, ``edgefl report``."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import re
+import signal
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cloud.reports import device_report
+from cloud.settings import CloudSettings
+from cloud.storage.sqlite_store import SqliteStore
+from schemas.base import now
+from schemas.errors import SchemaError
+
+DataDir = Annotated[Path | None, typer.Option(help="Cloud data folder [var/cloud]")]
+Config = Annotated[Path | None, typer.Option(help="TOML/YAML settings file")]
+
+
+def _settings(config: Path | None, **explicit: Any) -> CloudSettings:
+    try:
+        return CloudSettings.load(config, **explicit)
+    except (SchemaError, ValueError) as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from exc
+
+
+def _store(config: Path | None, data_dir: Path | None) -> SqliteStore:
+    settings = _settings(config, data_dir=data_dir)
+    if not settings.sqlite_path.exists():
+        typer.secho(f"error: no cloud store at {settings.sqlite_path}", fg=typer.colors.RED,
+                    err=True)
+        raise typer.Exit(2)
+    return SqliteStore(settings.sqlite_path)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the cloud commands to the root CLI."""
+    app.command("cloud")(cloud)
+    app.command("devices")(devices)
+    app.command("alerts")(alerts)
+    app.command("report")(report)
+
+
+def cloud(
+    broker: Annotated[str | None, typer.Option(help="HOST:PORT of the broker")] = None,
+    config: Config = None,
+    data_dir: DataDir = None,
+    instance: Annotated[str | None, typer.Option(help="Instance name")] = None,
+    password_file: Annotated[Path | None, typer.Option(help="Cloud MQTT password file")] = None,
+    shared_group: Annotated[str | None, typer.Option(
+        help="Split ingest with other instances (MQTT 5 shared subscriptions)")] = None,
+    rules: Annotated[Path | None, typer.Option(help="Alert rules YAML")] = None,
+    topic_root: Annotated[str | None, typer.Option(help="Topic root")] = None,
+) -> None:
+    """Run the cloud service until Ctrl-C/SIGTERM."""
+    from cloud.service import CloudService
+
+    mqtt: dict[str, Any] = {}
+    if broker:
+        host, _, port = broker.rpartition(":") if ":" in broker else (broker, "", "1883")
+        mqtt |= {"host": host, "port": int(port)}
+    if password_file:
+        mqtt["password_file"] = password_file
+    if shared_group:
+        mqtt["shared_group"] = shared_group
+    settings = _settings(config, data_dir=data_dir, instance=instance, topic_root=topic_root,
+                         mqtt=mqtt or None, alerts={"rules_file": rules} if rules else None)
+    try:
+        service = CloudService(settings)
+    except (SchemaError, ValueError, OSError) as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from exc
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await service.run(stop)
+
+    typer.echo(f"cloud {settings.instance}: {settings.mqtt.host}:{settings.mqtt.port}, "
+               f"store {settings.sqlite_path}")
+    asyncio.run(main())
+    typer.echo("cloud stopped")
+
+
+def devices(config: Config = None, data_dir: DataDir = None,
+            as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """The fleet as the cloud knows it."""
+    from cloud.registry import DeviceRegistry
+
+    registry = DeviceRegistry(_store(config, data_dir))
+    records = registry.devices()
+    if as_json:
+        typer.echo(json.dumps([asdict(r) for r in records], indent=2))
+        return
+    table = Table(title=f"{len(records)} devices, {sum(r.online for r in records)} online")
+    for column in ("device", "state", "last seen", "site", "hardware", "runtimes", "models"):
+        table.add_column(column)
+    for r in records:
+        seen = dt.datetime.fromtimestamp(r.last_seen, dt.UTC).strftime("%H:%M:%S") \
+            if r.last_seen else "-"
+        table.add_row(r.device_id, "[green]online[/]" if r.online else "[red]offline[/]", seen,
+                      r.site or "-", f"{r.machine or '?'} {r.cpu_count or '?'} cpu "
+                      f"{(r.memory_total_mb or 0):.0f} MiB", ", ".join(sorted(r.runtimes)),
+                      ", ".join(f"{m}={v}" for m, v in sorted(r.models.items())) or "-")
+    Console().print(table)
+
+
+def alerts(
+    config: Config = None, data_dir: DataDir = None,
+    show_all: Annotated[bool, typer.Option("--all", help="Include resolved alerts")] = False,
+    ack: Annotated[tuple[str, str] | None, typer.Option(
+        help="Acknowledge DEVICE RULE (applied by the running service)")] = None,
+    by: Annotated[str, typer.Option(help="Who acknowledges")] = "operator",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Active (and with --all, recent) alerts; --ack DEVICE RULE acknowledges one."""
+    store = _store(config, data_dir)
+    if ack is not None:
+        with store.transaction() as db:
+            db.execute("INSERT INTO alert_acks(device_id, rule, by, requested_at) "
+                       "VALUES (?,?,?,?)", (ack[0], ack[1], by, now()))
+        typer.echo(f"acknowledgement of {ack[0]}/{ack[1]} queued for the cloud service")
+        return
+    where = "" if show_all else "WHERE resolved=0"
+    rows = [dict(r) for r in store.query(
+        f"SELECT * FROM alerts {where} ORDER BY opened_at DESC LIMIT 200")]  # noqa: S608
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"{len(rows)} alert(s)")
+    for column in ("device", "rule", "severity", "opened", "resolved", "ack", "message"):
+        table.add_column(column)
+    for r in rows:
+        opened = dt.datetime.fromtimestamp(r["opened_at"], dt.UTC).strftime("%m-%d %H:%M:%S")
+        table.add_row(r["device_id"], r["rule"], r["severity"], opened,
+                      "yes" if r["resolved"] else "no", r["acknowledged_by"] or "-",
+                      r["message"] or "")
+    Console().print(table)
+
+
+def parse_time(text: str) -> float:
+    """ISO 8601, Unix seconds, or a duration ago like ``24h``, ``30m``, ``7d``."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text)
+    if match:
+        scale = {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+        return now() - float(match.group(1)) * scale
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: use ISO 8601, Unix seconds or e.g. 24h") from None
+    return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
+
+
+def report(
+    device_id: Annotated[str, typer.Argument(help="Device id")],
+    since: Annotated[str, typer.Option(help="Start: ISO 8601, Unix s, or 24h ago")] = "24h",
+    until: Annotated[str | None, typer.Option(help="End [now]")] = None,
+    config: Config = None, data_dir: DataDir = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Statistics, models, alerts and recommendations of one device."""
+    start, end = parse_time(since), parse_time(until) if until else now()
+    result = device_report(_store(config, data_dir), device_id, start, end)
+    if as_json:
+        typer.echo(json.dumps(asdict(result), indent=2))
+        return
+    console = Console()
+    table = Table(title=f"{device_id}: {dt.datetime.fromtimestamp(start, dt.UTC):%Y-%m-%d %H:%M}"
+                  f" to {dt.datetime.fromtimestamp(end, dt.UTC):%Y-%m-%d %H:%M} UTC")
+    table.add_column("statistic")
+    table.add_column("value", justify="right")
+
+    def fmt(value: float | None, unit: str = "") -> str:
+        return "-" if value is None else f"{value:.1f}{unit}"
+
+    for name, value in (
+        ("uptime", f"{result.uptime_s / 3600:.2f} h ({result.uptime_percent:.0f} %)"),
+        ("telemetry messages", str(result.telemetry_messages)),
+        ("CPU avg / max",
+         f"{fmt(result.cpu_percent_avg, ' %')} / {fmt(result.cpu_percent_max, ' %')}"),
+        ("memory avg / max",
+         f"{fmt(result.memory_percent_avg, ' %')} / {fmt(result.memory_percent_max, ' %')}"),
+        ("temperature avg / max",
+         f"{fmt(result.temperature_c_avg, ' °C')} / {fmt(result.temperature_c_max, ' °C')}"),
+        ("predictions / errors", f"{result.predictions} / {result.errors} "
+         f"({result.error_rate_percent:.2f} %)"),
+    ):
+        table.add_row(name, value)
+    console.print(table)
+    for m in result.models:
+        console.print(f"model {m.model} ({', '.join(m.versions)}): {m.samples} inferences, "
+                      f"latency mean {fmt(m.latency_ms_mean, ' ms')}, p95 "
+                      f"{fmt(m.latency_ms_p95, ' ms')}, errors {fmt(m.error_rate_percent, ' %')}"
+                      f", accuracy {fmt(None if m.accuracy is None else 100 * m.accuracy, ' %')}")
+    console.print(f"alerts in the period: {len(result.alerts)}")
+    for advice in result.recommendations:
+        console.print(f"- {advice}")

@@ -1,0 +1,206 @@
+"""The device registry: who is in the fleet, online or not, with what.
+
+Built from births and deaths on ``devices/{d}/state`` (bdSeq matched: a death
+carrying an older bd_seq than the current birth is stale and ignored),
+telemetry (last seen, sequence gaps) and deployment status (active model
+versions). Persisted in the cloud's SQLite store so a restart keeps the fleet.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+from cloud.storage.sqlite_store import SqliteStore
+from schemas.base import ModelFormat, RuntimeName
+from schemas.device import DeploymentState, DeploymentStatus, DeviceState, DeviceTelemetry
+from schemas.release import Requirements
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DeviceRecord:
+    """What the cloud knows about one device."""
+
+    device_id: str
+    online: bool = False
+    bd_seq: int = -1
+    first_seen: float | None = None
+    last_seen: float | None = None
+    state_changed_at: float | None = None
+    agent_version: str | None = None
+    site: str | None = None
+    platform: str | None = None
+    machine: str | None = None
+    cpu_count: int | None = None
+    memory_total_mb: float | None = None
+    memory_available_mb: float | None = None
+    gpu: bool = False
+    runtimes: dict[str, str] = field(default_factory=dict)
+    model_formats: list[str] = field(default_factory=list)
+    models: dict[str, str] = field(default_factory=dict)
+    session_id: str | None = None
+    last_seq: int = -1
+    seq_gaps: int = 0
+    telemetry_interval_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryCheck:
+    """What one telemetry message told the registry."""
+
+    gap: int
+    duplicate: bool
+
+
+class DeviceRegistry:
+    """In memory, written through to SQLite."""
+
+    def __init__(self, store: SqliteStore) -> None:
+        self.store = store
+        self.counters: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._devices: dict[str, DeviceRecord] = {}
+        self._dirty: set[str] = set()
+        for row in store.query("SELECT record FROM devices"):
+            record = DeviceRecord(**json.loads(row["record"]))
+            self._devices[record.device_id] = record
+
+    def _save(self, record: DeviceRecord) -> None:
+        with self.store.transaction() as db:
+            db.execute("INSERT INTO devices(device_id, record) VALUES (?, ?) "
+                       "ON CONFLICT(device_id) DO UPDATE SET record=excluded.record",
+                       (record.device_id, json.dumps(asdict(record))))
+
+    def _record(self, device_id: str) -> DeviceRecord:
+        record = self._devices.get(device_id)
+        if record is None:
+            record = DeviceRecord(device_id)
+            self._devices[device_id] = record
+        return record
+
+    def on_state(self, state: DeviceState) -> bool:
+        """Apply a birth or death; returns whether it changed the device's state."""
+        with self._lock:
+            record = self._record(state.device_id)
+            if state.state == "online":
+                if state.bd_seq < record.bd_seq and record.online:
+                    self.counters["stale_birth"] += 1
+                    return False
+                record.online = True
+                record.bd_seq = state.bd_seq
+                record.state_changed_at = state.ts
+                record.first_seen = record.first_seen or state.ts
+                record.last_seen = max(record.last_seen or 0.0, state.ts)
+                record.agent_version = state.agent_version
+                record.site = state.site
+                record.memory_available_mb = state.memory_available_mb
+                record.runtimes = {k.value: v for k, v in state.runtimes.items()}
+                record.model_formats = [f.value for f in state.model_formats]
+                if state.hardware is not None:
+                    hw = state.hardware
+                    record.platform, record.machine = hw.platform, hw.machine
+                    record.cpu_count, record.memory_total_mb = hw.cpu_count, hw.memory_total_mb
+                    record.gpu = hw.gpu
+                with self.store.transaction() as db:
+                    db.execute("INSERT OR IGNORE INTO device_sessions(device_id, bd_seq, "
+                               "online_at) VALUES (?,?,?)",
+                               (state.device_id, state.bd_seq, state.ts))
+            else:
+                if state.bd_seq != record.bd_seq or not record.online:
+                    # A death from an earlier connection (or a repeat): the device is
+                    # already back with a newer birth, or already offline.
+                    self.counters["stale_death"] += 1
+                    logger.info("%s: ignored stale death (bd_seq %d, current %d)",
+                                state.device_id, state.bd_seq, record.bd_seq)
+                    return False
+                record.online = False
+                record.state_changed_at = state.ts
+                with self.store.transaction() as db:
+                    db.execute("UPDATE device_sessions SET offline_at=? WHERE device_id=? "
+                               "AND bd_seq=? AND offline_at IS NULL",
+                               (state.ts, state.device_id, state.bd_seq))
+            self._save(record)
+            return True
+
+    def on_telemetry(self, telemetry: DeviceTelemetry) -> TelemetryCheck:
+        """Note a telemetry message: last seen, and sequence gaps within a session."""
+        with self._lock:
+            record = self._record(telemetry.device_id)
+            gap = 0
+            duplicate = False
+            if record.session_id == telemetry.session_id:
+                if telemetry.seq <= record.last_seq:
+                    duplicate = True
+                else:
+                    if telemetry.seq > record.last_seq + 1:
+                        gap = telemetry.seq - record.last_seq - 1
+                        record.seq_gaps += gap
+                        self.counters["seq_gap"] += gap
+                    record.last_seq = telemetry.seq
+            else:  # a new agent session starts its own sequence
+                record.session_id = telemetry.session_id
+                record.last_seq = telemetry.seq
+            record.last_seen = max(record.last_seen or 0.0, telemetry.ts)
+            record.first_seen = record.first_seen or telemetry.ts
+            record.telemetry_interval_s = telemetry.interval_s
+            self._dirty.add(record.device_id)
+            return TelemetryCheck(gap, duplicate)
+
+    def persist(self) -> None:
+        """Write records changed by telemetry (batched by the ingest writer)."""
+        with self._lock:
+            dirty = [self._devices[d] for d in self._dirty]
+            self._dirty.clear()
+        if dirty:
+            with self.store.transaction() as db:
+                db.executemany(
+                    "INSERT INTO devices(device_id, record) VALUES (?, ?) "
+                    "ON CONFLICT(device_id) DO UPDATE SET record=excluded.record",
+                    [(r.device_id, json.dumps(asdict(r))) for r in dirty])
+
+    def on_deployment(self, status: DeploymentStatus) -> None:
+        """Track active model versions."""
+        with self._lock:
+            record = self._record(status.device_id)
+            if status.state in (DeploymentState.INSTALLED, DeploymentState.ROLLED_BACK) \
+                    and status.active_version:
+                record.models[status.model] = status.active_version
+                self._save(record)
+
+    def get(self, device_id: str) -> DeviceRecord | None:
+        """One device."""
+        return self._devices.get(device_id)
+
+    def devices(self, *, online: bool | None = None) -> list[DeviceRecord]:
+        """Every device, sorted by id (optionally only online or offline ones)."""
+        devices = sorted(self._devices.values(), key=lambda r: r.device_id)
+        return [d for d in devices if online is None or d.online == online]
+
+    def compatible(self, requirements: Requirements, *, online_only: bool = True,
+                   ) -> list[DeviceRecord]:
+        """Devices that can run a model with these requirements (the seed's query)."""
+        return [d for d in self.devices(online=True if online_only else None)
+                if not compatibility_problems(d, requirements)]
+
+
+def compatibility_problems(device: DeviceRecord, reqs: Requirements) -> list[str]:
+    """Why ``device`` cannot run a model with ``reqs`` (empty when it can)."""
+    problems = []
+    known_formats = {f.value for f in ModelFormat}
+    known_runtimes = {r.value for r in RuntimeName}
+    formats = {ModelFormat(f) for f in device.model_formats if f in known_formats}
+    runtimes = {RuntimeName(r) for r in device.runtimes if r in known_runtimes}
+    if reqs.formats and not set(reqs.formats) & formats:
+        problems.append("no supported format")
+    if reqs.runtimes and not set(reqs.runtimes) & runtimes:
+        problems.append("no required runtime")
+    if reqs.min_memory_mb and (device.memory_available_mb or 0.0) < reqs.min_memory_mb:
+        problems.append("not enough memory")
+    if reqs.gpu and not device.gpu:
+        problems.append("no GPU")
+    return problems

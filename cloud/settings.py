@@ -1,0 +1,97 @@
+"""CloudSettings: everything the cloud service is configured with."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import SettingsConfigDict
+
+from cloud.storage.influx_sink import InfluxSettings
+from schemas.base import Id
+from schemas.settings_files import FileSettings
+from schemas.topics import DEFAULT_ROOT
+
+
+class CloudTls(BaseModel):
+    """TLS to the broker (mTLS with cert and key)."""
+
+    ca_file: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+class CloudMqttSettings(BaseModel):
+    """The cloud's MQTT session."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 1883
+    protocol: Literal[5, 4] = 5
+    username: str = "edgefl-cloud"
+    password: SecretStr | None = None
+    password_file: Path | None = Field(default=None, description="File holding the password")
+    tls: CloudTls | None = None
+    client_id: str | None = Field(default=None, description="Defaults to edgefl-cloud-{instance}")
+    session_expiry_s: Annotated[int, Field(ge=0)] = 86_400
+    keepalive_s: Annotated[int, Field(ge=5)] = 30
+    shared_group: Id | None = Field(
+        default=None, description="Split telemetry/metrics ingest with other instances "
+        "through $share/{group}/... (MQTT 5)")
+    reconnect_min_s: Annotated[float, Field(gt=0)] = 0.5
+    reconnect_max_s: Annotated[float, Field(gt=0)] = 30.0
+
+    def resolved_password(self) -> str | None:
+        """The password from settings or its file (never logged)."""
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.password_file is not None:
+            return self.password_file.read_text().strip()
+        return None
+
+
+class IngestSettings(BaseModel):
+    """What the boundary accepts."""
+
+    max_payload_bytes: Annotated[int, Field(ge=1024)] = 256 * 1024
+    max_future_skew_s: Annotated[float, Field(ge=0)] = 300.0
+    require_registration: bool = Field(
+        default=False, description="Refuse devices that are not in `provisioned`")
+    provisioned: list[Id] = Field(default_factory=list)
+    batch_max: Annotated[int, Field(ge=1)] = 1000
+    flush_interval_s: Annotated[float, Field(gt=0)] = 0.2
+    request_report_on_gap: bool = True
+
+
+class AlertSettings(BaseModel):
+    """The alert engine."""
+
+    rules_file: Path | None = Field(default=None, description="YAML rules; default: packaged")
+    tick_interval_s: Annotated[float, Field(gt=0)] = 5.0
+
+
+class CloudSettings(FileSettings):
+    """Settings of one cloud service instance (``EDGEFL_*`` variables, a file, options)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EDGEFL_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    instance: Id = "cloud-1"
+    topic_root: str = DEFAULT_ROOT
+    data_dir: Path = Path("var/cloud")
+    mqtt: CloudMqttSettings = Field(default_factory=CloudMqttSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    alerts: AlertSettings = Field(default_factory=AlertSettings)
+    influx: InfluxSettings | None = Field(
+        default=None, description="Also write telemetry to InfluxDB (for Grafana)")
+
+    @property
+    def sqlite_path(self) -> Path:
+        """The embedded store."""
+        return self.data_dir / "edgefl.sqlite3"
+
+    @property
+    def client_id(self) -> str:
+        """MQTT client id of this instance."""
+        return self.mqtt.client_id or f"edgefl-cloud-{self.instance}"

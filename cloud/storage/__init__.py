@@ -1,0 +1,1 @@
+"""Where the cloud keeps what the fleet reports."""

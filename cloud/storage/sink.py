@@ -1,0 +1,79 @@
+"""The TelemetrySink interface and the values written through it.
+
+Two real implementations: SQLite (the embedded default, `sqlite_store.py`) and
+InfluxDB through influxdb-client (`influx_sink.py`). Calls are synchronous and
+batched; the cloud's ingest component calls them from a worker thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from schemas.alerts import Alert
+from schemas.device import DeploymentStatus, DeviceTelemetry, ModelMetrics
+from schemas.fl import TaskStatus
+
+
+@dataclass(frozen=True, slots=True)
+class AlertEvent:
+    """One alert transition: opened, acknowledged or resolved.
+
+    Attributes:
+        alert: the alert as published (for ``resolved``: as it was when it resolved).
+        transition: what happened.
+        at: Unix time of the transition, s.
+        site: the device's site label, when known (a low-cardinality tag).
+    """
+
+    alert: Alert
+    transition: Literal["opened", "acknowledged", "resolved"]
+    at: float
+    site: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SinkStats:
+    """Counters a sink exposes (the cloud alerts on its own health with them)."""
+
+    written: int = 0
+    retried: int = 0
+    failed_batches: int = 0
+    dropped: int = 0
+    buffered: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+class TelemetrySink(Protocol):
+    """Where validated messages are stored.
+
+    Implementations are idempotent for telemetry and model metrics keyed on
+    (device_id, session_id, seq).
+    """
+
+    def write_telemetry(self, batch: Sequence[DeviceTelemetry], *,
+                        sites: dict[str, str] | None = None) -> None:
+        """Store device telemetry (``sites``: device_id -> site label)."""
+
+    def write_model_metrics(self, batch: Sequence[ModelMetrics], *,
+                            sites: dict[str, str] | None = None) -> None:
+        """Store model metrics."""
+
+    def write_deployment_status(self, batch: Sequence[DeploymentStatus]) -> None:
+        """Store deployment status changes."""
+
+    def write_alert_events(self, batch: Sequence[AlertEvent]) -> None:
+        """Store alert transitions."""
+
+    def write_fl_round(self, status: TaskStatus) -> None:
+        """Store one federated round's record."""
+
+    def flush(self) -> None:
+        """Push anything buffered."""
+
+    def stats(self) -> SinkStats:
+        """Counters since start."""
+
+    def close(self) -> None:
+        """Flush and release resources."""
