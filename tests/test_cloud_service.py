@@ -206,8 +206,8 @@ def test_two_instances_with_a_shared_group_store_every_message_once(
         in_a, in_b = set(stored(a, device.id)), set(stored(b, device.id))
         assert not in_a & in_b, "a message was stored by both instances"
         assert in_a | in_b == set(range(50))
-    in_a = sum(len(stored(a, d.id)) for d in devices)
-    assert 0 < in_a < 100, "the load was not split between the instances"
+    share_a = sum(len(stored(a, d.id)) for d in devices)
+    assert 0 < share_a < 100, "the load was not split between the instances"
     for device in devices:
         device.client.close()
 
