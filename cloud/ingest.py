@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -183,17 +184,32 @@ class Ingest:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), interval)
             self._wake.clear()
-            await self.flush()
+            try:
+                await self.flush()
+            except (sqlite3.Error, OSError):
+                # Keep serving; the batch is back in front of the queue for the next try.
+                self.counters["store_error"] += 1
+                logger.exception("storing a batch failed; retrying")
+                await asyncio.sleep(min(5.0, interval * 10))
 
     async def flush(self) -> None:
-        """Store what is pending and publish alert transitions."""
+        """Publish alert transitions and store what is pending (restored on failure)."""
         batch, self.pending = self.pending, Pending()
         batch.alerts, self.alerts.pending = self.alerts.pending, []
         for event in batch.alerts:
             topic, payload, retain = self.alerts.publication(event)
             await self.publish(topic, payload, retain)
-        if batch or self.registry_dirty():
+        if not (batch or self.registry_dirty()):
+            return
+        try:
             await asyncio.to_thread(self._write, batch)
+        except (sqlite3.Error, OSError):
+            self.pending = Pending(batch.telemetry + self.pending.telemetry,
+                                   batch.metrics + self.pending.metrics,
+                                   batch.deployments + self.pending.deployments,
+                                   [])
+            self.alerts.pending = batch.alerts + self.alerts.pending
+            raise
         self.stored += len(batch.telemetry) + len(batch.metrics)
 
     def registry_dirty(self) -> bool:

@@ -289,3 +289,46 @@ def test_telemetry_reaches_the_influxdb_protocol_server_once(
     assert stored(cloud, device.id) == [0, 1]
     assert cloud.service.counters["duplicate_telemetry"] == 1
     device.client.close()
+
+
+def test_cloud_command_announces_itself_and_its_death(
+    mosquitto: RunningBroker, topics: Topics, tmp_path: Any,
+) -> None:
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    watcher = mosquitto.connected(mosquitto.cloud_username)
+    state_topic = topics.cloud_state()
+    watcher.subscribe(state_topic)
+    password = tmp_path / "pw"
+    password.write_text(mosquitto.password(mosquitto.cloud_username))
+    command = [sys.executable, "-m", "cloud.cli", "cloud", "--broker",
+               f"{mosquitto.host}:{mosquitto.port}", "--password-file", str(password),
+               "--data-dir", str(tmp_path / "cloud"), "--topic-root", topics.root,
+               "--instance", "cli-cloud"]
+    repo = Path(__file__).resolve().parents[1]
+
+    def states() -> list[str]:
+        return [json.loads(m.payload)["state"] for m in watcher.received_on(state_topic)]
+
+    proc = subprocess.Popen(command, cwd=repo, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: states()[-1:] == ["online"], timeout=30, what="cloud online")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+        wait_until(lambda: states()[-1:] == ["offline"], what="clean offline state")
+        # Killed without a goodbye: the broker publishes the will.
+        killed = subprocess.Popen(command, cwd=repo, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        wait_until(lambda: states()[-1:] == ["online"], timeout=30, what="online again")
+        killed.kill()
+        killed.wait()
+        wait_until(lambda: states()[-1:] == ["offline"], what="LWT offline")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    watcher.close()

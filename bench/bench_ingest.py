@@ -1,0 +1,229 @@
+"""Cloud ingest throughput: publish -> validated -> stored, against a bare paho subscriber.
+
+Device clients in a separate process publish valid DeviceTelemetry (QoS 1) as fast
+as they can on loopback through Mosquitto. In the same run we measure:
+
+* ``bare``: a paho subscriber that only counts messages;
+* ``sqlite``: the cloud service (aiomqtt, validation, registry, default alert rules,
+  SQLite sink), counting rows stored;
+* ``influx``: the same with the InfluxDB sink writing to VictoriaMetrics as well.
+
+Rates are messages per second from the first to the last message; medians of
+``--repeats`` runs. Prints JSON:
+
+    .venv/bin/python bench/bench_ingest.py [--messages 20000] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.victoria
+
+from broker.local import LocalBroker, start_local_broker
+from cloud.service import CloudService
+from cloud.settings import CloudSettings
+
+PUBLISHER = textwrap.dedent("""
+    import json, sys, threading, time, uuid
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+    host, port, secrets, count, devices, run = sys.argv[1:7]
+    count, devices = int(count), int(devices)
+    per = count // devices
+    def work(i):
+        d = f"bench-{i:02d}"
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{d}-{run}", protocol=mqtt.MQTTv5)
+        c.username_pw_set(d, open(f"{secrets}/{d}.password").read().strip())
+        c.connect(host, int(port)); c.loop_start()
+        session = uuid.uuid4().hex[:8]
+        topic = f"edgefl/v1/devices/{d}/telemetry"
+        last = None
+        for seq in range(per):
+            body = {"device_id": d, "session_id": session, "seq": seq, "ts": time.time(),
+                    "cpu_percent": 20.0 + seq % 50, "memory_percent": 40.0,
+                    "disk_percent": 10.0, "temperature_c": 50.0, "interval_s": 1.0,
+                    "prediction_count": 10, "error_count": 0}
+            last = c.publish(topic, json.dumps(body).encode(), qos=1)
+            while len(c._out_messages) > 200:
+                time.sleep(0.0005)
+        last.wait_for_publish(60)
+        c.disconnect(); c.loop_stop()
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(devices)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+""")
+
+
+def publish(broker: LocalBroker, count: int, devices: int, run: str) -> subprocess.Popen[bytes]:
+    """Start the publisher process."""
+    return subprocess.Popen([sys.executable, "-c", PUBLISHER, broker.host, str(broker.port),
+                             str(broker.settings.layout.secrets), str(count), str(devices), run])
+
+
+def bare_rate(broker: LocalBroker, count: int, devices: int, run: str) -> float:
+    """Messages/s received by a paho subscriber that only counts."""
+    creds = broker.credentials("edgefl-cloud")
+    assert creds is not None
+    got = {"n": 0, "first": 0.0, "last": 0.0}
+    done = threading.Event()
+
+    def on_message(_c: mqtt.Client, _u: object, _m: mqtt.MQTTMessage) -> None:
+        now = time.perf_counter()
+        if got["n"] == 0:
+            got["first"] = now
+        got["n"] += 1
+        got["last"] = now
+        if got["n"] >= count:
+            done.set()
+
+    sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bare-{run}", protocol=mqtt.MQTTv5)
+    sub.username_pw_set(*creds)
+    sub.on_message = on_message
+    subscribed = threading.Event()
+    sub.on_subscribe = lambda *_a: subscribed.set()
+    sub.on_connect = lambda c, *_a: c.subscribe("edgefl/v1/devices/+/telemetry", qos=1)
+    sub.connect(broker.host, broker.port)
+    sub.loop_start()
+    subscribed.wait(10)
+    publisher = publish(broker, count, devices, run)
+    done.wait(300)
+    publisher.wait()
+    sub.disconnect()
+    sub.loop_stop()
+    return got["n"] / max(1e-9, got["last"] - got["first"])
+
+
+def aiomqtt_rate(broker: LocalBroker, count: int, devices: int, run: str) -> float:
+    """Messages/s received by an aiomqtt subscriber that only counts (the library's own cost)."""
+    import aiomqtt
+
+    creds = broker.credentials("edgefl-cloud")
+    assert creds is not None
+    result: dict[str, float] = {}
+
+    async def main() -> None:
+        async with aiomqtt.Client(broker.host, broker.port, identifier=f"aio-{run}",
+                                  username=creds[0], password=creds[1],
+                                  protocol=aiomqtt.ProtocolVersion.V5) as client:
+            await client.subscribe("edgefl/v1/devices/+/telemetry", qos=1)
+            publisher = publish(broker, count, devices, run)
+            n = 0
+            first = 0.0
+            async for _message in client.messages:
+                n += 1
+                if n == 1:
+                    first = time.perf_counter()
+                if n >= count:
+                    break
+            result["rate"] = n / max(1e-9, time.perf_counter() - first)
+            await asyncio.to_thread(publisher.wait)
+
+    asyncio.run(main())
+    return result["rate"]
+
+
+def cloud_rate(broker: LocalBroker, count: int, devices: int, run: str, folder: Path,
+               influx_url: str | None) -> dict[str, float]:
+    """Messages/s from first publish to stored, through the cloud service."""
+    creds = broker.credentials("edgefl-cloud")
+    assert creds is not None
+    settings = CloudSettings.model_validate({
+        "instance": f"bench-{run}", "data_dir": folder / run,
+        "mqtt": {"host": broker.host, "port": broker.port, "password": creds[1]},
+        "influx": None if influx_url is None else {
+            "url": influx_url, "token": "t", "org": "o", "bucket": "b"},
+    })
+    service = CloudService(settings)
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    thread = threading.Thread(target=lambda: loop.run_until_complete(service.run(stop)))
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not service.connected.is_set() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    start = time.perf_counter()
+    publisher = publish(broker, count, devices, run)
+    stored = 0
+    while stored < count and time.perf_counter() - start < 300:
+        time.sleep(0.05)
+        stored = service.ingest.stored
+    elapsed = time.perf_counter() - start
+    publisher.wait()
+    rows = service.store.query("SELECT COUNT(*) n FROM telemetry")[0]["n"]
+    loop.call_soon_threadsafe(stop.set)
+    thread.join(60)
+    return {"rate": stored / elapsed, "rows": float(rows),
+            "refused": float(sum(v for k, v in service.counters.items()
+                                 if k.startswith("refused")))}
+
+
+def main() -> None:
+    """Run and print JSON."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--messages", type=int, default=20_000)
+    parser.add_argument("--devices", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    ids = [f"bench-{i:02d}" for i in range(args.devices)]
+    results: dict[str, list[float]] = {"bare": [], "aiomqtt_bare": [], "sqlite": [],
+                                       "influx": []}
+    rows: dict[str, list[float]] = {"sqlite": [], "influx": []}
+    vm_binary = shutil.which("victoria-metrics")
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        folder = Path(tmp)
+        broker = start_local_broker(folder / "broker", device_ids=ids, kind="mosquitto")
+        vm = None
+        if vm_binary:
+            from tests.victoria import start_victoria_metrics
+
+            vm = start_victoria_metrics(Path(vm_binary), folder / "vm")
+        try:
+            for r in range(args.repeats):
+                results["bare"].append(bare_rate(broker, args.messages, args.devices, f"b{r}"))
+                results["aiomqtt_bare"].append(
+                    aiomqtt_rate(broker, args.messages, args.devices, f"a{r}"))
+                sq = cloud_rate(broker, args.messages, args.devices, f"s{r}", folder, None)
+                results["sqlite"].append(sq["rate"])
+                rows["sqlite"].append(sq["rows"])
+                if vm is not None:
+                    ix = cloud_rate(broker, args.messages, args.devices, f"i{r}", folder, vm.url)
+                    results["influx"].append(ix["rate"])
+                    rows["influx"].append(ix["rows"])
+        finally:
+            broker.stop()
+            if vm is not None:
+                vm.stop()
+    medians = {k: round(statistics.median(v), 1) for k, v in results.items() if v}
+    print(json.dumps({
+        "benchmark": "cloud_ingest",
+        "messages_per_run": args.messages,
+        "publishing_devices": args.devices,
+        "repeats": args.repeats,
+        "median_messages_per_s": medians,
+        "ratio_sqlite_over_bare": round(medians["sqlite"] / medians["bare"], 3),
+        "ratio_aiomqtt_bare_over_bare": round(medians["aiomqtt_bare"] / medians["bare"], 3),
+        "ratio_sqlite_over_aiomqtt_bare": round(medians["sqlite"] / medians["aiomqtt_bare"], 3),
+        "ratio_influx_over_bare": round(medians["influx"] / medians["bare"], 3)
+        if "influx" in medians else None,
+        "rows_stored_per_run": rows,
+        "runs": {k: [round(x, 1) for x in v] for k, v in results.items()},
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
