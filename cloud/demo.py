@@ -14,6 +14,7 @@ and staged rollout.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
@@ -34,8 +35,13 @@ from rich.table import Table
 from broker.local import LocalBroker, start_local_broker
 from cloud.demo_model import DigitsModel, train_digits_mlp
 from cloud.releases import build_release, public_key_b64
+from cloud.service import ServiceThread
+from cloud.settings import CloudSettings
+from cloud.storage.sqlite_store import SqliteStore
 from edge_node.agent import EdgeAgent
+from edge_node.errors import EdgeError
 from edge_node.settings import EdgeSettings
+from schemas.alerts import Alert
 from schemas.base import ModelFormat, decode_message, now
 from schemas.catalog import CHANNELS
 from schemas.device import DeploymentState, DeploymentStatus, DeviceState, ModelMetrics
@@ -76,6 +82,9 @@ class DemoSummary:
     fleet: list[DeviceResult] = field(default_factory=list)
     acl_denied_reason: int | None = None
     lwt_offline_retained: bool = False
+    alert: dict[str, object] = field(default_factory=dict)
+    cloud_stored_telemetry: int = 0
+    cloud_devices_online: int = 0
     duration_s: float = 0.0
     ok: bool = False
 
@@ -156,8 +165,12 @@ def _retained_state(broker: LocalBroker, topics: Topics, device_id: str, expect:
 
     def on_message(_c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         with changed:
-            if msg.retain:
-                found.append(decode_message(DeviceState, msg.payload).state)
+            if msg.retain and msg.topic == topic:
+                try:
+                    found.append(decode_message(DeviceState, msg.payload).state)
+                except DecodeError as exc:
+                    logger.warning("late subscriber: unexpected payload on %s: %s",
+                                   msg.topic, exc)
             changed.notify_all()
 
     topic = topics.device_state(device_id)
@@ -227,6 +240,9 @@ def _run(broker: LocalBroker, ids: list[str], reports: int, folder: Path, consol
     summary = DemoSummary(broker=broker.kind, mqtt_version="5" if broker.mqtt5 else "3.1.1",
                           devices=len(ids), telemetry_expected=len(ids) * reports)
     observer = Observer(broker, topics)
+    cloud = _cloud(broker, folder / "cloud").start()
+    console.print(f"cloud: service {cloud.settings.instance} online, store "
+                  f"{cloud.settings.sqlite_path}")
     key = Ed25519PrivateKey.generate()
     fleet = [_agent(broker, d, folder / "fleet", key, interval) for d in ids]
     try:
@@ -239,10 +255,17 @@ def _run(broker: LocalBroker, ids: list[str], reports: int, folder: Path, consol
         _rollout(observer, topics, fleet, key, summary, console)
         observer.wait(lambda: observer.kinds["telemetry"] >= summary.telemetry_expected,
                       timeout=reports * interval * 4 + WAIT_S)
+        _alert(observer, topics, fleet[len(fleet) // 2], summary, console)
         _faults(broker, observer, topics, fleet, summary)
+        summary.cloud_devices_online = len(cloud.service.registry.devices(online=True))
     finally:
         for agent in fleet:
             agent.stop()
+        cloud.stop()
+        store = SqliteStore(cloud.settings.sqlite_path)  # the service closed its own
+        summary.cloud_stored_telemetry = int(store.query(
+            "SELECT COUNT(*) n FROM telemetry")[0]["n"])
+        store.close()
         observer.close()
     summary.received = dict(observer.kinds)
     summary.valid = observer.valid
@@ -254,6 +277,8 @@ def _run(broker: LocalBroker, ids: list[str], reports: int, folder: Path, consol
         and summary.refused.get("validation", 0) >= 1
         and summary.acl_denied_reason in (None, NOT_AUTHORIZED)
         and all(d.installed_version == "1.0.0" and d.accuracy is not None for d in summary.fleet)
+        and summary.alert.get("resolved") is True
+        and summary.cloud_stored_telemetry >= summary.telemetry_expected
     )
     _print(console, summary)
     if json_path is not None:
@@ -314,6 +339,55 @@ def _rollout(observer: Observer, topics: Topics, fleet: list[EdgeAgent], key: Ed
             result.latency_ms_p95 = metrics.latency_ms_p95
 
 
+def _cloud(broker: LocalBroker, folder: Path) -> ServiceThread:
+    creds = broker.credentials("edgefl-cloud")
+    mqtt: dict[str, object] = {"host": broker.host, "port": broker.port,
+                               "protocol": 5 if broker.mqtt5 else 4}
+    if creds is not None:
+        mqtt["password"] = creds[1]
+    settings = CloudSettings.model_validate({
+        "instance": "demo-cloud", "data_dir": folder, "mqtt": mqtt,
+        "ingest": {"flush_interval_s": 0.1}, "alerts": {"tick_interval_s": 0.5},
+    })
+    return ServiceThread(settings)
+
+
+def _alert(observer: Observer, topics: Topics, agent: EdgeAgent, summary: DemoSummary,
+           console: Console) -> None:
+    """A faulty application on one device raises a real alert, then it clears.
+
+    The application feeds inputs the model cannot take: the inference errors are
+    real, the device's error rate passes 5 %, and the cloud's default rule
+    `device_error_rate_high` opens an alert; when the application stops, it clears.
+    """
+    rule = "device_error_rate_high"
+    topic = topics.alert(agent.device_id, rule)
+    good = np.zeros((1, 64), dtype=np.float32)
+    bad = np.zeros((1, 64), dtype=np.float64)
+    stop = threading.Event()
+
+    def faulty_application() -> None:
+        while not stop.is_set():
+            agent.infer(MODEL, good)
+            with contextlib.suppress(EdgeError):  # the app ignores it; the agent counts it
+                agent.infer(MODEL, bad)
+            stop.wait(0.02)
+
+    app = threading.Thread(target=faulty_application, daemon=True)
+    app.start()
+    opened = observer.wait(lambda: any(p for p in observer.on_topic(topic)))
+    stop.set()
+    app.join()
+    resolved = opened and observer.wait(lambda: observer.on_topic(topic)[-1:] == [b""])
+    summary.alert = {"device": agent.device_id, "rule": rule, "opened": opened,
+                     "resolved": resolved}
+    if opened:
+        alert = decode_message(Alert, next(p for p in observer.on_topic(topic) if p))
+        summary.alert |= {"severity": alert.severity.value, "message": alert.message}
+        console.print(f"alert: {alert.severity.value} {rule} on {agent.device_id}: "
+                      f"{alert.message}; {'cleared' if resolved else 'still open'}")
+
+
 def _faults(broker: LocalBroker, observer: Observer, topics: Topics, fleet: list[EdgeAgent],
             summary: DemoSummary) -> None:
     """A malformed message, an ACL refusal and an abrupt disconnect."""
@@ -362,6 +436,8 @@ def _print(console: Console, summary: DemoSummary) -> None:
                       f"{d.latency_ms_p95:.3f}" if d.latency_ms_p95 is not None else "-")
     console.print(fleet)
     console.print(f"validated: {summary.valid}, refused: {summary.refused or 'none'}")
+    console.print(f"cloud: stored {summary.cloud_stored_telemetry} telemetry messages; "
+                  f"{summary.cloud_devices_online} devices online in its registry")
     if summary.acl_denied_reason is not None:
         verdict = "refused" if summary.acl_denied_reason == NOT_AUTHORIZED else "NOT refused"
         console.print(f"ACL: device writing another device's topic {verdict} "

@@ -14,7 +14,10 @@ import contextlib
 import logging
 import random
 import ssl
+import threading
+import time
 from collections import Counter
+from typing import Any
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -90,12 +93,12 @@ class CloudService:
                 keyfile=str(mqtt.tls.key_file) if mqtt.tls.key_file else None,
                 tls_version=ssl.PROTOCOL_TLS_CLIENT,
             )
+        session: dict[str, Any] = {"clean_start": False} if v5 else {"clean_session": False}
         return aiomqtt.Client(
             mqtt.host, mqtt.port, identifier=self.settings.client_id,
             username=mqtt.username, password=mqtt.resolved_password(),
             protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
-            clean_start=not v5,
-            clean_session=None if v5 else False,
+            **session,
             properties=properties, keepalive=mqtt.keepalive_s, tls_params=tls,
             will=aiomqtt.Will(self.topics.cloud_state(), self._state("offline"), qos=1,
                               retain=True),
@@ -194,3 +197,44 @@ class CloudService:
         while True:
             await asyncio.sleep(self.settings.alerts.tick_interval_s)
             self.alerts.tick()
+
+
+class ServiceThread:
+    """A CloudService on its own event loop in a thread (the demo and the tests use it)."""
+
+    def __init__(self, settings: CloudSettings) -> None:
+        self.settings = settings
+        self.service = CloudService(settings)
+        self._loop = asyncio.new_event_loop()
+        self._stop = asyncio.Event()
+        self._thread = threading.Thread(target=self._run, name="cloud-service", daemon=True)
+        self.error: BaseException | None = None
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self.service.run(self._stop))
+        except BaseException as exc:  # surfaced by stop()
+            self.error = exc
+            raise
+        finally:
+            self._loop.close()
+
+    def start(self, timeout: float = 15.0) -> ServiceThread:
+        """Start, and wait (bounded) until the service is connected and subscribed."""
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        ready = threading.Event()
+        while not self.service.connected.is_set():
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise TimeoutError(f"cloud service did not connect: {self.error!r}")
+            ready.wait(0.02)
+        return self
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Stop (clean offline state, final flush) and join the thread."""
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(timeout)
+        if self.error is not None:
+            raise self.error

@@ -368,7 +368,8 @@ class OtaManager:
         self.store.commit(model, installed)
         self.inference.activate(model, installed, runtime, memory)
         self.store.discard_staging(manifest)
-        self.probation[model] = (time.monotonic(), manifest.version)
+        if self.store.previous(model) is not None:  # a first install has nothing to return to
+            self.probation[model] = (time.monotonic(), manifest.version)
         logger.info("%s: %s %s installed in slot %s", self.device_id, model, manifest.version,
                     slot)
         self._status(model, DeploymentState.INSTALLED, manifest=manifest,

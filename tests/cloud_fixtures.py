@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,10 +9,9 @@ from typing import Any
 
 import pytest
 
-from cloud.service import CloudService
+from cloud.service import ServiceThread
 from cloud.settings import CloudSettings
 from schemas.topics import Topics
-from tests.agent_fixtures import wait_until
 from tests.conftest import RunningBroker
 
 TEST_RULES = """
@@ -35,37 +32,8 @@ rules:
 """
 
 
-class RunningCloud:
-    """A CloudService on its own event loop in a thread."""
-
-    def __init__(self, settings: CloudSettings) -> None:
-        self.settings = settings
-        self.service = CloudService(settings)
-        self._loop = asyncio.new_event_loop()
-        self._stop = asyncio.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self.error: BaseException | None = None
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_until_complete(self.service.run(self._stop))
-        except BaseException as exc:  # surfaced by stop()
-            self.error = exc
-            raise
-
-    def start(self) -> RunningCloud:
-        """Start and wait (bounded) until it is subscribed."""
-        self._thread.start()
-        wait_until(self.service.connected.is_set, timeout=15, what="cloud connected")
-        return self
-
-    def stop(self) -> None:
-        """Stop the service (clean offline state) and join the thread."""
-        if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop.set)
-            self._thread.join(20)
-        assert self.error is None, f"cloud service failed: {self.error!r}"
+class RunningCloud(ServiceThread):
+    """A started cloud service with helpers for assertions."""
 
     def rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         """Query the service's SQLite store."""
@@ -98,7 +66,9 @@ def make_cloud(mosquitto: RunningBroker, topics: Topics,
         })
         cloud = RunningCloud(settings)
         clouds.append(cloud)
-        return cloud.start() if start else cloud
+        if start:
+            cloud.start()
+        return cloud
 
     yield factory
     for cloud in clouds:

@@ -136,6 +136,8 @@ def test_demo_finishes_and_reports(tmp_path: Path, broker: str) -> None:
     if broker == "mosquitto":
         assert summary["acl_denied_reason"] == 0x87
     assert summary["model_test_accuracy"] > 0.9
+    assert summary["alert"]["opened"] is True and summary["alert"]["resolved"] is True
+    assert summary["cloud_stored_telemetry"] >= summary["telemetry_expected"]
     for device in summary["fleet"]:
         assert device["installed_version"] == "1.0.0"
         assert device["accuracy"] > 0.8
