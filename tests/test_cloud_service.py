@@ -332,3 +332,70 @@ def test_cloud_command_announces_itself_and_its_death(
         if proc.poll() is None:
             proc.kill()
     watcher.close()
+
+
+def test_sequence_gap_is_counted_and_the_device_asked_to_report(
+    make_cloud: CloudFactory, mosquitto: RunningBroker, topics: Topics,
+    new_device_id: Callable[[], str],
+) -> None:
+    cloud = make_cloud()
+    device = Device(mosquitto, topics, new_device_id())
+    device.client.subscribe(topics.command(device.id, "report_now"))
+    device.telemetry()
+    device.seq = 3  # seqs 1 and 2 never arrive
+    device.telemetry()
+    request = device.client.wait_topic(topics.command(device.id, "report_now"))
+    assert json.loads(request.payload)["args"]["missing"] == 2
+    assert cloud.service.registry.get(device.id).seq_gaps == 2  # type: ignore[union-attr]
+    device.client.close()
+
+
+def test_acknowledge_from_the_cli(make_cloud: CloudFactory, mosquitto: RunningBroker,
+                                  topics: Topics, new_device_id: Callable[[], str]) -> None:
+    from cloud.cli import app
+    from cloud.cloud_cli import register
+
+    register(app)
+    cloud = make_cloud()
+    watcher = mosquitto.connected(mosquitto.cloud_username)
+    device = Device(mosquitto, topics, new_device_id())
+    topic = topics.alert(device.id, "cpu_high")
+    watcher.subscribe(topic)
+    device.telemetry(cpu_percent=99.0)
+    device.telemetry(cpu_percent=99.0)
+    watcher.wait_topic(topic)
+    result = CliRunner().invoke(app, ["alerts", "--ack", device.id, "cpu_high", "--by", "alice",
+                                      "--data-dir", str(cloud.settings.data_dir)])
+    assert result.exit_code == 0, result.output
+    acked = watcher.wait_for(lambda m: m.topic == topic and m.payload != b""
+                             and decode_message(Alert, m.payload).state == "acknowledged")
+    assert decode_message(Alert, acked.payload).acknowledged_by == "alice"
+    wait_until(lambda: cloud.rows("SELECT acknowledged_by FROM alerts WHERE device_id=?",
+                                  (device.id,))[0]["acknowledged_by"] == "alice",
+               what="acknowledgement stored")
+    watcher.close()
+    device.client.close()
+
+
+def test_influx_down_buffers_then_alerts_on_the_clouds_health(
+    make_cloud: CloudFactory, mosquitto: RunningBroker, topics: Topics,
+    new_device_id: Callable[[], str],
+) -> None:
+    from broker.launcher import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    cloud = make_cloud(influx={"url": dead, "token": "t", "org": "o", "bucket": "b",
+                               "max_buffer_points": 3, "retries": 0, "timeout_s": 1})
+    watcher = mosquitto.connected(mosquitto.cloud_username)
+    topic = topics.alert(cloud.settings.instance, "influx_sink")
+    watcher.subscribe(topic)
+    device = Device(mosquitto, topics, new_device_id())
+    for _ in range(6):
+        device.telemetry()
+    alert = decode_message(Alert, watcher.wait_topic(topic, timeout=15).payload)
+    assert alert.severity.value == "critical" and "InfluxDB" in alert.message
+    wait_until(lambda: len(stored(cloud, device.id)) == 6, what="SQLite unaffected")
+    stats = cloud.service.influx.stats()  # type: ignore[union-attr]
+    assert stats.dropped >= 3
+    watcher.close()
+    device.client.close()
