@@ -3,51 +3,28 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field
 from pydantic_settings import SettingsConfigDict
 
 from cloud.storage.influx_sink import InfluxSettings
 from schemas.base import Id
+from schemas.client_settings import MqttClientSettings
 from schemas.settings_files import FileSettings
 from schemas.topics import DEFAULT_ROOT
 
 
-class CloudTls(BaseModel):
-    """TLS to the broker (mTLS with cert and key)."""
-
-    ca_file: Path
-    cert_file: Path | None = None
-    key_file: Path | None = None
-
-
-class CloudMqttSettings(BaseModel):
+class CloudMqttSettings(MqttClientSettings):
     """The cloud's MQTT session."""
 
-    host: str = "127.0.0.1"
-    port: Annotated[int, Field(ge=1, le=65535)] = 1883
-    protocol: Literal[5, 4] = 5
     username: str = "edgefl-cloud"
-    password: SecretStr | None = None
-    password_file: Path | None = Field(default=None, description="File holding the password")
-    tls: CloudTls | None = None
     client_id: str | None = Field(default=None, description="Defaults to edgefl-cloud-{instance}")
     session_expiry_s: Annotated[int, Field(ge=0)] = 86_400
-    keepalive_s: Annotated[int, Field(ge=5)] = 30
     shared_group: Id | None = Field(
         default=None, description="Split telemetry/metrics ingest with other instances "
         "through $share/{group}/... (MQTT 5)")
-    reconnect_min_s: Annotated[float, Field(gt=0)] = 0.5
     reconnect_max_s: Annotated[float, Field(gt=0)] = 30.0
-
-    def resolved_password(self) -> str | None:
-        """The password from settings or its file (never logged)."""
-        if self.password is not None:
-            return self.password.get_secret_value()
-        if self.password_file is not None:
-            return self.password_file.read_text().strip()
-        return None
 
 
 class IngestSettings(BaseModel):

@@ -3,51 +3,27 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from schemas.base import Id
+from schemas.client_settings import MqttClientSettings
 from schemas.settings_files import FileSettings
 from schemas.topics import DEFAULT_ROOT
 
 MiB = 1024 * 1024
 
 
-class TlsClientSettings(BaseModel):
-    """Client side of TLS; with cert and key it is mTLS (the CN is the device id)."""
-
-    ca_file: Path
-    cert_file: Path | None = None
-    key_file: Path | None = None
-
-
-class MqttSettings(BaseModel):
+class MqttSettings(MqttClientSettings):
     """The agent's MQTT session."""
 
-    host: str = "127.0.0.1"
-    port: Annotated[int, Field(ge=1, le=65535)] = 1883
-    protocol: Literal[5, 4] = Field(default=5, description="5 = MQTT 5, 4 = MQTT 3.1.1")
     username: str | None = Field(default=None, description="Defaults to the device id")
-    password: SecretStr | None = None
-    password_file: Path | None = Field(default=None, description="File holding the password")
-    tls: TlsClientSettings | None = None
-    keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
     session_expiry_s: Annotated[int, Field(ge=0)] = Field(
         default=3600, description="Persistent session kept by the broker while offline"
     )
-    reconnect_min_s: Annotated[float, Field(gt=0)] = 0.5
-    reconnect_max_s: Annotated[float, Field(gt=0)] = 60.0
     publish_timeout_s: Annotated[float, Field(gt=0)] = 10.0
-
-    def resolved_password(self) -> str | None:
-        """The password from settings or its file (never logged)."""
-        if self.password is not None:
-            return self.password.get_secret_value()
-        if self.password_file is not None:
-            return self.password_file.read_text().strip()
-        return None
 
 
 class TelemetrySettings(BaseModel):

@@ -19,9 +19,9 @@ from tests.mqtt_client import SyncClient, TlsFiles
 pytest_plugins = ["tests.agent_fixtures", "tests.cloud_fixtures", "tests.victoria"]
 
 # Devices provisioned when the broker starts; more can be added (with a reload).
-DEVICE_IDS = (*tuple(f"dev-{i}" for i in range(64)), "dev-tls",
+DEVICE_IDS = (*tuple(f"dev-{i}" for i in range(160)), "dev-tls",
               *tuple(f"sim-{i:03d}" for i in range(10)))
-FREE_IDS = iter(DEVICE_IDS[20:64])
+FREE_IDS = iter(DEVICE_IDS[20:160])
 """Ids handed out one per use by `new_device_id`, so persistent sessions never mix."""
 TEST_ROOT_FILTER = "+/edgefl/v1"
 """The ACL is rendered for this root so that each test's own root `t<hex>/edgefl/v1` is covered."""

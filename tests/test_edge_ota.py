@@ -214,7 +214,11 @@ def test_resume_after_disconnect_fetches_only_missing_chunks(
                    in m.payload)
     publish_chunks(cloud, topics, manifest, chunks, list(range(half, len(chunks))))
     cloud.wait_for(status_is(topics, agent.device_id, DeploymentState.INSTALLED), timeout=20)
-    assert agent.ota.chunk_messages[MODEL] == len(chunks)
+    # Every chunk once, but for at most one QoS 1 redelivery: a chunk already on disk
+    # whose PUBACK had not left the device when the connection was cut.
+    duplicates = agent.counters["chunk_duplicate"]
+    assert duplicates <= 1
+    assert agent.ota.chunk_messages[MODEL] - duplicates == len(chunks)
     np.testing.assert_allclose(agent.infer(MODEL, BATCH), reference(onnx_v1[0], BATCH),
                                rtol=1e-5, atol=1e-5)
 
