@@ -222,7 +222,8 @@ def _fp16(name: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if x.size and float(np.abs(x).max()) > FP16_MAX:
         raise CompressionError("fp16_overflow", f"{name}: |value| > {FP16_MAX}")
     half = x.astype(np.float16)
-    residual = x - half.astype(np.float32)
+    residual = x.copy()
+    residual -= half
     return half, residual
 
 
@@ -234,7 +235,9 @@ def _quantize(x: np.ndarray, scale: np.float32) -> np.ndarray:
     """Round ``x / scale`` to the nearest int8 in [-127, 127] (zeros if scale is 0)."""
     if scale == 0.0:
         return np.zeros(x.shape, dtype=np.int8)
-    q = np.rint(x / np.float64(scale))
+    q = x.astype(np.float64)  # an array even when x is 0-d (ufuncs return scalars then)
+    q /= np.float64(scale)
+    np.rint(q, out=q)
     np.clip(q, -INT8_MAX, INT8_MAX, out=q)
     return q.astype(np.int8)
 
@@ -242,7 +245,8 @@ def _quantize(x: np.ndarray, scale: np.float32) -> np.ndarray:
 def _int8(x: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
     scale = _scale_of(float(np.abs(x).max())) if x.size else np.float32(0.0)
     q = _quantize(x, scale)
-    residual = x - q.astype(np.float32) * scale
+    residual = x.copy()
+    residual -= q.astype(np.float32) * scale
     return {Q: q, SCALE: np.array([scale], dtype=np.float32)}, residual
 
 
