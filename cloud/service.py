@@ -39,6 +39,7 @@ from schemas.topics import TopicKind, Topics
 logger = logging.getLogger(__name__)
 
 FLUSH_EVERY_S = 1.0
+FL_TICK_S = 0.1
 _INGESTED = frozenset({TopicKind.TELEMETRY, TopicKind.MODEL_METRICS, TopicKind.DEVICE_STATE,
                        TopicKind.DEPLOYMENT_STATUS, TopicKind.COMMAND_REPLY})
 
@@ -60,6 +61,15 @@ class CloudService:
                                      self.topics, settings.instance)
         self.ingest = Ingest(settings, self.topics, self.registry, self.alerts, self.sinks,
                              self.publish, self.counters)
+        self.coordinators: dict[str, Any] = {}
+        if settings.fl:
+            from cloud.fl.coordinator import Coordinator  # torch only where FL runs
+
+            for name, config in settings.fl.items():
+                self.coordinators[name] = Coordinator(
+                    name, config, topics=self.topics, store=self.store, registry=self.registry,
+                    sinks=self.sinks, folder=settings.data_dir / "fl" / name,
+                    publish=self.publish, counters=self.counters)
         self.connected = asyncio.Event()
         self._client: aiomqtt.Client | None = None
 
@@ -138,6 +148,11 @@ class CloudService:
                              retain=True)
         for topic_filter in self.ingest.filters():
             await client.subscribe(topic_filter, qos=1)
+        for name in self.coordinators:
+            await client.subscribe(self.topics.filter(TopicKind.UPDATE, task=name), qos=1)
+            await client.subscribe(self.topics.filter(TopicKind.EVAL, task=name), qos=1)
+        for coordinator in self.coordinators.values():
+            await coordinator.start()
         self.alerts.resume()
         self.connected.set()
         logger.info("cloud %s serving on %s:%s", self.settings.instance, self.settings.mqtt.host,
@@ -147,7 +162,8 @@ class CloudService:
                 dispatcher = group.create_task(self._dispatch(client))
                 tasks = [dispatcher, group.create_task(self.ingest.writer()),
                          group.create_task(self._flusher()),
-                         group.create_task(self._ticker())]
+                         group.create_task(self._ticker()),
+                         group.create_task(self._fl_ticker())]
                 await stop.wait()
                 for task in tasks:
                     task.cancel()
@@ -175,6 +191,15 @@ class CloudService:
             parsed = self.topics.parse(topic)
             if parsed.kind in _INGESTED:
                 await self.ingest.handle(parsed, payload)
+            elif parsed.kind in (TopicKind.UPDATE, TopicKind.EVAL) \
+                    and parsed.task in self.coordinators:
+                coordinator = self.coordinators[parsed.task]
+                if parsed.device_id is None or parsed.round is None:
+                    return
+                if parsed.kind is TopicKind.UPDATE:
+                    coordinator.on_update(parsed.device_id, parsed.round, payload)
+                else:
+                    coordinator.on_eval(parsed.device_id, parsed.round, payload)
             else:
                 self.counters["unexpected_topic"] += 1
         except TopicError as exc:
@@ -201,6 +226,12 @@ class CloudService:
                 problem = "InfluxDB sink cannot write; points are buffered"
             dropped = stats.dropped
             self.alerts.health("influx_sink", problem, float(stats.dropped))
+
+    async def _fl_ticker(self) -> None:
+        while True:
+            await asyncio.sleep(FL_TICK_S)
+            for coordinator in self.coordinators.values():
+                await coordinator.tick()
 
     async def _ticker(self) -> None:
         while True:

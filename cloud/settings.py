@@ -8,6 +8,7 @@ from typing import Annotated
 from pydantic import BaseModel, Field
 from pydantic_settings import SettingsConfigDict
 
+from cloud.fl.config import FLTaskConfig
 from cloud.storage.influx_sink import InfluxSettings
 from schemas.base import Id
 from schemas.client_settings import MqttClientSettings
@@ -60,6 +61,8 @@ class CloudSettings(FileSettings):
     mqtt: CloudMqttSettings = Field(default_factory=CloudMqttSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
+    fl: dict[Id, FLTaskConfig] = Field(
+        default_factory=dict, description="Federated tasks this instance coordinates")
     influx: InfluxSettings | None = Field(
         default=None, description="Also write telemetry to InfluxDB (for Grafana)")
 

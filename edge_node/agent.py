@@ -88,6 +88,13 @@ class EdgeAgent:
             publish_status=self._publish_status, chunk_subscriptions=self._chunk_subscriptions,
             counters=self.counters, threads=settings.agent_threads,
         )
+        self.fl: Any = None
+        if settings.fl.tasks:
+            from edge_node.fl_client import FLClient  # torch only on devices that train
+
+            self.fl = FLClient(self.device_id, self.topics, settings.fl,
+                               publish=self.session.publish,
+                               subscribe=self._fl_subscription, counters=self.counters)
         self.commands = CommandRouter(self.device_id, self.counters)
         self._register_commands()
         self._events: queue.Queue[tuple[str, Any]] = queue.Queue()
@@ -106,6 +113,10 @@ class EdgeAgent:
         self.sampler()  # prime psutil's CPU counter
         self.session.subscribe(self.topics.filter(TopicKind.COMMAND, device_id=self.device_id))
         self.session.subscribe(self.topics.filter(TopicKind.RELEASE))
+        if self.fl is not None:
+            for topic_filter in self.fl.filters():
+                self.session.subscribe(topic_filter)
+            self.fl.start()
         self.ota.start()
         self._thread = threading.Thread(target=self._run, name=f"agent-{self.device_id}",
                                         daemon=True)
@@ -119,6 +130,8 @@ class EdgeAgent:
         if self._thread is not None:
             self._thread.join(10)
         self.ota.stop()
+        if self.fl is not None:
+            self.fl.stop()
         offline = DeviceState(device_id=self.device_id, state="offline",
                               bd_seq=self.session.bd_seq, ts=now(), reason="shutdown")
         self.session.stop(offline)
@@ -161,8 +174,19 @@ class EdgeAgent:
         elif parsed.kind is TopicKind.CHUNK and parsed.model and parsed.version \
                 and parsed.chunk is not None:
             self.ota.submit_chunk(parsed.model, parsed.version, parsed.chunk, payload)
+        elif parsed.kind is TopicKind.ROUND_PLAN and self.fl is not None and parsed.task:
+            self.fl.on_round_plan(parsed.task, payload)
+        elif parsed.kind is TopicKind.GLOBAL_MODEL and self.fl is not None and parsed.task \
+                and parsed.version:
+            self.fl.on_global_weights(parsed.task, parsed.version, payload)
         else:
             self.counters["refused_topic"] += 1
+
+    def _fl_subscription(self, topic: str, subscribe: bool) -> None:
+        if subscribe:
+            self.session.subscribe(topic)
+        else:
+            self.session.unsubscribe(topic)
 
     def _chunk_subscriptions(self, topics: list[str], subscribe: bool) -> None:
         if subscribe:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -56,6 +56,26 @@ class OtaSettings(BaseModel):
     max_model_bytes: Annotated[int, Field(ge=1)] = 512 * MiB
 
 
+class FLTaskSettings(BaseModel):
+    """One task this device takes part in."""
+
+    path: str = Field(description="Import path of the task, `package.module:Class`")
+    options: dict[str, Any] = Field(default_factory=dict, description="Task constructor "
+                                    "arguments, e.g. {model: cnn}")
+    partition: int = Field(default=0, ge=0, description="This device's partition index")
+    partitions: int = Field(default=1, ge=1, description="Number of partitions")
+    scheme: Literal["iid", "dirichlet", "shards"] = "dirichlet"
+    alpha: float = 0.5
+    seed: int = 0
+
+
+class FLSettings(BaseModel):
+    """Federated-learning tasks of the device."""
+
+    tasks: dict[Id, FLTaskSettings] = Field(default_factory=dict)
+    max_weights_bytes: int = 64 * 1024 * 1024
+
+
 class EdgeSettings(FileSettings):
     """Settings of one edge agent."""
 
@@ -74,6 +94,7 @@ class EdgeSettings(FileSettings):
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     buffer: BufferSettings = Field(default_factory=BufferSettings)
     ota: OtaSettings = Field(default_factory=OtaSettings)
+    fl: FLSettings = Field(default_factory=FLSettings)
 
     @model_validator(mode="after")
     def _reconnect_bounds(self) -> EdgeSettings:

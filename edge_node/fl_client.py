@@ -1,0 +1,219 @@
+"""The device side of federated learning.
+
+On a retained round plan that selects this device, the client fetches the global
+weights (retained ``fl/{t}/global/{version}``), trains the task's model on local
+data, and publishes the compressed delta with its envelope; on a plan that asks it
+to evaluate, it evaluates the global model on local data. Training runs on its
+own thread, so telemetry and inference never wait for it. A device that misses
+the deadline drops its late update and counts it. FedBN: names missing from the
+global weights (batch-norm layers) are taken from the device's own last weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import zlib
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge_node.settings import FLSettings
+from fl_tasks.base import FLTask, LocalData, Partition, Weights, load_task
+from schemas.base import decode_message, now
+from schemas.codec import DecodeLimits, decode, encode
+from schemas.compression import compress
+from schemas.errors import DecodeError
+from schemas.fl import EvalResult, GlobalModelEnvelope, RoundPlan, UpdateEnvelope
+from schemas.topics import TopicKind, Topics
+
+logger = logging.getLogger(__name__)
+
+Publish = Callable[[str, bytes], object]
+Subscribe = Callable[[str, bool], None]
+
+
+@dataclass
+class TaskState:
+    """What the client keeps per task."""
+
+    task: FLTask
+    data: LocalData
+    residual: dict[str, np.ndarray] = field(default_factory=dict)
+    local_weights: Weights = field(default_factory=dict)
+    trained_rounds: set[int] = field(default_factory=set)
+    evaluated_rounds: set[int] = field(default_factory=set)
+    plan: RoundPlan | None = None
+    weights: dict[str, Weights] = field(default_factory=dict)
+
+
+class FLClient:
+    """Federated rounds for the tasks in ``settings``."""
+
+    def __init__(self, device_id: str, topics: Topics, settings: FLSettings, *,
+                 publish: Publish, subscribe: Subscribe, counters: Counter[str]) -> None:
+        self.device_id = device_id
+        self.topics = topics
+        self.settings = settings
+        self._publish = publish
+        self._subscribe = subscribe
+        self.counters = counters
+        self.tasks: dict[str, TaskState] = {}
+        for name, config in settings.tasks.items():
+            task = load_task(config.path, **config.options)
+            partition = Partition(index=config.partition, count=config.partitions,
+                                  scheme=config.scheme, alpha=config.alpha,
+                                  seed=config.seed)
+            self.tasks[name] = TaskState(task, task.local_data(partition))
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self.updates_sent = 0
+
+    def filters(self) -> list[str]:
+        """Round plans of the configured tasks."""
+        return [self.topics.filter(TopicKind.ROUND_PLAN, task=name) for name in self.tasks]
+
+    def start(self) -> None:
+        """Start the training thread."""
+        self._thread = threading.Thread(target=self._run, name=f"fl-{self.device_id}",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the current step, end the thread."""
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            try:
+                job()
+            except (DecodeError, ValueError, RuntimeError, OSError) as exc:
+                self.counters[f"fl_{getattr(exc, 'reason', type(exc).__name__)}"] += 1
+                logger.exception("%s: FL step failed", self.device_id)
+
+    # -- messages (network thread) -------------------------------------------------
+
+    def on_round_plan(self, task: str, payload: bytes) -> None:
+        """A retained round plan arrived."""
+        self._queue.put(lambda: self._plan(task, payload))
+
+    def on_global_weights(self, task: str, version: str, payload: bytes) -> None:
+        """Global weights arrived."""
+        self._queue.put(lambda: self._weights(task, version, payload))
+
+    # -- training thread -----------------------------------------------------------
+
+    def _plan(self, task: str, payload: bytes) -> None:
+        state = self.tasks.get(task)
+        if state is None or not payload:
+            return
+        try:
+            plan = decode_message(RoundPlan, payload)
+        except DecodeError as exc:
+            self.counters["fl_refused_plan"] += 1
+            logger.warning("%s: refused round plan of %s: %s", self.device_id, task, exc)
+            return
+        if self.device_id not in plan.selected and self.device_id not in plan.evaluate:
+            return
+        if plan.round in state.trained_rounds and plan.round in state.evaluated_rounds:
+            return
+        state.plan = plan
+        if plan.global_version in state.weights:
+            self._work(task, state)
+        else:
+            self._subscribe(self.topics.global_model(task, plan.global_version), True)
+
+    def _weights(self, task: str, version: str, payload: bytes) -> None:
+        state = self.tasks.get(task)
+        if state is None or not payload:
+            return
+        limits = DecodeLimits(max_bytes=self.settings.max_weights_bytes)
+        try:
+            decoded = decode(payload, GlobalModelEnvelope, limits)
+        except DecodeError as exc:
+            self.counters["fl_refused_weights"] += 1
+            logger.warning("%s: refused global weights %s/%s: %s", self.device_id, task,
+                           version, exc)
+            return
+        self._subscribe(self.topics.global_model(task, version), False)
+        state.weights = {version: {k: np.asarray(v, dtype=np.float32)
+                                   for k, v in decoded.tensors.items()}}
+        if state.plan is not None and state.plan.global_version == version:
+            self._work(task, state)
+
+    def _work(self, task: str, state: TaskState) -> None:
+        plan = state.plan
+        if plan is None:
+            return
+        shared = state.weights[plan.global_version]
+        # FedBN and friends: names the cloud does not send stay the device's own.
+        merged: Weights = dict(state.local_weights) if state.local_weights else {}
+        if not merged:
+            merged = dict(_initial(state.task))
+        merged.update(shared)
+        if self.device_id in plan.evaluate and plan.round not in state.evaluated_rounds:
+            state.evaluated_rounds.add(plan.round)
+            data = state.data
+            result = state.task.evaluate(merged, data.x_eval, data.y_eval)
+            message = EvalResult(task=task, round=plan.round, device_id=self.device_id,
+                                 global_version=plan.global_version,
+                                 num_examples=max(1, result.num_examples),
+                                 loss=max(0.0, result.loss), accuracy=result.accuracy, ts=now())
+            self._publish(self.topics.eval_result(task, plan.round, self.device_id),
+                          message.to_json())
+        if self.device_id in plan.selected and plan.round not in state.trained_rounds:
+            state.trained_rounds.add(plan.round)
+            self._train(task, state, plan, shared, merged)
+
+    def _train(self, task: str, state: TaskState, plan: RoundPlan, shared: Weights,
+               merged: Weights) -> None:
+        started = time.monotonic()
+        seed = zlib.crc32(f"{self.device_id}/{task}/{plan.round}".encode())
+        result = state.task.train(merged, state.data, plan.hyperparams, seed=seed)
+        state.local_weights = dict(result.weights)
+        delta = {name: (result.weights[name] - shared[name]).astype(np.float32)
+                 for name in shared}
+        if plan.privacy is not None:
+            delta = _clip_and_noise(delta, plan.privacy.clip_norm, plan.privacy.noise_multiplier)
+        packed = compress(delta, plan.compression.kind,
+                          topk_fraction=plan.compression.topk_fraction,
+                          residual=state.residual or None)
+        state.residual = dict(packed.residual)
+        if now() > plan.deadline:
+            self.counters["fl_late_update_dropped"] += 1
+            logger.warning("%s: round %d of %s: training ended after the deadline; update "
+                           "dropped", self.device_id, plan.round, task)
+            return
+        envelope = UpdateEnvelope(
+            task=task, round=plan.round, device_id=self.device_id,
+            base_version=plan.global_version, num_examples=max(1, result.num_examples),
+            train_loss=max(0.0, result.loss), train_accuracy=result.accuracy,
+            train_time_s=time.monotonic() - started, compression=plan.compression.kind,
+            clip_norm=plan.privacy.clip_norm if plan.privacy else None, sent_at=now(),
+        )
+        self._publish(self.topics.update(task, plan.round, self.device_id),
+                      encode(packed.tensors, envelope))
+        self.updates_sent += 1
+
+
+def _initial(task: FLTask) -> Weights:
+    from fl_tasks.base import get_weights
+
+    return get_weights(task.build_model())
+
+
+def _clip_and_noise(delta: dict[str, np.ndarray], clip_norm: float,
+                    noise_multiplier: float) -> dict[str, np.ndarray]:
+    """Client-side DP: clip the whole update to ``clip_norm``, add N(0, (z*C)^2) noise."""
+    norm = float(np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in delta.values())))
+    scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+    rng = np.random.default_rng()
+    sigma = noise_multiplier * clip_norm
+    return {k: (v * scale + rng.normal(0.0, sigma, v.shape)).astype(np.float32)
+            for k, v in delta.items()}
