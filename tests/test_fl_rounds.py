@@ -72,8 +72,8 @@ def test_three_devices_three_rounds_match_in_process_fedavg(
                 acc[k] += n * delta[k].astype(np.float64)
         expected = {k: previous[k] + acc[k] / total for k in previous}
         got = weights_at(folder, str(round_))
-        for k in expected:
-            np.testing.assert_allclose(got[k], expected[k], rtol=1e-6, atol=1e-7)
+        for k, value in expected.items():
+            np.testing.assert_allclose(got[k], value, rtol=1e-6, atol=1e-7)
         previous = got
     final = decode_message(TaskStatus, watcher.wait_for(
         lambda m: json.loads(m.payload).get("state") == "finished").payload)
