@@ -42,12 +42,70 @@ def _store(config: Path | None, data_dir: Path | None) -> SqliteStore:
     return SqliteStore(settings.sqlite_path)
 
 
+fl_app = typer.Typer(name="fl", help="Federated learning tasks.", no_args_is_help=True)
+
+
 def register(app: typer.Typer) -> None:
     """Add the cloud commands to the root CLI."""
     app.command("cloud")(cloud)
+    app.add_typer(fl_app, name="fl")
+    fl_app.command("start")(fl_start)
+    fl_app.command("status")(fl_status)
     app.command("devices")(devices)
     app.command("alerts")(alerts)
     app.command("report")(report)
+
+
+def fl_start(
+    task: Annotated[str, typer.Option(help="Task import path, package.module:Class")] =
+    "fl_tasks.digits:DigitsTask",
+    name: Annotated[str, typer.Option(help="Task name (topic level)")] = "digits",
+    rounds: Annotated[int, typer.Option(min=1)] = 10,
+    strategy: Annotated[str, typer.Option(help="fedavg, fedadam, fedprox, krum, ...")] = "fedavg",
+    min_clients: Annotated[int, typer.Option(help="min_fit_clients = min_available")] = 2,
+    broker: Annotated[str | None, typer.Option(help="HOST:PORT of the broker")] = None,
+    config: Config = None,
+    data_dir: DataDir = None,
+    password_file: Annotated[Path | None, typer.Option(help="Cloud MQTT password file")] = None,
+) -> None:
+    """Run the cloud service with this federated task until it finishes (or Ctrl-C)."""
+    fl = {name: {"task": task, "rounds": rounds, "strategy": strategy,
+                 "min_fit_clients": min_clients, "min_available_clients": min_clients}}
+    base = _settings(config, data_dir=data_dir)
+    merged = {**fl, **{k: v.model_dump() for k, v in base.fl.items() if k != name}}
+    cloud(broker=broker, config=config, data_dir=data_dir, password_file=password_file,
+          fl=merged, stop_when_done=True)
+
+
+def fl_status(
+    name: Annotated[str, typer.Argument(help="Task name")],
+    config: Config = None, data_dir: DataDir = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Progress of a federated task, from the cloud's store."""
+    state = _store(config, data_dir).get(f"fl:{name}")
+    if state is None:
+        typer.secho(f"error: no task {name!r} in this store", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    if as_json:
+        typer.echo(json.dumps(state, indent=2))
+        return
+    console = Console()
+    console.print(f"task {name}: {state['state']}, round {state['round']}, global version "
+                  f"{state['global_version']}" + (f" ({state['message']})"
+                                                   if state.get("message") else ""))
+    table = Table(title="rounds")
+    for column in ("round", "participants", "rejected", "train loss", "central acc",
+                   "eval acc", "bytes", "s"):
+        table.add_column(column)
+    for h in state["history"]:
+        def f(value: float | None) -> str:
+            return "-" if value is None else f"{value:.4f}"
+        table.add_row(str(h["round"]), str(len(h["participants"])), str(len(h["rejected"])),
+                      f(h.get("train_loss")), f(h.get("central_accuracy")),
+                      f(h.get("eval_accuracy")), str(h.get("bytes_received", 0)),
+                      f"{h.get('duration_s', 0):.1f}")
+    console.print(table)
 
 
 def cloud(
@@ -60,6 +118,8 @@ def cloud(
         help="Split ingest with other instances (MQTT 5 shared subscriptions)")] = None,
     rules: Annotated[Path | None, typer.Option(help="Alert rules YAML")] = None,
     topic_root: Annotated[str | None, typer.Option(help="Topic root")] = None,
+    fl: Annotated[Any, typer.Option(hidden=True, parser=json.loads)] = None,
+    stop_when_done: Annotated[bool, typer.Option(hidden=True)] = False,
 ) -> None:
     """Run the cloud service until Ctrl-C/SIGTERM."""
     from cloud.service import CloudService
@@ -73,7 +133,8 @@ def cloud(
     if shared_group:
         mqtt["shared_group"] = shared_group
     settings = _settings(config, data_dir=data_dir, instance=instance, topic_root=topic_root,
-                         mqtt=mqtt or None, alerts={"rules_file": rules} if rules else None)
+                         mqtt=mqtt or None, alerts={"rules_file": rules} if rules else None,
+                         fl=fl)
     try:
         service = CloudService(settings)
     except (SchemaError, ValueError, OSError) as exc:
@@ -85,7 +146,16 @@ def cloud(
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
+        if stop_when_done:
+            async def watch() -> None:
+                while not all(c.state.state.value in ("finished", "failed")
+                              for c in service.coordinators.values()):
+                    await asyncio.sleep(0.5)
+                stop.set()
+            watcher = asyncio.create_task(watch())
         await service.run(stop)
+        if stop_when_done:
+            watcher.cancel()
 
     typer.echo(f"cloud {settings.instance}: {settings.mqtt.host}:{settings.mqtt.port}, "
                f"store {settings.sqlite_path}")

@@ -1,0 +1,211 @@
+"""Bad updates, disconnects and a killed cloud during federated rounds (real broker)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from schemas.base import decode_message, now
+from schemas.codec import decode, encode
+from schemas.device import DeviceState, HardwareInfo
+from schemas.fl import GlobalModelEnvelope, RoundPlan, TaskState, UpdateEnvelope
+from schemas.topics import Topics
+from tests.agent_fixtures import AgentFactory, wait_until
+from tests.cloud_fixtures import CloudFactory
+from tests.conftest import RunningBroker
+from tests.mqtt_client import SyncClient
+from tests.test_fl_rounds import TASK, device_fl, fl_config
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[1]
+HW = HardwareInfo(platform="Linux", machine="x86_64", cpu_count=2, memory_total_mb=2048.0)
+
+
+class HandDevice:
+    """A device driven by the test: it can send any update it likes."""
+
+    def __init__(self, broker: RunningBroker, topics: Topics, device_id: str, *,
+                 born: bool = True) -> None:
+        self.id = device_id
+        self.topics = topics
+        self.client = broker.connected(device_id)
+        self.client.subscribe(topics.round_plan(TASK))
+        self.client.subscribe(f"{topics.root}/fl/{TASK}/global/+")
+        if born:
+            state = DeviceState.model_validate({
+                "device_id": device_id, "state": "online", "bd_seq": 0, "ts": now(),
+                "agent_version": "t", "hardware": HW, "memory_available_mb": 1024.0,
+                "runtimes": {"torchscript": "2.13"}, "model_formats": ["torchscript"]})
+            assert self.client.publish(topics.device_state(device_id), state.to_json(),
+                                       retain=True) in (0, 0x10)
+
+    def plan(self, round_: int = 1) -> RoundPlan:
+        msg = self.client.wait_for(lambda m: m.topic == self.topics.round_plan(TASK)
+                                   and bool(m.payload)
+                                   and json.loads(m.payload)["round"] == round_, timeout=30)
+        return decode_message(RoundPlan, msg.payload)
+
+    def global_weights(self, version: str) -> dict[str, np.ndarray]:
+        msg = self.client.wait_topic(self.topics.global_model(TASK, version))
+        return dict(decode(msg.payload, GlobalModelEnvelope).tensors)
+
+    def send(self, plan: RoundPlan, delta: dict[str, np.ndarray], *, round_: int | None = None,
+             base: str | None = None, examples: int = 10) -> None:
+        envelope = UpdateEnvelope(task=TASK, round=round_ or plan.round, device_id=self.id,
+                                  base_version=base or plan.global_version,
+                                  num_examples=examples, train_loss=1.0, sent_at=now())
+        topic = self.topics.update(TASK, round_ or plan.round, self.id)
+        assert self.client.publish(topic, encode(delta, envelope)) in (0, 0x10)
+
+
+def zeros(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.zeros_like(v, dtype=np.float32) for k, v in weights.items()}
+
+
+def test_bad_updates_are_rejected_with_reasons_and_the_round_completes(
+    make_cloud: CloudFactory, mosquitto: RunningBroker, topics: Topics,
+    new_device_id: Callable[[], str],
+) -> None:
+    cloud = make_cloud(fl={TASK: fl_config(rounds=1, min_fit_clients=2,
+                                           min_available_clients=2, max_update_norm=5.0)})
+    a = HandDevice(mosquitto, topics, new_device_id())
+    b = HandDevice(mosquitto, topics, new_device_id())
+    outsider = HandDevice(mosquitto, topics, new_device_id(), born=False)
+    plan = a.plan()
+    assert sorted(plan.selected) == sorted([a.id, b.id])
+    weights = a.global_weights(plan.global_version)
+    good = zeros(weights)
+    name = next(iter(good))
+    nan = {**good, name: np.full_like(good[name], np.nan)}
+    wrong_shape = {**good, name: np.zeros((3, 3), np.float32)}
+    huge = {**good, name: np.full_like(good[name], 100.0)}
+    a.send(plan, nan)
+    a.send(plan, wrong_shape)
+    a.send(plan, huge)
+    a.send(plan, good, round_=99)
+    a.send(plan, good, base="7")
+    outsider.send(plan, good)
+    a.send(plan, {**good, name: good[name] + 0.01})
+    a.send(plan, {**good, name: good[name] + 0.01})  # duplicate: counted once
+    coordinator = cloud.service.coordinators[TASK]
+    wait_until(lambda: coordinator.state.current is not None
+               and a.id in coordinator.state.current.accepted, what="a's good update")
+    b.send(plan, good)
+    wait_until(lambda: coordinator.state.state is TaskState.FINISHED, timeout=30,
+               what="round closed")
+    record = coordinator.state.history[-1]
+    reasons = sorted(r["reason"] for r in record["rejected"])
+    assert reasons == sorted(["non_finite", "shape_mismatch", "norm_bound", "stale_round",
+                              "stale_base", "not_selected"])
+    assert sorted(record["participants"]) == sorted([a.id, b.id])
+    assert cloud.service.counters["fl_duplicate_update"] == 1
+    for device in (a, b, outsider):
+        device.client.close()
+
+
+def test_a_device_that_disconnects_mid_round_closes_at_the_deadline(
+    make_cloud: CloudFactory, make_agent: AgentFactory, mosquitto: RunningBroker,
+    topics: Topics, new_device_id: Callable[[], str],
+) -> None:
+    cloud = make_cloud(fl={TASK: fl_config(rounds=1, min_fit_clients=1, min_available_clients=2,
+                                           round_timeout_s=3)})
+    agent = make_agent(fl=device_fl(0, 2))
+    silent = HandDevice(mosquitto, topics, new_device_id())
+    plan = silent.plan()
+    assert silent.id in plan.selected
+    silent.client.drop()  # never reports
+    coordinator = cloud.service.coordinators[TASK]
+    wait_until(lambda: coordinator.state.state is TaskState.FINISHED, timeout=20,
+               what="round closed at the deadline")
+    record = coordinator.state.history[-1]
+    assert record["participants"] == [agent.device_id]
+    assert now() >= plan.deadline
+
+
+def test_cloud_killed_mid_round_resumes_without_losing_or_doubling_updates(
+    mosquitto: RunningBroker, topics: Topics, tmp_path: Path,
+    new_device_id: Callable[[], str],
+) -> None:
+    password = tmp_path / "pw"
+    password.write_text(mosquitto.password(mosquitto.cloud_username))
+    config = tmp_path / "cloud.yaml"
+    config.write_text(yaml.safe_dump({
+        "instance": "fl-kill", "topic_root": topics.root, "data_dir": str(tmp_path / "cloud"),
+        "mqtt": {"host": mosquitto.host, "port": mosquitto.port,
+                 "password_file": str(password)},
+        "fl": {TASK: fl_config(rounds=1, min_fit_clients=2, min_available_clients=2,
+                               round_timeout_s=120)},
+    }))
+    command = [sys.executable, "-m", "cloud.cli", "cloud", "--config", str(config)]
+    a = HandDevice(mosquitto, topics, new_device_id())
+    b = HandDevice(mosquitto, topics, new_device_id())
+    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    second = None
+    try:
+        plan = a.plan()
+        good = zeros(a.global_weights(plan.global_version))
+        name = next(iter(good))
+        a.send(plan, {**good, name: good[name] + 0.5})
+        store = tmp_path / "cloud" / "edgefl.sqlite3"
+        wait_until(lambda: _accepted(store, a.id), timeout=20, what="a's update persisted")
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        second = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+        watcher = SyncClient(mosquitto.host, mosquitto.port, client_id="fl-kill-watch",
+                             username=mosquitto.cloud_username,
+                             password=mosquitto.password(mosquitto.cloud_username))
+        assert not watcher.connect().is_failure
+        watcher.subscribe(topics.task_status(TASK))
+        watcher.wait_for(lambda m: json.loads(m.payload)["state"] == "collecting"
+                         and json.loads(m.payload)["round"] >= 1, timeout=30)
+        a.send(plan, {**good, name: good[name] + 0.5})  # redelivered: must count once
+        b.send(plan, good)
+        done = watcher.wait_for(lambda m: json.loads(m.payload)["state"] == "finished",
+                                timeout=60)
+        status = json.loads(done.payload)
+        assert sorted(status["participants"]) == sorted([a.id, b.id])
+        weights = decode((tmp_path / "cloud" / "fl" / TASK / "global-1.safetensors")
+                         .read_bytes(), GlobalModelEnvelope).tensors
+        before = decode((tmp_path / "cloud" / "fl" / TASK / "global-0.safetensors")
+                        .read_bytes(), GlobalModelEnvelope).tensors
+        # FedAvg of +0.5 (a, 10 examples) and 0 (b, 10 examples): +0.25, once.
+        np.testing.assert_allclose(weights[name] - before[name], 0.25, atol=1e-6)
+        second.send_signal(signal.SIGTERM)
+        second.wait(timeout=30)
+        watcher.close()
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    for device in (a, b):
+        device.client.close()
+
+
+def _accepted(store: Path, device_id: str) -> bool:
+    import sqlite3
+
+    if not store.exists():
+        return False
+    db = sqlite3.connect(store)
+    try:
+        row = db.execute("SELECT value FROM kv WHERE key=?", (f"fl:{TASK}",)).fetchone()
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        db.close()
+    if row is None:
+        return False
+    state: dict[str, Any] = json.loads(row[0])
+    current = state.get("current") or {}
+    return device_id in current.get("accepted", {})
