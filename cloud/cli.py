@@ -80,7 +80,8 @@ def version_cmd(
 
 @app.command("demo")
 def demo_cmd(
-    devices: Annotated[int, typer.Option(min=1, max=50, help="Simulated devices")] = 3,
+    devices: Annotated[int, typer.Option(min=2, max=100, help="Simulated devices")] = 10,
+    rounds: Annotated[int, typer.Option(min=1, max=200, help="Federated rounds")] = 15,
     reports: Annotated[int, typer.Option(min=1, max=1000, help="Telemetry per device")] = 5,
     data_dir: Annotated[Path | None, typer.Option(help="Keep broker data here")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write a JSON summary")] = None,
@@ -91,7 +92,8 @@ def demo_cmd(
     """Run the demo on a local broker (Mosquitto, or the embedded one) and exit."""
     from cloud.demo import run_demo
 
-    summary = run_demo(devices=devices, reports=reports, data_dir=data_dir, json_path=json_path,
+    summary = run_demo(devices=devices, reports=reports, rounds=rounds, data_dir=data_dir,
+                       json_path=json_path,
                        broker_kind=broker.value)
     raise typer.Exit(0 if summary.ok else 1)
 

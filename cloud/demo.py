@@ -30,10 +30,11 @@ import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
 from broker.local import LocalBroker, start_local_broker
-from cloud.demo_model import DigitsModel, train_digits_mlp
+from cloud.demo_model import centralized_baseline, export_onnx
 from cloud.releases import build_release, public_key_b64
 from cloud.service import ServiceThread
 from cloud.settings import CloudSettings
@@ -41,6 +42,8 @@ from cloud.storage.sqlite_store import SqliteStore
 from edge_node.agent import EdgeAgent
 from edge_node.errors import EdgeError
 from edge_node.settings import EdgeSettings
+from fl_tasks.base import Partition
+from fl_tasks.digits import DigitsTask
 from schemas.alerts import Alert
 from schemas.base import ModelFormat, decode_message, now
 from schemas.catalog import CHANNELS
@@ -83,6 +86,7 @@ class DemoSummary:
     acl_denied_reason: int | None = None
     lwt_offline_retained: bool = False
     alert: dict[str, object] = field(default_factory=dict)
+    fl: dict[str, object] = field(default_factory=dict)
     cloud_stored_telemetry: int = 0
     cloud_devices_online: int = 0
     duration_s: float = 0.0
@@ -192,8 +196,22 @@ def _retained_state(broker: LocalBroker, topics: Topics, device_id: str, expect:
     return ok
 
 
+FL_TASK = "digits"
+FL_ALPHA = 0.5
+
+
+def _fl_config(rounds: int, devices: int) -> dict[str, object]:
+    return {
+        "task": "fl_tasks.digits:DigitsTask", "rounds": rounds, "strategy": "fedavg",
+        "fraction_fit": 0.5, "min_fit_clients": max(1, devices // 2),
+        "min_available_clients": devices, "round_timeout_s": 30.0,
+        "hyperparams": {"local_epochs": 2, "batch_size": 16, "learning_rate": 0.1,
+                        "momentum": 0.5},
+    }
+
+
 def _agent(broker: LocalBroker, device_id: str, folder: Path, key: Ed25519PrivateKey,
-           interval_s: float) -> EdgeAgent:
+           interval_s: float, index: int, count: int) -> EdgeAgent:
     creds = broker.credentials(device_id)
     mqtt_settings: dict[str, object] = {
         "host": broker.host, "port": broker.port, "protocol": 5 if broker.mqtt5 else 4,
@@ -205,12 +223,15 @@ def _agent(broker: LocalBroker, device_id: str, folder: Path, key: Ed25519Privat
         "device_id": device_id, "state_dir": folder / device_id, "mqtt": mqtt_settings,
         "telemetry": {"interval_s": interval_s},
         "ota": {"trusted_keys": {KEY_ID: public_key_b64(key)}},
+        "fl": {"tasks": {FL_TASK: {"path": "fl_tasks.digits:DigitsTask", "partition": index,
+                                   "partitions": count, "scheme": "dirichlet",
+                                   "alpha": FL_ALPHA}}},
     })
     return EdgeAgent(settings)
 
 
 def run_demo(
-    *, devices: int = 3, reports: int = 5, data_dir: Path | None = None,
+    *, devices: int = 10, reports: int = 5, rounds: int = 15, data_dir: Path | None = None,
     json_path: Path | None = None, console: Console | None = None,
     broker_kind: Literal["auto", "mosquitto", "amqtt"] = "auto",
 ) -> DemoSummary:
@@ -221,13 +242,13 @@ def run_demo(
         ids = [f"demo-{i:02d}" for i in range(devices)]
         broker = start_local_broker(folder / "broker", device_ids=ids, kind=broker_kind)
         try:
-            return _run(broker, ids, reports, folder, console, json_path)
+            return _run(broker, ids, reports, rounds, folder, console, json_path)
         finally:
             broker.stop()
 
 
-def _run(broker: LocalBroker, ids: list[str], reports: int, folder: Path, console: Console,
-         json_path: Path | None) -> DemoSummary:
+def _run(broker: LocalBroker, ids: list[str], reports: int, rounds: int, folder: Path,
+         console: Console, json_path: Path | None) -> DemoSummary:
     started = time.monotonic()
     if broker.kind == "amqtt":
         console.print(
@@ -240,19 +261,22 @@ def _run(broker: LocalBroker, ids: list[str], reports: int, folder: Path, consol
     summary = DemoSummary(broker=broker.kind, mqtt_version="5" if broker.mqtt5 else "3.1.1",
                           devices=len(ids), telemetry_expected=len(ids) * reports)
     observer = Observer(broker, topics)
-    cloud = _cloud(broker, folder / "cloud").start()
+    cloud = _cloud(broker, folder / "cloud", _fl_config(rounds, len(ids))).start()
     console.print(f"cloud: service {cloud.settings.instance} online, store "
                   f"{cloud.settings.sqlite_path}")
     key = Ed25519PrivateKey.generate()
-    fleet = [_agent(broker, d, folder / "fleet", key, interval) for d in ids]
+    fleet = [_agent(broker, d, folder / "fleet", key, interval, i, len(ids))
+             for i, d in enumerate(ids)]
     try:
         for agent in fleet:
             agent.start()
         for agent in fleet:
             if not agent.session.connected.wait(WAIT_S):
                 raise TimeoutError(f"{agent.device_id} did not connect")
-        console.print(f"fleet: {len(fleet)} agents online; training the model to roll out")
-        _rollout(observer, topics, fleet, key, summary, console)
+        console.print(f"fleet: {len(fleet)} agents online, each with a Dirichlet({FL_ALPHA}) "
+                      "share of the digits")
+        weights = _federated(cloud, summary, console, rounds, len(ids))
+        _rollout(observer, topics, fleet, key, weights, summary, console)
         observer.wait(lambda: observer.kinds["telemetry"] >= summary.telemetry_expected,
                       timeout=reports * interval * 4 + WAIT_S)
         _alert(observer, topics, fleet[len(fleet) // 2], summary, console)
@@ -278,6 +302,7 @@ def _run(broker: LocalBroker, ids: list[str], reports: int, folder: Path, consol
         and summary.acl_denied_reason in (None, NOT_AUTHORIZED)
         and all(d.installed_version == "1.0.0" and d.accuracy is not None for d in summary.fleet)
         and summary.alert.get("resolved") is True
+        and summary.fl.get("final_accuracy") is not None
         and summary.cloud_stored_telemetry >= summary.telemetry_expected
     )
     _print(console, summary)
@@ -286,15 +311,65 @@ def _run(broker: LocalBroker, ids: list[str], reports: int, folder: Path, consol
     return summary
 
 
+def _federated(cloud: ServiceThread, summary: DemoSummary, console: Console, rounds: int,
+               devices: int) -> dict[str, np.ndarray]:
+    """FedAvg rounds over MQTT with partial participation, shown round by round."""
+    coordinator = cloud.service.coordinators[FL_TASK]
+    with Progress(console=console, transient=False) as progress:
+        bar = progress.add_task("federated rounds (FedAvg, 50 % of devices per round)",
+                                total=rounds)
+        deadline = time.monotonic() + rounds * 60
+        done = threading.Event()
+        while coordinator.state.state.value not in ("finished", "failed"):
+            if time.monotonic() > deadline:
+                raise TimeoutError("federated training did not finish")
+            progress.update(bar, completed=coordinator.state.round)
+            done.wait(0.1)
+        progress.update(bar, completed=coordinator.state.round)
+    if coordinator.state.state.value == "failed":
+        raise RuntimeError(f"federated training failed: {coordinator.state.message}")
+    history = coordinator.state.history
+    task = DigitsTask()
+    config = cloud.settings.fl[FL_TASK]
+    partitions = [Partition(index=i, count=devices, scheme="dirichlet", alpha=FL_ALPHA)
+                  for i in range(devices)]
+    epochs = max(1, round(rounds * config.hyperparams.local_epochs * config.fraction_fit))
+    baseline = centralized_baseline(task, partitions, config.hyperparams, epochs)
+    summary.fl = {
+        "rounds": [{k: h.get(k) for k in ("round", "central_accuracy", "train_loss",
+                                          "bytes_received")}
+                   | {"participants": len(h["participants"])} for h in history],
+        "final_accuracy": history[-1]["central_accuracy"] if history else None,
+        "centralized_baseline_accuracy": baseline.accuracy,
+        "centralized_epochs": baseline.epochs,
+        "bytes_on_wire": sum(h["bytes_received"] for h in history),
+    }
+    table = Table(title="federated training (central test accuracy per round)")
+    for column in ("round", "participants", "train loss", "accuracy", "bytes"):
+        table.add_column(column, justify="right")
+    for h in history:
+        table.add_row(str(h["round"]), str(len(h["participants"])),
+                      f"{h['train_loss']:.3f}" if h.get("train_loss") is not None else "-",
+                      f"{h['central_accuracy']:.3f}", str(h["bytes_received"]))
+    console.print(table)
+    console.print(f"federated: {summary.fl['final_accuracy']:.3f}; centralized baseline on the "
+                  f"union of the same data, {baseline.epochs} epochs: {baseline.accuracy:.3f}")
+    return dict(coordinator.global_weights)
+
+
 def _rollout(observer: Observer, topics: Topics, fleet: list[EdgeAgent], key: Ed25519PrivateKey,
-             summary: DemoSummary, console: Console) -> None:
-    """Train, export, sign, publish; every device installs, serves and reports."""
-    trained: DigitsModel = train_digits_mlp()
-    summary.model_test_accuracy = round(trained.test_accuracy, 4)
+             weights: dict[str, np.ndarray], summary: DemoSummary, console: Console) -> None:
+    """Export the federated model, sign, publish; every device installs, serves, reports."""
+    task = DigitsTask()
+    onnx = export_onnx(task, weights)
+    test_x, test_y = task.central_data()
+    accuracy = task.evaluate(weights, test_x, test_y).accuracy
+    summary.model_test_accuracy = round(accuracy, 4)
     manifest, chunks = build_release(
-        MODEL, "1.0.0", trained.onnx, fmt=ModelFormat.ONNX, key=key, key_id=KEY_ID,
+        MODEL, "1.0.0", onnx, fmt=ModelFormat.ONNX, key=key, key_id=KEY_ID,
         chunk_size=4096, input_shape=[1, 64],
-        metadata={"trained_on": "sklearn digits", "test_accuracy": trained.test_accuracy},
+        metadata={"trained_by": "federated averaging on the demo fleet",
+                  "test_accuracy": accuracy},
     )
     for i, chunk in enumerate(chunks):
         observer.publish(topics.chunk(MODEL, "1.0.0", i), chunk, retain=True)
@@ -309,7 +384,7 @@ def _rollout(observer: Observer, topics: Topics, fleet: list[EdgeAgent], key: Ed
         return False
 
     observer.wait(lambda: all(installed(a.device_id) for a in fleet))
-    x, y = trained.test_x, trained.test_y
+    x, y = test_x, test_y
     shares = np.array_split(np.arange(len(y)), len(fleet))
     for agent, share in zip(fleet, shares, strict=True):
         result = DeviceResult(agent.device_id)
@@ -339,7 +414,7 @@ def _rollout(observer: Observer, topics: Topics, fleet: list[EdgeAgent], key: Ed
             result.latency_ms_p95 = metrics.latency_ms_p95
 
 
-def _cloud(broker: LocalBroker, folder: Path) -> ServiceThread:
+def _cloud(broker: LocalBroker, folder: Path, fl: dict[str, object]) -> ServiceThread:
     creds = broker.credentials("edgefl-cloud")
     mqtt: dict[str, object] = {"host": broker.host, "port": broker.port,
                                "protocol": 5 if broker.mqtt5 else 4}
@@ -348,6 +423,7 @@ def _cloud(broker: LocalBroker, folder: Path) -> ServiceThread:
     settings = CloudSettings.model_validate({
         "instance": "demo-cloud", "data_dir": folder, "mqtt": mqtt,
         "ingest": {"flush_interval_s": 0.1}, "alerts": {"tick_interval_s": 0.5},
+        "fl": {FL_TASK: fl},
     })
     return ServiceThread(settings)
 

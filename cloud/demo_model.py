@@ -1,7 +1,10 @@
-"""The demo's model: an MLP trained on scikit-learn's bundled digits, exported to ONNX.
+"""The demo's model: trained with federated learning across the simulated fleet.
 
-Real data (no download): 1,797 8x8 digit images, 80/20 split with a fixed seed.
-The federated-learning issue replaces this central training with FL rounds.
+Each device holds a non-IID (Dirichlet) partition of scikit-learn's bundled
+digits; the cloud's coordinator runs FedAvg rounds over MQTT. This module holds
+the pieces the demo needs around that: the centralized baseline (the same model
+and epochs budget on the union of the same training data) and the ONNX export
+of the final global weights for the signed rollout.
 """
 
 from __future__ import annotations
@@ -11,46 +14,43 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
+
+from fl_tasks.base import LocalData, Partition, Weights, set_weights
+from fl_tasks.digits import DigitsTask
+from schemas.fl import HyperParams
 
 
 @dataclass(frozen=True)
-class DigitsModel:
-    """A trained model, its ONNX bytes and the held-out split."""
+class Baseline:
+    """Centralized training on the union of the devices' training data."""
 
-    onnx: bytes
-    test_x: np.ndarray
-    test_y: np.ndarray
-    test_accuracy: float
+    accuracy: float
+    epochs: int
 
 
-def train_digits_mlp(*, epochs: int = 40, seed: int = 0) -> DigitsModel:
-    """Train a 64-32-10 MLP with Adam on the digits training split (a second or two)."""
-    digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32)
-    y = digits.target.astype(np.int64)
-    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.2, random_state=seed,
-                                                        stratify=y)
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(),
-                                torch.nn.Linear(32, 10))
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        order = torch.randperm(len(xt), generator=generator)
-        for idx in order.split(64):  # type: ignore[no-untyped-call]
-            optimizer.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx])
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
+def centralized_baseline(task: DigitsTask, partitions: list[Partition], hp: HyperParams,
+                         epochs: int, seed: int = 0) -> Baseline:
+    """Train the task's model centrally for ``epochs`` on the union of the devices' data."""
+    shares = [task.local_data(p) for p in partitions]
+    x = np.concatenate([s.x_train for s in shares])
+    y = np.concatenate([s.y_train for s in shares])
+    central = task.central_data()
+    data = LocalData(x, y, central[0][:1], central[1][:1])
+    initial = {k: v.detach().numpy().astype(np.float32).copy()
+               for k, v in task.build_model().state_dict().items()}
+    result = task.train(initial, data, hp.model_copy(update={"local_epochs": max(1, epochs)}),
+                        seed=seed)
+    evaluation = task.evaluate(result.weights, central[0], central[1])
+    return Baseline(evaluation.accuracy, max(1, epochs))
+
+
+def export_onnx(task: DigitsTask, weights: Weights) -> bytes:
+    """The global model as ONNX with a dynamic batch axis."""
+    model = task.build_model()
+    set_weights(model, weights)
     model.eval()
-    with torch.no_grad():
-        accuracy = float((model(torch.from_numpy(x_test)).argmax(1).numpy() == y_test).mean())
     buffer = io.BytesIO()
     torch.onnx.export(model, (torch.zeros(1, 64),), buffer,  # type: ignore[arg-type]
-                      input_names=["x"],
-                      output_names=["logits"],
+                      input_names=["x"], output_names=["logits"],
                       dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
-    return DigitsModel(buffer.getvalue(), x_test, y_test, accuracy)
+    return buffer.getvalue()
