@@ -200,6 +200,7 @@ class CloudService:
                     coordinator.on_update(parsed.device_id, parsed.round, payload)
                 else:
                     coordinator.on_eval(parsed.device_id, parsed.round, payload)
+                await coordinator.tick()  # close the round as soon as the last one reported
             else:
                 self.counters["unexpected_topic"] += 1
         except TopicError as exc:

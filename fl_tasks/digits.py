@@ -41,10 +41,10 @@ N_CLASSES: Final = 10
 class DigitsMLP(nn.Module):
     """64-64-10 perceptron with a ReLU hidden layer."""
 
-    def __init__(self) -> None:
+    def __init__(self, hidden: int = 64) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(N_FEATURES, 64)
-        self.fc2 = nn.Linear(64, N_CLASSES)
+        self.fc1 = nn.Linear(N_FEATURES, hidden)
+        self.fc2 = nn.Linear(hidden, N_CLASSES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits of a ``(batch, 64)`` input."""
@@ -102,6 +102,7 @@ class DigitsTask(FLTask):
         seed: model initialization seed.
         test_fraction: share of the data set aside as the central test split.
         eval_fraction: share of each device's data kept for local evaluation.
+        hidden: width of the MLP's hidden layer (64: 4.8k parameters; 1500: 112k).
 
     Raises:
         TaskConfigError: unknown model, or a fraction outside ``(0, 1)``.
@@ -110,7 +111,7 @@ class DigitsTask(FLTask):
     name = "digits"
 
     def __init__(self, model: ModelKind = "mlp", seed: int = 0, test_fraction: float = 0.2,
-                 eval_fraction: float = 0.15) -> None:
+                 eval_fraction: float = 0.15, hidden: int = 64) -> None:
         if model not in MODEL_KINDS:
             raise TaskConfigError("model", f"unknown model {model!r}, expected {MODEL_KINDS}")
         for label, fraction in (("test_fraction", test_fraction),
@@ -121,6 +122,9 @@ class DigitsTask(FLTask):
         self.seed = seed
         self.test_fraction = test_fraction
         self.eval_fraction = eval_fraction
+        if hidden < 1:
+            raise TaskConfigError("hidden", f"hidden must be >= 1, got {hidden}")
+        self.hidden = hidden
 
     def __repr__(self) -> str:
         return (f"DigitsTask(model={self.model!r}, seed={self.seed}, "
@@ -129,7 +133,7 @@ class DigitsTask(FLTask):
     def build_model(self) -> nn.Module:
         """A new MLP or CNN, initialized from ``self.seed``."""
         with seeded(self.seed):
-            return DigitsMLP() if self.model == "mlp" else DigitsCNN()
+            return DigitsMLP(self.hidden) if self.model == "mlp" else DigitsCNN()
 
     def local_data(self, partition: Partition) -> LocalData:
         """Device ``partition.index``'s share of the training split, cut into train and eval.

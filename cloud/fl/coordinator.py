@@ -338,6 +338,7 @@ class Coordinator:
             "train_accuracy": float(envelope.train_accuracy
                                     if envelope.train_accuracy is not None else float("nan")),
             "bytes": float(len(payload)),
+            "train_time_s": float(envelope.train_time_s or 0.0),
         }
         current.bytes_received += len(payload)
         self._save()
@@ -448,6 +449,8 @@ class Coordinator:
             "fairness": fairness,
             "bytes_received": current.bytes_received,
             "duration_s": max(0.0, now() - current.issued_at),
+            "slowest_client_s": max((a.get("train_time_s", 0.0) for a in accepted.values()),
+                                    default=0.0),
         }
 
     def _early_stop(self, record: dict[str, Any]) -> str | None:

@@ -1,0 +1,197 @@
+"""Federated learning on the real system: learning quality, bytes on wire, round overhead.
+
+Every run starts a cloud service (coordinator) and 10 edge agents (FL clients) on a
+local Mosquitto; training happens on the agents, updates travel over MQTT, and the
+coordinator aggregates and evaluates on the held-out digits test split. Prints JSON:
+
+    .venv/bin/python bench/bench_fl.py [--rounds 30] [--only quality|compression|overhead]
+
+* quality: FedAvg and FedAdam on digits (MLP), 10 devices, Dirichlet alpha 0.5 and 0.1,
+  50 % participation; curves, and the round at which 95 % of the centralized baseline
+  (same model, same data union, same epochs budget) is reached.
+* compression: bytes on wire per update and final accuracy for fp32, fp16, int8 and
+  top-k 10 % + int8 (FedAvg, alpha 0.5).
+* overhead: wall time of a round minus the slowest client's training time, 10 devices,
+  a 112k-parameter MLP, every device each round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from broker.local import LocalBroker, start_local_broker
+from cloud.demo_model import centralized_baseline
+from cloud.service import ServiceThread
+from cloud.settings import CloudSettings
+from edge_node.agent import EdgeAgent
+from edge_node.settings import EdgeSettings
+from fl_tasks.base import Partition
+from fl_tasks.digits import DigitsTask
+from schemas.fl import HyperParams
+
+DEVICES = 10
+HP = {"local_epochs": 2, "batch_size": 16, "learning_rate": 0.1, "momentum": 0.5}
+
+
+def run(broker: LocalBroker, folder: Path, ids: list[str], *, rounds: int, alpha: float,
+        strategy: str = "fedavg", params: dict[str, Any] | None = None,
+        compression: dict[str, Any] | None = None, fraction: float = 0.5,
+        task_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One federated task on the real system; returns the coordinator's history."""
+    root = f"b{uuid.uuid4().hex[:8]}/edgefl/v1"
+    creds = broker.credentials("edgefl-cloud")
+    assert creds is not None
+    kwargs = task_kwargs or {}
+    cloud = ServiceThread(CloudSettings.model_validate({
+        "instance": f"bench-{uuid.uuid4().hex[:6]}", "topic_root": root,
+        "data_dir": folder / uuid.uuid4().hex[:8],
+        "mqtt": {"host": broker.host, "port": broker.port, "password": creds[1]},
+        "fl": {"digits": {
+            "task": "fl_tasks.digits:DigitsTask", "task_kwargs": kwargs, "rounds": rounds,
+            "strategy": strategy, "strategy_params": params or {}, "fraction_fit": fraction,
+            "min_fit_clients": max(1, round(fraction * len(ids))),
+            "min_available_clients": len(ids), "round_timeout_s": 60, "hyperparams": HP,
+            "compression": compression or {"kind": "none"}}},
+    })).start()
+    agents = []
+    for i, device_id in enumerate(ids):
+        settings = EdgeSettings.model_validate({
+            "device_id": device_id, "topic_root": root, "state_dir": folder / root / device_id,
+            "mqtt": {"host": broker.host, "port": broker.port,
+                     "password": broker.credentials(device_id)[1]},  # type: ignore[index]
+            "telemetry": {"interval_s": 1.0},
+            "fl": {"tasks": {"digits": {"path": "fl_tasks.digits:DigitsTask", "options": kwargs,
+                                        "partition": i, "partitions": len(ids),
+                                        "scheme": "dirichlet", "alpha": alpha}}},
+        })
+        agent = EdgeAgent(settings)
+        agent.start()
+        agents.append(agent)
+    coordinator = cloud.service.coordinators["digits"]
+    started = time.monotonic()
+    tick = threading.Event()
+    while coordinator.state.state.value not in ("finished", "failed"):
+        if time.monotonic() - started > rounds * 60:
+            raise TimeoutError("training did not finish")
+        tick.wait(0.1)
+    history = list(coordinator.state.history)
+    for agent in agents:
+        agent.stop()
+    cloud.stop()
+    return {"history": history, "seconds": time.monotonic() - started,
+            "state": coordinator.state.state.value}
+
+
+def baseline(alpha: float, rounds: int) -> float:
+    """Centralized accuracy with the same model, data union and epochs budget."""
+    task = DigitsTask()
+    partitions = [Partition(index=i, count=DEVICES, scheme="dirichlet", alpha=alpha)
+                  for i in range(DEVICES)]
+    epochs = max(1, round(rounds * HP["local_epochs"] * 0.5))
+    return centralized_baseline(task, partitions, HyperParams.model_validate(HP),
+                                epochs).accuracy
+
+
+def curve(result: dict[str, Any]) -> list[float]:
+    """Central test accuracy per round."""
+    return [round(h["central_accuracy"], 4) for h in result["history"]]
+
+
+def overhead(broker: LocalBroker, folder: Path, ids: list[str]) -> dict[str, Any]:
+    """Round wall time minus the slowest client's training, 112k parameters."""
+    result = run(broker, folder, ids, rounds=6, alpha=0.5, fraction=1.0,
+                 task_kwargs={"hidden": 1500})
+    rows = [(h["duration_s"], h["slowest_client_s"]) for h in result["history"][1:]]
+    overheads = [d - s for d, s in rows]
+    return {"parameters": 64 * 1500 + 1500 + 1500 * 10 + 10, "devices": len(ids),
+            "rounds_measured": len(rows),
+            "round_s_median": round(statistics.median(d for d, _ in rows), 3),
+            "slowest_client_s_median": round(statistics.median(s for _, s in rows), 3),
+            "overhead_s_median": round(statistics.median(overheads), 3),
+            "overhead_s_max": round(max(overheads), 3)}
+
+
+def main() -> None:
+    """Run and print JSON."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--only", choices=["quality", "compression", "overhead"])
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-fl-") as tmp:
+        folder = Path(tmp)
+        ids = [f"fl-{i:03d}" for i in range(DEVICES * 9)]
+        broker = start_local_broker(folder / "broker", device_ids=ids, kind="mosquitto")
+        pools = iter([ids[i:i + DEVICES] for i in range(0, len(ids), DEVICES)])
+        result: dict[str, Any] = {"benchmark": "federated_learning", "devices": DEVICES,
+                                  "rounds": args.rounds, "hyperparams": HP}
+        try:
+            if args.only in (None, "quality"):
+                result["quality"] = {}
+                for key, value in quality_pools(broker, folder, pools, args.rounds).items():
+                    result["quality"][key] = value
+            if args.only in (None, "compression"):
+                result["compression"] = {}
+                for label, value in compression_pools(broker, folder, pools,
+                                                      args.rounds).items():
+                    result["compression"][label] = value
+            if args.only in (None, "overhead"):
+                result["round_overhead"] = overhead(broker, folder, next(pools))
+        finally:
+            broker.stop()
+    print(json.dumps(result, indent=2))
+
+
+def quality_pools(broker: LocalBroker, folder: Path, pools: Any, rounds: int,
+                  ) -> dict[str, Any]:
+    """quality() with fresh device ids per run (persistent sessions never mix)."""
+    out: dict[str, Any] = {}
+    for alpha in (0.5, 0.1):
+        base = baseline(alpha, rounds)
+        for strategy, params in (("fedavg", {}), ("fedadam", {"eta": 0.01})):
+            result = run(broker, folder, next(pools), rounds=rounds, alpha=alpha,
+                         strategy=strategy, params=params)
+            accs = curve(result)
+            reached = next((i + 1 for i, a in enumerate(accs) if a >= 0.95 * base), None)
+            out[f"{strategy}_alpha{alpha}"] = {
+                "final_accuracy": accs[-1] if accs else None,
+                "best_accuracy": max(accs) if accs else None,
+                "centralized_baseline": round(base, 4),
+                "final_over_baseline": round(accs[-1] / base, 4) if accs else None,
+                "round_reaching_95pct_of_baseline": reached,
+                "curve": accs, "seconds": round(result["seconds"], 1),
+            }
+            print(json.dumps({f"{strategy}_alpha{alpha}": out[f"{strategy}_alpha{alpha}"]}),
+                  file=sys.stderr, flush=True)
+    return out
+
+
+def compression_pools(broker: LocalBroker, folder: Path, pools: Any,
+                      rounds: int) -> dict[str, Any]:
+    """compression() with fresh device ids per run."""
+    out: dict[str, Any] = {}
+    for label, spec in (("fp32", {"kind": "none"}), ("fp16", {"kind": "fp16"}),
+                        ("int8", {"kind": "int8"}),
+                        ("topk10_int8", {"kind": "topk_int8", "topk_fraction": 0.1})):
+        result = run(broker, folder, next(pools), rounds=rounds, alpha=0.5, compression=spec)
+        history = result["history"]
+        updates = sum(len(h["participants"]) for h in history)
+        out[label] = {
+            "bytes_per_update": round(sum(h["bytes_received"] for h in history)
+                                      / max(1, updates)),
+            "final_accuracy": curve(result)[-1] if history else None,
+        }
+        print(json.dumps({label: out[label]}), file=sys.stderr, flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()
