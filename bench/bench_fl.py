@@ -47,7 +47,9 @@ def run(broker: LocalBroker, folder: Path, ids: list[str], *, rounds: int, alpha
         compression: dict[str, Any] | None = None, fraction: float = 0.5,
         task_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """One federated task on the real system; returns the coordinator's history."""
-    root = f"b{uuid.uuid4().hex[:8]}/edgefl/v1"
+    # The broker's ACL covers the default root; each run has a task name of its own.
+    root = "edgefl/v1"
+    name = f"digits-{uuid.uuid4().hex[:6]}"
     creds = broker.credentials("edgefl-cloud")
     assert creds is not None
     kwargs = task_kwargs or {}
@@ -55,7 +57,7 @@ def run(broker: LocalBroker, folder: Path, ids: list[str], *, rounds: int, alpha
         "instance": f"bench-{uuid.uuid4().hex[:6]}", "topic_root": root,
         "data_dir": folder / uuid.uuid4().hex[:8],
         "mqtt": {"host": broker.host, "port": broker.port, "password": creds[1]},
-        "fl": {"digits": {
+        "fl": {name: {
             "task": "fl_tasks.digits:DigitsTask", "task_kwargs": kwargs, "rounds": rounds,
             "strategy": strategy, "strategy_params": params or {}, "fraction_fit": fraction,
             "min_fit_clients": max(1, round(fraction * len(ids))),
@@ -65,18 +67,18 @@ def run(broker: LocalBroker, folder: Path, ids: list[str], *, rounds: int, alpha
     agents = []
     for i, device_id in enumerate(ids):
         settings = EdgeSettings.model_validate({
-            "device_id": device_id, "topic_root": root, "state_dir": folder / root / device_id,
+            "device_id": device_id, "topic_root": root, "state_dir": folder / name / device_id,
             "mqtt": {"host": broker.host, "port": broker.port,
                      "password": broker.credentials(device_id)[1]},  # type: ignore[index]
             "telemetry": {"interval_s": 1.0},
-            "fl": {"tasks": {"digits": {"path": "fl_tasks.digits:DigitsTask", "options": kwargs,
+            "fl": {"tasks": {name: {"path": "fl_tasks.digits:DigitsTask", "options": kwargs,
                                         "partition": i, "partitions": len(ids),
                                         "scheme": "dirichlet", "alpha": alpha}}},
         })
         agent = EdgeAgent(settings)
         agent.start()
         agents.append(agent)
-    coordinator = cloud.service.coordinators["digits"]
+    coordinator = cloud.service.coordinators[name]
     started = time.monotonic()
     tick = threading.Event()
     while coordinator.state.state.value not in ("finished", "failed"):

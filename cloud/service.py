@@ -127,10 +127,10 @@ class CloudService:
                     async with self._client_for() as client:
                         attempt = 0
                         await self._serve(client, stop)
-                except aiomqtt.MqttError as exc:
+                except* aiomqtt.MqttError as group:  # also from inside the TaskGroup
                     self.connected.clear()
                     self._client = None
-                    logger.warning("broker connection lost or refused: %s", exc)
+                    logger.warning("broker connection lost or refused: %s", group.exceptions[0])
                 if stop.is_set():
                     break
                 cap = min(mqtt.reconnect_max_s, mqtt.reconnect_min_s * 2 ** min(attempt, 20))
