@@ -81,3 +81,39 @@ def test_three_devices_three_rounds_match_in_process_fedavg(
     registry = cloud.service.store.get("model_registry")
     assert f"{TASK}:3" in registry
     watcher.close()
+
+
+def test_fedbn_keeps_batch_norm_on_the_devices(
+    make_cloud: CloudFactory, make_agent: AgentFactory, topics: Topics,
+) -> None:
+    cloud = make_cloud(fl={TASK: fl_config(rounds=2, min_fit_clients=2, min_available_clients=2,
+                                           strategy="fedbn", task_kwargs={"model": "cnn"})})
+    settings = [device_fl(i, 2) for i in range(2)]
+    for s in settings:
+        s["tasks"][TASK]["options"] = {"model": "cnn"}
+    agents = [make_agent(fl=s) for s in settings]
+    coordinator = cloud.service.coordinators[TASK]
+    wait_until(lambda: coordinator.state.state is TaskState.FINISHED, timeout=120,
+               what="fedbn rounds")
+    folder = cloud.settings.data_dir / "fl" / TASK
+    sent = decode((folder / "global-2.safetensors").read_bytes(), GlobalModelEnvelope).tensors
+    assert sent and not any("bn" in name for name in sent)
+    local = [a.fl.tasks[TASK].local_weights for a in agents]
+    bn = [name for name in local[0] if "bn" in name and "running_mean" in name]
+    assert bn
+    assert not np.allclose(local[0][bn[0]], local[1][bn[0]]), "BN statistics were shared"
+
+
+def test_selection_policies(make_cloud: CloudFactory) -> None:
+    from cloud.registry import DeviceRecord
+
+    cloud = make_cloud(fl={TASK: fl_config(fraction_fit=0.5, min_fit_clients=1,
+                                           selection={"policy": "fair"})})
+    coordinator = cloud.service.coordinators[TASK]
+    devices = [DeviceRecord(f"d{i}", online=True, runtimes={"torchscript": "2"})
+               for i in range(4)]
+    first, _ = coordinator.select(devices)
+    for d in first:
+        coordinator.state.last_selected[d] = 1.0
+    second, _ = coordinator.select(devices)
+    assert len(first) == 2 and not set(first) & set(second), "fair picks the least recent"
