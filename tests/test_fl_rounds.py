@@ -117,3 +117,37 @@ def test_selection_policies(make_cloud: CloudFactory) -> None:
         coordinator.state.last_selected[d] = 1.0
     second, _ = coordinator.select(devices)
     assert len(first) == 2 and not set(first) & set(second), "fair picks the least recent"
+
+
+def test_federated_evaluation_fairness_and_early_stop(
+    make_cloud: CloudFactory, make_agent: AgentFactory,
+) -> None:
+    cloud = make_cloud(fl={TASK: fl_config(rounds=20, min_fit_clients=3,
+                                           fraction_evaluate=1.0, min_evaluate_clients=3,
+                                           target_accuracy=0.5)})
+    for i in range(3):
+        make_agent(fl=device_fl(i, 3))
+    coordinator = cloud.service.coordinators[TASK]
+    wait_until(lambda: coordinator.state.state is TaskState.FINISHED, timeout=120,
+               what="early stop")
+    assert coordinator.state.round < 20
+    assert "target accuracy" in (coordinator.state.message or "")
+    last = coordinator.state.history[-1]
+    assert last["eval_accuracy"] is not None and last["fairness"] is not None
+    assert 0 <= last["fairness"]["disparity"] <= 1
+
+
+def test_too_few_updates_fails_the_task_and_says_so(
+    make_cloud: CloudFactory, make_agent: AgentFactory, mosquitto: RunningBroker,
+    topics: Topics, new_device_id: Callable[[], str],
+) -> None:
+    from tests.test_fl_faults import HandDevice
+
+    cloud = make_cloud(fl={TASK: fl_config(rounds=2, min_fit_clients=2, min_available_clients=2,
+                                           round_timeout_s=2, accept_failures=False)})
+    make_agent(fl=device_fl(0, 2))
+    HandDevice(mosquitto, topics, new_device_id())  # online and selectable, never trains
+    coordinator = cloud.service.coordinators[TASK]
+    wait_until(lambda: coordinator.state.state is TaskState.FAILED, timeout=30,
+               what="round failed")
+    assert "fewer than min_fit_clients" in (coordinator.state.message or "")
