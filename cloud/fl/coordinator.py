@@ -52,6 +52,7 @@ from schemas.topics import Topics
 logger = logging.getLogger(__name__)
 
 Publish = Callable[[str, bytes, bool], Awaitable[None]]
+_TRANSIENT = frozenset({TaskState.ROUND_OPEN, TaskState.AGGREGATING, TaskState.EVALUATING})
 
 
 class RoundRecord(BaseModel):
@@ -112,7 +113,11 @@ class Coordinator:
     # -- persistence ------------------------------------------------------------------
 
     def _save(self) -> None:
-        self.store.put(self.key, self.state.model_dump(mode="json"))
+        state = self.state
+        if state.state in _TRANSIENT:
+            # What a restart can resume: the round is collecting until it is released.
+            state = state.model_copy(update={"state": TaskState.COLLECTING})
+        self.store.put(self.key, state.model_dump(mode="json"))
 
     def _weights_path(self, version: str) -> Path:
         return self.folder / f"global-{version}.safetensors"
@@ -168,6 +173,9 @@ class Coordinator:
         current = self.state.current
         if current is not None and self.state.state is TaskState.COLLECTING:
             self._resume_round(current)
+            # The plan may not have left before a crash; publishing it again is idempotent.
+            await self.publish(self.topics.round_plan(self.name), self._plan(current).to_json(),
+                               True)
         await self._publish_status()
 
     async def tick(self) -> None:
@@ -249,22 +257,29 @@ class Coordinator:
         for device_id in selected:
             self.state.last_selected[device_id] = issued
         self.state.current = record
+        # Persisted as collecting (what a restart resumes); round_open is what others see.
         self.state.state = TaskState.COLLECTING
         self._save()
+        self.state.state = TaskState.ROUND_OPEN
+        await self._publish_status({"round": round_})
         self._begin(record)
+        await self.publish(self.topics.round_plan(self.name), self._plan(record).to_json(), True)
+        self.state.state = TaskState.COLLECTING
+        logger.info("%s: round %d open: %d selected, deadline in %.0f s", self.name, round_,
+                    len(selected), self.config.round_timeout_s)
+        await self._publish_status({"round": round_, "participants": selected})
+
+    def _plan(self, record: RoundRecord) -> RoundPlan:
         hp = self.config.hyperparams
         client_config = self.strategy.client_config()
         if "proximal_mu" in client_config:
             hp = hp.model_copy(update={"proximal_mu": float(client_config["proximal_mu"])})
-        plan = RoundPlan(task=self.name, round=round_, global_version=record.global_version,
-                         selected=selected, evaluate=evaluate, issued_at=issued,
+        return RoundPlan(task=self.name, round=record.round,
+                         global_version=record.global_version, selected=record.selected,
+                         evaluate=record.evaluate, issued_at=record.issued_at,
                          deadline=record.deadline, strategy=self.strategy.name,
                          hyperparams=hp, compression=self.config.compression,
                          max_update_norm=self.config.max_update_norm)
-        await self.publish(self.topics.round_plan(self.name), plan.to_json(), True)
-        logger.info("%s: round %d open: %d selected, deadline in %.0f s", self.name, round_,
-                    len(selected), self.config.round_timeout_s)
-        await self._publish_status({"round": round_, "participants": selected})
 
     def _begin(self, record: RoundRecord) -> None:
         self._round_started = time.monotonic()
@@ -390,8 +405,10 @@ class Coordinator:
             self._save()
             await self._publish_status()
             return
+        # Aggregating and evaluating are not persisted: until the round is released the
+        # saved state is still `collecting`, and a restart re-aggregates the stored updates.
         self.state.state = TaskState.AGGREGATING
-        self._save()
+        await self._publish_status()
         new_weights = self.strategy.finalize()
         version = str(current.round)
         payload = self._write_global(version, new_weights, current.round)
@@ -403,7 +420,6 @@ class Coordinator:
         if old_version != version:  # retained weights live in broker RAM: clear the old ones
             await self.publish(self.topics.global_model(self.name, old_version), b"", True)
         self.state.state = TaskState.EVALUATING
-        self._save()
         record = self._record(current, new_weights)
         self.state.history.append(record)
         self.state.current = None
