@@ -151,3 +151,24 @@ def test_too_few_updates_fails_the_task_and_says_so(
     wait_until(lambda: coordinator.state.state is TaskState.FAILED, timeout=30,
                what="round failed")
     assert "fewer than min_fit_clients" in (coordinator.state.message or "")
+
+
+def test_a_late_device_drops_its_update_and_says_so_in_telemetry(
+    make_cloud: CloudFactory, make_agent: AgentFactory, mosquitto: RunningBroker,
+    topics: Topics,
+) -> None:
+    from schemas.device import DeviceTelemetry
+
+    make_cloud(fl={TASK: fl_config(rounds=1, min_fit_clients=1, min_available_clients=1,
+                                   round_timeout_s=0.5, accept_failures=False,
+                                   hyperparams={"local_epochs": 60, "batch_size": 8,
+                                                "learning_rate": 0.01})})
+    watcher = mosquitto.connected(mosquitto.cloud_username)
+    agent = make_agent(fl=device_fl(0, 1), interval_s=0.2)
+    watcher.subscribe(topics.telemetry(agent.device_id))
+    wait_until(lambda: agent.counters["fl_late_update_dropped"] == 1, timeout=90,
+               what="late update dropped")
+    assert agent.fl.updates_sent == 0
+    watcher.wait_for(lambda m: decode_message(DeviceTelemetry, m.payload).counters.get(
+        "fl_late_update_dropped") == 1, timeout=10)
+    watcher.close()
