@@ -12,8 +12,6 @@ global weights (batch-norm layers) are taken from the device's own last weights.
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
 import zlib
 from collections import Counter
@@ -22,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edge_node.job_thread import JobThread
 from edge_node.settings import FLSettings
 from fl_tasks.base import FLTask, LocalData, Partition, Weights, load_task
 from schemas.base import decode_message, now
@@ -69,8 +68,8 @@ class FLClient:
                                   scheme=config.scheme, alpha=config.alpha,
                                   seed=config.seed)
             self.tasks[name] = TaskState(task, task.local_data(partition))
-        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
-        self._thread: threading.Thread | None = None
+        self._jobs = JobThread(f"fl-{device_id}", "fl", counters,
+                               (DecodeError, ValueError, RuntimeError, OSError))
         self.updates_sent = 0
 
     def filters(self) -> list[str]:
@@ -79,33 +78,21 @@ class FLClient:
 
     def start(self) -> None:
         """Start the training thread."""
-        self._thread = threading.Thread(target=self._run, name=f"fl-{self.device_id}",
-                                        daemon=True)
-        self._thread.start()
+        self._jobs.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the current step, end the thread."""
-        self._queue.put(None)
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while (job := self._queue.get()) is not None:
-            try:
-                job()
-            except (DecodeError, ValueError, RuntimeError, OSError) as exc:
-                self.counters[f"fl_{getattr(exc, 'reason', type(exc).__name__)}"] += 1
-                logger.exception("%s: FL step failed", self.device_id)
+        self._jobs.stop(timeout)
 
     # -- messages (network thread) -------------------------------------------------
 
     def on_round_plan(self, task: str, payload: bytes) -> None:
         """A retained round plan arrived."""
-        self._queue.put(lambda: self._plan(task, payload))
+        self._jobs.put(lambda: self._plan(task, payload))
 
     def on_global_weights(self, task: str, version: str, payload: bytes) -> None:
         """Global weights arrived."""
-        self._queue.put(lambda: self._weights(task, version, payload))
+        self._jobs.put(lambda: self._weights(task, version, payload))
 
     # -- training thread -----------------------------------------------------------
 

@@ -12,8 +12,6 @@ keeps serving.
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -27,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edge_node.errors import EdgeError, InstallError, ModelLoadError, RuntimeUnavailableError
 from edge_node.inference import InferenceRuntime, load_runtime
 from edge_node.inference_service import InferenceService, MiB, rss_bytes
+from edge_node.job_thread import JobThread
 from edge_node.model_store import EXTENSIONS, InstalledModel, ModelStore
 from edge_node.release_verify import verify_manifest
 from edge_node.settings import OtaSettings
@@ -118,31 +117,18 @@ class OtaManager:
         self.chunk_messages: Counter[str] = Counter()
         self.probation: dict[str, tuple[float, str]] = {}
         self._failed: set[tuple[str, str, str]] = set()
-        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
-        self._thread: threading.Thread | None = None
+        self._jobs = JobThread(f"ota-{device_id}", "ota", counters,
+                               (EdgeError, DecodeError, OSError, ValueError))
 
     # -- thread ----------------------------------------------------------------
 
     def start(self) -> None:
         """Start the install thread."""
-        self._thread = threading.Thread(target=self._run, name=f"ota-{self.device_id}",
-                                        daemon=True)
-        self._thread.start()
+        self._jobs.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Finish the current step and end the thread."""
-        self._queue.put(None)
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while (job := self._queue.get()) is not None:
-            try:
-                job()
-            except (EdgeError, DecodeError, OSError, ValueError) as exc:
-                # The one dispatcher: log, count, keep serving.
-                self.counters[f"ota_{getattr(exc, 'reason', type(exc).__name__)}"] += 1
-                logger.exception("%s: OTA step failed", self.device_id)
+        self._jobs.stop(timeout)
 
     def call(self, fn: Callable[[], DeploymentStatus], timeout: float = 60.0) -> DeploymentStatus:
         """Run ``fn`` on the install thread and wait for its result."""
@@ -154,18 +140,18 @@ class OtaManager:
             except (EdgeError, OSError) as exc:
                 future.set_exception(exc)
 
-        self._queue.put(job)
+        self._jobs.put(job)
         return future.result(timeout)
 
     # -- entry points (any thread) ---------------------------------------------
 
     def submit_release(self, model: str, payload: bytes) -> None:
         """A retained manifest arrived on ``models/{model}/release``."""
-        self._queue.put(lambda: self._on_release(model, payload))
+        self._jobs.put(lambda: self._on_release(model, payload))
 
     def submit_chunk(self, model: str, version: str, index: int, payload: bytes) -> None:
         """A chunk arrived."""
-        self._queue.put(lambda: self._on_chunk(model, version, index, payload))
+        self._jobs.put(lambda: self._on_chunk(model, version, index, payload))
 
     def rollback(self, model: str, reason: str) -> DeploymentStatus:
         """Return to the previous slot (on the install thread); raises InstallError."""
@@ -173,7 +159,7 @@ class OtaManager:
 
     def check_probation(self) -> None:
         """Queue a probation check of freshly installed models."""
-        self._queue.put(self._check_probation)
+        self._jobs.put(self._check_probation)
 
     # -- status ---------------------------------------------------------------
 
