@@ -75,6 +75,19 @@ def pid_is_mosquitto(pid: int) -> bool:
         return False
 
 
+def terminate(proc: subprocess.Popen[bytes], what: str, timeout: float = 10.0) -> None:
+    """SIGTERM a child process, then SIGKILL it if it is still there after ``timeout``."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        logger.warning("%s pid %s ignored SIGTERM; killing it", what, proc.pid)
+        proc.kill()
+        proc.wait(timeout=timeout)
+
+
 class MosquittoProcess:
     """One Mosquitto child process.
 
@@ -162,14 +175,7 @@ class MosquittoProcess:
         proc = self._proc
         if proc is None:
             return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                logger.warning("mosquitto pid %s ignored SIGTERM; killing it", proc.pid)
-                proc.kill()
-                proc.wait(timeout=timeout)
+        terminate(proc, "mosquitto", timeout)
         if self.pid_file:
             self.pid_file.unlink(missing_ok=True)
         return proc.returncode

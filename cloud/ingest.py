@@ -26,6 +26,7 @@ from cloud.registry import DeviceRegistry
 from cloud.settings import CloudSettings
 from cloud.storage.sink import AlertEvent, TelemetrySink
 from schemas.base import decode_message, now
+from schemas.catalog import CHANNELS
 from schemas.device import (
     Command,
     CommandResult,
@@ -41,13 +42,10 @@ logger = logging.getLogger(__name__)
 
 Publish = Callable[[str, bytes, bool], Awaitable[None]]
 REPORT_REQUEST_EVERY_S = 60.0
-MODELS: dict[TopicKind, type[BaseModel]] = {
-    TopicKind.TELEMETRY: DeviceTelemetry,
-    TopicKind.MODEL_METRICS: ModelMetrics,
-    TopicKind.DEVICE_STATE: DeviceState,
-    TopicKind.DEPLOYMENT_STATUS: DeploymentStatus,
-    TopicKind.COMMAND_REPLY: CommandResult,
-}
+INGESTED_KINDS = frozenset({TopicKind.TELEMETRY, TopicKind.MODEL_METRICS,
+                            TopicKind.DEVICE_STATE, TopicKind.DEPLOYMENT_STATUS,
+                            TopicKind.COMMAND_REPLY})
+"""Device -> cloud JSON topics this component owns; their models come from the catalog."""
 
 
 @dataclass
@@ -98,7 +96,9 @@ class Ingest:
 
     def decode(self, parsed: ParsedTopic, payload: bytes) -> BaseModel:
         """Validate one payload for its topic; raises IngestRefused with a reason."""
-        model = MODELS[parsed.kind]
+        model = CHANNELS[parsed.kind].message
+        if model is None:
+            raise IngestRefused("unexpected_topic", f"{parsed.kind.value} carries no JSON")
         try:
             message = decode_message(model, payload,
                                      max_bytes=self.settings.ingest.max_payload_bytes)

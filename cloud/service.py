@@ -25,7 +25,7 @@ from paho.mqtt.properties import Properties
 
 from cloud.alerting import AlertComponent
 from cloud.alerts.rules import load_rules
-from cloud.ingest import Ingest
+from cloud.ingest import INGESTED_KINDS, Ingest
 from cloud.registry import DeviceRegistry
 from cloud.settings import CloudSettings
 from cloud.storage.influx_sink import InfluxSink
@@ -40,8 +40,6 @@ logger = logging.getLogger(__name__)
 
 FLUSH_EVERY_S = 1.0
 FL_TICK_S = 0.1
-_INGESTED = frozenset({TopicKind.TELEMETRY, TopicKind.MODEL_METRICS, TopicKind.DEVICE_STATE,
-                       TopicKind.DEPLOYMENT_STATUS, TopicKind.COMMAND_REPLY})
 
 
 class CloudService:
@@ -189,7 +187,7 @@ class CloudService:
         payload = message.payload if isinstance(message.payload, bytes) else b""
         try:
             parsed = self.topics.parse(topic)
-            if parsed.kind in _INGESTED:
+            if parsed.kind in INGESTED_KINDS:
                 await self.ingest.handle(parsed, payload)
             elif parsed.kind in (TopicKind.UPDATE, TopicKind.EVAL) \
                     and parsed.task in self.coordinators:

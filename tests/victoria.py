@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import signal
 import subprocess
 import threading
 import time
@@ -25,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from broker.launcher import free_port
+from broker.launcher import free_port, terminate
 
 logger = logging.getLogger(__name__)
 
@@ -132,16 +131,7 @@ class VictoriaMetrics:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout``."""
-        proc = self.process
-        if proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            logger.warning("victoria-metrics pid %s ignored SIGTERM; killing it", proc.pid)
-            proc.kill()
-            proc.wait(timeout=timeout)
+        terminate(self.process, "victoria-metrics", timeout)
 
 
 def start_victoria_metrics(binary: Path, data_dir: Path, port: int | None = None,
