@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
+import logging
+import os
 import re
 import signal
 from dataclasses import asdict
@@ -20,6 +23,8 @@ from cloud.settings import CloudSettings
 from cloud.storage.sqlite_store import SqliteStore
 from schemas.base import now
 from schemas.errors import SchemaError
+
+logger = logging.getLogger(__name__)
 
 DataDir = Annotated[Path | None, typer.Option(help="Cloud data folder [var/cloud]")]
 Config = Annotated[Path | None, typer.Option(help="TOML/YAML settings file")]
@@ -68,13 +73,53 @@ def fl_start(
     data_dir: DataDir = None,
     password_file: Annotated[Path | None, typer.Option(help="Cloud MQTT password file")] = None,
 ) -> None:
-    """Run the cloud service with this federated task until it finishes (or Ctrl-C)."""
+    """Run the cloud service with this federated task until it finishes (or Ctrl-C).
+
+    Prints a summary either way; exits 1 when the task failed or did not finish.
+    """
     fl = {name: {"task": task, "rounds": rounds, "strategy": strategy,
                  "min_fit_clients": min_clients, "min_available_clients": min_clients}}
     base = _settings(config, data_dir=data_dir)
     merged = {**fl, **{k: v.model_dump() for k, v in base.fl.items() if k != name}}
-    cloud(broker=broker, config=config, data_dir=data_dir, password_file=password_file,
-          fl=merged, stop_when_done=True)
+    settings = cloud(broker=broker, config=config, data_dir=data_dir,
+                     password_file=password_file, fl=merged, stop_when_done=True)
+    state = SqliteStore(settings.sqlite_path).get(f"fl:{name}") or {}
+    print_task_summary(name, state, _history(settings.sqlite_path, name))
+    if state.get("state") != "finished":
+        raise typer.Exit(1)
+
+
+def _history(path: Path, name: str) -> list[dict[str, Any]]:
+    store = SqliteStore(path)
+    try:
+        return [json.loads(r["status"]) for r in store.query(
+            "SELECT status FROM fl_rounds WHERE task=? ORDER BY round, ts", (name,))]
+    finally:
+        store.close()
+
+
+def print_task_summary(name: str, state: dict[str, Any], history: list[dict[str, Any]],
+                       ) -> None:
+    """One line for the task, then a table of its released rounds."""
+    console = Console()
+    console.print(f"task {name}: {state.get('state', 'unknown')}, round {state.get('round', 0)}"
+                  f", global version {state.get('global_version', '-')}"
+                  + (f" ({state['message']})" if state.get("message") else ""))
+    table = Table(title="rounds")
+    for column in ("round", "participants", "rejected", "train loss", "central acc",
+                   "eval acc", "bytes", "s"):
+        table.add_column(column)
+
+    def f(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    for h in history:
+        table.add_row(str(h["round"]), str(len(h.get("participants", []))),
+                      str(sum(h.get("rejected_counts", {}).values())),
+                      f(h.get("train_loss")), f(h.get("central_accuracy")),
+                      f(h.get("eval_accuracy")), str(h.get("bytes_received", 0)),
+                      f"{h.get('duration_s') or 0:.1f}")
+    console.print(table)
 
 
 def fl_status(
@@ -83,29 +128,16 @@ def fl_status(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Progress of a federated task, from the cloud's store."""
-    state = _store(config, data_dir).get(f"fl:{name}")
+    store = _store(config, data_dir)
+    state = store.get(f"fl:{name}")
     if state is None:
         typer.secho(f"error: no task {name!r} in this store", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
+    history = _history(store.path, name)
     if as_json:
-        typer.echo(json.dumps(state, indent=2))
+        typer.echo(json.dumps({**state, "history": history}, indent=2))
         return
-    console = Console()
-    console.print(f"task {name}: {state['state']}, round {state['round']}, global version "
-                  f"{state['global_version']}" + (f" ({state['message']})"
-                                                   if state.get("message") else ""))
-    table = Table(title="rounds")
-    for column in ("round", "participants", "rejected", "train loss", "central acc",
-                   "eval acc", "bytes", "s"):
-        table.add_column(column)
-    for h in state["history"]:
-        def f(value: float | None) -> str:
-            return "-" if value is None else f"{value:.4f}"
-        table.add_row(str(h["round"]), str(len(h["participants"])), str(len(h["rejected"])),
-                      f(h.get("train_loss")), f(h.get("central_accuracy")),
-                      f(h.get("eval_accuracy")), str(h.get("bytes_received", 0)),
-                      f"{h.get('duration_s', 0):.1f}")
-    console.print(table)
+    print_task_summary(name, state, history)
 
 
 def cloud(
@@ -120,8 +152,8 @@ def cloud(
     topic_root: Annotated[str | None, typer.Option(help="Topic root")] = None,
     fl: Annotated[Any, typer.Option(hidden=True, parser=json.loads)] = None,
     stop_when_done: Annotated[bool, typer.Option(hidden=True)] = False,
-) -> None:
-    """Run the cloud service until Ctrl-C/SIGTERM."""
+) -> CloudSettings:
+    """Run the cloud service until Ctrl-C/SIGTERM (a second one exits at once)."""
     from cloud.service import CloudService
 
     mqtt: dict[str, Any] = {}
@@ -144,23 +176,38 @@ def cloud(
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal(signum: int) -> None:
+            if stop.is_set():
+                # Nothing unacknowledged is lost: the broker delivers it again.
+                logger.warning("second %s: exiting now", signal.Signals(signum).name)
+                os._exit(128 + signum)
+            logger.info("%s: stopping (send it again to exit at once)",
+                        signal.Signals(signum).name)
+            stop.set()
+
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        if stop_when_done:
-            async def watch() -> None:
-                while not all(c.state.state.value in ("finished", "failed")
-                              for c in service.coordinators.values()):
-                    await asyncio.sleep(0.5)
-                stop.set()
-            watcher = asyncio.create_task(watch())
-        await service.run(stop)
-        if stop_when_done:
-            watcher.cancel()
+            loop.add_signal_handler(signum, on_signal, signum)
+        async with asyncio.TaskGroup() as group:
+            if stop_when_done:
+                async def watch() -> None:
+                    while not service.coordinators or not all(
+                            c.state.state.value in ("finished", "failed")
+                            for c in service.coordinators.values()):
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(0.5):
+                                await stop.wait()
+                        if stop.is_set():
+                            return
+                    stop.set()
+                group.create_task(watch())
+            await service.run(stop)
 
     typer.echo(f"cloud {settings.instance}: {settings.mqtt.host}:{settings.mqtt.port}, "
                f"store {settings.sqlite_path}")
     asyncio.run(main())
     typer.echo("cloud stopped")
+    return settings
 
 
 def devices(config: Config = None, data_dir: DataDir = None,

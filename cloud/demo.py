@@ -328,7 +328,8 @@ def _federated(cloud: ServiceThread, summary: DemoSummary, console: Console, rou
         progress.update(bar, completed=coordinator.state.round)
     if coordinator.state.state.value == "failed":
         raise RuntimeError(f"federated training failed: {coordinator.state.message}")
-    history = coordinator.state.history
+    history = [h.model_dump(mode="json") for h in coordinator.history()]
+
     task = DigitsTask()
     config = cloud.settings.fl[FL_TASK]
     partitions = [Partition(index=i, count=devices, scheme="dirichlet", alpha=FL_ALPHA)

@@ -21,3 +21,11 @@ class UnknownDeviceError(CloudError):
 
     def __init__(self, device_id: str) -> None:
         super().__init__(f"unknown device {device_id!r}")
+
+
+class CloudOffline(CloudError):  # noqa: N818 - a state, like ConnectionRefused
+    """The service is not connected to the broker (or the connection failed mid-call)."""
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+        super().__init__(detail)

@@ -4,15 +4,20 @@ Every message is decoded with its schemas/ model; a bad one is counted per
 reason and logged, and never reaches storage. Valid telemetry and metrics are
 batched and written to every sink from a worker thread; duplicates (QoS 1
 redelivery, offline-buffer replays) are stored once by the sinks' keys.
+
+Nothing is acknowledged before it is stored: every message, accepted or
+refused, joins the batch being built, and its PUBACK is sent only after that
+batch (and every batch before it) is committed. A message seen twice is
+acknowledged after the batch holding its first copy. If the commit fails, the
+batch stays in front of the queue and is tried again; if the process dies,
+the broker delivers what was not acknowledged again.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -20,11 +25,14 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
-from cloud.alerting import AlertComponent
-from cloud.errors import IngestRefused
-from cloud.registry import DeviceRegistry
+from cloud.alerting import AlertChanges, AlertComponent
+from cloud.errors import CloudOffline, IngestRefused
+from cloud.mqtt_link import Inbound
+from cloud.offload import off_loop
+from cloud.registry import DeviceRegistry, RegistryChanges
 from cloud.settings import CloudSettings
-from cloud.storage.sink import AlertEvent, TelemetrySink
+from cloud.storage.sink import TelemetrySink
+from cloud.storage.sqlite_store import SqliteStore
 from schemas.base import decode_message, now
 from schemas.catalog import CHANNELS
 from schemas.device import (
@@ -41,7 +49,9 @@ from schemas.topics import ParsedTopic, TopicKind, Topics, shared_filter
 logger = logging.getLogger(__name__)
 
 Publish = Callable[[str, bytes, bool], Awaitable[None]]
+Ack = Callable[[Inbound], None]
 REPORT_REQUEST_EVERY_S = 60.0
+RETRY_MAX_S = 5.0
 INGESTED_KINDS = frozenset({TopicKind.TELEMETRY, TopicKind.MODEL_METRICS,
                             TopicKind.DEVICE_STATE, TopicKind.DEPLOYMENT_STATUS,
                             TopicKind.COMMAND_REPLY})
@@ -50,32 +60,46 @@ INGESTED_KINDS = frozenset({TopicKind.TELEMETRY, TopicKind.MODEL_METRICS,
 
 @dataclass
 class Pending:
-    """What the writer stores next."""
+    """What the writer stores next, and the messages it acknowledges after the commit."""
 
     telemetry: list[DeviceTelemetry] = field(default_factory=list)
     metrics: list[ModelMetrics] = field(default_factory=list)
     deployments: list[DeploymentStatus] = field(default_factory=list)
-    alerts: list[AlertEvent] = field(default_factory=list)
+    acks: list[Inbound] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.telemetry) + len(self.metrics) + len(self.deployments) + len(self.alerts)
+        return len(self.telemetry) + len(self.metrics) + len(self.deployments)
+
+
+@dataclass
+class Batch:
+    """One commit: messages, registry and alert changes taken at the same moment."""
+
+    pending: Pending
+    registry: RegistryChanges
+    alerts: AlertChanges
+    sites: dict[str, str]
+
 
 
 class Ingest:
-    """Owns the device -> cloud topics."""
+    """Owns the device -> cloud topics and the writer of their batches."""
 
     def __init__(self, settings: CloudSettings, topics: Topics, registry: DeviceRegistry,
-                 alerts: AlertComponent, sinks: list[TelemetrySink], publish: Publish,
-                 counters: Counter[str]) -> None:
+                 alerts: AlertComponent, store: SqliteStore, sinks: list[TelemetrySink],
+                 publish: Publish, ack: Ack, counters: Counter[str]) -> None:
         self.settings = settings
         self.topics = topics
         self.registry = registry
         self.alerts = alerts
+        self.store = store
         self.sinks = sinks
         self.publish = publish
+        self.ack = ack
         self.counters = counters
         self.pending = Pending()
         self.stored = 0
+        self.batches = 0
         self._wake = asyncio.Event()
         self._last_report_request: dict[str, float] = {}
         self._provisioned = set(settings.ingest.provisioned)
@@ -116,13 +140,23 @@ class Ingest:
             raise IngestRefused("future_timestamp", f"ts {ts:.0f} is ahead of the cloud's clock")
         return message
 
-    async def handle(self, parsed: ParsedTopic, payload: bytes) -> None:
+    def refuse(self, message: Inbound, reason: str, detail: str) -> None:
+        """Count a refusal and acknowledge it with the next batch (never stored)."""
+        self.counters[f"refused_{reason}"] += 1
+        logger.warning("refused message on %s: %s: %s", message.topic, reason, detail)
+        self.acknowledge_later(message)
+
+    def acknowledge_later(self, message: Inbound) -> None:
+        """Acknowledge ``message`` once everything received before it is committed."""
+        self.pending.acks.append(message)
+        self._maybe_wake()
+
+    async def handle(self, parsed: ParsedTopic, inbound: Inbound) -> None:
         """Route one device message (called by the service's dispatcher)."""
         try:
-            message = self.decode(parsed, payload)
+            message = self.decode(parsed, inbound.payload)
         except IngestRefused as exc:
-            self.counters[f"refused_{exc.reason}"] += 1
-            logger.warning("refused %s from %s: %s", parsed.kind.value, parsed.device_id, exc)
+            self.refuse(inbound, exc.reason, exc.detail)
             return
         self.counters[f"accepted_{parsed.kind.value}"] += 1
         if isinstance(message, DeviceTelemetry):
@@ -131,20 +165,24 @@ class Ingest:
             key = (message.device_id, message.session_id)
             if message.seq <= self._metrics_seq.get(key, -1):
                 self.counters["duplicate_model_metrics"] += 1
-                return
-            self._metrics_seq[key] = message.seq
-            site = self._site(message.device_id)
-            self.pending.metrics.append(message)
-            self.alerts.observe_model_metrics(message, site)
+            else:
+                self._metrics_seq[key] = message.seq
+                self.pending.metrics.append(message)
+                self.alerts.observe_model_metrics(message, self._site(message.device_id))
         elif isinstance(message, DeviceState):
-            self.registry.on_state(message)
+            changed = self.registry.on_state(message)
+            if changed and message.state == "offline" and message.reason == "shutdown":
+                self.alerts.device_stopped(message.device_id, message.ts)
         elif isinstance(message, DeploymentStatus):
             self.registry.on_deployment(message)
             self.pending.deployments.append(message)
         elif isinstance(message, CommandResult):
             logger.debug("%s answered %s: %s", message.device_id, message.command,
                          message.status.value)
-        if len(self.pending) + len(self.alerts.pending) >= self.settings.ingest.batch_max \
+        self.acknowledge_later(inbound)
+
+    def _maybe_wake(self) -> None:
+        if len(self.pending) + len(self.pending.acks) // 4 >= self.settings.ingest.batch_max \
                 or self.alerts.pending:
             self._wake.set()
 
@@ -168,8 +206,12 @@ class Ingest:
         logger.info("%s: %d telemetry message(s) missing; asking it to report", device_id, gap)
         command = Command(correlation_id=f"gap-{secrets.token_hex(6)}", ts=now(),
                           args={"missing": gap})
-        await self.publish(self.topics.command(device_id, "report_now"), command.to_json(),
-                           False)
+        try:
+            await self.publish(self.topics.command(device_id, "report_now"), command.to_json(),
+                               False)
+        except CloudOffline as exc:
+            self.counters["report_request_not_sent"] += 1
+            logger.info("report request to %s not sent: %s", device_id, exc)
 
     def _site(self, device_id: str) -> str | None:
         record = self.registry.get(device_id)
@@ -178,50 +220,84 @@ class Ingest:
     # -- writer -------------------------------------------------------------------
 
     async def writer(self) -> None:
-        """Write batches to every sink off the event loop, forever."""
+        """Commit batches off the event loop, acknowledge, publish alerts; forever.
+
+        Any error keeps the batch (it is retried, with a growing pause); the loop
+        ends only when cancelled.
+        """
         interval = self.settings.ingest.flush_interval_s
+        failures = 0
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval)
+            try:
+                async with asyncio.timeout(interval):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
             self._wake.clear()
             try:
                 await self.flush()
-            except (sqlite3.Error, OSError):
-                # Keep serving; the batch is back in front of the queue for the next try.
+            except Exception:  # the one handler of this loop: the batch is kept, retried
+                failures += 1
                 self.counters["store_error"] += 1
-                logger.exception("storing a batch failed; retrying")
-                await asyncio.sleep(min(5.0, interval * 10))
+                logger.exception("storing a batch failed (%d in a row); retrying", failures)
+                await asyncio.sleep(min(RETRY_MAX_S, interval * 2 ** min(failures, 10)))
+            else:
+                failures = 0
+            await self.publish_alerts()
+
+    def _take(self) -> Batch:
+        """Everything to commit next; taken in one step on the loop, so it is consistent."""
+        sites = {d.device_id: d.site for d in self.registry.devices() if d.site}
+        batch = Batch(self.pending, self.registry.take_changes(), self.alerts.take_changes(),
+                      sites)
+        self.pending = Pending()
+        return batch
+
+    def _restore(self, batch: Batch) -> None:
+        pending = self.pending
+        self.pending = Pending(batch.pending.telemetry + pending.telemetry,
+                               batch.pending.metrics + pending.metrics,
+                               batch.pending.deployments + pending.deployments,
+                               batch.pending.acks + pending.acks)
+        self.registry.restore_changes(batch.registry)
+        self.alerts.restore_changes(batch.alerts)
 
     async def flush(self) -> None:
-        """Publish alert transitions and store what is pending (restored on failure)."""
-        batch, self.pending = self.pending, Pending()
-        batch.alerts, self.alerts.pending = self.alerts.pending, []
-        for event in batch.alerts:
-            topic, payload, retain = self.alerts.publication(event)
-            await self.publish(topic, payload, retain)
-        if not (batch or self.registry_dirty()):
+        """Commit what is pending, then acknowledge its messages (restored on failure)."""
+        if not (len(self.pending) or self.pending.acks or self.registry.pending_changes()
+                or self.alerts.has_changes()):
+            return
+        batch = self._take()
+        try:
+            await off_loop(self._write, batch)
+        except BaseException:
+            # Cancelled or failed: nothing was acknowledged; the writes are idempotent,
+            # so committing the same batch again later is harmless.
+            self._restore(batch)
+            raise
+        for message in batch.pending.acks:
+            self.ack(message)
+        self.stored += len(batch.pending.telemetry) + len(batch.pending.metrics)
+        self.batches += 1
+
+    async def publish_alerts(self) -> None:
+        """Publish the alert outbox (what is not acknowledged stays for the next try)."""
+        if not self.alerts.outbox:
             return
         try:
-            await asyncio.to_thread(self._write, batch)
-        except (sqlite3.Error, OSError):
-            self.pending = Pending(batch.telemetry + self.pending.telemetry,
-                                   batch.metrics + self.pending.metrics,
-                                   batch.deployments + self.pending.deployments,
-                                   [])
-            self.alerts.pending = batch.alerts + self.alerts.pending
-            raise
-        self.stored += len(batch.telemetry) + len(batch.metrics)
+            await self.alerts.publish_outbox(self.publish)
+        except CloudOffline as exc:
+            self.counters["alert_publish_deferred"] += 1
+            logger.info("alert publication deferred: %s", exc)
 
-    def registry_dirty(self) -> bool:
-        """Whether registry records wait to be saved."""
-        return bool(self.registry._dirty)
-
-    def _write(self, batch: Pending) -> None:
-        sites = {d.device_id: d.site for d in self.registry.devices() if d.site}
-        for sink in self.sinks:
-            sink.write_telemetry(batch.telemetry, sites=sites)
-            sink.write_model_metrics(batch.metrics, sites=sites)
-            sink.write_deployment_status(batch.deployments)
-            sink.write_alert_events(batch.alerts)
-        self.registry.persist()
-        self.alerts.save_state()
+    def _write(self, batch: Batch) -> None:
+        """One transaction in SQLite; buffered sinks (InfluxDB) get the same rows."""
+        sites = batch.sites
+        pending = batch.pending
+        with self.store.transaction():
+            for sink in self.sinks:
+                sink.write_telemetry(pending.telemetry, sites=sites)
+                sink.write_model_metrics(pending.metrics, sites=sites)
+                sink.write_deployment_status(pending.deployments)
+            self.alerts.write_changes(batch.alerts, self.sinks)
+            self.registry.write_changes(batch.registry)

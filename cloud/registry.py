@@ -12,7 +12,7 @@ import json
 import logging
 import threading
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from cloud.storage.sqlite_store import SqliteStore
 from schemas.base import ModelFormat, RuntimeName
@@ -32,6 +32,7 @@ class DeviceRecord:
     first_seen: float | None = None
     last_seen: float | None = None
     state_changed_at: float | None = None
+    offline_reason: str | None = None
     agent_version: str | None = None
     site: str | None = None
     platform: str | None = None
@@ -42,11 +43,18 @@ class DeviceRecord:
     gpu: bool = False
     runtimes: dict[str, str] = field(default_factory=dict)
     model_formats: list[str] = field(default_factory=list)
+    fl_tasks: list[str] = field(default_factory=list)
     models: dict[str, str] = field(default_factory=dict)
     session_id: str | None = None
     last_seq: int = -1
     seq_gaps: int = 0
     telemetry_interval_s: float | None = None
+    last_telemetry: dict[str, float | None] = field(default_factory=dict)
+
+
+SELECTION_FIELDS = ("cpu_percent", "temperature_c", "battery_percent", "battery_plugged",
+                    "network_latency_ms")
+"""Latest telemetry values kept per device for client selection (no SQL per device)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +65,34 @@ class TelemetryCheck:
     duplicate: bool
 
 
+@dataclass(frozen=True, slots=True)
+class SessionEvent:
+    """A birth or death to apply to the ``device_sessions`` table."""
+
+    device_id: str
+    bd_seq: int
+    ts: float
+    online: bool
+
+
+@dataclass
+class RegistryChanges:
+    """Records and session events to persist together with an ingest batch."""
+
+    records: list[tuple[str, str]] = field(default_factory=list)
+    sessions: list[SessionEvent] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.records or self.sessions)
+
+
 class DeviceRegistry:
-    """In memory, written through to SQLite."""
+    """In memory; changes are persisted by the ingest writer in its batch transaction.
+
+    The in-memory state is only ever changed on the event loop; what a batch
+    persists (:meth:`take_changes`) is taken at the same moment as the batch's
+    messages, so the stored registry never runs ahead of the stored telemetry.
+    """
 
     def __init__(self, store: SqliteStore) -> None:
         self.store = store
@@ -66,15 +100,18 @@ class DeviceRegistry:
         self._lock = threading.Lock()
         self._devices: dict[str, DeviceRecord] = {}
         self._dirty: set[str] = set()
-        for row in store.query("SELECT record FROM devices"):
-            record = DeviceRecord(**json.loads(row["record"]))
-            self._devices[record.device_id] = record
+        self._sessions: list[SessionEvent] = []
+        known = {f.name for f in fields(DeviceRecord)}
+        for row in store.query("SELECT device_id, record FROM devices"):
+            try:
+                data = json.loads(row["record"])
+                record = DeviceRecord(**{k: v for k, v in data.items() if k in known})
+            except (TypeError, ValueError) as exc:  # a record no longer readable: skip it
+                logger.warning("device record of %s is unreadable and is ignored: %s",
+                               row["device_id"], exc)
 
-    def _save(self, record: DeviceRecord) -> None:
-        with self.store.transaction() as db:
-            db.execute("INSERT INTO devices(device_id, record) VALUES (?, ?) "
-                       "ON CONFLICT(device_id) DO UPDATE SET record=excluded.record",
-                       (record.device_id, json.dumps(asdict(record))))
+                continue
+            self._devices[record.device_id] = record
 
     def _record(self, device_id: str) -> DeviceRecord:
         record = self._devices.get(device_id)
@@ -94,6 +131,7 @@ class DeviceRegistry:
                 record.online = True
                 record.bd_seq = state.bd_seq
                 record.state_changed_at = state.ts
+                record.offline_reason = None
                 record.first_seen = record.first_seen or state.ts
                 record.last_seen = max(record.last_seen or 0.0, state.ts)
                 record.agent_version = state.agent_version
@@ -101,15 +139,12 @@ class DeviceRegistry:
                 record.memory_available_mb = state.memory_available_mb
                 record.runtimes = {k.value: v for k, v in state.runtimes.items()}
                 record.model_formats = [f.value for f in state.model_formats]
+                record.fl_tasks = sorted(state.fl_tasks)
                 if state.hardware is not None:
                     hw = state.hardware
                     record.platform, record.machine = hw.platform, hw.machine
                     record.cpu_count, record.memory_total_mb = hw.cpu_count, hw.memory_total_mb
                     record.gpu = hw.gpu
-                with self.store.transaction() as db:
-                    db.execute("INSERT OR IGNORE INTO device_sessions(device_id, bd_seq, "
-                               "online_at) VALUES (?,?,?)",
-                               (state.device_id, state.bd_seq, state.ts))
             else:
                 if state.bd_seq != record.bd_seq or not record.online:
                     # A death from an earlier connection (or a repeat): the device is
@@ -120,11 +155,10 @@ class DeviceRegistry:
                     return False
                 record.online = False
                 record.state_changed_at = state.ts
-                with self.store.transaction() as db:
-                    db.execute("UPDATE device_sessions SET offline_at=? WHERE device_id=? "
-                               "AND bd_seq=? AND offline_at IS NULL",
-                               (state.ts, state.device_id, state.bd_seq))
-            self._save(record)
+                record.offline_reason = state.reason or "lwt"
+            self._sessions.append(SessionEvent(state.device_id, state.bd_seq, state.ts,
+                                               state.state == "online"))
+            self._dirty.add(record.device_id)
             return True
 
     def on_telemetry(self, telemetry: DeviceTelemetry) -> TelemetryCheck:
@@ -145,23 +179,15 @@ class DeviceRegistry:
             else:  # a new agent session starts its own sequence
                 record.session_id = telemetry.session_id
                 record.last_seq = telemetry.seq
+            if not duplicate and telemetry.ts >= (record.last_seen or 0.0):
+                record.last_telemetry = {
+                    name: (None if (value := getattr(telemetry, name)) is None
+                           else float(value)) for name in SELECTION_FIELDS}
             record.last_seen = max(record.last_seen or 0.0, telemetry.ts)
             record.first_seen = record.first_seen or telemetry.ts
             record.telemetry_interval_s = telemetry.interval_s
             self._dirty.add(record.device_id)
             return TelemetryCheck(gap, duplicate)
-
-    def persist(self) -> None:
-        """Write records changed by telemetry (batched by the ingest writer)."""
-        with self._lock:
-            dirty = [self._devices[d] for d in self._dirty]
-            self._dirty.clear()
-        if dirty:
-            with self.store.transaction() as db:
-                db.executemany(
-                    "INSERT INTO devices(device_id, record) VALUES (?, ?) "
-                    "ON CONFLICT(device_id) DO UPDATE SET record=excluded.record",
-                    [(r.device_id, json.dumps(asdict(r))) for r in dirty])
 
     def on_deployment(self, status: DeploymentStatus) -> None:
         """Track active model versions."""
@@ -170,7 +196,50 @@ class DeviceRegistry:
             if status.state in (DeploymentState.INSTALLED, DeploymentState.ROLLED_BACK) \
                     and status.active_version:
                 record.models[status.model] = status.active_version
-                self._save(record)
+                self._dirty.add(record.device_id)
+
+    # -- persistence (taken on the event loop, written by the ingest writer) ----------
+
+    def take_changes(self) -> RegistryChanges:
+        """Serialized changed records and session events since the previous call."""
+        with self._lock:
+            records = [(d, json.dumps(asdict(self._devices[d]))) for d in sorted(self._dirty)]
+            sessions, self._sessions = self._sessions, []
+            self._dirty.clear()
+        return RegistryChanges(records, sessions)
+
+    def restore_changes(self, changes: RegistryChanges) -> None:
+        """Put back changes whose batch failed to commit (retried with the next one)."""
+        with self._lock:
+            self._dirty.update(d for d, _ in changes.records)
+            self._sessions = changes.sessions + self._sessions
+
+    def pending_changes(self) -> bool:
+        """Whether anything waits to be persisted."""
+        return bool(self._dirty or self._sessions)
+
+    def write_changes(self, changes: RegistryChanges) -> None:
+        """Persist ``changes`` (inside the caller's transaction, on the writer thread)."""
+        with self.store.transaction() as db:
+            for event in changes.sessions:
+                if event.online:
+                    # A new birth ends whatever session was still open (a death that
+                    # never came, a broker that lost the will): no overlapping sessions.
+                    db.execute("UPDATE device_sessions SET offline_at=? WHERE device_id=? "
+                               "AND offline_at IS NULL AND online_at <= ? AND bd_seq != ?",
+                               (event.ts, event.device_id, event.ts, event.bd_seq))
+                    db.execute("INSERT OR IGNORE INTO device_sessions(device_id, bd_seq, "
+                               "online_at) VALUES (?,?,?)",
+                               (event.device_id, event.bd_seq, event.ts))
+                else:
+                    db.execute("UPDATE device_sessions SET offline_at=? WHERE device_id=? "
+                               "AND bd_seq=? AND offline_at IS NULL",
+                               (event.ts, event.device_id, event.bd_seq))
+            db.executemany("INSERT INTO devices(device_id, record) VALUES (?, ?) "
+                           "ON CONFLICT(device_id) DO UPDATE SET record=excluded.record",
+                           changes.records)
+
+    # -- queries ----------------------------------------------------------------------
 
     def get(self, device_id: str) -> DeviceRecord | None:
         """One device."""

@@ -1,10 +1,19 @@
-"""The cloud service: one aiomqtt session, components that own their topics.
+"""The cloud service: components that own their topics, around one MQTT link.
 
-One reconnect loop around the client; inside a connection, the components run
-together in an ``asyncio.TaskGroup`` (dispatcher, storage writer, sink flusher,
-alert ticker) and stop together. The service publishes its own retained
-``online``/``offline`` state on ``cloud/state`` (the will sets ``offline``),
-like Sparkplug's primary-host STATE.
+Long-lived components run in one ``asyncio.TaskGroup`` for the life of the
+service, across reconnections: the ingest writer (which commits batches and
+only then acknowledges their messages), the alert ticker, the InfluxDB
+flusher and one task per federated coordinator (the only owner of its state
+machine). A reconnect loop around :class:`~cloud.mqtt_link.MqttLink` runs
+the dispatcher for each connection; after each (re)connection every component
+republishes its retained state (alerts, round plans, global weights, status).
+
+Stopping is bounded: the dispatcher stops, coordinators finish their current
+step, the writer commits and acknowledges what it holds, ``offline`` is
+published, and the link disconnects, all within ``stop_timeout_s``. Whatever
+was not acknowledged by then is delivered again by the broker on the next
+start. The service publishes its own retained ``online``/``offline`` state on
+``cloud/state`` (the will says ``offline``), like Sparkplug's primary host.
 """
 
 from __future__ import annotations
@@ -13,19 +22,18 @@ import asyncio
 import contextlib
 import logging
 import random
-import ssl
 import threading
 import time
 from collections import Counter
 from typing import Any
 
 import aiomqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from cloud.alerting import AlertComponent
 from cloud.alerts.rules import load_rules
+from cloud.errors import CloudOffline
 from cloud.ingest import INGESTED_KINDS, Ingest
+from cloud.mqtt_link import Inbound, MqttLink
 from cloud.registry import DeviceRegistry
 from cloud.settings import CloudSettings
 from cloud.storage.influx_sink import InfluxSink
@@ -39,11 +47,12 @@ from schemas.topics import TopicKind, Topics
 logger = logging.getLogger(__name__)
 
 FLUSH_EVERY_S = 1.0
-FL_TICK_S = 0.1
+YIELD_EVERY = 64
+"""The dispatcher yields to the other tasks at least every this many messages."""
 
 
 class CloudService:
-    """ingest + registry + alert engine (later: FL coordinator, rollout)."""
+    """ingest + registry + alert engine + federated coordinators."""
 
     def __init__(self, settings: CloudSettings) -> None:
         self.settings = settings
@@ -57,8 +66,9 @@ class CloudService:
         self.registry = DeviceRegistry(self.store)
         self.alerts = AlertComponent(load_rules(settings.alerts.rules_file), self.store,
                                      self.topics, settings.instance)
-        self.ingest = Ingest(settings, self.topics, self.registry, self.alerts, self.sinks,
-                             self.publish, self.counters)
+        self.link = MqttLink(settings, (self.topics.cloud_state(), self._state("offline")))
+        self.ingest = Ingest(settings, self.topics, self.registry, self.alerts, self.store,
+                             self.sinks, self.publish, self.link.ack, self.counters)
         self.coordinators: dict[str, Any] = {}
         if settings.fl:
             from cloud.fl.coordinator import Coordinator  # torch only where FL runs
@@ -67,20 +77,15 @@ class CloudService:
                 self.coordinators[name] = Coordinator(
                     name, config, topics=self.topics, store=self.store, registry=self.registry,
                     sinks=self.sinks, folder=settings.data_dir / "fl" / name,
-                    publish=self.publish, counters=self.counters)
+                    publish=self.publish, ack=self.link.ack, counters=self.counters)
         self.connected = asyncio.Event()
-        self._client: aiomqtt.Client | None = None
+        self.connections = 0
 
     # -- publishing ---------------------------------------------------------------
 
     async def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
-        """QoS 1 publish on the current connection (counted and dropped while offline)."""
-        client = self._client
-        if client is None:
-            self.counters["publish_while_offline"] += 1
-            logger.warning("not connected: dropped publish on %s", topic)
-            return
-        await client.publish(topic, payload, qos=1, retain=retain)
+        """QoS 1 publish, waiting for the PUBACK; raises CloudOffline when not connected."""
+        await self.link.publish(topic, payload, retain=retain)
 
     def _state(self, state: str) -> bytes:
         return CloudState.model_validate(
@@ -88,125 +93,146 @@ class CloudService:
 
     # -- lifecycle -------------------------------------------------------------------
 
-    def _client_for(self) -> aiomqtt.Client:
-        mqtt = self.settings.mqtt
-        v5 = mqtt.protocol == 5
-        properties = None
-        if v5:
-            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            properties.SessionExpiryInterval = mqtt.session_expiry_s
-        tls = None
-        if mqtt.tls is not None:
-            tls = aiomqtt.TLSParameters(
-                ca_certs=str(mqtt.tls.ca_file),
-                certfile=str(mqtt.tls.cert_file) if mqtt.tls.cert_file else None,
-                keyfile=str(mqtt.tls.key_file) if mqtt.tls.key_file else None,
-                tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )
-        session: dict[str, Any] = {"clean_start": False} if v5 else {"clean_session": False}
-        return aiomqtt.Client(
-            mqtt.host, mqtt.port, identifier=self.settings.client_id,
-            username=mqtt.username, password=mqtt.resolved_password(),
-            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
-            **session,
-            properties=properties, keepalive=mqtt.keepalive_s, tls_params=tls,
-            will=aiomqtt.Will(self.topics.cloud_state(), self._state("offline"), qos=1,
-                              retain=True),
-            max_queued_incoming_messages=0,
-        )
-
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set, reconnecting with jittered backoff."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                writer = group.create_task(self.ingest.writer(), name="ingest-writer")
+                helpers = [group.create_task(self._alert_ticker(), name="alert-ticker"),
+                           group.create_task(self._flusher(), name="influx-flusher")]
+                fl = [group.create_task(c.run(), name=f"fl-{name}")
+                      for name, c in self.coordinators.items()]
+                await self._connections(stop, fl, writer)
+                for task in (*helpers, *fl, writer):
+                    task.cancel()
+        finally:
+            for sink in self.sinks:
+                sink.close()
+
+    async def _connections(self, stop: asyncio.Event, fl: list[asyncio.Task[None]],
+                           writer: asyncio.Task[None]) -> None:
         attempt = 0
         mqtt = self.settings.mqtt
-        try:
-            while not stop.is_set():
-                try:
-                    async with self._client_for() as client:
-                        attempt = 0
-                        await self._serve(client, stop)
-                except* aiomqtt.MqttError as group:  # also from inside the TaskGroup
-                    self.connected.clear()
-                    self._client = None
-                    logger.warning("broker connection lost or refused: %s", group.exceptions[0])
+        while not stop.is_set():
+            if not await self._connect(stop):
                 if stop.is_set():
                     break
                 cap = min(mqtt.reconnect_max_s, mqtt.reconnect_min_s * 2 ** min(attempt, 20))
                 attempt += 1
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), random.uniform(cap / 2, cap))  # noqa: S311
-        finally:
-            await self.ingest.flush()
-            for sink in self.sinks:
-                await asyncio.to_thread(sink.close)
+                    async with asyncio.timeout(random.uniform(cap / 2, cap)):  # noqa: S311
+                        await stop.wait()
+                continue
+            attempt = 0
+            try:
+                await self._serve(stop)
+                await self._wind_down(fl, writer, connected=True)
+            except (aiomqtt.MqttError, CloudOffline) as exc:
+                logger.warning("broker connection lost: %s", exc)
+            else:
+                return
 
-    async def _serve(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
-        self._client = client
-        await client.publish(self.topics.cloud_state(), self._state("online"), qos=1,
-                             retain=True)
-        for topic_filter in self.ingest.filters():
-            await client.subscribe(topic_filter, qos=1)
+            finally:
+                self.connected.clear()
+                await self.link.disconnect()
+        await self._wind_down(fl, writer, connected=False)
+
+    async def _connect(self, stop: asyncio.Event) -> bool:
+        """Connect, unless ``stop`` is set first; False when refused or unreachable."""
+        connecting = asyncio.create_task(self.link.connect(), name="mqtt-connect")
+        stopping = asyncio.create_task(stop.wait(), name="stop-wait")
+        try:
+            await asyncio.wait([connecting, stopping], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not connecting.done():
+                connecting.cancel()
+            await asyncio.wait([connecting, stopping])
+        if connecting.cancelled():
+            return False
+        error = connecting.exception()
+        if error is None:
+            return True
+        if not isinstance(error, aiomqtt.MqttError):
+            raise error
+        logger.warning("broker %s:%s refused or unreachable: %s", self.settings.mqtt.host,
+                       self.settings.mqtt.port, error)
+        return False
+
+    async def _serve(self, stop: asyncio.Event) -> None:
+        """One connection: announce, subscribe, resynchronise, dispatch until stop."""
+        await self.publish(self.topics.cloud_state(), self._state("online"), True)
+        filters = self.ingest.filters()
         for name in self.coordinators:
-            await client.subscribe(self.topics.filter(TopicKind.UPDATE, task=name), qos=1)
-            await client.subscribe(self.topics.filter(TopicKind.EVAL, task=name), qos=1)
-        for coordinator in self.coordinators.values():
-            await coordinator.start()
+            filters += [self.topics.filter(TopicKind.UPDATE, task=name),
+                        self.topics.filter(TopicKind.EVAL, task=name)]
+        await self.link.subscribe(filters)
+        self.connections += 1
         self.alerts.resume()
+        self.alerts.on_connected()
+        for coordinator in self.coordinators.values():
+            coordinator.connected()
         self.connected.set()
         logger.info("cloud %s serving on %s:%s", self.settings.instance, self.settings.mqtt.host,
                     self.settings.mqtt.port)
+        dispatcher = asyncio.create_task(self._dispatch(), name="dispatcher")
+        stopping = asyncio.create_task(stop.wait(), name="stop-wait")
         try:
-            async with asyncio.TaskGroup() as group:
-                dispatcher = group.create_task(self._dispatch(client))
-                tasks = [dispatcher, group.create_task(self.ingest.writer()),
-                         group.create_task(self._flusher()),
-                         group.create_task(self._ticker()),
-                         group.create_task(self._fl_ticker())]
-                await stop.wait()
-                for task in tasks:
-                    task.cancel()
+            await asyncio.wait([dispatcher, stopping], return_when=asyncio.FIRST_COMPLETED)
         finally:
+            for task in (dispatcher, stopping):
+                task.cancel()
+            await asyncio.wait([dispatcher, stopping])
             self.connected.clear()
-        await self.ingest.flush()
-        await client.publish(self.topics.cloud_state(), self._state("offline"), qos=1,
-                             retain=True)
-        self._client = None
+        if not stop.is_set():
+            dispatcher.result()  # raises the MqttError that ended the connection
+            raise aiomqtt.MqttError("dispatcher ended")
 
-    async def _dispatch(self, client: aiomqtt.Client) -> None:
-        # aiomqtt's iterator creates a task and an asyncio.wait per message; under load,
-        # the messages already queued are taken in a burst instead (same queue, same
-        # order), which raised ingest throughput (bench/bench_ingest.py).
-        queue: asyncio.Queue[aiomqtt.Message] | None = getattr(client, "_queue", None)
-        async for message in client.messages:
+    async def _wind_down(self, fl: list[asyncio.Task[None]], writer: asyncio.Task[None], *,
+                         connected: bool) -> None:
+        """Stop the workers, commit and acknowledge what is held, say offline (bounded)."""
+        try:
+            async with asyncio.timeout(self.settings.stop_timeout_s):
+                for task in (*fl, writer):
+                    task.cancel()
+                if fl or not writer.done():
+                    await asyncio.wait([*fl, writer])
+                await self.ingest.flush()
+                if connected:
+                    await self.publish(self.topics.cloud_state(), self._state("offline"), True)
+        except TimeoutError:
+            logger.warning("stop took longer than %.1f s; what was not acknowledged will be "
+                           "delivered again", self.settings.stop_timeout_s)
+        except CloudOffline as exc:
+            logger.info("offline state not published: %s", exc)
+
+    async def _dispatch(self) -> None:
+        handled = 0
+        async for message in self.link.messages():
             await self._handle(message)
-            while queue is not None and not queue.empty():
-                await self._handle(queue.get_nowait())
+            handled += 1
+            if handled % YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # let the writer, timers and coordinators run
 
-    async def _handle(self, message: aiomqtt.Message) -> None:
-        topic = message.topic.value
-        payload = message.payload if isinstance(message.payload, bytes) else b""
+    async def _handle(self, message: Inbound) -> None:
+        topic = message.topic
         try:
             parsed = self.topics.parse(topic)
             if parsed.kind in INGESTED_KINDS:
-                await self.ingest.handle(parsed, payload)
+                await self.ingest.handle(parsed, message)
             elif parsed.kind in (TopicKind.UPDATE, TopicKind.EVAL) \
-                    and parsed.task in self.coordinators:
-                coordinator = self.coordinators[parsed.task]
-                if parsed.device_id is None or parsed.round is None:
-                    return
-                if parsed.kind is TopicKind.UPDATE:
-                    coordinator.on_update(parsed.device_id, parsed.round, payload)
-                else:
-                    coordinator.on_eval(parsed.device_id, parsed.round, payload)
-                await coordinator.tick()  # close the round as soon as the last one reported
+                    and parsed.task in self.coordinators \
+                    and parsed.device_id is not None and parsed.round is not None:
+                self.coordinators[parsed.task].submit(parsed.kind, parsed.device_id,
+                                                      parsed.round, message)
             else:
-                self.counters["unexpected_topic"] += 1
+                self.ingest.refuse(message, "unexpected_topic", "no component owns it")
         except TopicError as exc:
-            self.counters["refused_topic"] += 1
-            logger.warning("refused message on %s: %s", topic, exc)
-        except Exception:  # the one dispatcher: log, count, keep serving
+            self.ingest.refuse(message, "topic", str(exc))
+        except Exception:  # the one dispatcher: log, count, acknowledge, keep serving
             self.counters["dispatch_error"] += 1
             logger.exception("handling %s failed", topic)
+            self.ingest.acknowledge_later(message)
 
     async def _flusher(self) -> None:
         """Push buffered sinks (InfluxDB) and alert on the cloud's own health."""
@@ -226,16 +252,14 @@ class CloudService:
             dropped = stats.dropped
             self.alerts.health("influx_sink", problem, float(stats.dropped))
 
-    async def _fl_ticker(self) -> None:
-        while True:
-            await asyncio.sleep(FL_TICK_S)
-            for coordinator in self.coordinators.values():
-                await coordinator.tick()
-
-    async def _ticker(self) -> None:
+    async def _alert_ticker(self) -> None:
         while True:
             await asyncio.sleep(self.settings.alerts.tick_interval_s)
-            self.alerts.tick()
+            try:
+                await self.alerts.tick()
+            except Exception:  # the one handler of this loop: log, count, go on
+                self.counters["alert_tick_error"] += 1
+                logger.exception("alert tick failed")
 
 
 class ServiceThread:
@@ -271,9 +295,11 @@ class ServiceThread:
         return self
 
     def stop(self, timeout: float = 20.0) -> None:
-        """Stop (clean offline state, final flush) and join the thread."""
+        """Stop (clean offline state, final flush) and join the thread (bounded)."""
         if self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._stop.set)
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise TimeoutError(f"cloud service did not stop within {timeout} s")
         if self.error is not None:
             raise self.error

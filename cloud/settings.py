@@ -26,6 +26,11 @@ class CloudMqttSettings(MqttClientSettings):
         default=None, description="Split telemetry/metrics ingest with other instances "
         "through $share/{group}/... (MQTT 5)")
     reconnect_max_s: Annotated[float, Field(gt=0)] = 30.0
+    receive_maximum: Annotated[int, Field(ge=1, le=65535)] = Field(
+        default=4096, description="MQTT 5 Receive Maximum: messages the broker may hand over "
+        "before the service acknowledged them (acknowledged after commit)")
+    connect_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    publish_timeout_s: Annotated[float, Field(gt=0)] = 10.0
 
 
 class IngestSettings(BaseModel):
@@ -63,6 +68,9 @@ class CloudSettings(FileSettings):
     alerts: AlertSettings = Field(default_factory=AlertSettings)
     fl: dict[Id, FLTaskConfig] = Field(
         default_factory=dict, description="Federated tasks this instance coordinates")
+    stop_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        default=4.0, description="Longest graceful stop; what is not acknowledged by then is "
+        "delivered again by the broker")
     influx: InfluxSettings | None = Field(
         default=None, description="Also write telemetry to InfluxDB (for Grafana)")
 

@@ -154,7 +154,7 @@ class EdgeAgent:
             agent_version=__version__, hardware=self.hardware,
             memory_available_mb=self.sampler().memory_available_mb,
             runtimes=self.runtimes, model_formats=self.formats, site=self.settings.site,
-            reason="birth",
+            fl_tasks=sorted(self.settings.fl.tasks), reason="birth",
         )
 
     # -- network thread: decode the topic, hand over -------------------------------

@@ -44,7 +44,8 @@ class TaskState:
     data: LocalData
     residual: dict[str, np.ndarray] = field(default_factory=dict)
     local_weights: Weights = field(default_factory=dict)
-    trained_rounds: set[int] = field(default_factory=set)
+    trained: set[tuple[int, int]] = field(default_factory=set)
+    """(round, attempt) pairs trained: a retried round is a new request."""
     evaluated_rounds: set[int] = field(default_factory=set)
     plan: RoundPlan | None = None
     weights: dict[str, Weights] = field(default_factory=dict)
@@ -108,8 +109,19 @@ class FLClient:
             return
         if self.device_id not in plan.selected and self.device_id not in plan.evaluate:
             return
-        if plan.round in state.trained_rounds and plan.round in state.evaluated_rounds:
+        if (plan.round, plan.attempt) in state.trained and plan.round in state.evaluated_rounds:
             return
+        if now() >= plan.deadline:
+            # A retained plan of a round that is over (a restart, a late reconnect).
+            self.counters["fl_plan_expired"] += 1
+            logger.info("%s: round %d of %s is past its deadline; not training",
+                        self.device_id, plan.round, task)
+            return
+        if plan.issued_at > now() + self.settings.max_clock_skew_s:
+            self.counters["fl_clock_skew"] += 1
+            logger.warning("%s: round %d of %s was issued %.0f s in this device's future: "
+                           "check the clock", self.device_id, plan.round, task,
+                           plan.issued_at - now())
         state.plan = plan
         if plan.global_version in state.weights:
             self._work(task, state)
@@ -154,8 +166,12 @@ class FLClient:
                                  loss=max(0.0, result.loss), accuracy=result.accuracy, ts=now())
             self._publish(self.topics.eval_result(task, plan.round, self.device_id),
                           message.to_json())
-        if self.device_id in plan.selected and plan.round not in state.trained_rounds:
-            state.trained_rounds.add(plan.round)
+        key = (plan.round, plan.attempt)
+        if self.device_id in plan.selected and key not in state.trained:
+            state.trained.add(key)
+            if now() >= plan.deadline:
+                self.counters["fl_plan_expired"] += 1
+                return
             self._train(task, state, plan, shared, merged)
 
     def _train(self, task: str, state: TaskState, plan: RoundPlan, shared: Weights,
@@ -178,7 +194,7 @@ class FLClient:
                            "dropped", self.device_id, plan.round, task)
             return
         envelope = UpdateEnvelope(
-            task=task, round=plan.round, device_id=self.device_id,
+            task=task, round=plan.round, attempt=plan.attempt, device_id=self.device_id,
             base_version=plan.global_version, num_examples=max(1, result.num_examples),
             train_loss=max(0.0, result.loss), train_accuracy=result.accuracy,
             train_time_s=time.monotonic() - started, compression=plan.compression.kind,

@@ -74,6 +74,9 @@ class FLSettings(BaseModel):
 
     tasks: dict[Id, FLTaskSettings] = Field(default_factory=dict)
     max_weights_bytes: int = 64 * 1024 * 1024
+    max_clock_skew_s: Annotated[float, Field(ge=0)] = Field(
+        default=300.0, description="A round plan issued further in the future is logged as "
+        "clock skew (the deadline check cannot be trusted then)")
 
 
 class EdgeSettings(FileSettings):

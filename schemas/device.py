@@ -75,8 +75,13 @@ class DeviceState(WireModel):
         default_factory=list, description="Model formats this device can load"
     )
     site: Id | None = Field(default=None, description="Site or group label (low cardinality)")
+    fl_tasks: list[Id] = Field(
+        default_factory=list, max_length=64,
+        description="Federated tasks this device takes part in (only members are selected)",
+    )
     reason: Literal["lwt", "shutdown", "birth"] | None = Field(
-        default=None, description="Why this state was published"
+        default=None, description="Why this state was published: `lwt` is an ungraceful "
+        "death (the broker sent the will), `shutdown` a clean stop",
     )
 
     @model_validator(mode="after")

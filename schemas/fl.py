@@ -23,6 +23,8 @@ from schemas.base import (
 )
 
 MAX_SELECTED = 10_000
+MAX_REJECTION_EXAMPLES = 20
+"""Refused updates kept as examples per round; every refusal is counted by reason."""
 FiniteLoss = Annotated[float, Field(ge=0.0, description="Mean loss over the examples")]
 
 
@@ -85,6 +87,10 @@ class RoundPlan(WireModel):
 
     task: Id
     round: Annotated[int, Field(ge=1)]
+    attempt: NonNegInt = Field(
+        default=0, description="Retry of the same round (0 first); a device trains once per "
+        "(round, attempt) and updates of earlier attempts of the round still count",
+    )
     global_version: Version = Field(description="Version of the weights to train from")
     selected: list[Id] = Field(max_length=MAX_SELECTED, description="Devices asked to train")
     evaluate: list[Id] = Field(
@@ -115,6 +121,7 @@ class UpdateEnvelope(WireModel):
 
     task: Id
     round: Annotated[int, Field(ge=1)]
+    attempt: NonNegInt = Field(default=0, description="Attempt of the round it answers")
     device_id: Id
     base_version: Version = Field(description="Global version the delta is relative to")
     num_examples: Annotated[int, Field(ge=1, description="Local training examples")]
@@ -189,7 +196,15 @@ class TaskStatus(WireModel):
     rounds_total: Annotated[int, Field(ge=1)]
     global_version: Version | None = None
     participants: list[Id] = Field(default_factory=list, max_length=MAX_SELECTED)
-    rejected: list[Rejection] = Field(default_factory=list, max_length=MAX_SELECTED)
+    attempt: NonNegInt = Field(default=0, description="Attempt of the current round")
+    rejected: list[Rejection] = Field(
+        default_factory=list, max_length=MAX_REJECTION_EXAMPLES,
+        description="The last refused updates of the round, with reasons (examples)",
+    )
+    rejected_counts: dict[Id, NonNegInt] = Field(
+        default_factory=dict, max_length=64,
+        description="Refused updates of the round, counted by reason",
+    )
     train_loss: FiniteLoss | None = None
     eval_loss: FiniteLoss | None = None
     eval_accuracy: Fraction | None = None

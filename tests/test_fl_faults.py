@@ -8,7 +8,6 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -44,7 +43,8 @@ class HandDevice:
             state = DeviceState.model_validate({
                 "device_id": device_id, "state": "online", "bd_seq": 0, "ts": now(),
                 "agent_version": "t", "hardware": HW, "memory_available_mb": 1024.0,
-                "runtimes": {"torchscript": "2.13"}, "model_formats": ["torchscript"]})
+                "runtimes": {"torchscript": "2.13"}, "model_formats": ["torchscript"],
+                "fl_tasks": [TASK]})
             assert self.client.publish(topics.device_state(device_id), state.to_json(),
                                        retain=True) in (0, 0x10)
 
@@ -97,16 +97,19 @@ def test_bad_updates_are_rejected_with_reasons_and_the_round_completes(
     a.send(plan, {**good, name: good[name] + 0.01})
     a.send(plan, {**good, name: good[name] + 0.01})  # duplicate: counted once
     coordinator = cloud.service.coordinators[TASK]
-    wait_until(lambda: coordinator.state.current is not None
-               and a.id in coordinator.state.current.accepted, what="a's good update")
+    wait_until(lambda: a.id in coordinator.accepted, what="a's good update")
     b.send(plan, good)
     wait_until(lambda: coordinator.state.state is TaskState.FINISHED, timeout=30,
                what="round closed")
-    record = coordinator.state.history[-1]
-    reasons = sorted(r["reason"] for r in record["rejected"])
-    assert reasons == sorted(["non_finite", "shape_mismatch", "norm_bound", "stale_round",
-                              "stale_base", "not_selected"])
-    assert sorted(record["participants"]) == sorted([a.id, b.id])
+    record = coordinator.history()[-1]
+    reasons = sorted(r.reason for r in record.rejected)
+    assert reasons == sorted(["non_finite", "shape_mismatch", "norm_bound", "stale_base",
+                              "not_selected"])
+    assert record.rejected_counts == dict.fromkeys(reasons, 1)
+    # A refusal is filed under the round it names, never the open one.
+    assert coordinator.fl_store.rejections(99).counts == {"stale_round": 1}
+
+    assert sorted(record.participants) == sorted([a.id, b.id])
     assert cloud.service.counters["fl_duplicate_update"] == 1
     for device in (a, b, outsider):
         device.client.close()
@@ -126,8 +129,8 @@ def test_a_device_that_disconnects_mid_round_closes_at_the_deadline(
     coordinator = cloud.service.coordinators[TASK]
     wait_until(lambda: coordinator.state.state is TaskState.FINISHED, timeout=20,
                what="round closed at the deadline")
-    record = coordinator.state.history[-1]
-    assert record["participants"] == [agent.device_id]
+    record = coordinator.history()[-1]
+    assert record.participants == [agent.device_id]
     assert now() >= plan.deadline
 
 
@@ -199,13 +202,11 @@ def _accepted(store: Path, device_id: str) -> bool:
         return False
     db = sqlite3.connect(store)
     try:
-        row = db.execute("SELECT value FROM kv WHERE key=?", (f"fl:{TASK}",)).fetchone()
+        row = db.execute("SELECT 1 FROM fl_updates WHERE task=? AND device_id=?",
+                         (TASK, device_id)).fetchone()
     except sqlite3.OperationalError:
         return False
     finally:
         db.close()
-    if row is None:
-        return False
-    state: dict[str, Any] = json.loads(row[0])
-    current = state.get("current") or {}
-    return device_id in current.get("accepted", {})
+    return row is not None
+

@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cloud.fl.coordinator import CoordinatorState
 from schemas.base import decode_message
 from schemas.codec import decode
 from schemas.compression import decompress
@@ -27,8 +26,8 @@ TASK = "digits"
 def fl_config(**overrides: Any) -> dict[str, Any]:
     return {"task": "fl_tasks.digits:DigitsTask", "rounds": 3, "min_fit_clients": 3,
             "min_available_clients": 3, "fraction_fit": 1.0, "round_timeout_s": 60,
-            "hyperparams": {"local_epochs": 1, "batch_size": 16, "learning_rate": 0.05}} \
-        | overrides
+            "hyperparams": {"local_epochs": 1, "batch_size": 16, "learning_rate": 0.05},
+            "keep_update_rounds": 100} | overrides
 
 
 def device_fl(index: int, count: int) -> dict[str, Any]:
@@ -52,11 +51,12 @@ def test_three_devices_three_rounds_match_in_process_fedavg(
     coordinator = cloud.service.coordinators[TASK]
     wait_until(lambda: coordinator.state.state is TaskState.FINISHED, timeout=120,
                what="3 rounds finished")
-    state = CoordinatorState.model_validate(cloud.service.store.get(f"fl:{TASK}"))
-    assert [h["round"] for h in state.history] == [1, 2, 3]
-    for h in state.history:
-        assert sorted(h["participants"]) == sorted(a.device_id for a in agents)
-        assert h["rejected"] == []
+    history = coordinator.history()
+    assert [h.round for h in history] == [1, 2, 3]
+    for h in history:
+        assert sorted(h.participants) == sorted(a.device_id for a in agents)
+        assert h.rejected == [] and h.rejected_counts == {}
+
     folder = cloud.settings.data_dir / "fl" / TASK
     # Replay: FedAvg in float64 over the very updates that crossed the broker.
     previous = weights_at(folder, "0")
@@ -132,9 +132,10 @@ def test_federated_evaluation_fairness_and_early_stop(
                what="early stop")
     assert coordinator.state.round < 20
     assert "target accuracy" in (coordinator.state.message or "")
-    last = coordinator.state.history[-1]
-    assert last["eval_accuracy"] is not None and last["fairness"] is not None
-    assert 0 <= last["fairness"]["disparity"] <= 1
+    last = coordinator.history()[-1]
+    assert last.eval_accuracy is not None and last.fairness is not None
+    assert 0 <= last.fairness.disparity <= 1
+
 
 
 def test_too_few_updates_fails_the_task_and_says_so(

@@ -77,6 +77,8 @@ class _Device:
     last_seen: float
     interval_s: float
     watch_from: float | None = None
+    stopped: bool = False
+    """The device announced a clean shutdown: not silent until it reports again."""
 
     def silence(self, now: float) -> float:
         """Seconds without telemetry at ``now`` (from ``watch_from`` at the earliest)."""
@@ -102,6 +104,7 @@ class _DeviceState(BaseModel):
     last_seen: float
     interval_s: float = Field(gt=0)
     watch_from: float | None = None
+    stopped: bool = False
     site: str | None = None
 
 
@@ -233,6 +236,8 @@ class AlertEngine:
         self._advance(now)
         events: list[AlertEvent] = []
         for device_id, device in self._devices.items():
+            if device.stopped:
+                continue
             for rule in self._absence_rules:
                 key = (device_id, rule.name)
                 silence = device.silence(now)
@@ -246,6 +251,22 @@ class AlertEngine:
                               message=_clip(message), opened_at=now, ts=now)
                 events.append(self._opened(alert, now))
         return events
+
+    def device_stopped(self, device_id: str, at: float) -> list[AlertEvent]:
+        """A device stopped cleanly (its ``offline`` state says ``shutdown``).
+
+        A stopped device is not silent: absence rules ignore it (and resolve
+        what they had opened) until it reports again. An ungraceful death (the
+        broker's will) changes nothing here: silence beyond the rule's limit
+        still opens the alert.
+        """
+        self._advance(at)
+        device = self._devices.get(device_id)
+        if device is None:
+            return []
+        device.stopped = True
+        return [self._resolved((device_id, rule.name), at) for rule in self._absence_rules
+                if (device_id, rule.name) in self._open]
 
     def resume(self, now: float) -> None:
         """Measure silence from ``now`` at the earliest, for every known device.
@@ -336,7 +357,7 @@ class AlertEngine:
             ],
             devices=[
                 _DeviceState(device_id=d, last_seen=s.last_seen, interval_s=s.interval_s,
-                             watch_from=s.watch_from)
+                             watch_from=s.watch_from, stopped=s.stopped)
                 for d, s in sorted(self._devices.items())
             ],
             sites=dict(sorted(self._sites.items())),
@@ -387,7 +408,8 @@ class AlertEngine:
                     rule.source == "telemetry"):
                 engine._pending[(p.device_id, p.rule, p.model or "")] = _Pending(p.since, p.count)
         for d in state.devices:
-            engine._devices[d.device_id] = _Device(d.last_seen, d.interval_s, d.watch_from)
+            engine._devices[d.device_id] = _Device(d.last_seen, d.interval_s, d.watch_from,
+                                                   d.stopped)
         engine._sites = dict(state.sites)
         if engine._dropped:
             logger.info("dropped %d restored alerts of removed rules: %s", len(engine._dropped),
@@ -412,6 +434,7 @@ class AlertEngine:
             return []
         if not t.historical:
             device.interval_s = t.interval_s
+            device.stopped = False
         if seen_at <= device.last_seen:
             return []
         device.last_seen = seen_at

@@ -49,3 +49,7 @@ class FLTaskConfig(BaseModel):
                                  description="Stop after this many rounds without improvement")
     min_delta: float = 0.001
     seed: int = 0
+    keep_update_rounds: int = Field(
+        default=0, ge=0, description="Keep the update files of the last N released rounds "
+        "(audit, replay); 0 deletes a round's files once it is released")
+

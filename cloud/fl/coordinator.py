@@ -1,34 +1,51 @@
 """The federated-learning coordinator of one task: a persisted state machine.
 
 waiting -> round_open -> collecting -> aggregating -> evaluating -> released -> ...
--> finished (or failed). The state (round, deadline, selection, received
-updates) is saved in the cloud's SQLite store at every step and accepted updates
-are kept on disk, so a restart resumes the round with the updates already
-received and the same deadline. Updates are validated before they touch the
-aggregate (sender selected, round and base version, names/shapes/dtypes, finite,
-norm bound, duplicates once); a rejected update gets a reason in the round's
-record and never stops the round.
+-> finished (or failed). One asyncio task owns it (:meth:`Coordinator.run`):
+updates, evaluations, ticks and resynchronisations after a reconnection arrive
+in its inbox and are handled one at a time, so transitions never interleave.
+Decoding, validation, aggregation, evaluation and every disk write run on a
+worker thread (:func:`cloud.fl.offload.off_loop`), and a message is
+acknowledged to the broker only after what it changed is committed.
+
+Persistence is incremental (:mod:`cloud.fl.fl_store`): an accepted update is a
+file plus one row, a refusal one counter, and the small state record is
+rewritten only at transitions; ``aggregating`` and ``evaluating`` are saved as
+``collecting``, so a crash anywhere resumes the round by re-aggregating the
+stored updates. Publications (plan, global weights, status) follow the state
+and are repeated after every reconnection: a broker outage never leaves the
+task stuck between two states. A failure inside the coordinator marks the task
+failed with its reason; it never stops the service.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
+import contextlib
+import hashlib
 import logging
+import os
 import random
+import shutil
 import statistics
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cloud.errors import CloudOffline
 from cloud.fl.config import FLTaskConfig
+from cloud.fl.fl_store import FLStore
 from cloud.fl.registry import make_strategy
 from cloud.fl.strategy import Strategy
 from cloud.fl.validation import validate_update
+from cloud.mqtt_link import Inbound
+from cloud.offload import off_loop
 from cloud.registry import DeviceRecord, DeviceRegistry
 from cloud.storage.sink import TelemetrySink
 from cloud.storage.sqlite_store import SqliteStore
@@ -47,42 +64,72 @@ from schemas.fl import (
     TaskStatus,
     UpdateEnvelope,
 )
-from schemas.topics import Topics
+from schemas.topics import TopicKind, Topics
 
 logger = logging.getLogger(__name__)
 
 Publish = Callable[[str, bytes, bool], Awaitable[None]]
+Ack = Callable[[Inbound], None]
+TICK_S = 0.1
+MAX_FUTURE_SKEW_S = 300.0
 _TRANSIENT = frozenset({TaskState.ROUND_OPEN, TaskState.AGGREGATING, TaskState.EVALUATING})
+_DONE = frozenset({TaskState.FINISHED, TaskState.FAILED})
+_NOT_A_VERDICT = frozenset({"stale_round", "not_selected"})
+"""Refusals that say nothing about the sender's answer to the open round."""
 
 
 class RoundRecord(BaseModel):
-    """Everything the coordinator knows about the open round (persisted)."""
+    """The open round (persisted in the state record; updates are rows of their own)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     round: int
     attempt: int = 0
     global_version: str
     selected: list[str]
+    asked: list[str] = Field(default_factory=list,
+                             description="Selected in any attempt of this round")
     evaluate: list[str]
     issued_at: float
     deadline: float
-    accepted: dict[str, dict[str, float]] = Field(default_factory=dict)
-    rejected: list[Rejection] = Field(default_factory=list)
-    evals: dict[str, dict[str, float]] = Field(default_factory=dict)
-    bytes_received: int = 0
 
 
 class CoordinatorState(BaseModel):
-    """The persisted state machine."""
+    """The persisted state machine (small: rewritten at transitions only)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     state: TaskState = TaskState.WAITING
     round: int = 0
     global_version: str = "0"
     current: RoundRecord | None = None
-    history: list[dict[str, Any]] = Field(default_factory=list)
+    last: dict[str, Any] | None = None
     last_selected: dict[str, float] = Field(default_factory=dict)
     best_accuracy: float | None = None
     stale_rounds: int = 0
     message: str | None = None
+    uncleared: list[str] = Field(default_factory=list,
+                                 description="Global versions whose retained copy is to clear")
+
+
+@dataclass
+class _Round:
+    """What the owner task holds about the open round, beside the persisted record."""
+
+    accepted: dict[str, dict[str, Any]] = field(default_factory=dict)
+    evals: dict[str, dict[str, float]] = field(default_factory=dict)
+    verdicts: set[str] = field(default_factory=set)
+    """Selected devices whose answer to this attempt was refused (they are done too)."""
+    counts: Counter[str] = field(default_factory=Counter)
+    examples: list[Rejection] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    kind: str
+    device_id: str = ""
+    round: int = 0
+    message: Inbound | None = None
 
 
 class Coordinator:
@@ -90,7 +137,7 @@ class Coordinator:
 
     def __init__(self, name: str, config: FLTaskConfig, *, topics: Topics, store: SqliteStore,
                  registry: DeviceRegistry, sinks: list[TelemetrySink], folder: Path,
-                 publish: Publish, counters: Counter[str]) -> None:
+                 publish: Publish, ack: Ack, counters: Counter[str]) -> None:
         self.name = name
         self.config = config
         self.topics = topics
@@ -99,28 +146,112 @@ class Coordinator:
         self.sinks = sinks
         self.folder = folder
         self.publish = publish
+        self.ack = ack
         self.counters = counters
         self.task: FLTask = load_task(config.task, **config.task_kwargs)
         self.strategy: Strategy = make_strategy(config.strategy, config.strategy_params)
         self.rng = random.Random(config.seed)  # noqa: S311 - client sampling, not crypto
-        self.key = f"fl:{name}"
-        saved = store.get(self.key)
-        self.state = CoordinatorState.model_validate(saved) if saved else CoordinatorState()
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.global_weights: Weights = self._load_global()
-        self._round_started = 0.0
+        self.fl_store = FLStore(store, name)
+        self.state = CoordinatorState()
+        self.round = _Round()
+        self.global_weights: Weights = {}
+        self.inbox: asyncio.Queue[_Item] = asyncio.Queue()
+        self.ready = asyncio.Event()
+        self._resync = False
+        self._published_version: str | None = None
 
-    # -- persistence ------------------------------------------------------------------
+    # -- entry points (event loop) ---------------------------------------------------
+
+    def submit(self, kind: TopicKind, device_id: str, round_: int, message: Inbound) -> None:
+        """An update or evaluation arrived (from the dispatcher); acknowledged later."""
+        self.inbox.put_nowait(_Item(kind.value, device_id, round_, message))
+
+    def connected(self) -> None:
+        """After every (re)connection: publish the retained state again."""
+        self._resync = True
+        self.inbox.put_nowait(_Item("wake"))
+
+    @property
+    def accepted(self) -> dict[str, dict[str, Any]]:
+        """Accepted updates of the open round, by device."""
+        return self.round.accepted
+
+    def history(self) -> list[TaskStatus]:
+        """Released rounds (reads the store; for tests and tools)."""
+        return self.fl_store.history()
+
+    # -- the owner task ----------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Own the state machine until cancelled."""
+        try:
+            await off_loop(self._load)
+        except Exception as exc:
+            logger.exception("%s: could not load", self.name)
+            self.state = CoordinatorState(state=TaskState.FAILED,
+                                          message=f"could not load: {exc}"[:1024])
+        self.ready.set()
+        while True:
+            item: _Item | None = None
+            try:
+                async with asyncio.timeout(TICK_S):
+                    item = await self.inbox.get()
+            except TimeoutError:
+                pass
+            try:
+                if self._resync:
+                    self._resync = False
+                    await self._republish()
+                if item is not None and item.message is not None:
+                    await self._on_item(item)
+                await self._tick()
+            except Exception as exc:  # the one handler of this task: fail it, keep the service
+                self.counters["fl_coordinator_error"] += 1
+                logger.exception("%s: coordinator failed", self.name)
+                await self._fail(f"internal error: {type(exc).__name__}: {exc}")
+            finally:
+                if item is not None and item.message is not None:
+                    self.ack(item.message)
+
+    def _load(self) -> None:
+        """Read the saved state, weights and the open round's updates (worker thread)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        saved = self.fl_store.load_state()
+        if saved is not None:
+            try:
+                self.state = CoordinatorState.model_validate(saved)
+            except ValidationError as exc:
+                aside = self.fl_store.move_aside(str(exc)[:500])
+                self.state = CoordinatorState(
+                    state=TaskState.FAILED,
+                    message=f"saved state unreadable, moved to {aside}: {exc.error_count()} "
+                    "error(s)")
+                self.fl_store.save_state(self.state.model_dump(mode="json"))
+                return
+        if self.state.state in _TRANSIENT:
+            self.state.state = TaskState.COLLECTING
+        self.global_weights = self._load_global()
+        self._load_strategy_state()
+        current = self.state.current
+        if current is not None and self.state.state is TaskState.COLLECTING:
+            self._resume_round(current)
+
+    # -- persistence helpers (worker thread) --------------------------------------------
 
     def _save(self) -> None:
+        self.fl_store.save_state(self._saved_state())
+
+    def _saved_state(self) -> dict[str, Any]:
         state = self.state
         if state.state in _TRANSIENT:
-            # What a restart can resume: the round is collecting until it is released.
             state = state.model_copy(update={"state": TaskState.COLLECTING})
-        self.store.put(self.key, state.model_dump(mode="json"))
+        return state.model_dump(mode="json")
 
     def _weights_path(self, version: str) -> Path:
         return self.folder / f"global-{version}.safetensors"
+
+    def _strategy_path(self, version: str) -> Path:
+        return self.folder / f"strategy-{version}.safetensors"
 
     def _update_dir(self, round_: int) -> Path:
         return self.folder / f"round-{round_}"
@@ -134,70 +265,209 @@ class Coordinator:
         self._write_global(self.state.global_version, weights, 0)
         return weights
 
+    def _load_strategy_state(self) -> None:
+        path = self._strategy_path(self.state.global_version)
+        if path.exists():
+            self.strategy.load_state_arrays(decode(path.read_bytes(), GlobalModelEnvelope).tensors)
+
     def _write_global(self, version: str, weights: Weights, round_: int) -> bytes:
+        envelope = GlobalModelEnvelope(task=self.name, version=version, round=round_,
+                                       created_at=now())
         shared = {k: weights[k] for k in self.strategy.shared_names(weights)}
-        payload = encode(shared, GlobalModelEnvelope(task=self.name, version=version,
-                                                     round=round_, created_at=now()))
-        path = self._weights_path(version)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(payload)
-        tmp.replace(path)
+        payload = encode(shared, envelope)
+        _atomic_write(self._weights_path(version), payload)
+        arrays = self.strategy.state_arrays()
+        if arrays:
+            _atomic_write(self._strategy_path(version), encode(arrays, envelope))
         return payload
 
-    # -- status -------------------------------------------------------------------------
+    # -- status ---------------------------------------------------------------------------
 
-    async def _publish_status(self, extra: dict[str, Any] | None = None) -> TaskStatus:
-        last = self.state.history[-1] if self.state.history else {}
-        status = TaskStatus.model_validate({
+    def status(self, **extra: Any) -> TaskStatus:
+        """The task's status now (published retained on ``fl/{t}/status``)."""
+        last = self.state.last or {}
+        counts = dict(self.round.counts) if self.state.current else last.get("rejected_counts", {})
+        examples = ([r.model_dump() for r in self.round.examples] if self.state.current
+                    else last.get("rejected", []))
+        return TaskStatus.model_validate({
             "task": self.name, "state": self.state.state, "round": self.state.round,
             "rounds_total": self.config.rounds, "global_version": self.state.global_version,
+            "attempt": self.state.current.attempt if self.state.current else 0,
             "participants": last.get("participants", []),
-            "rejected": last.get("rejected", []),
+            "rejected": examples[-20:], "rejected_counts": counts,
             "train_loss": last.get("train_loss"), "eval_loss": last.get("eval_loss"),
             "eval_accuracy": last.get("eval_accuracy"),
             "central_accuracy": last.get("central_accuracy"),
             "fairness": last.get("fairness"), "bytes_received": last.get("bytes_received", 0),
             "duration_s": last.get("duration_s"), "message": self.state.message,
-            "ts": now(), **(extra or {}),
+            "ts": now(), **extra,
         })
-        await self.publish(self.topics.task_status(self.name), status.to_json(), True)
+
+    async def _send(self, topic: str, payload: bytes, retain: bool = True) -> bool:
+        """Publish; when offline, remember to resynchronise after the reconnection."""
+        try:
+            await self.publish(topic, payload, retain)
+        except CloudOffline as exc:
+            # Published again by _republish() once the service is reconnected.
+            logger.info("%s: publication deferred until reconnected: %s", self.name, exc)
+            return False
+        return True
+
+    async def _publish_status(self, **extra: Any) -> TaskStatus:
+        status = self.status(**extra)
+        await self._send(self.topics.task_status(self.name), status.to_json())
         return status
+
+    async def _republish(self) -> None:
+        """The retained state of the task, as it is now (after a (re)connection)."""
+        version = self.state.global_version
+        if self._published_version != version:
+            payload = await off_loop(self._weights_path(version).read_bytes)
+            if await self._send(self.topics.global_model(self.name, version), payload):
+                self._published_version = version
+        for old in list(self.state.uncleared):
+            if await self._send(self.topics.global_model(self.name, old), b""):
+                self.state.uncleared.remove(old)
+        current = self.state.current
+        if self.state.state in _DONE:
+            await self._send(self.topics.round_plan(self.name), b"")
+        elif current is not None and self.state.state is TaskState.COLLECTING:
+            await self._send(self.topics.round_plan(self.name), self._plan(current).to_json())
+        await self._publish_status()
+
+    # -- messages -------------------------------------------------------------------------
+
+    async def _on_item(self, item: _Item) -> None:
+        message = item.message
+        assert message is not None  # noqa: S101 - checked by the caller
+        if item.kind == TopicKind.UPDATE.value:
+            await self._on_update(item.device_id, item.round, message.payload)
+        else:
+            await self._on_eval(item.device_id, item.round, message.payload)
+
+    async def _on_update(self, device_id: str, round_: int, payload: bytes) -> None:
+        current = self.state.current
+        if self.state.state in _DONE:
+            self.counters["fl_update_after_end"] += 1
+            return
+        if current is None or self.state.state is not TaskState.COLLECTING \
+                or round_ != current.round:
+            await self._reject(round_, device_id, "stale_round", f"round {round_} is not open")
+            return
+        if device_id not in current.asked:
+            await self._reject(round_, device_id, "not_selected", "device was not selected")
+            return
+        if device_id in self.round.accepted:
+            self.counters["fl_duplicate_update"] += 1  # QoS 1 redelivery, a retry: once
+            return
+        outcome = await off_loop(self._accept_update, current, device_id, payload)
+        if isinstance(outcome, Rejection):
+            await self._reject(round_, device_id, outcome.reason, outcome.detail or "")
+            return
+        self.round.accepted[device_id] = outcome
+        self.round.verdicts.discard(device_id)
+
+    def _accept_update(self, current: RoundRecord, device_id: str, payload: bytes,
+                       ) -> dict[str, Any] | Rejection:
+        """Decode, validate, store and aggregate one update (worker thread)."""
+        size = sum(v.size for v in self.global_weights.values())
+        try:
+            decoded = decode(payload, UpdateEnvelope,
+                             DecodeLimits(max_bytes=max(1 << 20, 8 * size)))
+            envelope = decoded.envelope
+            if (envelope.device_id, envelope.round, envelope.task) != (
+                    device_id, current.round, self.name):
+                return _rejection(device_id, "envelope_mismatch",
+                                  "envelope names another device, round or task")
+            if envelope.sent_at > now() + MAX_FUTURE_SKEW_S:
+                return _rejection(device_id, "future_timestamp",
+                                  f"sent_at {envelope.sent_at:.0f} is ahead of the cloud's clock")
+            if envelope.base_version != current.global_version:
+                return _rejection(device_id, "stale_base",
+                                  f"trained from {envelope.base_version}, round uses "
+                                  f"{current.global_version}")
+            delta = decompress(decoded.tensors, envelope.compression, max_elements=size)
+        except (DecodeError, CompressionError) as exc:
+            return _rejection(device_id, getattr(exc, "reason", "bad_payload"), str(exc))
+        problem = validate_update(delta, self.global_weights,
+                                  names=self.strategy.shared_names(self.global_weights),
+                                  max_norm=self.config.max_update_norm)
+        if problem is not None:
+            return problem.to_wire(device_id)
+        directory = self._update_dir(current.round)
+        directory.mkdir(parents=True, exist_ok=True)
+        _atomic_write(directory / f"{device_id}.safetensors", payload)
+        meta = {
+            "num_examples": float(envelope.num_examples),
+            "train_loss": envelope.train_loss, "train_accuracy": envelope.train_accuracy,
+            "bytes": float(len(payload)), "train_time_s": float(envelope.train_time_s or 0.0),
+            "attempt": envelope.attempt, "sha256": hashlib.sha256(payload).hexdigest(),
+        }
+        self.fl_store.add_update(current.round, device_id, envelope.attempt, meta)
+        self.strategy.add(delta, envelope.num_examples)
+        return meta
+
+    async def _reject(self, round_: int, device_id: str, reason: str, detail: str) -> None:
+        """Count a refused update under the round it names (never another one)."""
+        self.counters[f"fl_rejected_{reason}"] += 1
+        rejection = _rejection(device_id, reason, detail)
+        current = self.state.current
+        is_current = current is not None and round_ == current.round
+        if is_current:
+            first = self.round.counts[reason] == 0
+            self.round.counts[reason] += 1
+            self.round.examples = [*self.round.examples[-19:], rejection]
+            assert current is not None  # noqa: S101 - is_current
+            if reason not in _NOT_A_VERDICT and device_id in current.selected:
+                self.round.verdicts.add(device_id)
+        else:
+            first = False
+        log = logger.warning if first else logger.debug
+        log("%s: update from %s for round %d rejected: %s: %s", self.name, device_id, round_,
+            reason, detail[:200])
+        await off_loop(self.fl_store.add_rejection, max(0, round_), rejection)
+
+    async def _on_eval(self, device_id: str, round_: int, payload: bytes) -> None:
+        current = self.state.current
+        try:
+            result = decode_message(EvalResult, payload)
+        except DecodeError as exc:
+            self.counters[f"fl_refused_eval_{exc.reason}"] += 1
+            logger.info("%s: evaluation from %s refused: %s", self.name, device_id, exc)
+            return
+        if current is None or round_ != current.round or device_id not in current.evaluate \
+                or result.device_id != device_id or result.round != round_:
+            self.counters["fl_refused_eval_unexpected"] += 1
+            logger.info("%s: unexpected evaluation from %s for round %d", self.name, device_id,
+                        round_)
+            return
+        if device_id in self.round.evals:
+            self.counters["fl_duplicate_eval"] += 1
+            return
+        meta = {"loss": result.loss, "accuracy": result.accuracy or 0.0,
+                "num_examples": float(result.num_examples)}
+        await off_loop(self.fl_store.add_eval, round_, device_id, meta)
+        self.round.evals[device_id] = meta
 
     # -- the state machine ------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Publish the current global weights and status (after a restart too)."""
-        payload = self._weights_path(self.state.global_version).read_bytes()
-        await self.publish(self.topics.global_model(self.name, self.state.global_version),
-                           payload, True)
-        current = self.state.current
-        if current is not None and self.state.state is TaskState.COLLECTING:
-            self._resume_round(current)
-            # The plan may not have left before a crash; publishing it again is idempotent.
-            await self.publish(self.topics.round_plan(self.name), self._plan(current).to_json(),
-                               True)
-        await self._publish_status()
-
-    async def tick(self) -> None:
-        """Advance the state machine (called every few hundred ms)."""
+    async def _tick(self) -> None:
         state = self.state.state
-        if state in (TaskState.FINISHED, TaskState.FAILED):
+        if state in _DONE:
             return
         if state in (TaskState.WAITING, TaskState.RELEASED):
             await self._maybe_open_round()
-        elif state is TaskState.COLLECTING:
+        elif state is TaskState.COLLECTING and self.state.current is not None:
             current = self.state.current
-            if current is None:
-                return
-            done = set(current.accepted) | {r.device_id for r in current.rejected}
+            done = set(self.round.accepted) | self.round.verdicts
             if set(current.selected) <= done or now() >= current.deadline:
                 await self._close_round()
 
     def eligible(self) -> list[DeviceRecord]:
-        """Online devices that can train this task now, per the selection policy."""
+        """Online members that can train this task now, per the selection policy."""
         sel = self.config.selection
         devices = [d for d in self.registry.devices(online=True)
-                   if sel.runtime in d.runtimes
+                   if self.name in d.fl_tasks and sel.runtime in d.runtimes
                    and (d.memory_available_mb or 0.0) >= sel.min_memory_mb]
         if sel.policy == "resource_aware":
             devices = [d for d in devices if self._resources_ok(d)]
@@ -205,25 +475,23 @@ class Coordinator:
 
     def _resources_ok(self, device: DeviceRecord) -> bool:
         sel = self.config.selection
-        rows = self.store.query(
-            "SELECT cpu_percent, temperature_c, battery_percent, battery_plugged, "
-            "network_latency_ms FROM telemetry WHERE device_id=? ORDER BY ts DESC LIMIT 1",
-            (device.device_id,))
-        if not rows:
+        t = device.last_telemetry
+        if not t:
             return False
-        t = rows[0]
-        battery_ok = t["battery_percent"] is None or t["battery_plugged"] == 1 \
-            or t["battery_percent"] >= sel.min_battery_percent
+        battery, plugged = t.get("battery_percent"), t.get("battery_plugged")
+        temperature, latency = t.get("temperature_c"), t.get("network_latency_ms")
+        battery_ok = battery is None or plugged == 1.0 or battery >= sel.min_battery_percent
         return bool(battery_ok
-                    and (t["temperature_c"] is None or t["temperature_c"] <= sel.max_temperature_c)
-                    and (t["cpu_percent"] or 0.0) <= sel.max_cpu_percent
-                    and (t["network_latency_ms"] is None
-                         or t["network_latency_ms"] <= sel.max_latency_ms))
+                    and (temperature is None or temperature <= sel.max_temperature_c)
+                    and (t.get("cpu_percent") or 0.0) <= sel.max_cpu_percent
+                    and (latency is None or latency <= sel.max_latency_ms))
 
-    def select(self, devices: list[DeviceRecord]) -> tuple[list[str], list[str]]:
-        """Devices to train and to evaluate this round."""
+    def select(self, devices: list[DeviceRecord], count: int | None = None,
+               ) -> tuple[list[str], list[str]]:
+        """Devices to train (``count``, or per ``fraction_fit``) and to evaluate."""
         ids = sorted(d.device_id for d in devices)
-        count = max(self.config.min_fit_clients, round(self.config.fraction_fit * len(ids)))
+        if count is None:
+            count = max(self.config.min_fit_clients, round(self.config.fraction_fit * len(ids)))
         count = min(count, len(ids))
         if self.config.selection.policy == "fair":
             ranked = sorted(ids, key=lambda d: (self.state.last_selected.get(d, 0.0),
@@ -236,7 +504,7 @@ class Coordinator:
         evaluate = sorted(self.rng.sample(ids, n_eval)) if n_eval else []
         return selected, evaluate
 
-    async def _maybe_open_round(self, attempt: int = 0) -> None:
+    async def _maybe_open_round(self) -> None:
         if self.state.round >= self.config.rounds:
             await self._finish("all rounds done")
             return
@@ -244,206 +512,155 @@ class Coordinator:
         if len(devices) < self.config.min_available_clients:
             if self.state.state is not TaskState.WAITING:
                 self.state.state = TaskState.WAITING
-                self._save()
+                await off_loop(self._save)
                 await self._publish_status()
             return
-        selected, evaluate = self.select(devices)
+        count = max(self.config.min_fit_clients,
+                    round(self.config.fraction_fit * len(devices)))
+        selected, evaluate = self.select(devices, count)
         issued = now()
-        round_ = self.state.round + 1
-        record = RoundRecord(round=round_, attempt=attempt,
+        record = RoundRecord(round=self.state.round + 1, attempt=0,
                              global_version=self.state.global_version, selected=selected,
+                             asked=selected, evaluate=evaluate, issued_at=issued,
+                             deadline=issued + self.config.round_timeout_s)
+        await self._open(record, _Round())
+
+    async def _retry(self, current: RoundRecord) -> bool:
+        """Open the next attempt of the same round, keeping what was accepted."""
+        accepted = set(self.round.accepted)
+        devices = [d for d in self.eligible() if d.device_id not in accepted]
+        needed = self.config.min_fit_clients - len(accepted)
+        if not devices or len(devices) + len(accepted) < self.config.min_fit_clients:
+            return False
+        count = max(needed, round(self.config.fraction_fit * len(devices)))
+        selected, evaluate = self.select(devices, count)
+        issued = now()
+        record = RoundRecord(round=current.round, attempt=current.attempt + 1,
+                             global_version=current.global_version, selected=selected,
+                             asked=sorted(set(current.asked) | set(selected)),
                              evaluate=evaluate, issued_at=issued,
                              deadline=issued + self.config.round_timeout_s)
-        for device_id in selected:
-            self.state.last_selected[device_id] = issued
+        kept = _Round(accepted=self.round.accepted, evals=self.round.evals,
+                      counts=self.round.counts, examples=self.round.examples)
+        await self._open(record, kept)
+        return True
+
+    async def _open(self, record: RoundRecord, round_state: _Round) -> None:
+        for device_id in record.selected:
+            self.state.last_selected[device_id] = record.issued_at
+        fresh = record.attempt == 0
         self.state.current = record
-        # Persisted as collecting (what a restart resumes); round_open is what others see.
         self.state.state = TaskState.COLLECTING
-        self._save()
+        self.round = round_state
+        if fresh:
+            self.strategy.begin_round(self.global_weights)
+        await off_loop(self._save)  # what a restart resumes
         self.state.state = TaskState.ROUND_OPEN
-        await self._publish_status({"round": round_})
-        self._begin(record)
-        await self.publish(self.topics.round_plan(self.name), self._plan(record).to_json(), True)
+        await self._publish_status(round=record.round)
+        await self._send(self.topics.round_plan(self.name), self._plan(record).to_json())
         self.state.state = TaskState.COLLECTING
-        logger.info("%s: round %d open: %d selected, deadline in %.0f s", self.name, round_,
-                    len(selected), self.config.round_timeout_s)
-        await self._publish_status({"round": round_, "participants": selected})
+        logger.info("%s: round %d (attempt %d) open: %d selected, deadline in %.0f s",
+                    self.name, record.round, record.attempt, len(record.selected),
+                    self.config.round_timeout_s)
+        await self._publish_status(round=record.round, participants=record.selected)
 
     def _plan(self, record: RoundRecord) -> RoundPlan:
         hp = self.config.hyperparams
         client_config = self.strategy.client_config()
         if "proximal_mu" in client_config:
             hp = hp.model_copy(update={"proximal_mu": float(client_config["proximal_mu"])})
-        return RoundPlan(task=self.name, round=record.round,
+        return RoundPlan(task=self.name, round=record.round, attempt=record.attempt,
                          global_version=record.global_version, selected=record.selected,
                          evaluate=record.evaluate, issued_at=record.issued_at,
                          deadline=record.deadline, strategy=self.strategy.name,
                          hyperparams=hp, compression=self.config.compression,
                          max_update_norm=self.config.max_update_norm)
 
-    def _begin(self, record: RoundRecord) -> None:
-        self._round_started = time.monotonic()
-        self.strategy.begin_round(self.global_weights)
-        self._update_dir(record.round).mkdir(parents=True, exist_ok=True)
-
     def _resume_round(self, record: RoundRecord) -> None:
-        """After a restart: the same round, deadline and accepted updates."""
-        self._begin(record)
-        for device_id in sorted(record.accepted):
+        """After a restart (worker thread): the same round, deadline and accepted updates."""
+        if not record.asked:
+            record.asked = list(record.selected)
+        self.strategy.begin_round(self.global_weights)
+        accepted = self.fl_store.updates(record.round)
+        for device_id in sorted(accepted):
             path = self._update_dir(record.round) / f"{device_id}.safetensors"
             delta = self._delta(path.read_bytes())
-            self.strategy.add(delta, record.accepted[device_id]["num_examples"])
+            self.strategy.add(delta, accepted[device_id]["num_examples"])
+        rejections = self.fl_store.rejections(record.round)
+        self.round = _Round(accepted=accepted, evals=self.fl_store.evals(record.round),
+                            counts=Counter(rejections.counts), examples=rejections.examples)
         logger.info("%s: round %d resumed with %d update(s)", self.name, record.round,
-                    len(record.accepted))
-
-    # -- updates and evaluations -------------------------------------------------------
+                    len(accepted))
 
     def _delta(self, payload: bytes) -> Weights:
         size = sum(v.size for v in self.global_weights.values())
         decoded = decode(payload, UpdateEnvelope, DecodeLimits(max_bytes=max(1 << 20, size * 8)))
-        return decompress(decoded.tensors, decoded.envelope.compression,
-                          max_elements=size)
-
-    def on_update(self, device_id: str, round_: int, payload: bytes) -> None:  # noqa: PLR0911
-        """An update arrived on ``fl/{t}/rounds/{r}/updates/{d}``."""
-        current = self.state.current
-        if current is None or self.state.state is not TaskState.COLLECTING \
-                or round_ != current.round:
-            self._reject(current, device_id, "stale_round", f"round {round_} is not open")
-            return
-        if device_id not in current.selected:
-            self._reject(current, device_id, "not_selected", "device was not selected")
-            return
-        if device_id in current.accepted:
-            self.counters["fl_duplicate_update"] += 1  # QoS 1 redelivery: counted once
-            return
-        try:
-            decoded = decode(payload, UpdateEnvelope,
-                             DecodeLimits(max_bytes=max(1 << 20, 8 * sum(
-                                 v.size for v in self.global_weights.values()))))
-            envelope = decoded.envelope
-            if (envelope.device_id, envelope.round, envelope.task) != (device_id, round_,
-                                                                        self.name):
-                self._reject(current, device_id, "envelope_mismatch",
-                             "envelope names another device, round or task")
-                return
-            if envelope.base_version != current.global_version:
-                self._reject(current, device_id, "stale_base",
-                             f"trained from {envelope.base_version}, round uses "
-                             f"{current.global_version}")
-                return
-            delta = decompress(decoded.tensors, envelope.compression,
-                               max_elements=sum(v.size for v in self.global_weights.values()))
-        except (DecodeError, CompressionError) as exc:
-            self._reject(current, device_id, getattr(exc, "reason", "bad_payload"), str(exc))
-            return
-        problem = validate_update(delta, self.global_weights,
-                                  names=self.strategy.shared_names(self.global_weights),
-                                  max_norm=self.config.max_update_norm)
-        if problem is not None:
-            self._reject(current, device_id, problem.reason.value, problem.detail)
-            return
-        self.strategy.add(delta, envelope.num_examples)
-        path = self._update_dir(round_) / f"{device_id}.safetensors"
-        path.write_bytes(payload)
-        current.accepted[device_id] = {
-            "num_examples": float(envelope.num_examples),
-            "train_loss": float(envelope.train_loss if envelope.train_loss is not None
-                                else float("nan")),
-            "train_accuracy": float(envelope.train_accuracy
-                                    if envelope.train_accuracy is not None else float("nan")),
-            "bytes": float(len(payload)),
-            "train_time_s": float(envelope.train_time_s or 0.0),
-        }
-        current.bytes_received += len(payload)
-        self._save()
-
-    def _reject(self, current: RoundRecord | None, device_id: str, reason: str,
-                detail: str) -> None:
-        self.counters[f"fl_rejected_{reason}"] += 1
-        logger.warning("%s: update from %s rejected: %s: %s", self.name, device_id, reason,
-                       detail)
-        if current is not None:
-            current.rejected.append(Rejection(device_id=device_id, reason=reason,
-                                              detail=detail[:1024]))
-            self._save()
-
-    def on_eval(self, device_id: str, round_: int, payload: bytes) -> None:
-        """A federated evaluation result arrived."""
-        current = self.state.current
-        try:
-            result = decode_message(EvalResult, payload)
-        except DecodeError as exc:
-            self.counters[f"fl_refused_eval_{exc.reason}"] += 1
-            return
-        if current is None or round_ != current.round or device_id not in current.evaluate \
-                or result.device_id != device_id:
-            self.counters["fl_refused_eval_unexpected"] += 1
-            return
-        current.evals[device_id] = {"loss": result.loss, "accuracy": result.accuracy or 0.0,
-                                    "num_examples": float(result.num_examples)}
-        self._save()
+        return decompress(decoded.tensors, decoded.envelope.compression, max_elements=size)
 
     # -- closing a round ------------------------------------------------------------------
 
     async def _close_round(self) -> None:
         current = self.state.current
-        if current is None:
-            return
-        if len(current.accepted) < self.config.min_fit_clients:
-            why = (f"round {current.round}: {len(current.accepted)} update(s), fewer than "
+        assert current is not None  # noqa: S101 - checked by _tick
+        if len(self.round.accepted) < self.config.min_fit_clients:
+            why = (f"round {current.round}: {len(self.round.accepted)} update(s), fewer than "
                    f"min_fit_clients={self.config.min_fit_clients}")
             if self.config.accept_failures and current.attempt < self.config.max_round_retries:
                 logger.warning("%s: %s; retrying the round", self.name, why)
                 self.state.message = why + "; retrying"
-                self.state.state = TaskState.RELEASED
-                self._save()
-                await self._maybe_open_round(attempt=current.attempt + 1)
-                return
-            self.state.state = TaskState.FAILED
-            self.state.message = why
-            self._save()
-            await self._publish_status()
+                if await self._retry(current):
+                    return
+            await self._fail(why)
             return
-        # Aggregating and evaluating are not persisted: until the round is released the
-        # saved state is still `collecting`, and a restart re-aggregates the stored updates.
         self.state.state = TaskState.AGGREGATING
         await self._publish_status()
-        new_weights = self.strategy.finalize()
         version = str(current.round)
-        payload = self._write_global(version, new_weights, current.round)
+        new_weights, record = await off_loop(self._aggregate, current, version)
         old_version = self.state.global_version
         self.global_weights = new_weights
         self.state.global_version = version
         self.state.round = current.round
-        await self.publish(self.topics.global_model(self.name, version), payload, True)
-        if old_version != version:  # retained weights live in broker RAM: clear the old ones
-            await self.publish(self.topics.global_model(self.name, old_version), b"", True)
-        self.state.state = TaskState.EVALUATING
-        record = self._record(current, new_weights)
-        self.state.history.append(record)
         self.state.current = None
         self.state.message = None
+        self.state.last = record
+        if old_version != version:
+            self.state.uncleared.append(old_version)
         stop_reason = self._early_stop(record)
         self.state.state = TaskState.RELEASED
-        self._save()
-        status = await self._publish_status()
+        status = self.status()
+        await off_loop(self.fl_store.release, self._saved_state(), status)
+        self.round = _Round()
         for sink in self.sinks:
-            sink.write_fl_round(status)
+            if sink is not self.store:
+                await off_loop(sink.write_fl_round, status)
+        await self._republish()
+        keep = self.config.keep_update_rounds
+        await off_loop(_remove_tree, self._update_dir(current.round - keep))
+
         if stop_reason is not None:
             await self._finish(stop_reason)
 
+    def _aggregate(self, current: RoundRecord, version: str) -> tuple[Weights, dict[str, Any]]:
+        """Aggregate, evaluate, write the new global weights (worker thread)."""
+        started = time.monotonic()
+        weights = self.strategy.finalize()
+        self._write_global(version, weights, current.round)
+        record = self._record(current, weights)
+        logger.info("%s: round %d aggregated and evaluated in %.3f s", self.name, current.round,
+                    time.monotonic() - started)
+        return weights, record
+
     def _record(self, current: RoundRecord, weights: Weights) -> dict[str, Any]:
-        accepted = current.accepted
+        accepted = self.round.accepted
         total = sum(a["num_examples"] for a in accepted.values())
         losses = [a["train_loss"] * a["num_examples"] for a in accepted.values()
-                  if not np.isnan(a["train_loss"])]
+                  if a.get("train_loss") is not None]
         central_acc = central_loss = None
         central = self.task.central_data()
         if central is not None:
             result = self.task.evaluate(weights, central[0], central[1])
             central_acc, central_loss = result.accuracy, result.loss
-        evals = current.evals
+        evals = self.round.evals
         accs = [e["accuracy"] for e in evals.values()]
         eval_total = sum(e["num_examples"] for e in evals.values())
         fairness = None
@@ -454,8 +671,10 @@ class Coordinator:
                                 disparity=max(accs) - min(accs)).model_dump()
         return {
             "round": current.round,
+            "attempt": current.attempt,
             "participants": sorted(accepted),
-            "rejected": [r.model_dump() for r in current.rejected],
+            "rejected": [r.model_dump() for r in self.round.examples[-20:]],
+            "rejected_counts": dict(self.round.counts),
             "train_loss": sum(losses) / total if losses and total else None,
             "eval_loss": (sum(e["loss"] * e["num_examples"] for e in evals.values()) / eval_total
                           if eval_total else central_loss),
@@ -463,7 +682,7 @@ class Coordinator:
                               / eval_total if eval_total else None),
             "central_accuracy": central_acc,
             "fairness": fairness,
-            "bytes_received": current.bytes_received,
+            "bytes_received": int(sum(a["bytes"] for a in accepted.values())),
             "duration_s": max(0.0, now() - current.issued_at),
             "slowest_client_s": max((a.get("train_time_s", 0.0) for a in accepted.values()),
                                     default=0.0),
@@ -489,16 +708,28 @@ class Coordinator:
     async def _finish(self, reason: str) -> None:
         self.state.state = TaskState.FINISHED
         self.state.message = reason
-        self._save()
-        self._register_model()
-        await self.publish(self.topics.round_plan(self.name), b"", True)
-        await self._publish_status()
+        self.state.current = None
+        await off_loop(self._save)
+        await off_loop(self._register_model)
+        await self._republish()  # clears the retained plan, publishes the final status
         logger.info("%s: finished: %s", self.name, reason)
+
+    async def _fail(self, why: str) -> None:
+        """Mark the task failed with its reason (persisted when possible)."""
+        self.state.state = TaskState.FAILED
+        self.state.message = why[:1024]
+        logger.error("%s: failed: %s", self.name, why)
+        try:
+            await off_loop(self._save)
+            await self._republish()
+        except Exception:  # the failure is already recorded in memory and in the log
+            self.counters["fl_fail_not_persisted"] += 1
+            logger.exception("%s: the failure could not be persisted or published", self.name)
 
     def _register_model(self) -> None:
         """Record the final model with its lineage, for optimisation and release."""
         registry = self.store.get("model_registry") or {}
-        last = self.state.history[-1] if self.state.history else {}
+        last = self.state.last or {}
         registry[f"{self.name}:{self.state.global_version}"] = {
             "task": self.name, "task_path": self.config.task, "version": self.state.global_version,
             "rounds": self.state.round, "strategy": self.strategy.name,
@@ -507,4 +738,25 @@ class Coordinator:
                                                  "train_loss")},
             "registered_at": now(),
         }
-        self.store.put("model_registry", json.loads(json.dumps(registry)))
+        self.store.put("model_registry", registry)
+
+
+def _rejection(device_id: str, reason: str, detail: str) -> Rejection:
+    reason = reason if reason.replace("_", "").replace("-", "").isalnum() and len(reason) <= 64 \
+        else "bad_payload"
+    return Rejection(device_id=device_id, reason=reason, detail=detail[:1024])
+
+
+def _atomic_write(path: Path, payload: bytes) -> None:
+    """Write, fsync, rename: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as handle:
+        handle.write(payload)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
+def _remove_tree(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(path)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 from abc import abstractmethod
+from collections.abc import Mapping
 from typing import ClassVar
 
 import numpy as np
@@ -56,6 +57,26 @@ class ServerOptimizer(FedAvg):
         self._state = {}
         self._shapes = None
         self.steps = 0
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """Moments by ``slot/name``, and the step count (``_steps``)."""
+        arrays = {f"{slot}/{name}": array for slot, by_name in sorted(self._state.items())
+                  for name, array in sorted(by_name.items())}
+        arrays["_steps"] = np.asarray([self.steps], dtype=np.int64)
+        return arrays
+
+    def load_state_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Restore moments and the step count saved by :meth:`state_arrays`."""
+        self.reset_state()
+        for key, array in arrays.items():
+            if key == "_steps":
+                self.steps = int(np.asarray(array).reshape(-1)[0])
+                continue
+            slot, _, name = key.partition("/")
+            self._state.setdefault(slot, {})[name] = np.array(array, dtype=np.float32)
+        if self._state:
+            first = next(iter(self._state.values()))
+            self._shapes = {name: a.shape for name, a in first.items()}
 
     def _on_begin(self) -> None:
         shapes = {name: self.global_weights[name].shape for name in self.shared}

@@ -161,6 +161,17 @@ class Strategy(ABC):
         """The shared names of the open round, in the global model's order."""
         return self._shared
 
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """State carried from round to round (server optimizers); empty if stateless.
+
+        It is persisted next to the global weights, so a restart continues the
+        optimizer exactly where it was.
+        """
+        return {}
+
+    def load_state_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:  # noqa: B027
+        """Restore what :meth:`state_arrays` returned (after a restart)."""
+
     def _on_begin(self) -> None:  # noqa: B027 - an optional hook
         """Prepare buffers for a round; ``global_weights`` and ``shared`` are set."""
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -107,6 +108,10 @@ class SqliteStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.RLock()
+        self._depth = 0
+        # The store holds the fleet's data and the coordinators' state: owner-only.
+        if not path.exists():
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -117,15 +122,32 @@ class SqliteStore:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (serialised across threads)."""
+        """One write transaction (serialised across threads).
+
+        Nested calls (from the same thread) are savepoints: an inner failure
+        rolls back only the inner part, and nothing is durable before the
+        outermost transaction commits.
+        """
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            depth = self._depth
+            if depth:
+                name = f"sp{depth}"
+                self._db.execute(f"SAVEPOINT {name}")
+            else:
+                self._db.execute("BEGIN IMMEDIATE")
+            self._depth = depth + 1
             try:
                 yield self._db
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._depth = depth
+                if depth:
+                    self._db.execute(f"ROLLBACK TO {name}")
+                    self._db.execute(f"RELEASE {name}")
+                else:
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+            self._depth = depth
+            self._db.execute(f"RELEASE {name}" if depth else "COMMIT")
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         """Read rows."""
