@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 import queue
 import secrets
+import sqlite3
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +22,8 @@ import paho.mqtt.client as mqtt
 from pydantic import JsonValue
 
 from edge_node import __version__
-from edge_node.commands import CommandRouter
+from edge_node.commands import CommandRouter, Reply
+from edge_node.counters import Counters
 from edge_node.errors import EdgeError, InferenceError, PacketTooLargeError
 from edge_node.inference import available_runtimes, supported_formats
 from edge_node.inference_service import InferenceService
@@ -34,7 +35,13 @@ from edge_node.session import ACCEPTED, MqttSession
 from edge_node.settings import EdgeSettings
 from edge_node.system_metrics import SystemSample, hardware_info, sample
 from schemas.base import now
-from schemas.device import DeploymentStatus, DeviceState, DeviceTelemetry, ModelMetrics
+from schemas.device import (
+    CommandResult,
+    DeploymentStatus,
+    DeviceState,
+    DeviceTelemetry,
+    ModelMetrics,
+)
 from schemas.errors import TopicError
 from schemas.topics import TopicKind, Topics
 
@@ -42,6 +49,10 @@ logger = logging.getLogger(__name__)
 
 Sampler = Callable[[], SystemSample]
 DRAIN_BATCH = 100
+MAX_INFLIGHT = 500
+"""Outbox messages handed to paho and not yet acknowledged, at most."""
+ACK_SWEEP_S = 0.2
+"""The agent thread deletes acknowledged messages and drains at least this often."""
 
 
 class EdgeAgent:
@@ -60,7 +71,7 @@ class EdgeAgent:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.session_id = secrets.token_hex(8)
         self.sampler = sampler or (lambda: sample(self.state_dir))
-        self.counters: Counter[str] = Counter()
+        self.counters = Counters()
         self.interval_s = settings.telemetry.interval_s
         self.telemetry_seq = 0
         self.metrics_seq = 0
@@ -69,7 +80,18 @@ class EdgeAgent:
         self.hardware = hardware_info(self.state_dir)
         self.buffer = OfflineBuffer(self.state_dir / "outbox.sqlite3",
                                     max_messages=settings.buffer.max_messages,
-                                    max_bytes=settings.buffer.max_bytes)
+                                    max_bytes=settings.buffer.max_bytes,
+                                    durable=settings.buffer.durable)
+        self._ack_lock = threading.Lock()
+        self._acked: list[int] = []
+        self._refused_acks = 0
+        self._handed_upto = (self.buffer.first_id - 1 if len(self.buffer)
+                             else self.buffer.last_id)
+
+        """Outbox ids up to this one were handed to paho in this process (paho re-sends
+        them after a reconnect); newer ones wait for the drain."""
+        self._inflight = 0
+        self._draining = False
         self.inference = InferenceService(max_samples=settings.telemetry.latency_samples,
                                           window_s=settings.telemetry.metrics_window_s)
         self.store = ModelStore(self.state_dir / "models")
@@ -95,7 +117,7 @@ class EdgeAgent:
             self.fl = FLClient(self.device_id, self.topics, settings.fl,
                                publish=self.session.publish,
                                subscribe=self._fl_subscription, counters=self.counters)
-        self.commands = CommandRouter(self.device_id, self.counters)
+        self.commands = CommandRouter(self.device_id, self.counters, self._send_reply)
         self._register_commands()
         self._events: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._stop = threading.Event()
@@ -110,7 +132,6 @@ class EdgeAgent:
         restored = self.ota.restore()
         if restored:
             logger.info("%s: serving %s from disk", self.device_id, ", ".join(restored))
-        self.sampler()  # prime psutil's CPU counter
         self.session.subscribe(self.topics.filter(TopicKind.COMMAND, device_id=self.device_id))
         self.session.subscribe(self.topics.filter(TopicKind.RELEASE))
         if self.fl is not None:
@@ -135,6 +156,11 @@ class EdgeAgent:
         offline = DeviceState(device_id=self.device_id, state="offline",
                               bd_seq=self.session.bd_seq, ts=now(), reason="shutdown")
         self.session.stop(offline)
+        try:
+            self._sweep_acks()
+        except sqlite3.Error as exc:  # the outbox keeps them: sent again at the next start
+            logger.warning("%s: acknowledged messages not removed at stop: %s",
+                           self.device_id, exc)
         self.inference.close()
         self.buffer.close()
 
@@ -163,7 +189,7 @@ class EdgeAgent:
         try:
             parsed = self.topics.parse(msg.topic)
         except TopicError:
-            self.counters["refused_topic"] += 1
+            self.counters.add("refused_topic")
             logger.warning("%s: message on unexpected topic %s", self.device_id, msg.topic)
             return
         payload = bytes(msg.payload)
@@ -180,7 +206,7 @@ class EdgeAgent:
                 and parsed.version:
             self.fl.on_global_weights(parsed.task, parsed.version, payload)
         else:
-            self.counters["refused_topic"] += 1
+            self.counters.add("refused_topic")
 
     def _fl_subscription(self, topic: str, subscribe: bool) -> None:
         if subscribe:
@@ -198,9 +224,10 @@ class EdgeAgent:
     # -- agent thread ----------------------------------------------------------
 
     def _run(self) -> None:
+        self.sampler()  # psutil keeps the CPU baseline per thread: prime it on this one
         next_report = time.monotonic() + self.interval_s
         while not self._stop.is_set():
-            timeout = max(0.0, next_report - time.monotonic())
+            timeout = max(0.0, min(next_report - time.monotonic(), ACK_SWEEP_S))
             try:
                 kind, data = self._events.get(timeout=timeout)
             except queue.Empty:
@@ -209,19 +236,21 @@ class EdgeAgent:
                 if kind == "stop":
                     break
                 if kind == "connected":
-                    self._drain()
+                    self._draining = True
                 elif kind == "command":
-                    self._handle_command(*data)
+                    self.commands.dispatch(*data)
                 elif kind == "report":
                     self.report()
-            except (EdgeError, TimeoutError, OSError, ValueError) as exc:
+                self._sweep_acks()
+                self._drain()
+                if time.monotonic() >= next_report:
+                    next_report = max(next_report + self.interval_s, time.monotonic())
+                    self.report()
+                    self.ota.check_probation()
+            except (EdgeError, TimeoutError, OSError, ValueError, sqlite3.Error) as exc:
                 # The one dispatcher of this loop: log, count, carry on.
-                self.counters[f"agent_{getattr(exc, 'reason', type(exc).__name__)}"] += 1
+                self.counters.add(f"agent_{getattr(exc, 'reason', type(exc).__name__)}")
                 logger.exception("%s: %s failed", self.device_id, kind)
-            if time.monotonic() >= next_report:
-                self.report()
-                self.ota.check_probation()
-                next_report = max(next_report + self.interval_s, time.monotonic())
 
     def request_report(self) -> None:
         """Publish telemetry and metrics now (from any thread)."""
@@ -231,7 +260,7 @@ class EdgeAgent:
         """Measure and publish one DeviceTelemetry and one ModelMetrics per active model."""
         s = self.sampler()
         predictions, errors = self.inference.take_counts()
-        counters = dict(self.counters)
+        counters = self.counters.snapshot()
         counters["buffer_evicted"] = self.buffer.evicted
         counters["buffer_queued"] = len(self.buffer)
         telemetry = DeviceTelemetry(
@@ -254,6 +283,7 @@ class EdgeAgent:
         stats = self.inference.stats(name)
         if model is None or stats is None:
             return
+        counts = self.inference.take_interval(name)
         metrics = ModelMetrics(
             device_id=self.device_id, model=name, version=model.installed.version,
             runtime=model.runtime.runtime, session_id=self.session_id, seq=self.metrics_seq,
@@ -263,6 +293,7 @@ class EdgeAgent:
             throughput_per_s=stats.throughput_per_s, memory_mb=model.memory_mb,
             cpu_percent=stats.cpu_percent, error_count=stats.errors,
             error_rate_percent=min(100.0, stats.error_rate_percent), accuracy=stats.accuracy,
+            interval_count=counts[0], interval_errors=counts[1],
         )
         self.metrics_seq += 1
         self._emit(self.topics.model_metrics(self.device_id, name), metrics)
@@ -270,37 +301,81 @@ class EdgeAgent:
     # -- store and forward -------------------------------------------------------
 
     def _emit(self, topic: str, message: DeviceTelemetry | ModelMetrics) -> None:
-        """Publish now, or queue durably (marked historical) while the broker is away."""
-        if self.session.connected.is_set() and len(self.buffer) == 0:
-            payload = message.to_json()
-            try:
+        """Write to the outbox, then publish (now, or after what waits before it).
+
+        The outbox holds every message until its PUBACK, so neither a broker outage
+        nor a crash loses it. A message produced while offline is marked historical.
+        A message the disk refuses is still published live when connected (counted,
+        not durable); while offline it is lost, and counted.
+        """
+        connected = self.session.connected.is_set()
+        queued = message if connected else message.model_copy(update={"historical": True})
+        payload = queued.to_json()
+        try:
+            self.session.check_size(topic, payload)
+        except PacketTooLargeError:
+            self.counters.add("refused_packet_too_large")
+            raise
+        try:
+            message_id, _ = self.buffer.append(topic, payload)
+        except sqlite3.Error as exc:
+            self.counters.add("buffer_disk_error")
+            logger.warning("%s: outbox write failed (%s); %s", self.device_id, exc,
+                           "publishing without it" if connected else "message lost")
+            if connected:
                 self.session.publish(topic, payload)
-            except PacketTooLargeError:
-                self.counters["refused_packet_too_large"] += 1
-                raise
+            else:
+                self.counters.add("buffer_lost_disk_error")
             return
-        offline = not self.session.connected.is_set()
-        queued = message.model_copy(update={"historical": True}) if offline else message
-        self.buffer.append(topic, queued.to_json())
+        if connected and self._handed_upto == message_id - 1 \
+                and self._inflight < MAX_INFLIGHT:
+            self._hand(message_id, topic, payload, retain=False)
+
+    def _hand(self, message_id: int, topic: str, payload: bytes, *, retain: bool) -> None:
+        """Give one outbox message to paho (which re-sends it after a reconnect)."""
+        self._handed_upto = message_id
+        with self._ack_lock:
+            self._inflight += 1
+        self.session.publish(topic, payload, retain=retain,
+                             on_ack=lambda code: self._on_ack(message_id, code))
+
+    def _on_ack(self, message_id: int, code: int) -> None:
+        """PUBACK (network thread): the message may leave the outbox."""
+        with self._ack_lock:
+            self._acked.append(message_id)
+            self._inflight -= 1
+            if code not in ACCEPTED:
+                self._refused_acks += 1
+
+    def _sweep_acks(self) -> None:
+        """Delete acknowledged messages (batched, on the agent thread)."""
+        with self._ack_lock:
+            acked, self._acked = self._acked, []
+            refused, self._refused_acks = self._refused_acks, 0
+        if refused:  # refused ones leave too: resending would fail forever
+            self.counters.add("buffer_refused_by_broker", refused)
+        try:
+            self.buffer.remove(acked)
+        except sqlite3.Error:
+            with self._ack_lock:
+                self._acked = acked + self._acked
+            self.counters.add("buffer_disk_error")
+            raise
 
     def _drain(self) -> None:
-        """Publish what was queued while offline, in order, deleting what the broker acked."""
-        while len(self.buffer) and self.session.connected.is_set():
-            batch = self.buffer.peek(DRAIN_BATCH)
-            tracker = _AckTracker(len(batch))
+        """Hand what waits in the outbox to paho, in order, a window at a time."""
+        while self.session.connected.is_set() and self._handed_upto < self.buffer.last_id \
+                and self._inflight < MAX_INFLIGHT:
+            batch = self.buffer.peek(min(DRAIN_BATCH, MAX_INFLIGHT - self._inflight),
+                                     after=self._handed_upto)
+            if not batch:
+                self._handed_upto = self.buffer.last_id
+                break
             for item in batch:
-                self.session.publish(item.topic, item.payload, retain=item.retain,
-                                     on_ack=tracker.callback(item.id))
-            finished = tracker.done.wait(self.settings.mqtt.publish_timeout_s)
-            acked, refused = tracker.result()
-            self.counters["buffer_refused_by_broker"] += refused
-            self.buffer.remove(acked)  # refused ones too: resending would fail forever
-            if not finished:
-                logger.warning("%s: drain paused: %d of %d acknowledged", self.device_id,
-                               len(acked), len(batch))
-                return
-        if len(self.buffer) == 0:
-            logger.info("%s: offline buffer drained", self.device_id)
+                self._hand(item.id, item.topic, item.payload, retain=item.retain)
+        if self._handed_upto >= self.buffer.last_id and self._draining:
+            self._draining = False
+            logger.info("%s: outbox handed over", self.device_id)
 
     # -- deployment status -------------------------------------------------------
 
@@ -316,8 +391,7 @@ class EdgeAgent:
 
     # -- commands ------------------------------------------------------------------
 
-    def _handle_command(self, name: str, payload: bytes) -> None:
-        result = self.commands.handle(name, payload)
+    def _send_reply(self, name: str, result: CommandResult) -> None:
         self.session.publish(self.topics.command_reply(self.device_id, name), result.to_json())
 
     def _register_commands(self) -> None:
@@ -326,7 +400,7 @@ class EdgeAgent:
             "pong": now(), "bd_seq": self.session.bd_seq, "session_id": self.session_id})
         router.register("report_now", self._cmd_report_now)
         router.register("set_telemetry_interval", self._cmd_set_interval)
-        router.register("rollback", self._cmd_rollback)
+        router.register_deferred("rollback", self._cmd_rollback)
         router.register("infer", self._cmd_infer)
 
     def _cmd_report_now(self, args: dict[str, Any]) -> dict[str, JsonValue]:
@@ -341,14 +415,22 @@ class EdgeAgent:
         self.interval_s = float(interval)
         return {"interval_s": self.interval_s}
 
-    def _cmd_rollback(self, args: dict[str, Any]) -> dict[str, JsonValue]:
+    def _cmd_rollback(self, args: dict[str, Any], reply: Reply) -> None:
+        """Runs on the OTA thread; the agent thread goes on reporting meanwhile."""
         model = args.get("model")
         if not isinstance(model, str):
-            raise TypeError("args.model (the model name) is required")
+            reply(None, "args.model (the model name) is required")
+            return
         reason = str(args.get("reason", "rollback requested by command"))
-        status = self.ota.rollback(model, reason)
-        return {"active_version": status.active_version,
-                "previous_version": status.previous_version}
+
+        def done(status: DeploymentStatus | None, error: BaseException | None) -> None:
+            if status is None:
+                reply(None, str(error) or type(error).__name__)
+            else:
+                reply({"active_version": status.active_version,
+                       "previous_version": status.previous_version}, None)
+
+        self.ota.submit_rollback(model, reason, done)
 
     def _cmd_infer(self, args: dict[str, Any]) -> dict[str, JsonValue]:
         model = args.get("model")
@@ -366,31 +448,6 @@ class EdgeAgent:
             raise InferenceError(f"inputs are not a {dtype} array: {exc}") from None
         out = self.infer(model, batch)
         return {"outputs": out.tolist(), "version": active.installed.version}
-
-
-class _AckTracker:
-    """Collects the PUBACKs of one drain batch (called from the network thread)."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.done = threading.Event()
-        self._lock = threading.Lock()
-        self._acked: list[int] = []
-        self._refused = 0
-
-    def callback(self, message_id: int) -> Callable[[int], None]:
-        def on_ack(code: int) -> None:
-            with self._lock:
-                self._acked.append(message_id)
-                if code not in ACCEPTED:
-                    self._refused += 1
-                if len(self._acked) == self.total:
-                    self.done.set()
-        return on_ack
-
-    def result(self) -> tuple[list[int], int]:
-        with self._lock:
-            return list(self._acked), self._refused
 
 
 def _is_id(text: str) -> bool:

@@ -14,12 +14,12 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from edge_node.counters import Counters
 from edge_node.job_thread import JobThread
 from edge_node.settings import FLSettings
 from fl_tasks.base import FLTask, LocalData, Partition, Weights, load_task
@@ -55,7 +55,7 @@ class FLClient:
     """Federated rounds for the tasks in ``settings``."""
 
     def __init__(self, device_id: str, topics: Topics, settings: FLSettings, *,
-                 publish: Publish, subscribe: Subscribe, counters: Counter[str]) -> None:
+                 publish: Publish, subscribe: Subscribe, counters: Counters) -> None:
         self.device_id = device_id
         self.topics = topics
         self.settings = settings
@@ -104,7 +104,7 @@ class FLClient:
         try:
             plan = decode_message(RoundPlan, payload)
         except DecodeError as exc:
-            self.counters["fl_refused_plan"] += 1
+            self.counters.add("fl_refused_plan")
             logger.warning("%s: refused round plan of %s: %s", self.device_id, task, exc)
             return
         if self.device_id not in plan.selected and self.device_id not in plan.evaluate:
@@ -113,12 +113,12 @@ class FLClient:
             return
         if now() >= plan.deadline:
             # A retained plan of a round that is over (a restart, a late reconnect).
-            self.counters["fl_plan_expired"] += 1
+            self.counters.add("fl_plan_expired")
             logger.info("%s: round %d of %s is past its deadline; not training",
                         self.device_id, plan.round, task)
             return
         if plan.issued_at > now() + self.settings.max_clock_skew_s:
-            self.counters["fl_clock_skew"] += 1
+            self.counters.add("fl_clock_skew")
             logger.warning("%s: round %d of %s was issued %.0f s in this device's future: "
                            "check the clock", self.device_id, plan.round, task,
                            plan.issued_at - now())
@@ -136,7 +136,7 @@ class FLClient:
         try:
             decoded = decode(payload, GlobalModelEnvelope, limits)
         except DecodeError as exc:
-            self.counters["fl_refused_weights"] += 1
+            self.counters.add("fl_refused_weights")
             logger.warning("%s: refused global weights %s/%s: %s", self.device_id, task,
                            version, exc)
             return
@@ -170,7 +170,7 @@ class FLClient:
         if self.device_id in plan.selected and key not in state.trained:
             state.trained.add(key)
             if now() >= plan.deadline:
-                self.counters["fl_plan_expired"] += 1
+                self.counters.add("fl_plan_expired")
                 return
             self._train(task, state, plan, shared, merged)
 
@@ -189,7 +189,7 @@ class FLClient:
                           residual=state.residual or None)
         state.residual = dict(packed.residual)
         if now() > plan.deadline:
-            self.counters["fl_late_update_dropped"] += 1
+            self.counters.add("fl_late_update_dropped")
             logger.warning("%s: round %d of %s: training ended after the deadline; update "
                            "dropped", self.device_id, plan.round, task)
             return

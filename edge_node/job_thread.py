@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections import Counter
 from collections.abc import Callable
+
+from edge_node.counters import Counters
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ class JobThread:
         survivable: the exception types a job may raise without stopping the thread.
     """
 
-    def __init__(self, name: str, prefix: str, counters: Counter[str],
+    def __init__(self, name: str, prefix: str, counters: Counters,
                  survivable: tuple[type[BaseException], ...]) -> None:
         self.name = name
         self.prefix = prefix
@@ -57,5 +58,5 @@ class JobThread:
                 job()
             except self.survivable as exc:
                 # The one dispatcher of this thread: log, count, keep serving.
-                self.counters[f"{self.prefix}_{getattr(exc, 'reason', type(exc).__name__)}"] += 1
+                self.counters.add(f"{self.prefix}_{getattr(exc, 'reason', type(exc).__name__)}")
                 logger.exception("%s: job failed", self.name)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from edge_node.counters import Counters
 from edge_node.errors import EdgeError, InstallError, ModelLoadError, RuntimeUnavailableError
 from edge_node.inference import InferenceRuntime, load_runtime
 from edge_node.inference_service import InferenceService, MiB, rss_bytes
@@ -99,7 +100,7 @@ class OtaManager:
         capabilities: Capabilities,
         publish_status: PublishStatus,
         chunk_subscriptions: ChunkSubscriptions,
-        counters: Counter[str],
+        counters: Counters,
         threads: int = 1,
     ) -> None:
         self.device_id = device_id
@@ -131,17 +132,40 @@ class OtaManager:
         self._jobs.stop(timeout)
 
     def call(self, fn: Callable[[], DeploymentStatus], timeout: float = 60.0) -> DeploymentStatus:
-        """Run ``fn`` on the install thread and wait for its result."""
+        """Run ``fn`` on the install thread and wait (bounded) for its result.
+
+        The future always completes: any exception of ``fn`` is handed to the caller.
+        """
         future: Future[DeploymentStatus] = Future()
 
         def job() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
             try:
                 future.set_result(fn())
-            except (EdgeError, OSError) as exc:
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller, who raises it
                 future.set_exception(exc)
 
         self._jobs.put(job)
-        return future.result(timeout)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()  # not started yet: it never will be
+            raise
+
+    def submit_call(self, fn: Callable[[], DeploymentStatus],
+                    done: Callable[[DeploymentStatus | None, BaseException | None], None],
+                    ) -> None:
+        """Run ``fn`` on the install thread; ``done(status, error)`` runs there afterwards."""
+        def job() -> None:
+            try:
+                status = fn()
+            except Exception as exc:  # handed to ``done``, which reports it  # noqa: BLE001
+                done(None, exc)
+            else:
+                done(status, None)
+
+        self._jobs.put(job)
 
     # -- entry points (any thread) ---------------------------------------------
 
@@ -156,6 +180,13 @@ class OtaManager:
     def rollback(self, model: str, reason: str) -> DeploymentStatus:
         """Return to the previous slot (on the install thread); raises InstallError."""
         return self.call(lambda: self._rollback(model, reason))
+
+    def submit_rollback(self, model: str, reason: str,
+                        done: Callable[[DeploymentStatus | None, BaseException | None], None],
+                        ) -> None:
+        """Queue a rollback; ``done`` is called on the install thread when it ended."""
+        self.submit_call(lambda: self._rollback(model, reason), done)
+
 
     def check_probation(self) -> None:
         """Queue a probation check of freshly installed models."""
@@ -181,7 +212,7 @@ class OtaManager:
 
     def _fail(self, model: str, manifest: ReleaseManifest | None, reason: str,
               detail: str) -> None:
-        self.counters[f"install_{reason}"] += 1
+        self.counters.add(f"install_{reason}")
         logger.warning("%s: install of %s %s refused: %s: %s", self.device_id, model,
                        manifest.version if manifest else "?", reason, detail)
         if manifest is not None:
@@ -202,7 +233,7 @@ class OtaManager:
             try:
                 runtime, memory = self._load(installed.path, installed.format)
             except (ModelLoadError, RuntimeUnavailableError) as exc:
-                self.counters["restore_failed"] += 1
+                self.counters.add("restore_failed")
                 logger.error("%s: cannot restore %s %s: %s", self.device_id, model,  # noqa: TRY400
                              installed.version, exc)
                 continue
@@ -251,7 +282,7 @@ class OtaManager:
             return
         problems = compatibility_problems(manifest, self.caps)
         if problems:
-            self.counters["install_incompatible"] += 1
+            self.counters.add("install_incompatible")
             self._failed.add((model, manifest.version, manifest.sha256))
             self._status(model, DeploymentState.INCOMPATIBLE, manifest=manifest,
                          reasons=problems)
@@ -285,16 +316,16 @@ class OtaManager:
         self.chunk_messages[model] += 1
         download = self.downloads.get(model)
         if download is None or download.manifest.version != version:
-            self.counters["chunk_unexpected"] += 1
+            self.counters.add("chunk_unexpected")
             return
         manifest = download.manifest
         if index >= manifest.chunk_count:
-            self.counters["chunk_out_of_range"] += 1
+            self.counters.add("chunk_out_of_range")
             logger.warning("%s: chunk %d of %s %s out of range (%d chunks)", self.device_id,
                            index, model, version, manifest.chunk_count)
             return
         if index not in download.missing:
-            self.counters["chunk_duplicate"] += 1
+            self.counters.add("chunk_duplicate")
             return
         expected = manifest.chunk_length(index)
         if len(payload) != expected:
@@ -374,7 +405,7 @@ class OtaManager:
         self.probation.pop(model, None)
         if current is not None:
             self._failed.add((model, current.version, current.sha256))
-        self.counters["rollbacks"] += 1
+        self.counters.add("rollbacks")
         logger.warning("%s: %s rolled back to %s: %s", self.device_id, model, previous.version,
                        reason)
         return self._status(model, DeploymentState.ROLLED_BACK, error=reason[:1024])

@@ -77,6 +77,8 @@ class MqttSession:
         self._pending: dict[int, tuple[float, AckCallback | None]] = {}
         self._early: dict[int, tuple[float, int]] = {}
         self._subscriptions: dict[str, int] = {}
+        self._transport_up = False
+        """CONNACK received on the current connection (subscriptions can be sent)."""
         self._thread: threading.Thread | None = None
         mqtt_settings = settings.mqtt
         v5 = mqtt_settings.protocol == 5
@@ -194,10 +196,15 @@ class MqttSession:
         self.connect_count += 1
         limit = getattr(props, "MaximumPacketSize", None) if props is not None else None
         self.max_packet_size = int(limit) if limit else None
-        if self._subscriptions:
+        with self._lock:
+            # From here on subscribe() sends at once; what was recorded before is in this
+            # snapshot. Nothing recorded between CONNACK and SUBACK is left unsent.
+            self._transport_up = True
+            subscriptions = list(self._subscriptions.items())
+        if subscriptions:
             # Birth only once the broker confirmed the subscriptions, so that a command
             # sent to a device the cloud saw born is never lost.
-            _, self._ready_mid = client.subscribe(list(self._subscriptions.items()))
+            _, self._ready_mid = client.subscribe(subscriptions)
         else:
             self._ready()
 
@@ -223,6 +230,8 @@ class MqttSession:
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode,
                        _p: Properties | None) -> None:
+        with self._lock:
+            self._transport_up = False
         was = self.connected.is_set()
         self.connected.clear()
         if was:
@@ -251,10 +260,17 @@ class MqttSession:
     # -- publish / subscribe -------------------------------------------------
 
     def check_size(self, topic: str, payload: bytes) -> None:
-        """Raise PacketTooLargeError when the broker advertised a smaller maximum."""
+        """Raise PacketTooLargeError above the broker's maximum packet size.
+
+        The maximum is what the broker advertised (MQTT 5 CONNACK) or, when it
+        advertises none (MQTT 3.1.1), ``mqtt.max_packet_bytes``: a packet the
+        broker refuses would close the connection and be re-sent after every
+        reconnect, wedging the session.
+        """
         size = len(payload) + len(topic.encode()) + _PUBLISH_OVERHEAD
-        if self.max_packet_size is not None and size > self.max_packet_size:
-            raise PacketTooLargeError(topic, size, self.max_packet_size)
+        limit = self.max_packet_size or self.settings.mqtt.max_packet_bytes
+        if size > limit:
+            raise PacketTooLargeError(topic, size, limit)
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False,
                 on_ack: AckCallback | None = None) -> int:
@@ -288,20 +304,23 @@ class MqttSession:
         return codes[0]
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
-        """Subscribe now (if connected) and after every reconnect."""
-        self._subscriptions[topic_filter] = qos
-        if self.connected.is_set():
-            self.client.subscribe(topic_filter, qos=qos)
+        """Subscribe now (if the connection is up) and after every reconnect."""
+        self.subscribe_many([topic_filter], qos)
 
     def subscribe_many(self, filters: list[str], qos: int = 1) -> None:
         """Subscribe to several filters in as few SUBSCRIBE packets as possible."""
-        for topic_filter in filters:
-            self._subscriptions[topic_filter] = qos
-        if self.connected.is_set():
+        with self._lock:
+            for topic_filter in filters:
+                self._subscriptions[topic_filter] = qos
+            send = self._transport_up
+        if send:
             for start in range(0, len(filters), 100):
                 self.client.subscribe([(f, qos) for f in filters[start:start + 100]])
 
     def unsubscribe(self, topic_filter: str) -> None:
         """Stop receiving ``topic_filter``."""
-        if self._subscriptions.pop(topic_filter, None) is not None and self.connected.is_set():
+        with self._lock:
+            known = self._subscriptions.pop(topic_filter, None) is not None
+            send = known and self._transport_up
+        if send:
             self.client.unsubscribe(topic_filter)

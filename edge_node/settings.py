@@ -24,6 +24,9 @@ class MqttSettings(MqttClientSettings):
         default=3600, description="Persistent session kept by the broker while offline"
     )
     publish_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    max_packet_bytes: Annotated[int, Field(ge=1024)] = Field(
+        default=16 * MiB, description="Largest packet published when the broker advertises "
+        "no maximum (MQTT 3.1.1); the project's broker config allows 16 MiB")
 
 
 class TelemetrySettings(BaseModel):
@@ -41,6 +44,10 @@ class BufferSettings(BaseModel):
 
     max_messages: Annotated[int, Field(ge=1)] = 10_000
     max_bytes: Annotated[int, Field(ge=1024)] = 16 * MiB
+    durable: bool = Field(
+        default=True, description="fsync every write (survives a power cut); off keeps "
+        "messages across a crash of the agent but not of the OS (the fleet simulator)")
+
 
 
 class OtaSettings(BaseModel):

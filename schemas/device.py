@@ -176,6 +176,13 @@ class ModelMetrics(WireModel):
     accuracy: Fraction | None = Field(
         default=None, description="Accuracy on labelled feedback in the window, 0-1"
     )
+    interval_count: NonNegInt = Field(
+        default=0, description="Inference calls since the previous ModelMetrics of this "
+        "session (unlike the overlapping windows, these add up over time)",
+    )
+    interval_errors: NonNegInt = Field(
+        default=0, description="Failed calls since the previous ModelMetrics of this session"
+    )
     historical: bool = Field(default=False, description="Replayed from the offline buffer")
 
 

@@ -57,7 +57,7 @@ _METRICS_FLOATS: Final = (
     "throughput_per_s", "memory_mb", "cpu_percent", "error_rate_percent", "accuracy",
     "window_s",
 )
-_METRICS_INTS: Final = ("sample_count", "error_count")
+_METRICS_INTS: Final = ("sample_count", "error_count", "interval_count", "interval_errors")
 _FL_FLOATS: Final = (
     "train_loss", "eval_loss", "eval_accuracy", "central_accuracy", "duration_s",
     "epsilon_spent",

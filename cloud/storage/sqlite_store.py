@@ -44,7 +44,7 @@ CREATE TABLE IF NOT EXISTS model_metrics (
     window_s REAL, sample_count INTEGER, latency_ms_mean REAL, latency_ms_p50 REAL,
     latency_ms_p95 REAL, latency_ms_p99 REAL, throughput_per_s REAL, memory_mb REAL,
     cpu_percent REAL, error_count INTEGER, error_rate_percent REAL, accuracy REAL,
-    historical INTEGER,
+    historical INTEGER, interval_count INTEGER, interval_errors INTEGER,
     PRIMARY KEY (device_id, session_id, seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS model_metrics_device_ts ON model_metrics(device_id, model, ts);
@@ -82,6 +82,10 @@ CREATE TABLE IF NOT EXISTS alert_acks (
 );
 """
 
+_ADDED_COLUMNS: dict[str, list[tuple[str, str]]] = {
+    "model_metrics": [("interval_count", "INTEGER"), ("interval_errors", "INTEGER")],
+}
+
 _TELEMETRY_COLUMNS = (
     "device_id", "session_id", "seq", "ts", "cpu_percent", "memory_percent", "disk_percent",
     "temperature_c", "battery_percent", "battery_plugged", "network_latency_ms",
@@ -92,7 +96,7 @@ _METRICS_COLUMNS = (
     "device_id", "session_id", "seq", "model", "version", "runtime", "ts", "window_s",
     "sample_count", "latency_ms_mean", "latency_ms_p50", "latency_ms_p95", "latency_ms_p99",
     "throughput_per_s", "memory_mb", "cpu_percent", "error_count", "error_rate_percent",
-    "accuracy", "historical",
+    "accuracy", "historical", "interval_count", "interval_errors",
 )
 
 
@@ -117,8 +121,17 @@ class SqliteStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        self._add_missing_columns()
         self._written = 0
         self._duplicates = 0
+
+    def _add_missing_columns(self) -> None:
+        """Columns added after a store was created (an older store keeps its rows)."""
+        for table, columns in _ADDED_COLUMNS.items():
+            have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            for name, kind in columns:
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -175,7 +188,7 @@ class SqliteStore:
                  m.window_s, m.sample_count, m.latency_ms_mean, m.latency_ms_p50,
                  m.latency_ms_p95, m.latency_ms_p99, m.throughput_per_s, m.memory_mb,
                  m.cpu_percent, m.error_count, m.error_rate_percent, m.accuracy,
-                 int(m.historical)) for m in batch]
+                 int(m.historical), m.interval_count, m.interval_errors) for m in batch]
         self._write_many("model_metrics", _METRICS_COLUMNS, rows)
 
     def _write_many(self, table: str, columns: Sequence[str], rows: list[tuple[Any, ...]],
