@@ -62,12 +62,14 @@ def register(app: typer.Typer) -> None:
 
 
 def fl_start(
-    task: Annotated[str, typer.Option(help="Task import path, package.module:Class")] =
-    "fl_tasks.digits:DigitsTask",
+    task: Annotated[str | None, typer.Option(
+        help="Task import path, package.module:Class [fl_tasks.digits:DigitsTask]")] = None,
     name: Annotated[str, typer.Option(help="Task name (topic level)")] = "digits",
-    rounds: Annotated[int, typer.Option(min=1)] = 10,
-    strategy: Annotated[str, typer.Option(help="fedavg, fedadam, fedprox, krum, ...")] = "fedavg",
-    min_clients: Annotated[int, typer.Option(help="min_fit_clients = min_available")] = 2,
+    rounds: Annotated[int | None, typer.Option(min=1, help="Rounds [10]")] = None,
+    strategy: Annotated[str | None, typer.Option(
+        help="fedavg, fedadam, fedprox, krum, ... [fedavg]")] = None,
+    min_clients: Annotated[int | None, typer.Option(
+        help="min_fit_clients = min_available_clients [2]")] = None,
     broker: Annotated[str | None, typer.Option(help="HOST:PORT of the broker")] = None,
     config: Config = None,
     data_dir: DataDir = None,
@@ -75,12 +77,19 @@ def fl_start(
 ) -> None:
     """Run the cloud service with this federated task until it finishes (or Ctrl-C).
 
-    Prints a summary either way; exits 1 when the task failed or did not finish.
+    The task's settings come from the settings file's ``fl.<name>`` section when
+    it has one; options given here override them. Prints a summary either way;
+    exits 1 when the task failed or did not finish.
     """
-    fl = {name: {"task": task, "rounds": rounds, "strategy": strategy,
-                 "min_fit_clients": min_clients, "min_available_clients": min_clients}}
     base = _settings(config, data_dir=data_dir)
-    merged = {**fl, **{k: v.model_dump() for k, v in base.fl.items() if k != name}}
+    task_config: dict[str, Any] = (base.fl[name].model_dump() if name in base.fl
+                                   else {"task": "fl_tasks.digits:DigitsTask", "rounds": 10,
+                                         "strategy": "fedavg", "min_fit_clients": 2,
+                                         "min_available_clients": 2})
+    explicit = {"task": task, "rounds": rounds, "strategy": strategy,
+                "min_fit_clients": min_clients, "min_available_clients": min_clients}
+    task_config |= {k: v for k, v in explicit.items() if v is not None}
+    merged = {**{k: v.model_dump() for k, v in base.fl.items()}, name: task_config}
     settings = cloud(broker=broker, config=config, data_dir=data_dir,
                      password_file=password_file, fl=merged, stop_when_done=True)
     state = SqliteStore(settings.sqlite_path).get(f"fl:{name}") or {}
@@ -306,7 +315,8 @@ def report(
         return "-" if value is None else f"{value:.1f}{unit}"
 
     for name, value in (
-        ("uptime", f"{result.uptime_s / 3600:.2f} h ({result.uptime_percent:.0f} %)"),
+        ("uptime", f"{result.uptime_s / 3600:.2f} h ({result.uptime_percent:.0f} % of the "
+                   f"{result.observed_s / 3600:.2f} h since first seen)"),
         ("telemetry messages", str(result.telemetry_messages)),
         ("CPU avg / max",
          f"{fmt(result.cpu_percent_avg, ' %')} / {fmt(result.cpu_percent_max, ' %')}"),

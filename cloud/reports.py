@@ -37,6 +37,8 @@ class DeviceReport:
     until: float
     uptime_s: float
     uptime_percent: float
+    observed_s: float
+    """The part of the period since the device was first seen (uptime is a share of it)."""
     telemetry_messages: int
     cpu_percent_avg: float | None
     cpu_percent_max: float | None
@@ -76,20 +78,29 @@ def device_report(store: SqliteStore, device_id: str, since: float, until: float
         "WHERE device_id=? AND ts >= ? AND ts < ?", (device_id, since, until))[0]
     predictions, errors = int(t["predictions"]), int(t["errors"])
     uptime = _uptime(store, device_id, since, until)
+    first = store.query(
+        "SELECT MIN(t) first FROM (SELECT MIN(online_at) t FROM device_sessions WHERE "
+        "device_id=? UNION ALL SELECT MIN(ts) t FROM telemetry WHERE device_id=?)",
+        (device_id, device_id))[0]["first"]
+    observed = max(0.0, min(until, now()) - max(since, first if first is not None else until))
     report = DeviceReport(
         device_id=device_id, since=since, until=until, uptime_s=uptime,
-        uptime_percent=100.0 * uptime / max(1e-9, until - since),
+        uptime_percent=min(100.0, 100.0 * uptime / observed) if observed > 0 else 0.0,
+        observed_s=observed,
         telemetry_messages=int(t["n"]), cpu_percent_avg=t["cpu_avg"], cpu_percent_max=t["cpu_max"],
         memory_percent_avg=t["mem_avg"], memory_percent_max=t["mem_max"],
         temperature_c_avg=t["t_avg"], temperature_c_max=t["t_max"], predictions=predictions,
         errors=errors, error_rate_percent=100.0 * errors / predictions if predictions else 0.0,
     )
     for m in store.query(
-        "SELECT model, GROUP_CONCAT(DISTINCT version) versions, SUM(sample_count) samples, "
-        "SUM(latency_ms_mean * sample_count) / NULLIF(SUM(CASE WHEN latency_ms_mean IS NOT NULL "
-        "THEN sample_count END), 0) lat_mean, MAX(latency_ms_p95) lat_p95, "
+        # interval_count: calls since the previous metrics message, which add up;
+        # sample_count is per sliding window, and consecutive windows overlap.
+        "SELECT model, GROUP_CONCAT(DISTINCT version) versions, "
+        "COALESCE(SUM(interval_count), 0) samples, "
+        "SUM(latency_ms_mean * interval_count) / NULLIF(SUM(CASE WHEN latency_ms_mean IS NOT "
+        "NULL THEN interval_count END), 0) lat_mean, MAX(latency_ms_p95) lat_p95, "
         "AVG(throughput_per_s) thr, AVG(memory_mb) mem, AVG(cpu_percent) cpu, "
-        "100.0 * SUM(error_count) / NULLIF(SUM(sample_count), 0) err, AVG(accuracy) acc "
+        "100.0 * SUM(interval_errors) / NULLIF(SUM(interval_count), 0) err, AVG(accuracy) acc "
         "FROM model_metrics WHERE device_id=? AND ts >= ? AND ts < ? GROUP BY model",
         (device_id, since, until),
     ):

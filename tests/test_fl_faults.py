@@ -33,7 +33,7 @@ class HandDevice:
     """A device driven by the test: it can send any update it likes."""
 
     def __init__(self, broker: RunningBroker, topics: Topics, device_id: str, *,
-                 born: bool = True) -> None:
+                 born: bool = True, member: bool = True) -> None:
         self.id = device_id
         self.topics = topics
         self.client = broker.connected(device_id)
@@ -44,7 +44,7 @@ class HandDevice:
                 "device_id": device_id, "state": "online", "bd_seq": 0, "ts": now(),
                 "agent_version": "t", "hardware": HW, "memory_available_mb": 1024.0,
                 "runtimes": {"torchscript": "2.13"}, "model_formats": ["torchscript"],
-                "fl_tasks": [TASK]})
+                "fl_tasks": [TASK] if member else []})
             assert self.client.publish(topics.device_state(device_id), state.to_json(),
                                        retain=True) in (0, 0x10)
 

@@ -289,8 +289,10 @@ class Coordinator:
         counts = dict(self.round.counts) if self.state.current else last.get("rejected_counts", {})
         examples = ([r.model_dump() for r in self.round.examples] if self.state.current
                     else last.get("rejected", []))
+        current = self.state.current
         return TaskStatus.model_validate({
-            "task": self.name, "state": self.state.state, "round": self.state.round,
+            "task": self.name, "state": self.state.state,
+            "round": current.round if current is not None else self.state.round,
             "rounds_total": self.config.rounds, "global_version": self.state.global_version,
             "attempt": self.state.current.attempt if self.state.current else 0,
             "participants": last.get("participants", []),
@@ -348,7 +350,8 @@ class Coordinator:
     async def _on_update(self, device_id: str, round_: int, payload: bytes) -> None:
         current = self.state.current
         if self.state.state in _DONE:
-            self.counters["fl_update_after_end"] += 1
+            await self._reject(round_, device_id, "task_ended",
+                               f"the task is {self.state.state.value}")
             return
         if current is None or self.state.state is not TaskState.COLLECTING \
                 or round_ != current.round:

@@ -1,0 +1,256 @@
+"""The federated coordinator under faults (real Mosquitto): retried rounds, broker outages,
+replayed updates, concurrent messages, stale plans, membership, and `fl start`'s exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from cloud.service import ServiceThread
+from schemas.base import decode_message, now
+from schemas.fl import RoundPlan, TaskState, TaskStatus
+from schemas.topics import Topics
+from tests.agent_fixtures import AgentFactory, wait_until
+from tests.cloud_fixtures import CloudFactory
+from tests.conftest import RunningBroker
+from tests.test_cloud_faults import cloud_settings
+from tests.test_fl_faults import HandDevice, zeros
+from tests.test_fl_rounds import TASK, device_fl, fl_config
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[1]
+STATE_ORDER = {"waiting": 0, "round_open": 1, "collecting": 2, "aggregating": 3,
+               "evaluating": 4, "released": 5, "finished": 6, "failed": 6}
+
+
+def statuses(watcher: object) -> list[TaskStatus]:
+    from tests.mqtt_client import SyncClient
+
+    assert isinstance(watcher, SyncClient)
+    return [decode_message(TaskStatus, m.payload) for m in watcher.messages if m.payload
+            and m.topic.endswith(f"/fl/{TASK}/status")]
+
+
+def test_a_retried_round_keeps_earlier_updates_and_retrains_on_a_new_attempt(
+    make_cloud: CloudFactory, make_agent: AgentFactory, mosquitto: RunningBroker,
+    topics: Topics, new_device_id: Callable[[], str],
+) -> None:
+    cloud = make_cloud(fl={TASK: fl_config(rounds=1, min_fit_clients=2, min_available_clients=2,
+                                           round_timeout_s=3, max_round_retries=3,
+                                           accept_failures=True)})
+    silent = HandDevice(mosquitto, topics, new_device_id())
+    a = make_agent(fl=device_fl(0, 2))
+    plan = silent.plan()
+    assert sorted(plan.selected) == sorted([a.device_id, silent.id])
+    wait_until(lambda: a.fl.updates_sent == 1, timeout=20, what="a trained attempt 0")
+    b = make_agent(fl=device_fl(1, 2))  # online before the retry
+    coordinator = cloud.service.coordinators[TASK]
+    wait_until(lambda: coordinator.state.state in (TaskState.FINISHED, TaskState.FAILED),
+               timeout=30, what="the round closed")
+    assert coordinator.state.state is TaskState.FINISHED, coordinator.state.message
+    record = coordinator.history()[-1]
+    assert record.participants == sorted([a.device_id, b.device_id])
+    assert a.fl.updates_sent == 1, "a's attempt-0 update was kept, not asked again"
+    silent.client.close()
+
+
+def test_a_broker_outage_while_the_round_closes_does_not_leave_it_aggregating(
+    restartable_mosquitto: RunningBroker, topics: Topics, tmp_path: Path,
+) -> None:
+    broker = restartable_mosquitto
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules: []\n")
+    service = ServiceThread(cloud_settings(
+        broker, topics, tmp_path / "c", rules,
+        fl={TASK: fl_config(rounds=1, min_fit_clients=1, min_available_clients=2,
+                            round_timeout_s=3)})).start()
+    try:
+        a = HandDevice(broker, topics, "dev-a")
+        b = HandDevice(broker, topics, "dev-b")  # selected, never answers
+        plan = a.plan()
+        delta = zeros(a.global_weights(plan.global_version))
+        a.send(plan, delta)
+        coordinator = service.service.coordinators[TASK]
+        wait_until(lambda: a.id in coordinator.accepted, what="a's update stored")
+        pid = broker.process.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)  # the broker hangs as the deadline passes
+        try:
+            wait_until(lambda: now() > plan.deadline + 12, timeout=30,
+                       what="the deadline passed while the broker hung")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        wait_until(lambda: coordinator.state.state is TaskState.FINISHED, timeout=60,
+                   what="the round completed after the outage")
+        for device in (a, b):
+            device.client.close()
+    finally:
+        service.stop()
+
+
+def test_replayed_updates_of_an_earlier_round_do_not_close_the_open_one(
+    make_cloud: CloudFactory, mosquitto: RunningBroker, topics: Topics,
+    new_device_id: Callable[[], str],
+) -> None:
+    cloud = make_cloud(fl={TASK: fl_config(rounds=2, min_fit_clients=2, min_available_clients=2,
+                                           accept_failures=False)})
+    a = HandDevice(mosquitto, topics, new_device_id())
+    b = HandDevice(mosquitto, topics, new_device_id())
+    first = a.plan(1)
+    delta = zeros(a.global_weights(first.global_version))
+    for device in (a, b):
+        device.send(first, delta)
+    second = a.plan(2)
+    for _ in range(4):  # old round-1 updates, replayed
+        for device in (a, b):
+            device.send(first, delta)
+    coordinator = cloud.service.coordinators[TASK]
+    wait_until(lambda: coordinator.fl_store.rejections(1).counts.get("stale_round", 0) == 8,
+               what="8 replays refused")
+    assert coordinator.state.state.value == "collecting"
+    assert coordinator.state.current is not None and coordinator.state.current.round == 2
+    for device in (a, b):
+        device.send(second, delta)
+    wait_until(lambda: coordinator.state.state in (TaskState.FINISHED, TaskState.FAILED),
+               timeout=30, what="task ended")
+    assert coordinator.state.state is TaskState.FINISHED, coordinator.state.message
+    assert coordinator.history()[-1].participants == sorted([a.id, b.id])
+    assert coordinator.history()[-1].rejected_counts == {}
+    for device in (a, b):
+        device.client.close()
+
+
+def test_many_concurrent_updates_and_ticks_keep_the_status_in_order(
+    make_cloud: CloudFactory, mosquitto: RunningBroker, topics: Topics,
+    new_device_id: Callable[[], str],
+) -> None:
+    cloud = make_cloud(fl={TASK: fl_config(rounds=6, min_fit_clients=3, min_available_clients=3,
+                                           accept_failures=False)})
+    watcher = mosquitto.connected(mosquitto.cloud_username)
+    watcher.subscribe(topics.task_status(TASK))
+    devices = [HandDevice(mosquitto, topics, new_device_id()) for _ in range(3)]
+    delta: dict[str, np.ndarray] | None = None
+    for round_ in range(1, 7):
+        plans = [d.plan(round_) for d in devices]
+        if delta is None:
+            delta = zeros(devices[0].global_weights(plans[0].global_version))
+        for _ in range(5):  # every update five times: redeliveries, each one a tick
+            for device, plan in zip(devices, plans, strict=True):
+                device.send(plan, delta)
+    coordinator = cloud.service.coordinators[TASK]
+    wait_until(lambda: coordinator.state.state is TaskState.FINISHED, timeout=60,
+               what="6 rounds")
+    watcher.wait_for(lambda m: json.loads(m.payload)["state"] == "finished")
+    seen = [(s.round, STATE_ORDER[s.state.value]) for s in statuses(watcher)]
+    assert seen == sorted(seen), f"status went backwards: {seen}"
+    assert [h.round for h in coordinator.history()] == [1, 2, 3, 4, 5, 6]
+    # Each extra copy is a duplicate while its round is open, and refused as stale after.
+    def extra_copies() -> int:
+        return cloud.service.counters["fl_duplicate_update"] + sum(
+            coordinator.fl_store.rejections(r).counts.get(reason, 0)
+            for r in range(1, 7) for reason in ("stale_round", "task_ended"))
+
+    wait_until(lambda: extra_copies() >= 6 * 3 * 4, what="every copy handled")
+    assert extra_copies() == 6 * 3 * 4
+    watcher.close()
+    for device in devices:
+        device.client.close()
+
+
+def test_a_device_does_not_train_on_an_expired_retained_plan(
+    make_agent: AgentFactory, mosquitto: RunningBroker, topics: Topics, tmp_path: Path,
+    new_device_id: Callable[[], str],
+) -> None:
+    device_id = new_device_id()
+    cloud = mosquitto.connected(mosquitto.cloud_username)
+    cloud.subscribe(f"{topics.root}/fl/{TASK}/rounds/+/updates/+")
+    issued = now() - 120
+    plan = RoundPlan(task=TASK, round=7, global_version="6", selected=[device_id],
+                     issued_at=issued, deadline=issued + 60, strategy="fedavg")
+    assert cloud.publish(topics.round_plan(TASK), plan.to_json(), retain=True) in (0, 0x10)
+    agent = make_agent(device_id, fl=device_fl(0, 2))
+    wait_until(lambda: agent.counters["fl_plan_expired"] == 1, what="expired plan seen")
+    assert agent.fl.updates_sent == 0
+    assert agent.counters["fl_late_update_dropped"] == 0, "it trained for nothing"
+    assert cloud.publish(topics.round_plan(TASK), b"", retain=True) in (0, 0x10)
+    cloud.close()
+
+
+def test_a_failed_task_clears_its_retained_plan(
+    make_cloud: CloudFactory, mosquitto: RunningBroker, topics: Topics,
+    new_device_id: Callable[[], str],
+) -> None:
+    cloud = make_cloud(fl={TASK: fl_config(rounds=1, min_fit_clients=2, min_available_clients=2,
+                                           round_timeout_s=1.5, accept_failures=False)})
+    devices = [HandDevice(mosquitto, topics, new_device_id()) for _ in range(2)]
+    devices[0].plan()
+    coordinator = cloud.service.coordinators[TASK]
+    wait_until(lambda: coordinator.state.state is TaskState.FAILED, timeout=20,
+               what="failed: nobody answered")
+    late = mosquitto.connected(mosquitto.cloud_username)
+    late.subscribe(topics.round_plan(TASK))
+    marker = f"{topics.root}/devices/{devices[0].id}/cmd/marker"
+    late.subscribe(marker)
+    assert late.publish(marker, b"{}") in (0, 0x10)
+    late.wait_topic(marker)  # retained messages of earlier subscriptions came before it
+    assert [m for m in late.received_on(topics.round_plan(TASK)) if m.payload] == []
+    late.close()
+    for device in devices:
+        device.client.close()
+
+
+def test_only_members_of_the_task_are_selected(
+    make_cloud: CloudFactory, mosquitto: RunningBroker, topics: Topics,
+    new_device_id: Callable[[], str],
+) -> None:
+    outsider = HandDevice(mosquitto, topics, new_device_id(), member=False)
+    members = [HandDevice(mosquitto, topics, new_device_id()) for _ in range(2)]
+    cloud = make_cloud(fl={TASK: fl_config(rounds=1, min_fit_clients=2,
+                                           min_available_clients=2)})
+    plan = members[0].plan()
+    assert sorted(plan.selected) == sorted(d.id for d in members)
+    assert outsider.id not in plan.evaluate
+    del cloud
+    for device in (outsider, *members):
+        device.client.close()
+
+
+def test_fl_start_exits_non_zero_when_the_task_fails_and_prints_a_summary(
+    mosquitto: RunningBroker, topics: Topics, tmp_path: Path,
+    new_device_id: Callable[[], str],
+) -> None:
+    password = tmp_path / "pw"
+    password.write_text(mosquitto.password(mosquitto.cloud_username))
+    config = tmp_path / "cloud.yaml"
+    config.write_text(yaml.safe_dump({
+        "instance": f"flstart-{uuid.uuid4().hex[:6]}", "topic_root": topics.root,
+        "data_dir": str(tmp_path / "cloud"),
+        "mqtt": {"host": mosquitto.host, "port": mosquitto.port,
+                 "password_file": str(password)},
+        "fl": {TASK: fl_config(rounds=1, min_fit_clients=2, min_available_clients=2,
+                               round_timeout_s=1.5, accept_failures=False)},
+    }))
+    devices = [HandDevice(mosquitto, topics, new_device_id()) for _ in range(2)]
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "cloud.cli", "fl", "start", "--name", TASK, "--config",
+         str(config), "--min-clients", "2", "--rounds", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    summary = " ".join(result.stdout.split())  # rich wraps long lines
+    assert f"task {TASK}: failed" in summary
+    assert "fewer than min_fit_clients" in summary
+    assert time.monotonic() - started < 60
+    for device in devices:
+        device.client.close()
