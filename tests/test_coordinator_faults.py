@@ -157,7 +157,7 @@ def test_many_concurrent_updates_and_ticks_keep_the_status_in_order(
     assert [h.round for h in coordinator.history()] == [1, 2, 3, 4, 5, 6]
     # Each extra copy is a duplicate while its round is open, and refused as stale after.
     def extra_copies() -> int:
-        return cloud.service.counters["fl_duplicate_update"] + sum(
+        return int(cloud.service.counters["fl_duplicate_update"]) + sum(
             coordinator.fl_store.rejections(r).counts.get(reason, 0)
             for r in range(1, 7) for reason in ("stale_round", "task_ended"))
 
