@@ -85,7 +85,7 @@ def run(broker: LocalBroker, folder: Path, ids: list[str], *, rounds: int, alpha
         if time.monotonic() - started > rounds * 60:
             raise TimeoutError("training did not finish")
         tick.wait(0.1)
-    history = list(coordinator.state.history)
+    history = [h.model_dump(mode="json") for h in coordinator.history()]
     for agent in agents:
         agent.stop()
     cloud.stop()

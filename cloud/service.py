@@ -25,7 +25,7 @@ import random
 import threading
 import time
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING
 
 import aiomqtt
 
@@ -43,6 +43,9 @@ from schemas.alerts import CloudState
 from schemas.base import now
 from schemas.errors import TopicError
 from schemas.topics import TopicKind, Topics
+
+if TYPE_CHECKING:
+    from cloud.fl.coordinator import Coordinator
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +72,7 @@ class CloudService:
         self.link = MqttLink(settings, (self.topics.cloud_state(), self._state("offline")))
         self.ingest = Ingest(settings, self.topics, self.registry, self.alerts, self.store,
                              self.sinks, self.publish, self.link.ack, self.counters)
-        self.coordinators: dict[str, Any] = {}
+        self.coordinators: dict[str, Coordinator] = {}
         if settings.fl:
             from cloud.fl.coordinator import Coordinator  # torch only where FL runs
 

@@ -212,6 +212,9 @@ class TaskStatus(WireModel):
     fairness: Fairness | None = None
     bytes_received: NonNegInt = 0
     duration_s: NonNegFloat | None = None
+    slowest_client_s: NonNegFloat | None = Field(
+        default=None, description="Longest local training time reported in the round, s"
+    )
     epsilon_spent: NonNegFloat | None = Field(
         default=None, description="Differential-privacy epsilon spent so far"
     )

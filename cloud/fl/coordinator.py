@@ -301,7 +301,8 @@ class Coordinator:
             "eval_accuracy": last.get("eval_accuracy"),
             "central_accuracy": last.get("central_accuracy"),
             "fairness": last.get("fairness"), "bytes_received": last.get("bytes_received", 0),
-            "duration_s": last.get("duration_s"), "message": self.state.message,
+            "duration_s": last.get("duration_s"),
+            "slowest_client_s": last.get("slowest_client_s"), "message": self.state.message,
             "ts": now(), **extra,
         })
 
