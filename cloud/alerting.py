@@ -78,6 +78,7 @@ class AlertComponent:
         self._outbox_dirty = False
         self._health_open: dict[str, Alert] = {}
         self.published = 0
+        self.ticks = 0
 
     def observe_telemetry(self, telemetry: DeviceTelemetry, site: str | None) -> list[AlertEvent]:
         """Evaluate threshold rules on telemetry."""
@@ -108,6 +109,7 @@ class AlertComponent:
     async def tick(self) -> list[AlertEvent]:
         """Absence rules, and acknowledgements queued by the CLI (read off the loop)."""
         events = self.engine.tick(now())
+        self.ticks += 1
         self._dirty = True  # `for` timers move even without transitions
         rows = await asyncio.to_thread(
             self.store.query, "SELECT id, device_id, rule, by FROM alert_acks")

@@ -153,8 +153,10 @@ class EdgeAgent:
         self.ota.stop()
         if self.fl is not None:
             self.fl.stop()
-        offline = DeviceState(device_id=self.device_id, state="offline",
-                              bd_seq=self.session.bd_seq, ts=now(), reason="shutdown")
+        offline = None
+        if self.session.bd_seq >= 0:  # never connected: there is nothing to say offline
+            offline = DeviceState(device_id=self.device_id, state="offline",
+                                  bd_seq=self.session.bd_seq, ts=now(), reason="shutdown")
         self.session.stop(offline)
         try:
             self._sweep_acks()
