@@ -150,6 +150,7 @@ class EdgeAgent:
         self._events.put(("stop", None))
         if self._thread is not None:
             self._thread.join(10)
+        self._flush_outbox(self.settings.mqtt.publish_timeout_s)
         self.ota.stop()
         if self.fl is not None:
             self.fl.stop()
@@ -363,6 +364,24 @@ class EdgeAgent:
                 self._acked = acked + self._acked
             self.counters.add("buffer_disk_error")
             raise
+
+    def _flush_outbox(self, timeout: float) -> None:
+        """At a clean stop, while connected: send what waits and wait (bounded) for acks.
+
+        Whatever is not acknowledged stays in the outbox and is sent at the next start.
+        """
+        deadline = time.monotonic() + timeout
+        pause = threading.Event()
+        while self.session.connected.is_set() and time.monotonic() < deadline:
+            try:
+                self._sweep_acks()
+                self._drain()
+            except (sqlite3.Error, EdgeError, OSError) as exc:
+                logger.warning("%s: outbox not flushed at stop: %s", self.device_id, exc)
+                return
+            if self._inflight == 0 and self._handed_upto >= self.buffer.last_id:
+                return
+            pause.wait(0.01)
 
     def _drain(self) -> None:
         """Hand what waits in the outbox to paho, in order, a window at a time."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,14 +101,14 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningBroke
         process.stop()
 
 
-@pytest.fixture
-def restartable_mosquitto(tmp_path: Path) -> Iterator[RunningBroker]:
-    """A Mosquitto of this test's own (persistence on) that the test may stop and restart."""
-    settings = BrokerSettings(data_dir=tmp_path / "broker", port=free_port(),
+@contextmanager
+def own_mosquitto(folder: Path, device_ids: tuple[str, ...]) -> Iterator[RunningBroker]:
+    """A Mosquitto of a test's own (persistence on) that the test may stop and restart."""
+    settings = BrokerSettings(data_dir=folder, port=free_port(),
                               topic_root=TEST_ROOT_FILTER, autosave_interval_s=1)
     cloud = init_broker(settings, log_to_file=True)
     identities = {cloud.username: cloud}
-    for device_id in ("dev-a", "dev-b"):
+    for device_id in device_ids:
         identities[device_id] = add_identity(settings, device_id)
     config = write_config_files(settings, log_to_file=True)
     process = MosquittoProcess(config, settings.host, settings.port,
@@ -117,6 +118,13 @@ def restartable_mosquitto(tmp_path: Path) -> Iterator[RunningBroker]:
         yield broker
     finally:
         broker.process.stop()
+
+
+@pytest.fixture
+def restartable_mosquitto(tmp_path: Path) -> Iterator[RunningBroker]:
+    """A Mosquitto of this test's own (persistence on) that the test may stop and restart."""
+    with own_mosquitto(tmp_path / "broker", ("dev-a", "dev-b")) as broker:
+        yield broker
 
 
 @pytest.fixture
