@@ -147,6 +147,8 @@ def inject_faults(rng: random.Random, broker: RunningBroker, cloud: CloudProcess
         return state is not None and state["state"] in ("finished", "failed")
 
     deadline = time.monotonic() + 240
+    kinds = ["broker", "cloud", "device"]
+    rng.shuffle(kinds)  # every kind strikes within the first three faults
     while not finished():
         assert time.monotonic() < deadline, f"task not done; faults so far: {faults}"
         pause_until = time.monotonic() + rng.uniform(0.2, 1.5)
@@ -154,7 +156,7 @@ def inject_faults(rng: random.Random, broker: RunningBroker, cloud: CloudProcess
                    what="a random moment")
         if finished():
             break
-        fault = rng.choice(("broker", "cloud", "device"))
+        fault = kinds[len(faults)] if len(faults) < len(kinds) else rng.choice(kinds)
         faults.append(fault)
         if fault == "broker":
             broker.process.stop()
@@ -178,7 +180,9 @@ def test_a_task_and_the_fleet_survive_random_kills_of_broker_cloud_and_device(
                          fl={TASK: fl_config(rounds=ROUNDS, min_fit_clients=3,
                                              min_available_clients=3, round_timeout_s=8,
                                              max_round_retries=10,
-                                             keep_update_rounds=ROUNDS)})
+                                             keep_update_rounds=ROUNDS,
+                                             hyperparams={"local_epochs": 3, "batch_size": 16,
+                                                          "learning_rate": 0.05})})
     agents: list[EdgeAgent] = []
     device = DeviceProcess(broker, topics, tmp_path / KILLED, len(DEVICES) - 1)
     faults: list[str] = []
