@@ -56,7 +56,7 @@ def run(broker: LocalBroker, folder: Path, ids: list[str], *, rounds: int, alpha
     cloud = ServiceThread(CloudSettings.model_validate({
         "instance": f"bench-{uuid.uuid4().hex[:6]}", "topic_root": root,
         "data_dir": folder / uuid.uuid4().hex[:8],
-        "mqtt": {"host": broker.host, "port": broker.port, "password": creds[1]},
+        "mqtt": {"host": broker.host, "port": broker.service_port, "password": creds[1]},
         "fl": {name: {
             "task": "fl_tasks.digits:DigitsTask", "task_kwargs": kwargs, "rounds": rounds,
             "strategy": strategy, "strategy_params": params or {}, "fraction_fit": fraction,

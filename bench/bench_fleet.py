@@ -78,12 +78,13 @@ def _tree_cpu_rss(procs: list[psutil.Process]) -> tuple[float, int]:
     return cpu, rss
 
 
-def run_size(n: int, port: int, secrets: Path, cloud_password: str, seconds: float,
+def run_size(n: int, port: int, service_port: int, secrets: Path, cloud_password: str,
+             seconds: float,
              fleet_cpu: int, other_cpu: int) -> dict[str, float | int | bool]:
     """Run ``n`` agents and measure them."""
     with tempfile.TemporaryDirectory(prefix="fleet-") as tmp:
         counter = subprocess.Popen(
-            [sys.executable, "-c", COUNTER, "127.0.0.1", str(port), "edgefl-cloud",
+            [sys.executable, "-c", COUNTER, "127.0.0.1", str(service_port), "edgefl-cloud",
              cloud_password, "edgefl/v1/devices/+/telemetry", str(seconds), str(n)],
             stdout=subprocess.PIPE, text=True)
         os.sched_setaffinity(counter.pid, {other_cpu})
@@ -151,7 +152,8 @@ def main() -> None:
             assert cloud is not None
             results = []
             for n in args.sizes:
-                results.append(run_size(n, broker.port, broker.settings.layout.secrets,
+                results.append(run_size(n, broker.port, broker.service_port,
+                                        broker.settings.layout.secrets,
                                         cloud[1], args.seconds, fleet_cpu, other_cpu))
                 print(json.dumps(results[-1]), file=sys.stderr, flush=True)
         finally:

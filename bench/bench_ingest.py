@@ -101,7 +101,7 @@ def bare_rate(broker: LocalBroker, count: int, devices: int, run: str) -> float:
     subscribed = threading.Event()
     sub.on_subscribe = lambda *_a: subscribed.set()
     sub.on_connect = lambda c, *_a: c.subscribe("edgefl/v1/devices/+/telemetry", qos=1)
-    sub.connect(broker.host, broker.port)
+    sub.connect(broker.host, broker.service_port)
     sub.loop_start()
     subscribed.wait(10)
     publisher = publish(broker, count, devices, run)
@@ -121,7 +121,7 @@ def aiomqtt_rate(broker: LocalBroker, count: int, devices: int, run: str) -> flo
     result: dict[str, float] = {}
 
     async def main() -> None:
-        async with aiomqtt.Client(broker.host, broker.port, identifier=f"aio-{run}",
+        async with aiomqtt.Client(broker.host, broker.service_port, identifier=f"aio-{run}",
                                   username=creds[0], password=creds[1],
                                   protocol=aiomqtt.ProtocolVersion.V5) as client:
             await client.subscribe("edgefl/v1/devices/+/telemetry", qos=1)
@@ -237,7 +237,7 @@ def cloud_rate(broker: LocalBroker, count: int, devices: int, run: str, folder: 
                         "min_available_clients": len(FL_DEVICES), "round_timeout_s": 120}}
     settings = CloudSettings.model_validate({
         "instance": f"bench-{run}", "data_dir": folder / run,
-        "mqtt": {"host": broker.host, "port": broker.port, "password": creds[1]},
+        "mqtt": {"host": broker.host, "port": broker.service_port, "password": creds[1]},
         "influx": None if influx_url is None else {
             "url": influx_url, "token": "t", "org": "o", "bucket": "b"},
         **({"fl": fl} if fl else {}),

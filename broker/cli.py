@@ -57,8 +57,10 @@ def _fail(exc: BrokerError) -> typer.Exit:
 def run(
     ctx: typer.Context,
     data_dir: DataDir = None,
-    port: Annotated[int | None, typer.Option(help="Plain listener port [1883]")] = None,
-    host: Annotated[str | None, typer.Option(help="Plain listener address [127.0.0.1]")] = None,
+    port: Annotated[int | None, typer.Option(help="Device listener port [1883]")] = None,
+    host: Annotated[str | None, typer.Option(help="Device listener address [127.0.0.1]")] = None,
+    service_port: Annotated[int | None, typer.Option(
+        help="Service listener port, for the cloud and observers [1884]")] = None,
     tls: Annotated[bool, typer.Option("--tls", help="Also open the mTLS listener")] = False,
     tls_port: Annotated[int | None, typer.Option(help="TLS listener port [8883]")] = None,
 ) -> None:
@@ -68,7 +70,8 @@ def run(
     tls_update: dict[str, Any] = {"enabled": True} if tls else {}
     if tls_port is not None:
         tls_update["port"] = tls_port
-    settings = _settings(data_dir, port=port, host=host, tls=tls_update or None)
+    settings = _settings(data_dir, port=port, host=host, tls=tls_update or None,
+                         service_port=service_port)
     try:
         cloud = init_broker(settings)
         config = write_config_files(settings)
@@ -81,7 +84,9 @@ def run(
         process.start()
     except BrokerError as exc:
         raise _fail(exc) from exc
-    typer.echo(f"mosquitto pid {process.pid} on {settings.host}:{settings.port}; Ctrl-C stops it")
+    typer.echo(f"mosquitto pid {process.pid}: devices on {settings.host}:{settings.port}, "
+               f"services (cloud) on {settings.service_host}:{settings.service_port}; "
+               "Ctrl-C stops it")
 
     def _terminate(signum: int, frame: object) -> None:
         raise KeyboardInterrupt

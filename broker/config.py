@@ -71,6 +71,7 @@ def cloud_write_topics() -> list[str]:
     """Topics (relative to the root) only the cloud identity may publish."""
     return [
         _template(TopicKind.CLOUD_STATE),
+        _template(TopicKind.CLOUD_HEALTH, instance="+"),
         _template(TopicKind.COMMAND, device_id="+", command="+"),
         _template(TopicKind.ROUND_PLAN, task="+"),
         "fl/+/global/#",
@@ -124,10 +125,8 @@ def render_config(settings: BrokerSettings, *, log_to_file: bool = False) -> str
     lines = [
         "# edgefl Mosquitto configuration. Generated from BrokerSettings; do not edit by hand.",
         f"user {_run_as_user()}",
-        "per_listener_settings false",
-        f"allow_anonymous {'true' if settings.allow_anonymous else 'false'}",
-        f"password_file {_path('password_file', layout.passwd)}",
-        f"acl_file {_path('acl_file', layout.acl)}",
+        "# Each listener has its own authentication: devices and services never share one.",
+        "per_listener_settings true",
         "",
         "# Sized for model chunks and full-model updates; clients read the advertised",
         "# maximum (MQTT 5 CONNACK) and refuse to publish more.",
@@ -137,6 +136,8 @@ def render_config(settings: BrokerSettings, *, log_to_file: bool = False) -> str
         f"max_queued_bytes {settings.max_queued_bytes}",
         f"max_inflight_messages {settings.max_inflight_messages}",
         f"persistent_client_expiration {settings.persistent_client_expiration}",
+        "# Mosquitto has no per-client publish rate limit; the cloud gives each device a",
+        "# budget (messages and bytes per second) and counts what it refuses.",
         "",
         f"persistence {'true' if settings.persistence else 'false'}",
     ]
@@ -152,19 +153,37 @@ def render_config(settings: BrokerSettings, *, log_to_file: bool = False) -> str
         lines.append("log_dest stdout")
     lines += [f"log_type {t}" for t in settings.log_types]
     lines += ["connection_messages true", "log_timestamp true", ""]
-    lines += [f"listener {settings.port} {settings.host}", "protocol mqtt"]
+    acl = _path("acl_file", layout.acl)
+    anonymous = f"allow_anonymous {'true' if settings.allow_anonymous else 'false'}"
+    lines += [
+        "# Devices. The client id is the username: a device cannot take the session of",
+        "# the cloud or of another device, whatever client id it asks for.",
+        f"listener {settings.port} {settings.host}", "protocol mqtt", anonymous,
+        f"password_file {_path('password_file', layout.passwd)}", f"acl_file {acl}",
+        "use_username_as_clientid true",
+    ]
     tls = settings.tls
     if tls.enabled:
         pki = layout.pki
         lines += [
             "",
+            "# Devices with certificates (mTLS): the certificate CN is the username.",
             f"listener {tls.port} {tls.host}",
-            "protocol mqtt",
+            "protocol mqtt", anonymous, f"acl_file {acl}",
             f"cafile {_path('cafile', tls.cafile or pki / 'ca.crt')}",
             f"certfile {_path('certfile', tls.certfile or pki / 'server.crt')}",
             f"keyfile {_path('keyfile', tls.keyfile or pki / 'server.key')}",
             f"tls_version {tls.tls_version}",
             f"require_certificate {'true' if tls.require_certificate else 'false'}",
             f"use_identity_as_username {'true' if tls.use_identity_as_username else 'false'}",
+            "use_username_as_clientid true",
         ]
+    lines += [
+        "",
+        "# Services: the cloud instances (and observers). Only identities of this password",
+        "# file connect here; each cloud instance has a client id of its own.",
+        f"listener {settings.service_port} {settings.service_host}", "protocol mqtt",
+        anonymous, f"password_file {_path('password_file', layout.service_passwd)}",
+        f"acl_file {acl}",
+    ]
     return "\n".join(lines) + "\n"

@@ -33,6 +33,15 @@ class LocalBroker:
     _embedded: EmbeddedBroker | None = None
 
     @property
+    def service_port(self) -> int:
+        """Where the cloud connects: Mosquitto's service listener (amqtt has one port)."""
+        return self.settings.service_port if self.kind == "mosquitto" else self.port
+
+    def port_for(self, username: str) -> int:
+        """The listener of an identity: services on the service port, devices on the other."""
+        return self.service_port if username == self.settings.cloud_username else self.port
+
+    @property
     def mqtt5(self) -> bool:
         """Whether the broker speaks MQTT 5."""
         return self.kind == "mosquitto"
@@ -67,7 +76,7 @@ def start_local_broker(
             ``mosquitto`` raises MosquittoNotFoundError when it is missing.
     """
     port = port or free_port()
-    settings = BrokerSettings(data_dir=data_dir, port=port)
+    settings = BrokerSettings(data_dir=data_dir, port=port, service_port=free_port())
     if kind == "amqtt" or (kind == "auto" and find_mosquitto() is None):
         embedded = EmbeddedBroker(settings.host, port).start()
         return LocalBroker("amqtt", settings.host, port, settings, _embedded=embedded)

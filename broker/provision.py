@@ -18,6 +18,9 @@ from schemas.topics import validate_id
 
 logger = logging.getLogger(__name__)
 
+RESERVED_PREFIX = "edgefl-"
+"""Service identities and client ids (``edgefl-cloud-<instance>``); never a device id."""
+
 
 @dataclass(frozen=True, slots=True)
 class Identity:
@@ -40,8 +43,9 @@ def write_config_files(settings: BrokerSettings, *, log_to_file: bool = False) -
         layout.persistence.mkdir(parents=True, exist_ok=True)
     layout.acl.write_text(render_acl(settings.topic_root, settings.cloud_username))
     layout.config.write_text(render_config(settings, log_to_file=log_to_file))
-    if not layout.passwd.exists():
-        PasswordFile(layout.passwd).save()
+    for path in (layout.passwd, layout.service_passwd):
+        if not path.exists():
+            PasswordFile(path).save()
     return layout.config
 
 
@@ -83,7 +87,8 @@ def add_identity(
         password: a chosen password; by default an existing one is kept, or a random
             one generated. Never logged.
         tls: also issue a client certificate (CN = username) from the dev CA.
-        allow_cloud: permit the cloud username (only :func:`init_broker` does).
+        allow_cloud: a service identity (the cloud): its entry goes to the service
+            listener's password file (only :func:`init_broker` does this).
 
     Raises:
         CredentialError: the cloud's username was used for a device.
@@ -91,9 +96,12 @@ def add_identity(
     validate_id(username, "device id")
     if username == settings.cloud_username and not allow_cloud:
         raise CredentialError(username, "reserved for the cloud service")
+    if username.startswith(RESERVED_PREFIX) and not allow_cloud:
+        raise CredentialError(username, f"ids starting with {RESERVED_PREFIX!r} are reserved "
+                              "for services (their client ids)")
     layout = settings.layout
     secret = layout.secret_file(username)
-    passwd = PasswordFile(layout.passwd)
+    passwd = PasswordFile(layout.service_passwd if allow_cloud else layout.passwd)
     if password is None and secret.exists() and username in passwd:
         password = secret.read_text().strip()
         if not passwd.check(username, password):
@@ -116,9 +124,11 @@ def add_identity(
 def remove_identity(settings: BrokerSettings, username: str) -> bool:
     """Remove a device's password entry and secret; returns whether it existed."""
     layout = settings.layout
-    passwd = PasswordFile(layout.passwd)
-    existed = passwd.remove(username)
-    passwd.save()
+    existed = False
+    for path in (layout.passwd, layout.service_passwd):
+        passwd = PasswordFile(path)
+        existed = passwd.remove(username) or existed
+        passwd.save()
     layout.secret_file(username).unlink(missing_ok=True)
     return existed
 

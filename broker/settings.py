@@ -42,7 +42,11 @@ class BrokerSettings(BaseSettings):
 
     data_dir: Path = Field(default=Path("var/broker"), description="Config, secrets, PKI, data")
     host: str = Field(default="127.0.0.1", description="Plain listener bind address")
-    port: Port = 1883
+    port: Port = Field(default=1883, description="Device listener (client id = username)")
+    service_host: str = Field(default="127.0.0.1", description="Service listener address")
+    service_port: Port = Field(
+        default=1884, description="Service listener: the cloud and observers only (their own "
+        "password file), so no device identity can take a service's client id")
     topic_root: str = Field(
         default=DEFAULT_ROOT,
         description="Topic root the ACL is written for; may contain `+` levels (tests)",
@@ -95,8 +99,13 @@ class BrokerLayout:
 
     @property
     def passwd(self) -> Path:
-        """Mosquitto password file (PBKDF2-SHA512 hashes only)."""
+        """Mosquitto password file of the devices (PBKDF2-SHA512 hashes only)."""
         return self.root / "passwd"
+
+    @property
+    def service_passwd(self) -> Path:
+        """Password file of the service listener: the cloud and observers."""
+        return self.root / "passwd-services"
 
     @property
     def persistence(self) -> Path:

@@ -50,9 +50,15 @@ def _store(config: Path | None, data_dir: Path | None) -> SqliteStore:
 fl_app = typer.Typer(name="fl", help="Federated learning tasks.", no_args_is_help=True)
 
 
+cloud_app = typer.Typer(name="cloud", invoke_without_command=True,
+                        help="Run the cloud service; `edgefl cloud status` shows its health.")
+
+
 def register(app: typer.Typer) -> None:
     """Add the cloud commands to the root CLI."""
-    app.command("cloud")(cloud)
+    app.add_typer(cloud_app, name="cloud")
+    cloud_app.callback()(cloud_main)
+    cloud_app.command("status")(cloud_status)
     app.add_typer(fl_app, name="fl")
     fl_app.command("start")(fl_start)
     fl_app.command("status")(fl_status)
@@ -147,6 +153,68 @@ def fl_status(
         typer.echo(json.dumps({**state, "history": history}, indent=2))
         return
     print_task_summary(name, state, history)
+
+
+def cloud_main(
+    ctx: typer.Context,
+    broker: Annotated[str | None, typer.Option(help="HOST:PORT of the broker")] = None,
+    config: Config = None,
+    data_dir: DataDir = None,
+    instance: Annotated[str | None, typer.Option(help="Instance name")] = None,
+    password_file: Annotated[Path | None, typer.Option(help="Cloud MQTT password file")] = None,
+    shared_group: Annotated[str | None, typer.Option(
+        help="Split ingest with other instances (MQTT 5 shared subscriptions)")] = None,
+    rules: Annotated[Path | None, typer.Option(help="Alert rules YAML")] = None,
+    topic_root: Annotated[str | None, typer.Option(help="Topic root")] = None,
+) -> None:
+    """Run the cloud service until Ctrl-C/SIGTERM (a second one exits at once)."""
+    if ctx.invoked_subcommand is not None:
+        ctx.ensure_object(dict)["config"] = config
+        ctx.obj["data_dir"] = data_dir
+        return
+    cloud(broker=broker, config=config, data_dir=data_dir, instance=instance,
+          password_file=password_file, shared_group=shared_group, rules=rules,
+          topic_root=topic_root)
+
+
+def cloud_status(
+    ctx: typer.Context,
+    config: Config = None, data_dir: DataDir = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """The service's counters: accepted, stored, refused by kind and reason, queues."""
+    parent = ctx.obj or {}
+    store = _store(config or parent.get("config"), data_dir or parent.get("data_dir"))
+    rows = store.query("SELECT instance, health FROM cloud_health ORDER BY ts DESC LIMIT 1")
+    if not rows:
+        typer.secho("error: this store has no health record yet (is the service running?)",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    health = json.loads(rows[0]["health"])
+    if as_json:
+        typer.echo(json.dumps(health, indent=2))
+        return
+    console = Console()
+    at = dt.datetime.fromtimestamp(health["ts"], dt.UTC)
+    link = "connected" if health["connected"] else "NOT connected"
+    console.print(f"cloud {health['instance']}: {link}, as of {at:%Y-%m-%d %H:%M:%S} UTC")
+    table = Table(title="messages by topic kind")
+    for column in ("kind", "accepted", "stored", "duplicates", "rate limited", "refused"):
+        table.add_column(column, justify="right" if column != "kind" else "left")
+    kinds = sorted({*health["accepted"], *health["stored"], *health["refused"],
+                    *health["rate_limited"], *health["duplicates"]})
+    for kind in kinds:
+        refused = health["refused"].get(kind, {})
+        table.add_row(kind, str(health["accepted"].get(kind, 0)),
+                      str(health["stored"].get(kind, 0)),
+                      str(health["duplicates"].get(kind, 0)),
+                      str(health["rate_limited"].get(kind, 0)),
+                      ", ".join(f"{r}={n}" for r, n in sorted(refused.items())) or "0")
+    console.print(table)
+    errors = {k: v for k, v in health["errors"].items() if v}
+    console.print("errors: " + (", ".join(f"{k}={v}" for k, v in sorted(errors.items()))
+                                or "none"))
+    console.print("queues: " + ", ".join(f"{k}={v}" for k, v in sorted(health["queues"].items())))
 
 
 def cloud(

@@ -108,7 +108,7 @@ class Observer:
         subscribed = threading.Event()
         self.client.on_subscribe = lambda *_a: subscribed.set()
         self.client.on_connect = lambda c, *_a: c.subscribe(topics.all(), qos=1)
-        self.client.connect(broker.host, broker.port)
+        self.client.connect(broker.host, broker.service_port)
         self.client.loop_start()
         if not subscribed.wait(WAIT_S):
             raise TimeoutError("observer did not get SUBACK")
@@ -180,7 +180,7 @@ def _retained_state(broker: LocalBroker, topics: Topics, device_id: str, expect:
     topic = topics.device_state(device_id)
     late = _client("demo-late-subscriber", broker, "edgefl-cloud")
     late.on_message = on_message
-    late.connect(broker.host, broker.port)
+    late.connect(broker.host, broker.service_port)
     late.loop_start()
     deadline = time.monotonic() + WAIT_S
     ok = False
@@ -417,7 +417,7 @@ def _rollout(observer: Observer, topics: Topics, fleet: list[EdgeAgent], key: Ed
 
 def _cloud(broker: LocalBroker, folder: Path, fl: dict[str, object]) -> ServiceThread:
     creds = broker.credentials("edgefl-cloud")
-    mqtt: dict[str, object] = {"host": broker.host, "port": broker.port,
+    mqtt: dict[str, object] = {"host": broker.host, "port": broker.service_port,
                                "protocol": 5 if broker.mqtt5 else 4}
     if creds is not None:
         mqtt["password"] = creds[1]

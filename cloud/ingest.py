@@ -18,15 +18,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import sqlite3
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import BaseModel
 
 from cloud.alerting import AlertChanges, AlertComponent
 from cloud.errors import CloudOffline, IngestRefused
+from cloud.health import STATE_KEY as HEALTH_KEY
+from cloud.health import HealthCounters
 from cloud.mqtt_link import Inbound
 from cloud.offload import off_loop
 from cloud.registry import DeviceRegistry, RegistryChanges
@@ -51,6 +54,9 @@ logger = logging.getLogger(__name__)
 Publish = Callable[[str, bytes, bool], Awaitable[None]]
 Ack = Callable[[Inbound], None]
 REPORT_REQUEST_EVERY_S = 60.0
+ROW_ERRORS = (OverflowError, ValueError, TypeError, sqlite3.IntegrityError,
+              sqlite3.InterfaceError, sqlite3.DataError)
+"""What a store raises for one row's content (not for the disk or the database)."""
 RETRY_MAX_S = 5.0
 INGESTED_KINDS = frozenset({TopicKind.TELEMETRY, TopicKind.MODEL_METRICS,
                             TopicKind.DEVICE_STATE, TopicKind.DEPLOYMENT_STATUS,
@@ -79,6 +85,7 @@ class Batch:
     registry: RegistryChanges
     alerts: AlertChanges
     sites: dict[str, str]
+    health: dict[str, Any]
 
 
 
@@ -87,7 +94,7 @@ class Ingest:
 
     def __init__(self, settings: CloudSettings, topics: Topics, registry: DeviceRegistry,
                  alerts: AlertComponent, store: SqliteStore, sinks: list[TelemetrySink],
-                 publish: Publish, ack: Ack, counters: Counter[str]) -> None:
+                 publish: Publish, ack: Ack, health: HealthCounters) -> None:
         self.settings = settings
         self.topics = topics
         self.registry = registry
@@ -96,7 +103,8 @@ class Ingest:
         self.sinks = sinks
         self.publish = publish
         self.ack = ack
-        self.counters = counters
+        self.health = health
+        self.counters = health.flat
         self.pending = Pending()
         self.stored = 0
         self.batches = 0
@@ -140,10 +148,16 @@ class Ingest:
             raise IngestRefused("future_timestamp", f"ts {ts:.0f} is ahead of the cloud's clock")
         return message
 
-    def refuse(self, message: Inbound, reason: str, detail: str) -> None:
-        """Count a refusal and acknowledge it with the next batch (never stored)."""
-        self.counters[f"refused_{reason}"] += 1
-        logger.warning("refused message on %s: %s: %s", message.topic, reason, detail)
+    def refuse(self, message: Inbound, kind: str, reason: str, detail: str) -> None:
+        """Count a refusal and acknowledge it with the next batch (never stored).
+
+        The first refusal of each (kind, reason) is logged as a warning, later ones
+        at debug level: a flood must not flood the log too; the counters say it all.
+        """
+        first = self.health.refused[kind][reason] == 0
+        self.health.refuse(kind, reason)
+        (logger.warning if first else logger.debug)(
+            "refused message on %s: %s: %s", message.topic, reason, detail[:300])
         self.acknowledge_later(message)
 
     def acknowledge_later(self, message: Inbound) -> None:
@@ -156,15 +170,15 @@ class Ingest:
         try:
             message = self.decode(parsed, inbound.payload)
         except IngestRefused as exc:
-            self.refuse(inbound, exc.reason, exc.detail)
+            self.refuse(inbound, parsed.kind.value, exc.reason, exc.detail)
             return
-        self.counters[f"accepted_{parsed.kind.value}"] += 1
+        self.health.accept(parsed.kind.value)
         if isinstance(message, DeviceTelemetry):
             await self._telemetry(message)
         elif isinstance(message, ModelMetrics):
             key = (message.device_id, message.session_id)
             if message.seq <= self._metrics_seq.get(key, -1):
-                self.counters["duplicate_model_metrics"] += 1
+                self.health.duplicate(parsed.kind.value)
             else:
                 self._metrics_seq[key] = message.seq
                 self.pending.metrics.append(message)
@@ -189,7 +203,7 @@ class Ingest:
     async def _telemetry(self, telemetry: DeviceTelemetry) -> None:
         check = self.registry.on_telemetry(telemetry)
         if check.duplicate:  # QoS 1 redelivery or a replay: every sink stores it once
-            self.counters["duplicate_telemetry"] += 1
+            self.health.duplicate(TopicKind.TELEMETRY.value)
             return
         self.pending.telemetry.append(telemetry)
         self.alerts.observe_telemetry(telemetry, self._site(telemetry.device_id))
@@ -210,7 +224,7 @@ class Ingest:
             await self.publish(self.topics.command(device_id, "report_now"), command.to_json(),
                                False)
         except CloudOffline as exc:
-            self.counters["report_request_not_sent"] += 1
+            self.health.error("report_request_not_sent")
             logger.info("report request to %s not sent: %s", device_id, exc)
 
     def _site(self, device_id: str) -> str | None:
@@ -238,7 +252,7 @@ class Ingest:
                 await self.flush()
             except Exception:  # the one handler of this loop: the batch is kept, retried
                 failures += 1
-                self.counters["store_error"] += 1
+                self.health.error("store_error")
                 logger.exception("storing a batch failed (%d in a row); retrying", failures)
                 await asyncio.sleep(min(RETRY_MAX_S, interval * 2 ** min(failures, 10)))
             else:
@@ -249,7 +263,7 @@ class Ingest:
         """Everything to commit next; taken in one step on the loop, so it is consistent."""
         sites = {d.device_id: d.site for d in self.registry.devices() if d.site}
         batch = Batch(self.pending, self.registry.take_changes(), self.alerts.take_changes(),
-                      sites)
+                      sites, self.health.snapshot())
         self.pending = Pending()
         return batch
 
@@ -269,7 +283,7 @@ class Ingest:
             return
         batch = self._take()
         try:
-            await off_loop(self._write, batch)
+            refused = await off_loop(self._write, batch)
         except BaseException:
             # Cancelled or failed: nothing was acknowledged; the writes are idempotent,
             # so committing the same batch again later is harmless.
@@ -277,7 +291,13 @@ class Ingest:
             raise
         for message in batch.pending.acks:
             self.ack(message)
-        self.stored += len(batch.pending.telemetry) + len(batch.pending.metrics)
+        if refused:
+            self.health.errors["store_refused_row"] += refused
+            self.counters["refused_store_error"] += refused
+        self.health.store(TopicKind.TELEMETRY.value, len(batch.pending.telemetry))
+        self.health.store(TopicKind.MODEL_METRICS.value, len(batch.pending.metrics))
+        self.health.store(TopicKind.DEPLOYMENT_STATUS.value, len(batch.pending.deployments))
+        self.stored += len(batch.pending.telemetry) + len(batch.pending.metrics) - refused
         self.batches += 1
 
     async def publish_alerts(self) -> None:
@@ -287,17 +307,65 @@ class Ingest:
         try:
             await self.alerts.publish_outbox(self.publish)
         except CloudOffline as exc:
-            self.counters["alert_publish_deferred"] += 1
+            self.health.error("alert_publish_deferred")
             logger.info("alert publication deferred: %s", exc)
 
-    def _write(self, batch: Batch) -> None:
-        """One transaction in SQLite; buffered sinks (InfluxDB) get the same rows."""
+    def _write(self, batch: Batch) -> int:
+        """One transaction in SQLite; buffered sinks (InfluxDB) get the same rows.
+
+        A row the store refuses for its content (a value it cannot hold) is refused
+        alone, never the rest of the batch; any other error (disk, I/O) fails the
+        whole batch, which is then kept and tried again. Returns the rows refused.
+        """
         sites = batch.sites
         pending = batch.pending
         with self.store.transaction():
+            kept, refused = self._store_rows(pending, sites)
             for sink in self.sinks:
-                sink.write_telemetry(pending.telemetry, sites=sites)
-                sink.write_model_metrics(pending.metrics, sites=sites)
-                sink.write_deployment_status(pending.deployments)
+                if sink is self.store:
+                    continue
+                sink.write_telemetry(kept.telemetry, sites=sites)
+                sink.write_model_metrics(kept.metrics, sites=sites)
+                sink.write_deployment_status(kept.deployments)
             self.alerts.write_changes(batch.alerts, self.sinks)
             self.registry.write_changes(batch.registry)
+            self.store.put(HEALTH_KEY, batch.health)
+        return refused
+
+    def _store_rows(self, pending: Pending, sites: dict[str, str]) -> tuple[Pending, int]:
+        """The batch's rows into SQLite; on a content error, row by row (savepoints)."""
+        store = self.store
+        try:
+            with store.transaction():
+                store.write_telemetry(pending.telemetry, sites=sites)
+                store.write_model_metrics(pending.metrics, sites=sites)
+                store.write_deployment_status(pending.deployments)
+        except ROW_ERRORS as exc:
+            logger.warning("a batch of %d row(s) was refused (%s); storing row by row",
+                           len(pending), exc)
+        else:
+            return pending, 0
+        kept = Pending()
+        refused = 0
+        for rows, write, out in (
+                (pending.telemetry, store.write_telemetry, kept.telemetry),
+                (pending.metrics, store.write_model_metrics, kept.metrics)):
+            for row in rows:
+                try:
+                    with store.transaction():
+                        write([row], sites=sites)  # type: ignore[list-item]
+                except ROW_ERRORS as exc:
+                    refused += 1
+                    logger.warning("refused to store a row of %s: %s", row.device_id, exc)
+                else:
+                    out.append(row)  # type: ignore[arg-type]
+        for status in pending.deployments:
+            try:
+                with store.transaction():
+                    store.write_deployment_status([status])
+            except ROW_ERRORS as exc:
+                refused += 1
+                logger.warning("refused to store a status of %s: %s", status.device_id, exc)
+            else:
+                kept.deployments.append(status)
+        return kept, refused

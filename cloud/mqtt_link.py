@@ -28,6 +28,7 @@ from typing import Any
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from cloud.errors import CloudOffline
 from cloud.settings import CloudSettings
@@ -211,13 +212,23 @@ class MqttLink:
             raise CloudOffline(f"no PUBACK for {topic} within "
                                f"{self.settings.mqtt.publish_timeout_s} s") from None
 
-    async def subscribe(self, filters: list[str]) -> None:
-        """Subscribe to ``filters`` at QoS 1 (bounded wait for the SUBACK)."""
+    async def subscribe(self, filters: list[str], *,
+                        retain_as_published: frozenset[str] = frozenset()) -> None:
+        """Subscribe to ``filters`` at QoS 1 (bounded wait for the SUBACK).
+
+        Filters in ``retain_as_published`` keep the publisher's retain flag (MQTT 5),
+        so that a device publishing retained where it must not is seen doing so.
+        """
         client = self.client
+        v5 = self.settings.mqtt.protocol == 5
         try:
             async with asyncio.timeout(self.settings.mqtt.publish_timeout_s):
                 for topic_filter in filters:
-                    await client.subscribe(topic_filter, qos=1, timeout=math.inf)
+                    if v5 and topic_filter in retain_as_published:
+                        options = SubscribeOptions(qos=1, retainAsPublished=True)
+                        await client.subscribe(topic_filter, options=options, timeout=math.inf)
+                    else:
+                        await client.subscribe(topic_filter, qos=1, timeout=math.inf)
         except TimeoutError:
             raise aiomqtt.MqttError("no SUBACK within "
                                     f"{self.settings.mqtt.publish_timeout_s} s") from None

@@ -32,14 +32,18 @@ import aiomqtt
 from cloud.alerting import AlertComponent
 from cloud.alerts.rules import load_rules
 from cloud.errors import CloudOffline
+from cloud.health import STATE_KEY as HEALTH_KEY
+from cloud.health import HealthCounters
 from cloud.ingest import INGESTED_KINDS, Ingest
 from cloud.mqtt_link import Inbound, MqttLink
+from cloud.offload import off_loop
+from cloud.rate_limit import DeviceBudget
 from cloud.registry import DeviceRegistry
 from cloud.settings import CloudSettings
 from cloud.storage.influx_sink import InfluxSink
 from cloud.storage.sink import TelemetrySink
 from cloud.storage.sqlite_store import SqliteStore
-from schemas.alerts import CloudState
+from schemas.alerts import CloudHealth, CloudState
 from schemas.base import now
 from schemas.errors import TopicError
 from schemas.topics import TopicKind, Topics
@@ -50,6 +54,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FLUSH_EVERY_S = 1.0
+HOUSEKEEPING_S = 1.0
+NOT_RETAINED = frozenset({TopicKind.TELEMETRY, TopicKind.MODEL_METRICS, TopicKind.COMMAND_REPLY,
+                          TopicKind.UPDATE, TopicKind.EVAL})
+"""Device topics that are never retained by design: a retained message there is refused."""
+DEVICE_KINDS = INGESTED_KINDS | {TopicKind.UPDATE, TopicKind.EVAL}
+"""What a device publishes: each message is charged to its budget."""
 YIELD_EVERY = 64
 """The dispatcher yields to the other tasks at least every this many messages."""
 
@@ -61,7 +71,12 @@ class CloudService:
         self.settings = settings
         self.topics = Topics(settings.topic_root)
         self.counters: Counter[str] = Counter()
+        self.health = HealthCounters(self.counters)
+        self.budget = DeviceBudget(settings.ingest.rate_limit)
+        self.started_at = now()
+        self.retained_to_clear: set[str] = set()
         self.store = SqliteStore(settings.sqlite_path)
+        self.health.restore(self.store.get(HEALTH_KEY) or {})
         self.influx = InfluxSink(settings.influx) if settings.influx else None
         self.sinks: list[TelemetrySink] = [self.store]
         if self.influx is not None:
@@ -71,7 +86,7 @@ class CloudService:
                                      self.topics, settings.instance)
         self.link = MqttLink(settings, (self.topics.cloud_state(), self._state("offline")))
         self.ingest = Ingest(settings, self.topics, self.registry, self.alerts, self.store,
-                             self.sinks, self.publish, self.link.ack, self.counters)
+                             self.sinks, self.publish, self.link.ack, self.health)
         self.coordinators: dict[str, Coordinator] = {}
         if settings.fl:
             from cloud.fl.coordinator import Coordinator  # torch only where FL runs
@@ -80,7 +95,7 @@ class CloudService:
                 self.coordinators[name] = Coordinator(
                     name, config, topics=self.topics, store=self.store, registry=self.registry,
                     sinks=self.sinks, folder=settings.data_dir / "fl" / name,
-                    publish=self.publish, ack=self.link.ack, counters=self.counters)
+                    publish=self.publish, ack=self.link.ack, health=self.health)
         self.connected = asyncio.Event()
         self.connections = 0
 
@@ -102,7 +117,8 @@ class CloudService:
             async with asyncio.TaskGroup() as group:
                 writer = group.create_task(self.ingest.writer(), name="ingest-writer")
                 helpers = [group.create_task(self._alert_ticker(), name="alert-ticker"),
-                           group.create_task(self._flusher(), name="influx-flusher")]
+                           group.create_task(self._flusher(), name="influx-flusher"),
+                           group.create_task(self._housekeeping(), name="housekeeping")]
                 fl = [group.create_task(c.run(), name=f"fl-{name}")
                       for name, c in self.coordinators.items()]
                 await self._connections(stop, fl, writer)
@@ -169,7 +185,8 @@ class CloudService:
         for name in self.coordinators:
             filters += [self.topics.filter(TopicKind.UPDATE, task=name),
                         self.topics.filter(TopicKind.EVAL, task=name)]
-        await self.link.subscribe(filters)
+        watched = frozenset(f for f in filters if self._not_retained(f))
+        await self.link.subscribe(filters, retain_as_published=watched)
         self.connections += 1
         self.alerts.resume()
         self.alerts.on_connected()
@@ -190,6 +207,18 @@ class CloudService:
         if not stop.is_set():
             dispatcher.result()  # raises the MqttError that ended the connection
             raise aiomqtt.MqttError("dispatcher ended")
+
+    def _not_retained(self, topic_filter: str) -> bool:
+        """Whether a subscription filter covers a kind that is never retained by design."""
+        if topic_filter.startswith("$share/"):
+            topic_filter = topic_filter.split("/", 2)[2]
+        levels = topic_filter.split("/")
+        for kind in NOT_RETAINED:
+            generic = self.topics.filter(kind).split("/")
+            if len(generic) == len(levels) and all(
+                    a == b or "+" in (a, b) for a, b in zip(generic, levels, strict=True)):
+                return True
+        return False
 
     async def _wind_down(self, fl: list[asyncio.Task[None]], writer: asyncio.Task[None], *,
                          connected: bool) -> None:
@@ -221,19 +250,38 @@ class CloudService:
         topic = message.topic
         try:
             parsed = self.topics.parse(topic)
-            if parsed.kind in INGESTED_KINDS:
+            kind = parsed.kind
+            if message.retain and kind in NOT_RETAINED:
+                if message.payload:  # data left retained where nothing is retained by design
+                    self.ingest.refuse(message, kind.value, "retained_not_allowed",
+                                       "the topic is not retained by design; clearing it")
+                    self.retained_to_clear.add(topic)
+                else:  # an empty retained message: a clear (ours coming back, or a device's)
+                    self.ingest.acknowledge_later(message)
+                return
+            if parsed.device_id is not None and kind in DEVICE_KINDS \
+                    and not self.budget.allow(parsed.device_id, len(message.payload)):
+                first = self.health.rate_limited[kind.value] == 0
+                self.health.limit(kind.value)
+                if first:
+                    logger.warning("%s is over its budget: refusing its messages (counted as "
+                                   "rate_limited)", parsed.device_id)
+                self.ingest.acknowledge_later(message)
+                return
+            if kind in INGESTED_KINDS:
                 await self.ingest.handle(parsed, message)
-            elif parsed.kind in (TopicKind.UPDATE, TopicKind.EVAL) \
+            elif kind in (TopicKind.UPDATE, TopicKind.EVAL) \
                     and parsed.task in self.coordinators \
                     and parsed.device_id is not None and parsed.round is not None:
-                self.coordinators[parsed.task].submit(parsed.kind, parsed.device_id,
+                self.coordinators[parsed.task].submit(kind, parsed.device_id,
                                                       parsed.round, message)
             else:
-                self.ingest.refuse(message, "unexpected_topic", "no component owns it")
+                self.ingest.refuse(message, kind.value, "unexpected_topic",
+                                   "no component owns it")
         except TopicError as exc:
-            self.ingest.refuse(message, "topic", str(exc))
+            self.ingest.refuse(message, "unknown", "topic", str(exc))
         except Exception:  # the one dispatcher: log, count, acknowledge, keep serving
-            self.counters["dispatch_error"] += 1
+            self.health.error("dispatch_error")
             logger.exception("handling %s failed", topic)
             self.ingest.acknowledge_later(message)
 
@@ -255,13 +303,48 @@ class CloudService:
             dropped = stats.dropped
             self.alerts.health("influx_sink", problem, float(stats.dropped))
 
+    async def _housekeeping(self) -> None:
+        """Clear data retained where it must not be; publish and store the health."""
+        last_health = 0.0
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_S)
+            try:
+                for topic in sorted(self.retained_to_clear):
+                    await self.publish(topic, b"", True)
+                    self.retained_to_clear.discard(topic)
+                if time.monotonic() - last_health >= self.settings.health_interval_s:
+                    last_health = time.monotonic()
+                    await self._report_health()
+            except CloudOffline as exc:
+                logger.debug("housekeeping deferred: %s", exc)
+            except Exception:  # the one handler of this loop: log, count, go on
+                self.health.error("housekeeping_error")
+                logger.exception("housekeeping failed")
+
+    def health_message(self) -> CloudHealth:
+        """The service's counters and queue depths now."""
+        queues = {"pending": len(self.ingest.pending), "acks": len(self.ingest.pending.acks),
+                  "alert_outbox": len(self.alerts.outbox),
+                  "retained_to_clear": len(self.retained_to_clear)}
+        queues |= {f"fl_inbox_{name}"[:64]: c.inbox.qsize()
+                   for name, c in self.coordinators.items()}
+        return self.health.message(instance=self.settings.instance, started_at=self.started_at,
+                                   connected=self.connected.is_set(), queues=queues)
+
+    async def _report_health(self) -> None:
+        health = self.health_message()
+        for sink in self.sinks:
+            await off_loop(sink.write_cloud_health, health)
+        await self.publish(self.topics.cloud_health(self.settings.instance), health.to_json(),
+                           True)
+
     async def _alert_ticker(self) -> None:
         while True:
             await asyncio.sleep(self.settings.alerts.tick_interval_s)
             try:
                 await self.alerts.tick()
             except Exception:  # the one handler of this loop: log, count, go on
-                self.counters["alert_tick_error"] += 1
+                self.health.error("alert_tick_error")
                 logger.exception("alert tick failed")
 
 

@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 from pydantic_settings import SettingsConfigDict
 
 from cloud.fl.config import FLTaskConfig
+from cloud.rate_limit import RateLimitSettings
 from cloud.storage.influx_sink import InfluxSettings
 from schemas.base import Id
 from schemas.client_settings import MqttClientSettings
@@ -19,6 +20,8 @@ from schemas.topics import DEFAULT_ROOT
 class CloudMqttSettings(MqttClientSettings):
     """The cloud's MQTT session."""
 
+    port: Annotated[int, Field(ge=1, le=65535)] = Field(
+        default=1884, description="The broker's service listener (devices use another)")
     username: str = "edgefl-cloud"
     client_id: str | None = Field(default=None, description="Defaults to edgefl-cloud-{instance}")
     session_expiry_s: Annotated[int, Field(ge=0)] = 86_400
@@ -44,6 +47,7 @@ class IngestSettings(BaseModel):
     batch_max: Annotated[int, Field(ge=1)] = 1000
     flush_interval_s: Annotated[float, Field(gt=0)] = 0.2
     request_report_on_gap: bool = True
+    rate_limit: RateLimitSettings = Field(default_factory=RateLimitSettings)
 
 
 class AlertSettings(BaseModel):
@@ -68,6 +72,8 @@ class CloudSettings(FileSettings):
     alerts: AlertSettings = Field(default_factory=AlertSettings)
     fl: dict[Id, FLTaskConfig] = Field(
         default_factory=dict, description="Federated tasks this instance coordinates")
+    health_interval_s: Annotated[float, Field(gt=0)] = Field(
+        default=5.0, description="How often the service publishes and stores its counters")
     stop_timeout_s: Annotated[float, Field(gt=0)] = Field(
         default=4.0, description="Longest graceful stop; what is not acknowledged by then is "
         "delivered again by the broker")

@@ -92,6 +92,8 @@ class EdgeAgent:
         them after a reconnect); newer ones wait for the drain."""
         self._inflight = 0
         self._draining = False
+        self._drain_tokens = float(DRAIN_BATCH)
+        self._drain_at = time.monotonic()
         self.inference = InferenceService(max_samples=settings.telemetry.latency_samples,
                                           window_s=settings.telemetry.metrics_window_s)
         self.store = ModelStore(self.state_dir / "models")
@@ -230,7 +232,9 @@ class EdgeAgent:
         self.sampler()  # psutil keeps the CPU baseline per thread: prime it on this one
         next_report = time.monotonic() + self.interval_s
         while not self._stop.is_set():
-            timeout = max(0.0, min(next_report - time.monotonic(), ACK_SWEEP_S))
+            timeout = max(0.0, next_report - time.monotonic())
+            if self._inflight or self._acked or self._handed_upto < self.buffer.last_id:
+                timeout = min(timeout, ACK_SWEEP_S)  # acknowledgements to sweep, a backlog
             try:
                 kind, data = self._events.get(timeout=timeout)
             except queue.Empty:
@@ -384,16 +388,27 @@ class EdgeAgent:
             pause.wait(0.01)
 
     def _drain(self) -> None:
-        """Hand what waits in the outbox to paho, in order, a window at a time."""
+        """Hand what waits in the outbox to paho, in order, paced.
+
+        At most ``buffer.drain_rate_per_s`` messages a second (a burst of one batch):
+        the cloud gives each device a budget, and a replay after a long outage must
+        stay within it rather than be refused as a flood.
+        """
+        at = time.monotonic()
+        rate = self.settings.buffer.drain_rate_per_s
+        self._drain_tokens = min(float(DRAIN_BATCH),
+                                 self._drain_tokens + (at - self._drain_at) * rate)
+        self._drain_at = at
         while self.session.connected.is_set() and self._handed_upto < self.buffer.last_id \
-                and self._inflight < MAX_INFLIGHT:
-            batch = self.buffer.peek(min(DRAIN_BATCH, MAX_INFLIGHT - self._inflight),
-                                     after=self._handed_upto)
+                and self._inflight < MAX_INFLIGHT and self._drain_tokens >= 1.0:
+            allowed = min(DRAIN_BATCH, MAX_INFLIGHT - self._inflight, int(self._drain_tokens))
+            batch = self.buffer.peek(allowed, after=self._handed_upto)
             if not batch:
                 self._handed_upto = self.buffer.last_id
                 break
             for item in batch:
                 self._hand(item.id, item.topic, item.payload, retain=item.retain)
+            self._drain_tokens -= len(batch)
         if self._handed_upto >= self.buffer.last_id and self._draining:
             self._draining = False
             logger.info("%s: outbox handed over", self.device_id)

@@ -44,6 +44,9 @@ class BufferSettings(BaseModel):
 
     max_messages: Annotated[int, Field(ge=1)] = 10_000
     max_bytes: Annotated[int, Field(ge=1024)] = 16 * MiB
+    drain_rate_per_s: Annotated[float, Field(gt=0)] = Field(
+        default=50.0, description="Pace of the replay after an outage (below the cloud's "
+        "per-device budget)")
     durable: bool = Field(
         default=True, description="fsync every write (survives a power cut); off keeps "
         "messages across a crash of the agent but not of the OS (the fleet simulator)")

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from schemas.base import Id, Severity, ShortText, UnixTime, Version, WireModel
+from schemas.base import Id, NonNegInt, Severity, ShortText, UnixTime, Version, WireModel
 
 
 class Alert(WireModel):
@@ -39,3 +39,35 @@ class CloudState(WireModel):
     state: Literal["online", "offline"]
     instance: Id = Field(description="Cloud instance name")
     ts: UnixTime
+
+
+Counts = dict[Id, NonNegInt]
+
+
+class CloudHealth(WireModel):
+    """Retained on ``cloud/health/{instance}``: what the instance did since it was set up.
+
+    Counters survive restarts; each refusal is counted under the topic kind it
+    arrived on and its reason (``validation``, ``too_large``, ``future_timestamp``,
+    ``retained_not_allowed``, ``stale_round``, ...).
+    """
+
+    instance: Id
+    ts: UnixTime
+    started_at: UnixTime = Field(description="When this process started")
+    connected: bool
+    accepted: Counts = Field(default_factory=dict, max_length=64,
+                             description="Messages accepted, by topic kind")
+    stored: Counts = Field(default_factory=dict, max_length=64,
+                           description="Rows stored, by topic kind")
+    duplicates: Counts = Field(default_factory=dict, max_length=64,
+                               description="Redeliveries and replays stored once, by kind")
+    rate_limited: Counts = Field(default_factory=dict, max_length=64,
+                                 description="Messages over their device's budget, by kind")
+    refused: dict[Id, Counts] = Field(default_factory=dict, max_length=64,
+                                      description="Refusals by topic kind, then reason")
+    errors: Counts = Field(default_factory=dict, max_length=64,
+                           description="Failures inside the service (dispatch, store, ...)")
+    queues: Counts = Field(default_factory=dict, max_length=64,
+                           description="Current depths: pending rows, acknowledgements, "
+                           "alert outbox, coordinator inboxes")

@@ -12,7 +12,14 @@ import time
 from enum import StrEnum
 from typing import Annotated, Final, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
 
 from schemas.errors import DecodeError
 from schemas.topics import ID_PATTERN, VERSION_PATTERN
@@ -28,7 +35,12 @@ Version = Annotated[str, StringConstraints(pattern=rf"^{VERSION_PATTERN}$")]
 Percent = Annotated[float, Field(ge=0.0, le=100.0)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 NonNegFloat = Annotated[float, Field(ge=0.0)]
-NonNegInt = Annotated[int, Field(ge=0)]
+INT64_MAX: Final = 2**63 - 1
+"""Every integer on the wire fits a signed 64-bit integer (SQLite, InfluxDB, numpy)."""
+NonNegInt = Annotated[int, Field(ge=0, le=INT64_MAX)]
+PosInt = Annotated[int, Field(ge=1, le=INT64_MAX)]
+RoundNumber = Annotated[int, Field(ge=1, le=999_999_999)]
+"""A federated round: what a topic level can name (nine digits)."""
 UnixTime = Annotated[
     float,
     Field(
@@ -89,6 +101,13 @@ class WireModel(BaseModel):
         "not know.",
     )
 
+    @field_validator("schema_version", mode="before")
+    @classmethod
+    def _no_bool_version(cls, value: object) -> object:
+        if isinstance(value, bool):  # True == 1 in Python; on the wire it is not a version
+            raise ValueError("schema_version must be the integer 1")  # noqa: TRY004
+        return value
+
     def to_json(self) -> bytes:
         """Serialize to compact UTF-8 JSON bytes for the wire."""
         return self.model_dump_json().encode()
@@ -113,7 +132,7 @@ def decode_message(
 
     Raises:
         DecodeError: ``too_large``, ``empty``, ``invalid_json`` or ``validation``;
-            the detail names the offending fields.
+            the detail names the offending fields. Nothing else escapes.
     """
     what = model.__name__
     if isinstance(payload, str):
@@ -124,7 +143,9 @@ def decode_message(
     if size == 0:
         raise DecodeError("empty", "empty payload", what=what)
     try:
-        return model.model_validate_json(bytes(payload))
+        # Strict: no bool for a number, no string for a number or a bool (JSON's own
+        # number forms only; an integer where a float is expected is fine).
+        return model.model_validate_json(bytes(payload), strict=True)
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_input=False)
         if any(e["type"] == "json_invalid" for e in errors):

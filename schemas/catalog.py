@@ -12,7 +12,7 @@ from typing import Final, Literal
 
 from pydantic import BaseModel
 
-from schemas.alerts import Alert, CloudState
+from schemas.alerts import Alert, CloudHealth, CloudState
 from schemas.device import (
     Command,
     CommandResult,
@@ -90,6 +90,9 @@ CHANNELS: Final[dict[TopicKind, Channel]] = {
                 "Raw bytes of one chunk of a released model file"),
         Channel(TopicKind.CLOUD_STATE, "cloud", 1, True, JSON, CloudState,
                 "Cloud online/offline (LWT), like Sparkplug's primary-host STATE"),
+        Channel(TopicKind.CLOUD_HEALTH, "cloud", 1, True, JSON, CloudHealth,
+                "What one cloud instance accepted, stored and refused (by topic kind and "
+                "reason), rate-limited and failed, and its queue depths; every few seconds"),
         Channel(TopicKind.ALERT, "cloud", 1, True, JSON, Alert,
                 "An active alert; cleared by an empty retained message when resolved"),
     )

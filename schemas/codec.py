@@ -138,8 +138,9 @@ def read_header(data: bytes | bytearray | memoryview, limits: DecodeLimits = DEF
         raise DecodeError("truncated", f"header of {header_len} bytes but only {size - 8} follow")
     try:
         header = json.loads(bytes(data[8 : 8 + header_len]))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise DecodeError("bad_header", f"header is not JSON: {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError and integers beyond Python's 4300-digit limit.
+        raise DecodeError("bad_header", f"header is not JSON: {str(exc)[:200]}") from None
     if not isinstance(header, dict):
         raise DecodeError("bad_header", "header is not a JSON object")
     raw_meta = header.pop("__metadata__", {})
@@ -164,6 +165,18 @@ def read_header(data: bytes | bytearray | memoryview, limits: DecodeLimits = DEF
     return infos, raw_meta
 
 
+_INT64_MAX = 2**63 - 1
+
+
+def _short(value: object) -> str:
+    """A bounded repr for error details (huge integers cannot even be printed)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return "<a number too large to print>"
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
 def _tensor_info(name: str, spec: object, limits: DecodeLimits) -> TensorInfo:
     if not isinstance(spec, dict):
         raise DecodeError("bad_header", f"{name!r}: tensor spec is not an object")
@@ -175,16 +188,16 @@ def _tensor_info(name: str, spec: object, limits: DecodeLimits) -> TensorInfo:
     if (
         not isinstance(shape, list)
         or len(shape) > limits.max_ndim
-        or not all(type(d) is int and d >= 0 for d in shape)
+        or not all(type(d) is int and 0 <= d <= _INT64_MAX for d in shape)
     ):
-        raise DecodeError("bad_shape", f"{name!r}: shape {shape!r}")
+        raise DecodeError("bad_shape", f"{name!r}: shape {_short(shape)}")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(type(o) is int and o >= 0 for o in offsets)
+        or not all(type(o) is int and 0 <= o <= _INT64_MAX for o in offsets)
         or offsets[0] > offsets[1]
     ):
-        raise DecodeError("bad_header", f"{name!r}: data_offsets {offsets!r}")
+        raise DecodeError("bad_header", f"{name!r}: data_offsets {_short(offsets)}")
     # Python ints do not overflow, so a huge declared shape is caught here, not allocated.
     nbytes = math.prod(shape) * DTYPES[dtype].itemsize
     if nbytes != offsets[1] - offsets[0]:

@@ -8,6 +8,7 @@ from typing import Annotated, Literal, Self
 from pydantic import Field, JsonValue, computed_field, model_validator
 
 from schemas.base import (
+    INT64_MAX,
     Fraction,
     Id,
     ModelFormat,
@@ -33,6 +34,7 @@ Seq = Annotated[
     int,
     Field(
         ge=0,
+        le=INT64_MAX,
         description="Per-session sequence number, +1 per message of this kind (as Sparkplug's "
         "seq) so that a consumer detects gaps",
     ),
@@ -63,7 +65,8 @@ class DeviceState(WireModel):
 
     device_id: Id
     state: Literal["online", "offline"]
-    bd_seq: Annotated[int, Field(ge=0, description="Birth/death sequence of the connection")]
+    bd_seq: Annotated[int, Field(ge=0, le=INT64_MAX,
+                                 description="Birth/death sequence of the connection")]
     ts: UnixTime
     agent_version: Annotated[str, Field(max_length=64)] | None = None
     hardware: HardwareInfo | None = None

@@ -38,6 +38,7 @@ _PARAMETER_DOCS: Final = {
     "version": "Version, `[A-Za-z0-9][A-Za-z0-9_.-]{0,63}`",
     "round": "Round number, decimal",
     "chunk": "Chunk index from 0, decimal",
+    "instance": "Cloud instance name, `[A-Za-z0-9_-]{1,64}`",
 }
 
 

@@ -16,6 +16,8 @@ from schemas.base import (
     Id,
     NonNegFloat,
     NonNegInt,
+    PosInt,
+    RoundNumber,
     ShortText,
     UnixTime,
     Version,
@@ -62,7 +64,8 @@ class PrivacySpec(WireModel):
 class SecAggSpec(WireModel):
     """Secure aggregation (Bonawitz et al. 2017) parameters for a round."""
 
-    threshold: Annotated[int, Field(ge=2, description="Shares needed to reconstruct")]
+    threshold: Annotated[int, Field(ge=2, le=MAX_SELECTED,
+                                    description="Shares needed to reconstruct")]
     quantization_bits: Annotated[int, Field(ge=8, le=32)] = 16
     clip_range: Annotated[float, Field(gt=0.0)] = Field(
         default=1.0, description="Values are clipped to [-clip_range, clip_range] before quantizing"
@@ -86,7 +89,7 @@ class RoundPlan(WireModel):
     """Retained on ``fl/{t}/round``: who trains in this round, on what, until when."""
 
     task: Id
-    round: Annotated[int, Field(ge=1)]
+    round: RoundNumber
     attempt: NonNegInt = Field(
         default=0, description="Retry of the same round (0 first); a device trains once per "
         "(round, attempt) and updates of earlier attempts of the round still count",
@@ -120,11 +123,11 @@ class UpdateEnvelope(WireModel):
     """JSON envelope in the safetensors header of ``fl/{t}/rounds/{r}/updates/{d}``."""
 
     task: Id
-    round: Annotated[int, Field(ge=1)]
+    round: RoundNumber
     attempt: NonNegInt = Field(default=0, description="Attempt of the round it answers")
     device_id: Id
     base_version: Version = Field(description="Global version the delta is relative to")
-    num_examples: Annotated[int, Field(ge=1, description="Local training examples")]
+    num_examples: PosInt = Field(description="Local training examples")
     train_loss: FiniteLoss | None = None
     train_accuracy: Fraction | None = None
     train_time_s: NonNegFloat | None = None
@@ -140,7 +143,8 @@ class GlobalModelEnvelope(WireModel):
 
     task: Id
     version: Version
-    round: NonNegInt = Field(description="Round that produced these weights; 0 = initial")
+    round: Annotated[int, Field(ge=0, le=999_999_999)] = Field(
+        description="Round that produced these weights; 0 = initial")
     created_at: UnixTime
 
 
@@ -148,10 +152,10 @@ class EvalResult(WireModel):
     """A device's evaluation of the global model on its local data."""
 
     task: Id
-    round: Annotated[int, Field(ge=1)]
+    round: RoundNumber
     device_id: Id
     global_version: Version
-    num_examples: Annotated[int, Field(ge=1)]
+    num_examples: PosInt
     loss: FiniteLoss
     accuracy: Fraction | None = None
     ts: UnixTime
@@ -192,8 +196,8 @@ class TaskStatus(WireModel):
 
     task: Id
     state: TaskState
-    round: NonNegInt
-    rounds_total: Annotated[int, Field(ge=1)]
+    round: Annotated[int, Field(ge=0, le=999_999_999)]
+    rounds_total: PosInt
     global_version: Version | None = None
     participants: list[Id] = Field(default_factory=list, max_length=MAX_SELECTED)
     attempt: NonNegInt = Field(default=0, description="Attempt of the current round")

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import Field, JsonValue, model_validator
 
 from schemas.base import (
+    INT64_MAX,
     Id,
     ModelFormat,
     NonNegFloat,
@@ -65,7 +66,7 @@ class ReleaseManifest(WireModel):
     model: Id
     version: Version
     format: ModelFormat
-    size_bytes: Annotated[int, Field(ge=1, description="Model file size, bytes")]
+    size_bytes: Annotated[int, Field(ge=1, le=INT64_MAX, description="Model file size, bytes")]
     sha256: Sha256Hex = Field(description="SHA-256 of the whole model file, lowercase hex")
     chunk_size: Annotated[int, Field(ge=1, le=MAX_CHUNK_BYTES, description="Bytes per chunk")]
     chunk_count: Annotated[int, Field(ge=1, le=MAX_CHUNKS)]
@@ -75,7 +76,7 @@ class ReleaseManifest(WireModel):
     signature: Annotated[str, Field(pattern=r"^[A-Za-z0-9+/]{86}==$")] | None = Field(
         default=None, description="Base64 Ed25519 signature over signing_bytes()"
     )
-    input_shape: list[Annotated[int, Field(ge=-1)]] | None = Field(
+    input_shape: list[Annotated[int, Field(ge=-1, le=INT64_MAX)]] | None = Field(
         default=None, max_length=8, description="Model input shape, -1 for a dynamic dimension"
     )
     metadata: dict[Annotated[str, Field(max_length=64)], JsonValue] = Field(

@@ -61,6 +61,7 @@ class TopicKind(StrEnum):
     RELEASE = "release"
     CHUNK = "chunk"
     CLOUD_STATE = "cloud_state"
+    CLOUD_HEALTH = "cloud_health"
     ALERT = "alert"
 
 
@@ -81,6 +82,7 @@ TOPIC_TEMPLATES: Final[dict[TopicKind, str]] = {
     TopicKind.RELEASE: "models/{model}/release",
     TopicKind.CHUNK: "models/{model}/versions/{version}/chunks/{chunk}",
     TopicKind.CLOUD_STATE: "cloud/state",
+    TopicKind.CLOUD_HEALTH: "cloud/health/{instance}",
     TopicKind.ALERT: "alerts/{device_id}/{rule}",
 }
 """The topic table, relative to the root. The single source of every topic string."""
@@ -92,6 +94,7 @@ _PLACEHOLDER_PATTERNS: Final[dict[str, str]] = {
     "command": ID_PATTERN,
     "rule": ID_PATTERN,
     "stage": ID_PATTERN,
+    "instance": ID_PATTERN,
     "version": VERSION_PATTERN,
     "round": INDEX_PATTERN,
     "chunk": INDEX_PATTERN,
@@ -150,6 +153,7 @@ class ParsedTopic:
     command: str | None = None
     rule: str | None = None
     stage: str | None = None
+    instance: str | None = None
     version: str | None = None
     round: int | None = None
     chunk: int | None = None
@@ -296,6 +300,10 @@ class Topics:
     def cloud_state(self) -> str:
         """``cloud/state``: retained online/offline of the cloud (LWT)."""
         return self.build(TopicKind.CLOUD_STATE)
+
+    def cloud_health(self, instance: str) -> str:
+        """``cloud/health/{instance}``: retained CloudHealth counters of one instance."""
+        return self.build(TopicKind.CLOUD_HEALTH, instance=instance)
 
     def alert(self, device_id: str, rule: str) -> str:
         """``alerts/{d}/{rule}``: retained Alert while active, empty when cleared."""

@@ -54,7 +54,7 @@ def make_cloud(mosquitto: RunningBroker, topics: Topics,
     def factory(*, instance: str | None = None, data_dir: Path | None = None,
                 start: bool = True, **overrides: Any) -> RunningCloud:
         instance = instance or f"c{uuid.uuid4().hex[:8]}"
-        mqtt = {"host": mosquitto.host, "port": mosquitto.port,
+        mqtt = {"host": mosquitto.host, "port": mosquitto.service_port,
                 "password": mosquitto.password(mosquitto.cloud_username),
                 "reconnect_min_s": 0.1, "reconnect_max_s": 1.0} | overrides.pop("mqtt", {})
         settings = CloudSettings.model_validate({

@@ -33,7 +33,7 @@ class CloudProcess:
         folder.mkdir(parents=True, exist_ok=True)
         password = folder / "cloud.password"
         password.write_text(broker.password(broker.cloud_username))
-        mqtt = {"host": broker.host, "port": broker.port, "password_file": str(password),
+        mqtt = {"host": broker.host, "port": broker.service_port, "password_file": str(password),
                 "reconnect_min_s": 0.1, "reconnect_max_s": 0.5} | settings.pop("mqtt", {})
         self.config = folder / "cloud.yaml"
         self.config.write_text(yaml.safe_dump({
@@ -51,7 +51,7 @@ class CloudProcess:
         """Start it; by default wait (bounded) until it announced itself online."""
         watcher = None
         if wait_online:
-            watcher = SyncClient(self.broker.host, self.broker.port,
+            watcher = SyncClient(self.broker.host, self.broker.service_port,
                                  client_id=f"watch-{self.instance}-{self.starts}",
                                  username=self.broker.cloud_username,
                                  password=self.broker.password(self.broker.cloud_username))

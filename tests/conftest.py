@@ -40,6 +40,15 @@ class RunningBroker:
     identities: dict[str, Identity] = field(default_factory=dict)
 
     @property
+    def service_port(self) -> int:
+        """The service listener: the cloud identity connects there."""
+        return self.settings.service_port
+
+    def port_for(self, username: str) -> int:
+        """The listener of an identity (services and devices have one each)."""
+        return self.service_port if username == self.cloud_username else self.port
+
+    @property
     def cloud_username(self) -> str:
         """Username of the cloud identity."""
         return self.settings.cloud_username
@@ -58,7 +67,8 @@ class RunningBroker:
                will: tuple[str, bytes, bool] | None = None) -> SyncClient:
         """An unconnected client authenticated as ``username``."""
         return SyncClient(
-            self.host, self.port, client_id=client_id or f"{username}-{uuid.uuid4().hex[:6]}",
+            self.host, self.port_for(username),
+            client_id=client_id or f"{username}-{uuid.uuid4().hex[:6]}",
             username=username, password=self.password(username), protocol=protocol, will=will,
         )
 
@@ -82,7 +92,7 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningBroke
                     "`sudo apt-get install mosquitto`")
     data: Path = tmp_path_factory.mktemp("mosquitto")
     settings = BrokerSettings(
-        data_dir=data, port=free_port(), topic_root=TEST_ROOT_FILTER,
+        data_dir=data, port=free_port(), service_port=free_port(), topic_root=TEST_ROOT_FILTER,
         tls=TlsListenerSettings(enabled=True, port=free_port()),
     )
     cloud = init_broker(settings, log_to_file=True)
@@ -104,7 +114,7 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningBroke
 @contextmanager
 def own_mosquitto(folder: Path, device_ids: tuple[str, ...]) -> Iterator[RunningBroker]:
     """A Mosquitto of a test's own (persistence on) that the test may stop and restart."""
-    settings = BrokerSettings(data_dir=folder, port=free_port(),
+    settings = BrokerSettings(data_dir=folder, port=free_port(), service_port=free_port(),
                               topic_root=TEST_ROOT_FILTER, autosave_interval_s=1)
     cloud = init_broker(settings, log_to_file=True)
     identities = {cloud.username: cloud}

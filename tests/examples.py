@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from schemas.alerts import Alert, CloudState
+from schemas.alerts import Alert, CloudHealth, CloudState
 from schemas.base import ModelFormat, RuntimeName, Severity
 from schemas.device import (
     Command,
@@ -106,4 +106,10 @@ EXAMPLES: dict[type[BaseModel], BaseModel] = {
                  metric="telemetry.cpu_percent", value=95.0, threshold=90.0,
                  message="CPU above 90 % for 60 s", opened_at=T0, ts=T0),
     CloudState: CloudState(state="online", instance="cloud-1", ts=T0),
+    CloudHealth: CloudHealth(
+        instance="cloud-1", ts=T0, started_at=T0 - 60, connected=True,
+        accepted={"telemetry": 120, "device_state": 3}, stored={"telemetry": 118},
+        duplicates={"telemetry": 2}, rate_limited={"telemetry": 1},
+        refused={"telemetry": {"validation": 4, "future_timestamp": 1}},
+        errors={"dispatch_error": 0}, queues={"pending": 3, "acks": 5}),
 }

@@ -70,14 +70,15 @@ def _connect_when_ready(port: int, username: str, password: str, timeout: float 
 
 @pytest.mark.integration
 def test_broker_runs_in_foreground_reloads_devices_and_stops_on_ctrl_c(tmp_path: Path) -> None:
-    port = free_port()
+    port, service_port = free_port(), free_port()
     data = tmp_path / "broker"
-    proc = subprocess.Popen([*EDGEFL, "broker", "--port", str(port), "--data-dir", str(data)],
+    proc = subprocess.Popen([*EDGEFL, "broker", "--port", str(port), "--service-port",
+                             str(service_port), "--data-dir", str(data)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     try:
         _wait_port("127.0.0.1", port, proc)
         cloud_password = (data / "secrets" / "edgefl-cloud.password").read_text().strip()
-        cloud = _connect_when_ready(port, "edgefl-cloud", cloud_password)
+        cloud = _connect_when_ready(service_port, "edgefl-cloud", cloud_password)
         cloud.close()
 
         added = _run("broker", "add-device", "pi-new", "--data-dir", str(data))

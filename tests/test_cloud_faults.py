@@ -38,7 +38,7 @@ def cloud_settings(broker: RunningBroker, topics: Topics, data_dir: Path, rules:
     return CloudSettings.model_validate({
         "instance": overrides.pop("instance", f"c{uuid.uuid4().hex[:8]}"),
         "topic_root": topics.root, "data_dir": data_dir,
-        "mqtt": {"host": broker.host, "port": broker.port,
+        "mqtt": {"host": broker.host, "port": broker.service_port,
                  "password": broker.password(broker.cloud_username),
                  "reconnect_min_s": 0.1, "reconnect_max_s": 0.5} | overrides.pop("mqtt", {}),
         "ingest": {"flush_interval_s": 0.05} | overrides.pop("ingest", {}),

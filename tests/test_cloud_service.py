@@ -176,11 +176,10 @@ def test_registry_lwt_and_stale_death(make_cloud: CloudFactory, make_agent: Agen
     # The death of the first connection arriving late must not mark it offline.
     late_death = DeviceState(device_id=agent.device_id, state="offline", bd_seq=first, ts=now(),
                              reason="lwt")
-    sender = mosquitto.connected(agent.device_id, client_id=f"{agent.device_id}-replay")
-    sender.publish(topics.device_state(agent.device_id), late_death.to_json())
+    # (Through the agent's own session: one identity holds one connection.)
+    agent.session.publish(topics.device_state(agent.device_id), late_death.to_json())
     wait_until(lambda: registry.counters["stale_death"] >= 1, what="stale death counted")
     assert registry.get(agent.device_id).online  # type: ignore[union-attr]
-    sender.close()
     agent.stop()
     wait_until(lambda: not registry.get(agent.device_id).online,  # type: ignore[union-attr]
                what="offline after shutdown")
@@ -305,7 +304,7 @@ def test_cloud_command_announces_itself_and_its_death(
     password = tmp_path / "pw"
     password.write_text(mosquitto.password(mosquitto.cloud_username))
     command = [sys.executable, "-m", "cloud.cli", "cloud", "--broker",
-               f"{mosquitto.host}:{mosquitto.port}", "--password-file", str(password),
+               f"{mosquitto.host}:{mosquitto.service_port}", "--password-file", str(password),
                "--data-dir", str(tmp_path / "cloud"), "--topic-root", topics.root,
                "--instance", "cli-cloud"]
     repo = Path(__file__).resolve().parents[1]

@@ -236,7 +236,7 @@ def test_fl_start_exits_non_zero_when_the_task_fails_and_prints_a_summary(
     config.write_text(yaml.safe_dump({
         "instance": f"flstart-{uuid.uuid4().hex[:6]}", "topic_root": topics.root,
         "data_dir": str(tmp_path / "cloud"),
-        "mqtt": {"host": mosquitto.host, "port": mosquitto.port,
+        "mqtt": {"host": mosquitto.host, "port": mosquitto.service_port,
                  "password_file": str(password)},
         "fl": {TASK: fl_config(rounds=1, min_fit_clients=2, min_available_clients=2,
                                round_timeout_s=1.5, accept_failures=False)},

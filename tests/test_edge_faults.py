@@ -106,7 +106,7 @@ def test_a_full_disk_is_counted_reported_and_the_agent_keeps_going(
     restartable_mosquitto: RunningBroker, topics: Topics, tmp_path: Path,
 ) -> None:
     broker = restartable_mosquitto
-    observer = SyncClient(broker.host, broker.port, client_id="observer-disk",
+    observer = SyncClient(broker.host, broker.service_port, client_id="observer-disk",
                           username=broker.cloud_username,
                           password=broker.password(broker.cloud_username), session_expiry=600)
     assert not observer.connect().is_failure

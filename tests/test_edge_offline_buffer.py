@@ -48,7 +48,7 @@ def test_broker_outage_telemetry_arrives_in_order_marked_historical(
 ) -> None:
     broker = restartable_mosquitto
     # The observer has a persistent session, so the broker queues for it across the outage.
-    observer = SyncClient(broker.host, broker.port, client_id="observer",
+    observer = SyncClient(broker.host, broker.service_port, client_id="observer",
                           username=broker.cloud_username,
                           password=broker.password(broker.cloud_username), session_expiry=600)
     assert not observer.connect().is_failure
@@ -77,7 +77,7 @@ def test_broker_outage_telemetry_arrives_in_order_marked_historical(
 
         broker.process.start()
         wait_until(lambda: len(agent.buffer) == 0, timeout=20, what="buffer drained")
-        observer = SyncClient(broker.host, broker.port, client_id="observer",
+        observer = SyncClient(broker.host, broker.service_port, client_id="observer",
                               username=broker.cloud_username,
                               password=broker.password(broker.cloud_username),
                               session_expiry=600)

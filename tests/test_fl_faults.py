@@ -143,7 +143,7 @@ def test_cloud_killed_mid_round_resumes_without_losing_or_doubling_updates(
     config = tmp_path / "cloud.yaml"
     config.write_text(yaml.safe_dump({
         "instance": "fl-kill", "topic_root": topics.root, "data_dir": str(tmp_path / "cloud"),
-        "mqtt": {"host": mosquitto.host, "port": mosquitto.port,
+        "mqtt": {"host": mosquitto.host, "port": mosquitto.service_port,
                  "password_file": str(password)},
         "fl": {TASK: fl_config(rounds=1, min_fit_clients=2, min_available_clients=2,
                                round_timeout_s=120)},
@@ -165,7 +165,7 @@ def test_cloud_killed_mid_round_resumes_without_losing_or_doubling_updates(
         first.wait()
         second = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True)
-        watcher = SyncClient(mosquitto.host, mosquitto.port, client_id="fl-kill-watch",
+        watcher = SyncClient(mosquitto.host, mosquitto.service_port, client_id="fl-kill-watch",
                              username=mosquitto.cloud_username,
                              password=mosquitto.password(mosquitto.cloud_username))
         assert not watcher.connect().is_failure

@@ -115,3 +115,49 @@ def test_codec_hostile_headers(dtype: str, shape: list[float], begin: int, end: 
     payload = struct.pack("<Q", len(body)) + body + b"\0" * data_len
     with contextlib.suppress(DecodeError):
         decode(payload, envelope_type, SMALL)
+
+
+def _fields_of(model: type[BaseModel], kind: type) -> list[str]:
+    body = json.loads(EXAMPLES[model].model_dump_json())
+    return sorted(k for k, v in body.items() if type(v) is kind and k in model.model_fields)
+
+
+INT_MODELS = [m for m in MODELS if _fields_of(m, int)]
+FLOAT_MODELS = [m for m in MODELS if _fields_of(m, float)]
+
+
+@FUZZ
+@given(model=st.sampled_from(INT_MODELS), data=st.data())
+def test_integers_are_strict_and_fit_int64(model: type[BaseModel], data: st.DataObject,
+                                           ) -> None:
+    body = json.loads(EXAMPLES[model].model_dump_json())
+    key = data.draw(st.sampled_from(_fields_of(model, int)))
+    body[key] = data.draw(st.sampled_from([
+        True, False, "1", str(body[key]), float(body[key]) + 0.5, 2**63, 2**64,
+        -(2**63) - 1, 10**30, None if key in ("seq", "bd_seq", "round") else [1],
+    ]))
+    with pytest.raises(DecodeError):
+        decode_message(model, json.dumps(body).encode())
+
+
+@FUZZ
+@given(model=st.sampled_from(FLOAT_MODELS), data=st.data())
+def test_floats_are_finite_numbers_only(model: type[BaseModel], data: st.DataObject) -> None:
+    body = json.loads(EXAMPLES[model].model_dump_json())
+    key = data.draw(st.sampled_from(_fields_of(model, float)))
+    body[key] = data.draw(st.sampled_from([True, "1.5", float("nan"), float("inf"),
+                                           float("-inf"), {"x": 1}]))
+    with pytest.raises(DecodeError):
+        decode_message(model, json.dumps(body, allow_nan=True).encode())
+
+
+@pytest.mark.parametrize("digits", [4_300, 5_000, 100_000])
+def test_codec_huge_integers_in_the_header_are_a_decode_error(digits: int) -> None:
+    envelope = json.dumps(EXAMPLES[UpdateEnvelope].model_dump_json())
+    for spec in (f'{{"dtype":"F32","shape":[{"9" * digits}],"data_offsets":[0,4]}}',
+                 f'{{"dtype":"F32","shape":[1],"data_offsets":[0,{"9" * digits}]}}'):
+        body = f'{{"__metadata__":{{"envelope":{envelope}}},"t":{spec}}}'.encode()
+        payload = struct.pack("<Q", len(body)) + body + b"\0" * 4
+        with pytest.raises(DecodeError):
+            decode(payload, UpdateEnvelope, DecodeLimits(max_bytes=1 << 20,
+                                                         max_header_bytes=1 << 20))

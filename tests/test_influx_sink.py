@@ -17,11 +17,12 @@ from broker.launcher import free_port
 from cloud.storage import line_protocol as lp
 from cloud.storage.influx_sink import InfluxSettings, InfluxSink, error_reason
 from cloud.storage.sink import AlertEvent, TelemetrySink
-from schemas.alerts import Alert
+from schemas.alerts import Alert, CloudHealth
 from schemas.base import RuntimeName, Severity, now
 from schemas.device import DeploymentState, DeploymentStatus, DeviceTelemetry, ModelMetrics
 from schemas.fl import Fairness, Rejection, TaskState, TaskStatus
 from tests.agent_fixtures import wait_until
+from tests.examples import EXAMPLES
 from tests.victoria import VictoriaMetrics
 
 SinkFactory = Callable[..., InfluxSink]
@@ -167,11 +168,20 @@ def test_builders_write_exactly_the_schema() -> None:
             device_id="d", model="m", ts=ts, state=DeploymentState.INSTALLED,
             active_version="1.0", chunks_received=3, chunks_total=3)),
     }
-    assert set(events) == set(lp.SCHEMA)
+    health_lines = lp.cloud_health_lines(EXAMPLES[CloudHealth])  # type: ignore[arg-type]
+    written: dict[str, tuple[set[str], set[str]]] = {}
+    for health_line in health_lines:
+        health_measurement, health_tags, health_fields, _ = parse_simple_line(health_line)
+        known = written.setdefault(health_measurement, (set(), set()))
+        known[0].update(health_tags)
+        known[1].update(health_fields)
+    assert set(events) | set(written) == set(lp.SCHEMA)
     for name, line in events.items():
         measurement, tags, fields, _ = parse_simple_line(line or "")
         assert measurement == name
         assert (frozenset(tags), frozenset(fields)) == lp.SCHEMA[name], name
+    for name, (tag_keys, field_keys) in written.items():  # per kind, and one with the totals
+        assert (frozenset(tag_keys), frozenset(field_keys)) == lp.SCHEMA[name], name
 
 
 def test_alert_transitions_and_string_fields() -> None:

@@ -27,6 +27,7 @@ indexes = st.integers(min_value=0, max_value=999_999_999)
 SAMPLE_IDS: dict[str, str | int] = {
     "device_id": "pi-07", "model": "digits_mlp", "task": "digits", "command": "ping",
     "rule": "cpu_high", "stage": "shares", "version": "1.4.0", "round": 12, "chunk": 0,
+    "instance": "cloud-1",
 }
 
 

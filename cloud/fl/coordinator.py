@@ -44,6 +44,7 @@ from cloud.fl.fl_store import FLStore
 from cloud.fl.registry import make_strategy
 from cloud.fl.strategy import Strategy
 from cloud.fl.validation import validate_update
+from cloud.health import HealthCounters
 from cloud.mqtt_link import Inbound
 from cloud.offload import off_loop
 from cloud.registry import DeviceRecord, DeviceRegistry
@@ -137,7 +138,7 @@ class Coordinator:
 
     def __init__(self, name: str, config: FLTaskConfig, *, topics: Topics, store: SqliteStore,
                  registry: DeviceRegistry, sinks: list[TelemetrySink], folder: Path,
-                 publish: Publish, ack: Ack, counters: Counter[str]) -> None:
+                 publish: Publish, ack: Ack, health: HealthCounters) -> None:
         self.name = name
         self.config = config
         self.topics = topics
@@ -147,7 +148,8 @@ class Coordinator:
         self.folder = folder
         self.publish = publish
         self.ack = ack
-        self.counters = counters
+        self.health = health
+        self.counters = health.flat
         self.task: FLTask = load_task(config.task, **config.task_kwargs)
         self.strategy: Strategy = make_strategy(config.strategy, config.strategy_params)
         self.rng = random.Random(config.seed)  # noqa: S311 - client sampling, not crypto
@@ -206,7 +208,7 @@ class Coordinator:
                     await self._on_item(item)
                 await self._tick()
             except Exception as exc:  # the one handler of this task: fail it, keep the service
-                self.counters["fl_coordinator_error"] += 1
+                self.health.error("fl_coordinator_error")
                 logger.exception("%s: coordinator failed", self.name)
                 await self._fail(f"internal error: {type(exc).__name__}: {exc}")
             finally:
@@ -362,7 +364,8 @@ class Coordinator:
             await self._reject(round_, device_id, "not_selected", "device was not selected")
             return
         if device_id in self.round.accepted:
-            self.counters["fl_duplicate_update"] += 1  # QoS 1 redelivery, a retry: once
+            # A QoS 1 redelivery, a retry: it counts once.
+            self.health.duplicate(TopicKind.UPDATE.value, flat="fl_duplicate_update")
             return
         outcome = await off_loop(self._accept_update, current, device_id, payload)
         if isinstance(outcome, Rejection):
@@ -370,6 +373,7 @@ class Coordinator:
             return
         self.round.accepted[device_id] = outcome
         self.round.verdicts.discard(device_id)
+        self.health.accept(TopicKind.UPDATE.value)
 
     def _accept_update(self, current: RoundRecord, device_id: str, payload: bytes,
                        ) -> dict[str, Any] | Rejection:
@@ -413,7 +417,7 @@ class Coordinator:
 
     async def _reject(self, round_: int, device_id: str, reason: str, detail: str) -> None:
         """Count a refused update under the round it names (never another one)."""
-        self.counters[f"fl_rejected_{reason}"] += 1
+        self.health.refuse(TopicKind.UPDATE.value, reason, flat=f"fl_rejected_{reason}")
         rejection = _rejection(device_id, reason, detail)
         current = self.state.current
         is_current = current is not None and round_ == current.round
@@ -436,22 +440,25 @@ class Coordinator:
         try:
             result = decode_message(EvalResult, payload)
         except DecodeError as exc:
-            self.counters[f"fl_refused_eval_{exc.reason}"] += 1
+            self.health.refuse(TopicKind.EVAL.value, exc.reason,
+                               flat=f"fl_refused_eval_{exc.reason}")
             logger.info("%s: evaluation from %s refused: %s", self.name, device_id, exc)
             return
         if current is None or round_ != current.round or device_id not in current.evaluate \
                 or result.device_id != device_id or result.round != round_:
-            self.counters["fl_refused_eval_unexpected"] += 1
+            self.health.refuse(TopicKind.EVAL.value, "unexpected",
+                               flat="fl_refused_eval_unexpected")
             logger.info("%s: unexpected evaluation from %s for round %d", self.name, device_id,
                         round_)
             return
         if device_id in self.round.evals:
-            self.counters["fl_duplicate_eval"] += 1
+            self.health.duplicate(TopicKind.EVAL.value, flat="fl_duplicate_eval")
             return
         meta = {"loss": result.loss, "accuracy": result.accuracy or 0.0,
                 "num_examples": float(result.num_examples)}
         await off_loop(self.fl_store.add_eval, round_, device_id, meta)
         self.round.evals[device_id] = meta
+        self.health.accept(TopicKind.EVAL.value)
 
     # -- the state machine ------------------------------------------------------------
 
@@ -727,7 +734,7 @@ class Coordinator:
             await off_loop(self._save)
             await self._republish()
         except Exception:  # the failure is already recorded in memory and in the log
-            self.counters["fl_fail_not_persisted"] += 1
+            self.health.error("fl_fail_not_persisted")
             logger.exception("%s: the failure could not be persisted or published", self.name)
 
     def _register_model(self) -> None:

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from cloud.storage import line_protocol as lp
 from cloud.storage.sink import AlertEvent, SinkStats
+from schemas.alerts import CloudHealth
 from schemas.device import DeploymentStatus, DeviceTelemetry, ModelMetrics
 from schemas.fl import TaskStatus
 
@@ -150,6 +151,10 @@ class InfluxSink:
     def write_fl_round(self, status: TaskStatus) -> None:
         """Buffer one federated round's record."""
         self._append([lp.fl_round_line(status, self._precision)])
+
+    def write_cloud_health(self, health: CloudHealth) -> None:
+        """Buffer the service's own counters."""
+        self._append(lp.cloud_health_lines(health, self._precision))
 
     def flush(self) -> None:
         """Send what is buffered now, in batches of ``batch_size``.

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Final, Literal
 
 from cloud.storage.sink import AlertEvent
+from schemas.alerts import CloudHealth
 from schemas.device import DeploymentStatus, DeviceTelemetry, ModelMetrics
 from schemas.fl import TaskStatus
 
@@ -31,6 +32,9 @@ MODEL_METRICS: Final = "model_metrics"
 ALERTS: Final = "alerts"
 FL_ROUNDS: Final = "fl_rounds"
 DEPLOYMENT_STATUS: Final = "deployment_status"
+CLOUD_HEALTH: Final = "cloud_health"
+CLOUD_REFUSALS: Final = "cloud_refusals"
+_HEALTH_COUNTS: Final = ("accepted", "stored", "duplicates", "rate_limited", "refused")
 
 _PRECISION_FACTOR: Final[dict[str, int]] = {
     "s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000,
@@ -85,6 +89,15 @@ SCHEMA: Final[dict[str, tuple[frozenset[str], frozenset[str]]]] = {
     DEPLOYMENT_STATUS: (
         frozenset({"device_id", "model", "state"}),
         frozenset({"chunks_received", "chunks_total", "active_version"}),
+    ),
+    CLOUD_HEALTH: (
+        frozenset({"instance", "kind"}),
+        frozenset({*_HEALTH_COUNTS, "errors", "queue_pending", "queue_acks",
+                   "queue_alert_outbox", "queue_fl_inbox", "connected"}),
+    ),
+    CLOUD_REFUSALS: (
+        frozenset({"instance", "kind", "reason"}),
+        frozenset({"count"}),
     ),
 }
 """measurement -> (tag keys, field keys): exactly what the builders below write."""
@@ -270,3 +283,36 @@ def deployment_status_line(status: DeploymentStatus,
     tags = {"device_id": status.device_id, "model": status.model,
             "state": status.state.value}
     return make_line(DEPLOYMENT_STATUS, tags, fields, timestamp(status.ts, precision))
+
+
+def cloud_health_lines(health: CloudHealth, precision: Precision = "ms") -> list[str]:
+    """The service's counters: ``cloud_health`` per kind, ``cloud_refusals`` per reason.
+
+    ``cloud_health`` of kind ``all`` carries the errors and the queue depths.
+    Counters are cumulative since the store was set up.
+    """
+    at = timestamp(health.ts, precision)
+    lines: list[str | None] = []
+    kinds = sorted(set(health.accepted) | set(health.stored) | set(health.duplicates)
+                   | set(health.rate_limited) | set(health.refused))
+    for kind in kinds:
+        fields: dict[str, FieldValue | None] = {
+            "accepted": health.accepted.get(kind, 0), "stored": health.stored.get(kind, 0),
+            "duplicates": health.duplicates.get(kind, 0),
+            "rate_limited": health.rate_limited.get(kind, 0),
+            "refused": sum(health.refused.get(kind, {}).values()),
+        }
+        lines.append(make_line(CLOUD_HEALTH, {"instance": health.instance, "kind": kind},
+                               fields, at))
+    queues = health.queues
+    lines.append(make_line(CLOUD_HEALTH, {"instance": health.instance, "kind": "all"}, {
+        "errors": sum(health.errors.values()), "connected": int(health.connected),
+        "queue_pending": queues.get("pending", 0), "queue_acks": queues.get("acks", 0),
+        "queue_alert_outbox": queues.get("alert_outbox", 0),
+        "queue_fl_inbox": sum(v for k, v in queues.items() if k.startswith("fl_inbox")),
+    }, at))
+    for kind, reasons in sorted(health.refused.items()):
+        for reason, count in sorted(reasons.items()):
+            lines.append(make_line(CLOUD_REFUSALS, {"instance": health.instance, "kind": kind,
+                                                    "reason": reason}, {"count": count}, at))
+    return [line for line in lines if line is not None]

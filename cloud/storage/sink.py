@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from schemas.alerts import Alert
+from schemas.alerts import Alert, CloudHealth
 from schemas.device import DeploymentStatus, DeviceTelemetry, ModelMetrics
 from schemas.fl import TaskStatus
 
@@ -68,6 +68,9 @@ class TelemetrySink(Protocol):
 
     def write_fl_round(self, status: TaskStatus) -> None:
         """Store one federated round's record."""
+
+    def write_cloud_health(self, health: CloudHealth) -> None:
+        """Store the service's own counters (every few seconds)."""
 
     def flush(self) -> None:
         """Push anything buffered."""

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cloud.storage.sink import AlertEvent, SinkStats
+from schemas.alerts import CloudHealth
 from schemas.device import DeploymentStatus, DeviceTelemetry, ModelMetrics
 from schemas.fl import TaskStatus
 
@@ -76,11 +77,17 @@ CREATE TABLE IF NOT EXISTS fl_rounds (
     PRIMARY KEY (task, round, ts)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS cloud_health (
+    instance TEXT NOT NULL, ts REAL NOT NULL, health TEXT NOT NULL,
+    PRIMARY KEY (instance, ts)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS alert_acks (
     id INTEGER PRIMARY KEY AUTOINCREMENT, device_id TEXT NOT NULL, rule TEXT NOT NULL,
     by TEXT NOT NULL, requested_at REAL NOT NULL
 );
 """
+
+HEALTH_KEPT_S = 7 * 86_400
 
 _ADDED_COLUMNS: dict[str, list[tuple[str, str]]] = {
     "model_metrics": [("interval_count", "INTEGER"), ("interval_errors", "INTEGER")],
@@ -240,6 +247,14 @@ class SqliteStore:
             db.execute("INSERT OR REPLACE INTO fl_rounds(task, round, ts, status) "
                        "VALUES (?,?,?,?)", (status.task, status.round, status.ts,
                                             status.model_dump_json()))
+
+    def write_cloud_health(self, health: CloudHealth) -> None:
+        """Keep the service's counters as a time series (a week of it)."""
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO cloud_health(instance, ts, health) VALUES (?,?,?)",
+                       (health.instance, health.ts, health.model_dump_json()))
+            db.execute("DELETE FROM cloud_health WHERE instance=? AND ts < ?",
+                       (health.instance, health.ts - HEALTH_KEPT_S))
 
     def flush(self) -> None:
         """Nothing is buffered: every write commits."""

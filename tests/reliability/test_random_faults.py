@@ -78,7 +78,10 @@ class DeviceProcess:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
-        db = sqlite3.connect(self.folder / "state" / "outbox.sqlite3")
+        outbox = self.folder / "state" / "outbox.sqlite3"
+        if not outbox.exists():
+            return  # killed before it wrote anything
+        db = sqlite3.connect(outbox)
         try:
             rows = db.execute("SELECT payload FROM outbox WHERE topic LIKE '%/telemetry'")
             for (payload,) in rows:
