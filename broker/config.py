@@ -72,6 +72,13 @@ def cloud_write_topics() -> list[str]:
     return [
         _template(TopicKind.CLOUD_STATE),
         _template(TopicKind.CLOUD_HEALTH, instance="+"),
+        # Only to clear (an empty retained message) data a device left retained where
+        # nothing is retained by design.
+        _template(TopicKind.TELEMETRY, device_id="+"),
+        _template(TopicKind.MODEL_METRICS, device_id="+", model="+"),
+        _template(TopicKind.COMMAND_REPLY, device_id="+", command="+"),
+        _template(TopicKind.UPDATE, task="+", round="+", device_id="+"),
+        _template(TopicKind.EVAL, task="+", round="+", device_id="+"),
         _template(TopicKind.COMMAND, device_id="+", command="+"),
         _template(TopicKind.ROUND_PLAN, task="+"),
         "fl/+/global/#",

@@ -172,6 +172,19 @@ class Ingest:
         except IngestRefused as exc:
             self.refuse(inbound, parsed.kind.value, exc.reason, exc.detail)
             return
+        if isinstance(message, DeviceState):
+            verdict = self.registry.on_state(
+                message, retained=inbound.retain,
+                max_skew_s=self.settings.ingest.max_future_skew_s)
+            if verdict in ("stale_birth", "birth_out_of_time"):
+                self.refuse(inbound, parsed.kind.value, verdict,
+                            f"bd_seq {message.bd_seq}, ts {message.ts:.0f}")
+                return
+            if verdict == "applied" and message.state == "offline" \
+                    and message.reason == "shutdown":
+                self.alerts.device_stopped(message.device_id, message.ts)
+        # Every message is counted once: accepted, refused or rate-limited (a duplicate
+        # is an accepted message that was already stored).
         self.health.accept(parsed.kind.value)
         if isinstance(message, DeviceTelemetry):
             await self._telemetry(message)
@@ -183,10 +196,6 @@ class Ingest:
                 self._metrics_seq[key] = message.seq
                 self.pending.metrics.append(message)
                 self.alerts.observe_model_metrics(message, self._site(message.device_id))
-        elif isinstance(message, DeviceState):
-            changed = self.registry.on_state(message)
-            if changed and message.state == "offline" and message.reason == "shutdown":
-                self.alerts.device_stopped(message.device_id, message.ts)
         elif isinstance(message, DeploymentStatus):
             self.registry.on_deployment(message)
             self.pending.deployments.append(message)

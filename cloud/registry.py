@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
+from typing import Literal
 
 from cloud.storage.sqlite_store import SqliteStore
 from schemas.base import ModelFormat, RuntimeName
@@ -55,6 +57,9 @@ class DeviceRecord:
 SELECTION_FIELDS = ("cpu_percent", "temperature_c", "battery_percent", "battery_plugged",
                     "network_latency_ms")
 """Latest telemetry values kept per device for client selection (no SQL per device)."""
+
+
+StateVerdict = Literal["applied", "stale_birth", "birth_out_of_time", "stale_death"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,14 +125,27 @@ class DeviceRegistry:
             self._devices[device_id] = record
         return record
 
-    def on_state(self, state: DeviceState) -> bool:
-        """Apply a birth or death; returns whether it changed the device's state."""
+    def on_state(self, state: DeviceState, *, retained: bool = False,
+                 max_skew_s: float = 300.0) -> StateVerdict:
+        """Apply a birth or death; says what became of it.
+
+        A birth is refused (``stale_birth``) when its connection is older than
+        the one the registry knows, or is the one that already died (a replay);
+        a live birth also needs a timestamp within ``max_skew_s`` of now
+        (``birth_out_of_time``). A retained birth, delivered when the cloud
+        subscribes, may be old: only its bd_seq is checked.
+        """
         with self._lock:
             record = self._record(state.device_id)
             if state.state == "online":
-                if state.bd_seq < record.bd_seq and record.online:
+                died = state.bd_seq == record.bd_seq and not record.online \
+                    and record.offline_reason is not None
+                if state.bd_seq < record.bd_seq or died:
                     self.counters["stale_birth"] += 1
-                    return False
+                    return "stale_birth"
+                if not retained and abs(state.ts - time.time()) > max_skew_s:
+                    self.counters["birth_out_of_time"] += 1
+                    return "birth_out_of_time"
                 record.online = True
                 record.bd_seq = state.bd_seq
                 record.state_changed_at = state.ts
@@ -152,14 +170,14 @@ class DeviceRegistry:
                     self.counters["stale_death"] += 1
                     logger.info("%s: ignored stale death (bd_seq %d, current %d)",
                                 state.device_id, state.bd_seq, record.bd_seq)
-                    return False
+                    return "stale_death"
                 record.online = False
                 record.state_changed_at = state.ts
                 record.offline_reason = state.reason or "lwt"
             self._sessions.append(SessionEvent(state.device_id, state.bd_seq, state.ts,
                                                state.state == "online"))
             self._dirty.add(record.device_id)
-            return True
+            return "applied"
 
     def on_telemetry(self, telemetry: DeviceTelemetry) -> TelemetryCheck:
         """Note a telemetry message: last seen, and sequence gaps within a session."""

@@ -37,6 +37,7 @@ from edge_node.system_metrics import SystemSample, hardware_info, sample
 from schemas.base import now
 from schemas.device import (
     CommandResult,
+    CommandStatus,
     DeploymentStatus,
     DeviceState,
     DeviceTelemetry,
@@ -428,7 +429,16 @@ class EdgeAgent:
     # -- commands ------------------------------------------------------------------
 
     def _send_reply(self, name: str, result: CommandResult) -> None:
-        self.session.publish(self.topics.command_reply(self.device_id, name), result.to_json())
+        topic = self.topics.command_reply(self.device_id, name)
+        try:
+            self.session.publish(topic, result.to_json())
+        except PacketTooLargeError as exc:  # refused here, never sent to wedge the session
+            self.counters.add("refused_packet_too_large")
+            logger.warning("%s: reply to %s not sent: %s", self.device_id, name, exc)
+            error = CommandResult(correlation_id=result.correlation_id,
+                                  device_id=self.device_id, command=name, ts=now(),
+                                  status=CommandStatus.ERROR, error=f"result too large: {exc}")
+            self.session.publish(topic, error.to_json())
 
     def _register_commands(self) -> None:
         router = self.commands

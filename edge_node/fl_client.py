@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_node.counters import Counters
+from edge_node.errors import EdgeError, PacketTooLargeError
 from edge_node.job_thread import JobThread
 from edge_node.settings import FLSettings
 from fl_tasks.base import FLTask, LocalData, Partition, Weights, load_task
@@ -70,7 +71,7 @@ class FLClient:
                                   seed=config.seed)
             self.tasks[name] = TaskState(task, task.local_data(partition))
         self._jobs = JobThread(f"fl-{device_id}", "fl", counters,
-                               (DecodeError, ValueError, RuntimeError, OSError))
+                               (EdgeError, DecodeError, ValueError, RuntimeError, OSError))
         self.updates_sent = 0
 
     def filters(self) -> list[str]:
@@ -200,8 +201,14 @@ class FLClient:
             train_time_s=time.monotonic() - started, compression=plan.compression.kind,
             clip_norm=plan.privacy.clip_norm if plan.privacy else None, sent_at=now(),
         )
-        self._publish(self.topics.update(task, plan.round, self.device_id),
-                      encode(packed.tensors, envelope))
+        try:
+            self._publish(self.topics.update(task, plan.round, self.device_id),
+                          encode(packed.tensors, envelope))
+        except PacketTooLargeError as exc:
+            self.counters.add("fl_update_too_large")
+            logger.warning("%s: round %d of %s: update not sent: %s (compress it: "
+                           "int8 or top-k)", self.device_id, plan.round, task, exc)
+            return
         self.updates_sent += 1
 
 

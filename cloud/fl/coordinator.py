@@ -75,8 +75,6 @@ TICK_S = 0.1
 MAX_FUTURE_SKEW_S = 300.0
 _TRANSIENT = frozenset({TaskState.ROUND_OPEN, TaskState.AGGREGATING, TaskState.EVALUATING})
 _DONE = frozenset({TaskState.FINISHED, TaskState.FAILED})
-_NOT_A_VERDICT = frozenset({"stale_round", "not_selected"})
-"""Refusals that say nothing about the sender's answer to the open round."""
 
 
 class RoundRecord(BaseModel):
@@ -119,8 +117,6 @@ class _Round:
 
     accepted: dict[str, dict[str, Any]] = field(default_factory=dict)
     evals: dict[str, dict[str, float]] = field(default_factory=dict)
-    verdicts: set[str] = field(default_factory=set)
-    """Selected devices whose answer to this attempt was refused (they are done too)."""
     counts: Counter[str] = field(default_factory=Counter)
     examples: list[Rejection] = field(default_factory=list)
 
@@ -229,6 +225,7 @@ class Coordinator:
                     message=f"saved state unreadable, moved to {aside}: {exc.error_count()} "
                     "error(s)")
                 self.fl_store.save_state(self.state.model_dump(mode="json"))
+                self.global_weights = self._load_global()
                 return
         if self.state.state in _TRANSIENT:
             self.state.state = TaskState.COLLECTING
@@ -372,7 +369,6 @@ class Coordinator:
             await self._reject(round_, device_id, outcome.reason, outcome.detail or "")
             return
         self.round.accepted[device_id] = outcome
-        self.round.verdicts.discard(device_id)
         self.health.accept(TopicKind.UPDATE.value)
 
     def _accept_update(self, current: RoundRecord, device_id: str, payload: bytes,
@@ -425,9 +421,6 @@ class Coordinator:
             first = self.round.counts[reason] == 0
             self.round.counts[reason] += 1
             self.round.examples = [*self.round.examples[-19:], rejection]
-            assert current is not None  # noqa: S101 - is_current
-            if reason not in _NOT_A_VERDICT and device_id in current.selected:
-                self.round.verdicts.add(device_id)
         else:
             first = False
         log = logger.warning if first else logger.debug
@@ -470,8 +463,10 @@ class Coordinator:
             await self._maybe_open_round()
         elif state is TaskState.COLLECTING and self.state.current is not None:
             current = self.state.current
-            done = set(self.round.accepted) | self.round.verdicts
-            if set(current.selected) <= done or now() >= current.deadline:
+            # Early only once every selected device has an accepted update: a refused
+            # one may still be followed by a good one, and a device sending junk must
+            # not close (and so fail) the round for everyone.
+            if set(current.selected) <= set(self.round.accepted) or now() >= current.deadline:
                 await self._close_round()
 
     def eligible(self) -> list[DeviceRecord]:
