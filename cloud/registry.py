@@ -62,6 +62,10 @@ SELECTION_FIELDS = ("cpu_percent", "temperature_c", "battery_percent", "battery_
 StateVerdict = Literal["applied", "stale_birth", "birth_out_of_time", "stale_death"]
 
 
+SEEN_WINDOW = 1024
+SEEN_MASK = (1 << SEEN_WINDOW) - 1
+
+
 @dataclass(frozen=True, slots=True)
 class TelemetryCheck:
     """What one telemetry message told the registry."""
@@ -106,6 +110,8 @@ class DeviceRegistry:
         self._devices: dict[str, DeviceRecord] = {}
         self._dirty: set[str] = set()
         self._sessions: list[SessionEvent] = []
+        self._seen: dict[str, int] = {}
+        """Per device, a bitmap of the last SEEN_WINDOW sequence numbers (bit i: last_seq-i)."""
         known = {f.name for f in fields(DeviceRecord)}
         for row in store.query("SELECT device_id, record FROM devices"):
             try:
@@ -185,18 +191,29 @@ class DeviceRegistry:
             record = self._record(telemetry.device_id)
             gap = 0
             duplicate = False
+            seq = telemetry.seq
+            seen = self._seen.get(record.device_id, 0)
             if record.session_id == telemetry.session_id:
-                if telemetry.seq <= record.last_seq:
-                    duplicate = True
+                if seq <= record.last_seq:
+                    # Seen before only if it is in the window of recent sequence numbers;
+                    # an older one, or one that arrives out of order, goes on to storage,
+                    # whose keys store it once.
+                    back = record.last_seq - seq
+                    duplicate = back < SEEN_WINDOW and bool(seen >> back & 1)
+                    if not duplicate and back < SEEN_WINDOW:
+                        seen |= 1 << back
                 else:
-                    if telemetry.seq > record.last_seq + 1:
-                        gap = telemetry.seq - record.last_seq - 1
+                    if seq > record.last_seq + 1:
+                        gap = seq - record.last_seq - 1
                         record.seq_gaps += gap
                         self.counters["seq_gap"] += gap
-                    record.last_seq = telemetry.seq
+                    seen = ((seen << (seq - record.last_seq)) | 1) & SEEN_MASK
+                    record.last_seq = seq
             else:  # a new agent session starts its own sequence
                 record.session_id = telemetry.session_id
-                record.last_seq = telemetry.seq
+                record.last_seq = seq
+                seen = 1
+            self._seen[record.device_id] = seen
             if not duplicate and telemetry.ts >= (record.last_seen or 0.0):
                 record.last_telemetry = {
                     name: (None if (value := getattr(telemetry, name)) is None
