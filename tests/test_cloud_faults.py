@@ -164,8 +164,9 @@ def test_start_and_stop_fifty_times_under_load_every_stop_within_five_seconds(
         service.stop(timeout=5.0)
         return time.monotonic() - started
 
-    slowest = max(start_store_stop() for _ in range(50))
-    assert slowest < 5.0
+    stops = sorted(start_store_stop() for _ in range(50))
+    print(f"50 stops under load: median {stops[25]:.3f} s, slowest {stops[-1]:.3f} s")
+    assert stops[-1] < 5.0
     for agent in agents:
         agent.stop()
     final = ServiceThread(settings).start()
