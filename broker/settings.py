@@ -6,16 +6,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from schemas.client_settings import SettingsSection
 from schemas.topics import DEFAULT_ROOT
 
 MiB = 1024 * 1024
 Port = Annotated[int, Field(ge=0, le=65535)]
 
 
-class TlsListenerSettings(BaseModel):
+class TlsListenerSettings(SettingsSection):
     """An optional TLS listener; with mTLS the certificate CN becomes the username."""
 
     enabled: bool = False

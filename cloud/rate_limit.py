@@ -13,12 +13,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from pydantic import BaseModel, Field
+from pydantic import Field
+
+from schemas.client_settings import SettingsSection
 
 MiB = 1024 * 1024
 
 
-class RateLimitSettings(BaseModel):
+class RateLimitSettings(SettingsSection):
     """The budget of each device (both buckets must have room)."""
 
     enabled: bool = True

@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from cloud.fl.config import FLTaskConfig
 from cloud.rate_limit import RateLimitSettings
 from cloud.storage.influx_sink import InfluxSettings
 from schemas.base import Id
-from schemas.client_settings import MqttClientSettings
+from schemas.client_settings import MqttClientSettings, SettingsSection
 from schemas.settings_files import FileSettings
 from schemas.topics import DEFAULT_ROOT
 
@@ -36,7 +36,7 @@ class CloudMqttSettings(MqttClientSettings):
     publish_timeout_s: Annotated[float, Field(gt=0)] = 10.0
 
 
-class IngestSettings(BaseModel):
+class IngestSettings(SettingsSection):
     """What the boundary accepts."""
 
     max_payload_bytes: Annotated[int, Field(ge=1024)] = 256 * 1024
@@ -50,7 +50,7 @@ class IngestSettings(BaseModel):
     rate_limit: RateLimitSettings = Field(default_factory=RateLimitSettings)
 
 
-class AlertSettings(BaseModel):
+class AlertSettings(SettingsSection):
     """The alert engine."""
 
     rules_file: Path | None = Field(default=None, description="YAML rules; default: packaged")
@@ -58,10 +58,10 @@ class AlertSettings(BaseModel):
 
 
 class CloudSettings(FileSettings):
-    """Settings of one cloud service instance (``EDGEFL_*`` variables, a file, options)."""
+    """Settings of one cloud service instance (``EDGEFL_CLOUD_*`` variables, a file, options)."""
 
     model_config = SettingsConfigDict(
-        env_prefix="EDGEFL_", env_nested_delimiter="__", extra="forbid"
+        env_prefix="EDGEFL_CLOUD_", env_nested_delimiter="__", extra="forbid"
     )
 
     instance: Id = "cloud-1"

@@ -86,7 +86,7 @@ def node(
     except (SchemaError, ValueError) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from exc
-    if state_dir is None and "EDGEFL_STATE_DIR" not in os.environ:
+    if state_dir is None and "EDGEFL_EDGE_STATE_DIR" not in os.environ:
         # default layout: one sub-folder per device under var/edge
         settings = settings.model_copy(
             update={"state_dir": settings.state_dir / settings.device_id})

@@ -1,15 +1,15 @@
-"""EdgeSettings: everything an agent is configured with (``EDGEFL_*``, a file, CLI)."""
+"""EdgeSettings: everything an agent is configured with (``EDGEFL_EDGE_*``, a file, CLI)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from schemas.base import Id
-from schemas.client_settings import MqttClientSettings
+from schemas.client_settings import MqttClientSettings, SettingsSection
 from schemas.settings_files import FileSettings
 from schemas.topics import DEFAULT_ROOT
 
@@ -29,7 +29,7 @@ class MqttSettings(MqttClientSettings):
         "no maximum (MQTT 3.1.1); the project's broker config allows 16 MiB")
 
 
-class TelemetrySettings(BaseModel):
+class TelemetrySettings(SettingsSection):
     """Telemetry cadence and the model-metrics window."""
 
     interval_s: Annotated[float, Field(ge=0.05, le=86_400)] = 10.0
@@ -39,7 +39,7 @@ class TelemetrySettings(BaseModel):
     )
 
 
-class BufferSettings(BaseModel):
+class BufferSettings(SettingsSection):
     """The on-disk store-and-forward queue used while the broker is unreachable."""
 
     max_messages: Annotated[int, Field(ge=1)] = 10_000
@@ -53,7 +53,7 @@ class BufferSettings(BaseModel):
 
 
 
-class OtaSettings(BaseModel):
+class OtaSettings(SettingsSection):
     """Model installs: who may sign releases, and when a new model is rolled back."""
 
     trusted_keys: dict[Id, str] = Field(
@@ -66,7 +66,7 @@ class OtaSettings(BaseModel):
     max_model_bytes: Annotated[int, Field(ge=1)] = 512 * MiB
 
 
-class FLTaskSettings(BaseModel):
+class FLTaskSettings(SettingsSection):
     """One task this device takes part in."""
 
     path: str = Field(description="Import path of the task, `package.module:Class`")
@@ -79,7 +79,7 @@ class FLTaskSettings(BaseModel):
     seed: int = 0
 
 
-class FLSettings(BaseModel):
+class FLSettings(SettingsSection):
     """Federated-learning tasks of the device."""
 
     tasks: dict[Id, FLTaskSettings] = Field(default_factory=dict)
@@ -93,7 +93,7 @@ class EdgeSettings(FileSettings):
     """Settings of one edge agent."""
 
     model_config = SettingsConfigDict(
-        env_prefix="EDGEFL_", env_nested_delimiter="__", extra="forbid"
+        env_prefix="EDGEFL_EDGE_", env_nested_delimiter="__", extra="forbid"
     )
 
     device_id: Id

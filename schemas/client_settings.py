@@ -5,10 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 
-class TlsClientSettings(BaseModel):
+class SettingsSection(BaseModel):
+    """A section of a settings file: an unknown key (a typo) is an error, never ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class TlsClientSettings(SettingsSection):
     """Client side of TLS; with cert and key it is mTLS (the CN is the identity)."""
 
     ca_file: Path
@@ -16,7 +22,7 @@ class TlsClientSettings(BaseModel):
     key_file: Path | None = None
 
 
-class MqttClientSettings(BaseModel):
+class MqttClientSettings(SettingsSection):
     """Where and how a client connects."""
 
     host: str = "127.0.0.1"

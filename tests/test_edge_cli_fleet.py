@@ -31,7 +31,7 @@ def test_node_command_runs_until_sigterm_and_says_goodbye(
     device_id = new_device_id()
     password_file = tmp_path / "pw"
     password_file.write_text(mosquitto.password(device_id))
-    env = {"EDGEFL_TOPIC_ROOT": topics.root, "PATH": "/usr/bin:/bin"}
+    env = {"EDGEFL_EDGE_TOPIC_ROOT": topics.root, "PATH": "/usr/bin:/bin"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "cloud.cli", "node", "--device-id", device_id,
          "--broker", f"{mosquitto.host}:{mosquitto.port}", "--password-file", str(password_file),

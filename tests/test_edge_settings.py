@@ -1,4 +1,4 @@
-"""EdgeSettings: defaults < config file < EDGEFL_* environment < explicit options."""
+"""EdgeSettings: defaults < config file < EDGEFL_EDGE_* environment < explicit options."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def test_priority_file_env_explicit(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     config = tmp_path / "edge.toml"
     config.write_text('device_id = "from-file"\n[mqtt]\nhost = "file-host"\nport = 1111\n'
                       '[telemetry]\ninterval_s = 3.0\n')
-    monkeypatch.setenv("EDGEFL_MQTT__PORT", "2222")
+    monkeypatch.setenv("EDGEFL_EDGE_MQTT__PORT", "2222")
     settings = EdgeSettings.load(config, device_id="explicit", telemetry=None)
     assert settings.device_id == "explicit"
     assert settings.mqtt.host == "file-host"  # file, untouched by env

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from schemas.base import Id
+from schemas.client_settings import SettingsSection
 from schemas.fl import CompressionSpec, HyperParams
 
 
-class SelectionSettings(BaseModel):
+class SelectionSettings(SettingsSection):
     """Which online devices are asked to train."""
 
     policy: Literal["random", "resource_aware", "fair"] = "random"
@@ -22,7 +23,7 @@ class SelectionSettings(BaseModel):
     min_memory_mb: float = 0.0
 
 
-class FLTaskConfig(BaseModel):
+class FLTaskConfig(SettingsSection):
     """Every field of the seed's FederatedConfig, and the strategy's parameters."""
 
     task: str = Field(description="Import path, `package.module:Class`")

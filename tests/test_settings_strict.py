@@ -1,0 +1,52 @@
+"""Every settings section refuses unknown keys; edge and cloud read their own variables."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from broker.settings import BrokerSettings
+from cloud.settings import CloudSettings
+from edge_node.settings import EdgeSettings
+
+
+@pytest.mark.parametrize("values", [
+    {"fl": {"digits": {"task": "fl_tasks.digits:DigitsTask", "rounnds": 3}}},
+    {"fl": {"digits": {"task": "fl_tasks.digits:DigitsTask", "privacy": {"clip_norm": 1}}}},
+    {"fl": {"digits": {"task": "fl_tasks.digits:DigitsTask", "selection": {"polcy": "fair"}}}},
+    {"ingest": {"rate_limit": {"messages_per_second": 5}}},
+    {"mqtt": {"hots": "broker"}},
+    {"alerts": {"tick_interval": 1}},
+])
+def test_a_typo_in_the_cloud_settings_is_an_error(values: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        CloudSettings.model_validate(values)
+
+
+@pytest.mark.parametrize("values", [
+    {"telemetry": {"intervall_s": 1}},
+    {"buffer": {"max_message": 5}},
+    {"fl": {"tasks": {"digits": {"path": "fl_tasks.digits:DigitsTask", "partitons": 2}}}},
+    {"mqtt": {"tls": {"ca_file": "/ca", "cert": "/c"}}},
+    {"ota": {"trusted_key": {}}},
+])
+def test_a_typo_in_the_edge_settings_is_an_error(values: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        EdgeSettings.model_validate({"device_id": "d", **values})
+
+
+def test_a_typo_in_the_broker_settings_is_an_error() -> None:
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        BrokerSettings.model_validate({"tls": {"enabled": True, "prot": 1}})
+
+
+def test_edge_and_cloud_variables_do_not_mix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGEFL_EDGE_FL__TASKS__DIGITS__PATH", "fl_tasks.digits:DigitsTask")
+    monkeypatch.setenv("EDGEFL_EDGE_MQTT__PORT", "1999")
+    monkeypatch.setenv("EDGEFL_CLOUD_MQTT__PORT", "2888")
+    cloud = CloudSettings()
+    assert cloud.fl == {} and cloud.mqtt.port == 2888
+    edge = EdgeSettings(device_id="d")
+    assert list(edge.fl.tasks) == ["digits"] and edge.mqtt.port == 1999
