@@ -14,8 +14,10 @@ from broker.config import render_acl, render_config
 from broker.errors import BrokerError
 from broker.launcher import MosquittoProcess
 from broker.provision import (
+    add_identities,
     add_identity,
     init_broker,
+    parse_id_range,
     reload_running_broker,
     remove_identity,
     write_config_files,
@@ -120,27 +122,47 @@ def init_cmd(
 
 @app.command("add-device")
 def add_device_cmd(
-    device_id: Annotated[str, typer.Argument(help="Device id = MQTT username")],
+    device_id: Annotated[str | None, typer.Argument(help="Device id = MQTT username")] = None,
     data_dir: DataDir = None,
-    tls: Annotated[bool, typer.Option("--tls", help="Also issue a client certificate")] = False,
+    id_range: Annotated[str | None, typer.Option(
+        "--range", help="Many devices at once, e.g. sim-000..sim-099")] = None,
+    from_file: Annotated[Path | None, typer.Option(
+        help="Many devices at once: a file with one device id per line")] = None,
+    tls: Annotated[bool, typer.Option("--tls", help="Also issue client certificates")] = False,
     password_stdin: Annotated[
         bool, typer.Option("--password-stdin", help="Read the password from standard input")
     ] = False,
 ) -> None:
-    """Provision a device: password entry (secret written to a 0600 file), optional cert.
+    """Provision devices: password entries (secrets written to 0600 files), optional certs.
 
-    The password is never printed or passed as an argument.
+    One id, a ``--range`` or a ``--from-file``; the running broker is reloaded once.
+    Passwords are never printed or passed as arguments.
     """
     settings = _settings(data_dir)
-    password = sys.stdin.readline().rstrip("\n") if password_stdin else None
+    if sum(x is not None for x in (device_id, id_range, from_file)) != 1:
+        typer.secho("error: give one device id, --range A..B or --from-file FILE",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
     try:
-        identity = add_identity(settings, device_id, password=password, tls=tls)
-    except (BrokerError, SchemaError) as exc:
+        if device_id is not None:
+            password = sys.stdin.readline().rstrip("\n") if password_stdin else None
+            identity = add_identity(settings, device_id, password=password, tls=tls)
+            typer.echo(f"device {device_id}: password in {identity.password_file}")
+            if identity.cert:
+                typer.echo(f"device {device_id}: certificate {identity.cert.cert}, "
+                           f"key {identity.cert.key}")
+        else:
+            if id_range is not None:
+                ids = parse_id_range(id_range)
+            else:
+                assert from_file is not None  # noqa: S101 - one of the three
+                ids = [line.strip() for line in from_file.read_text().splitlines()
+                       if line.strip() and not line.lstrip().startswith("#")]
+            identities = add_identities(settings, ids, tls=tls)
+            typer.echo(f"{len(identities)} device(s): passwords in {settings.layout.secrets}")
+    except (BrokerError, SchemaError, ValueError, OSError) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from exc
-    typer.echo(f"device {device_id}: password in {identity.password_file}")
-    if identity.cert:
-        typer.echo(f"device {device_id}: certificate {identity.cert.cert}, key {identity.cert.key}")
     if reload_running_broker(settings):
         typer.echo("running broker reloaded")
 

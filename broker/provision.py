@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +120,64 @@ def add_identity(
                             layout.pki / "clients" / f"{username}.key")
         cert = existing if existing.cert.exists() else ca.issue_client(username)
     return Identity(username, secret, cert)
+
+
+def add_identities(settings: BrokerSettings, usernames: list[str], *, tls: bool = False,
+                   ) -> list[Identity]:
+    """Provision many devices at once: the password file is read and written once.
+
+    Existing identities keep their passwords. Every id is checked before anything
+    is written, so a bad id in the list changes nothing.
+
+    Raises:
+        CredentialError, InvalidIdError: one of the ids cannot be a device.
+    """
+    for username in usernames:
+        validate_id(username, "device id")
+        if username == settings.cloud_username or username.startswith(RESERVED_PREFIX):
+            raise CredentialError(username, "reserved for services")
+    layout = settings.layout
+    layout.secrets.mkdir(parents=True, exist_ok=True, mode=0o700)
+    passwd = PasswordFile(layout.passwd)
+    identities = []
+    changed = False
+    for username in usernames:
+        secret = layout.secret_file(username)
+        if secret.exists() and username in passwd \
+                and passwd.check(username, secret.read_text().strip()):
+            identities.append(Identity(username, secret))
+            continue
+        password = generate_password()
+        write_private(secret, password + "\n")
+        passwd.set(username, password)
+        changed = True
+        identities.append(Identity(username, secret))
+    if changed:
+        passwd.save()
+    logger.info("%d device(s) provisioned", len(usernames))
+    if tls:
+        ca = DevCA(layout.pki)
+        identities = [Identity(i.username, i.password_file, ca.issue_client(i.username))
+                      for i in identities]
+    return identities
+
+
+def parse_id_range(text: str) -> list[str]:
+    """``sim-000..sim-099`` -> ``sim-000``, ..., ``sim-099`` (same prefix and width).
+
+    Raises:
+        ValueError: not ``PREFIXnnn..PREFIXmmm`` with the same prefix and digit count.
+    """
+    match = re.fullmatch(r"([A-Za-z0-9_-]*?)(\d+)\.\.([A-Za-z0-9_-]*?)(\d+)", text)
+    if match is None or match.group(1) != match.group(3) \
+            or len(match.group(2)) != len(match.group(4)):
+        raise ValueError(f"{text!r}: expected a range like sim-000..sim-099 (same prefix and "
+                         "number of digits)")
+    prefix, first, last = match.group(1), int(match.group(2)), int(match.group(4))
+    if last < first or last - first >= 100_000:
+        raise ValueError(f"{text!r}: the range must go up, at most 100,000 ids")
+    width = len(match.group(2))
+    return [f"{prefix}{i:0{width}d}" for i in range(first, last + 1)]
 
 
 def remove_identity(settings: BrokerSettings, username: str) -> bool:

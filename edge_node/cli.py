@@ -14,10 +14,15 @@ from typing import Annotated, Any
 import typer
 
 from edge_node.agent import EdgeAgent
-from edge_node.fleet import MAX_AGENTS_PER_PROCESS, Fleet, fleet_settings
-from edge_node.settings import EdgeSettings, MqttSettings
+from edge_node.fleet import (
+    MAX_AGENTS_PER_PROCESS,
+    Fleet,
+    fleet_settings,
+    missing_passwords,
+)
+from edge_node.settings import EdgeSettings, FLTaskSettings, MqttSettings
 from schemas.errors import SchemaError
-from schemas.topics import DEFAULT_ROOT
+from schemas.topics import DEFAULT_ROOT, validate_id
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +39,21 @@ def parse_broker(text: str) -> tuple[str, int]:
         return host, int(port)
     except ValueError:
         raise typer.BadParameter(f"{text!r} is not HOST:PORT") from None
+
+
+def parse_fl_tasks(items: list[str] | None) -> dict[str, str]:
+    """``NAME=package.module:Class`` items -> {name: import path}.
+
+    Raises:
+        ValueError: an item is not of that form.
+    """
+    tasks: dict[str, str] = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or ":" not in path:
+            raise ValueError(f"--fl-task {item!r}: expected NAME=package.module:Class")
+        tasks[validate_id(name, "task name")] = path
+    return tasks
 
 
 def _stop_on_signals() -> threading.Event:
@@ -73,6 +93,8 @@ def node(
     protocol: Annotated[int | None, typer.Option(help="5 (MQTT 5) or 4 (3.1.1)")] = None,
     state_dir: Annotated[Path | None, typer.Option(help="Buffer, models, state")] = None,
     interval: Annotated[float | None, typer.Option(help="Telemetry interval, s")] = None,
+    fl_task: Annotated[list[str] | None, typer.Option(
+        help="Join a federated task: NAME=package.module:Class (repeatable)")] = None,
 ) -> None:
     """Run until Ctrl-C/SIGTERM, then publish `offline` and disconnect cleanly."""
     explicit: dict[str, Any] = {"device_id": device_id, "state_dir": state_dir}
@@ -82,10 +104,21 @@ def node(
     if interval:
         explicit["telemetry"] = {"interval_s": interval}
     try:
+        tasks = parse_fl_tasks(fl_task)
         settings = EdgeSettings.load(config, **explicit)
+        if tasks:
+            joined = {**settings.fl.tasks, **{n: FLTaskSettings(path=p) for n, p in tasks.items()}}
+            settings = settings.model_copy(
+                update={"fl": settings.fl.model_copy(update={"tasks": joined})})
     except (SchemaError, ValueError) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from exc
+    password = settings.mqtt.password_file
+    if password is not None and not password.is_file():
+        typer.secho(f"error: no password file {password} (provision the device: "
+                    f"edgefl broker add-device {settings.device_id})", fg=typer.colors.RED,
+                    err=True)
+        raise typer.Exit(2)
     if state_dir is None and "EDGEFL_EDGE_STATE_DIR" not in os.environ:
         # default layout: one sub-folder per device under var/edge
         settings = settings.model_copy(
@@ -110,23 +143,50 @@ def fleet(
     topic_root: Annotated[str, typer.Option(help="Topic root")] = DEFAULT_ROOT,
     per_process: Annotated[int, typer.Option(
         min=1, max=MAX_AGENTS_PER_PROCESS, help="Agents per process")] = MAX_AGENTS_PER_PROCESS,
+    config: Annotated[Path | None, typer.Option(
+        help="Settings file every agent starts from (TOML/YAML)")] = None,
+    fl_task: Annotated[list[str] | None, typer.Option(
+        help="Every agent joins a federated task: NAME=package.module:Class (repeatable); "
+        "device i holds partition i of the fleet")] = None,
+    partitions: Annotated[int | None, typer.Option(
+        min=1, help="Partitions of the task data [the fleet's size]")] = None,
 ) -> None:
     """Run N agents until Ctrl-C (in several processes when N > --per-process)."""
+    try:
+        tasks = parse_fl_tasks(fl_task)
+        base = EdgeSettings.load(config, device_id="fleet-template") if config else None
+    except (SchemaError, ValueError) as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from exc
+    if secrets_dir is not None:
+        missing = missing_passwords(devices, prefix=prefix, first_index=first_index,
+                                    secrets_dir=secrets_dir)
+        if missing:
+            last = f"{prefix}{first_index + devices - 1:03d}"
+            typer.secho(f"error: {len(missing)} of {devices} devices have no password in "
+                        f"{secrets_dir} (first: {missing[0]}); provision them: edgefl broker "
+                        f"add-device --range {prefix}{first_index:03d}..{last}",
+                        fg=typer.colors.RED, err=True)
+            raise typer.Exit(2)
     stop = _stop_on_signals()
     if devices > per_process:
         _run_processes(devices, per_process, first_index, stop, [
             "--broker", broker, "--prefix", prefix, "--state-dir", str(state_dir),
             "--interval", str(interval), "--protocol", str(protocol),
             "--topic-root", topic_root,
+            "--partitions", str(partitions or first_index + devices),
             *(["--secrets-dir", str(secrets_dir)] if secrets_dir else []),
+            *(["--config", str(config)] if config else []),
+            *[x for item in (fl_task or []) for x in ("--fl-task", item)],
         ])
         return
     host, port = parse_broker(broker)
-    settings = fleet_settings(devices, prefix=prefix, state_root=state_dir,
-                              mqtt=MqttSettings(host=host, port=port,
-                                                protocol=5 if protocol == 5 else 4),
+    mqtt = (base.mqtt if base else MqttSettings()).model_copy(
+        update={"host": host, "port": port, "protocol": 5 if protocol == 5 else 4})
+    settings = fleet_settings(devices, prefix=prefix, state_root=state_dir, mqtt=mqtt,
                               secrets_dir=secrets_dir, interval_s=interval,
-                              first_index=first_index, topic_root=topic_root)
+                              first_index=first_index, topic_root=topic_root, base=base,
+                              fl_tasks=tasks, partitions=partitions)
     sim = Fleet(settings, state_dir)
     sim.start()
     connected = sim.wait_connected(60)

@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from edge_node.agent import EdgeAgent
-from edge_node.settings import EdgeSettings, MqttSettings
+from edge_node.settings import EdgeSettings, FLTaskSettings, MqttSettings
 from edge_node.system_metrics import SystemSample, sample
 
 logger = logging.getLogger(__name__)
@@ -63,30 +63,53 @@ class JitteredSampler:
 def fleet_settings(
     count: int, *, prefix: str, state_root: Path, mqtt: MqttSettings,
     secrets_dir: Path | None = None, interval_s: float = 10.0, topic_root: str | None = None,
-    first_index: int = 0,
+    first_index: int = 0, base: EdgeSettings | None = None,
+    fl_tasks: dict[str, str] | None = None, partitions: int | None = None,
 ) -> list[EdgeSettings]:
     """Settings for ``count`` devices named ``{prefix}{i:03d}``.
 
     Each device's password is read from ``secrets_dir/{id}.password`` (the files
-    ``edgefl broker add-device`` writes) when a folder is given.
+    ``edgefl broker add-device`` writes) when a folder is given. ``base`` (a settings
+    file) gives everything else; ``fl_tasks`` (name -> import path) makes every
+    device a member of those tasks, device ``i`` holding partition ``i`` of
+    ``partitions`` (the fleet's size by default). The outbox is not fsynced on
+    every write (it survives a crash of the process, not of the machine).
     """
     result = []
+    template = base or EdgeSettings(device_id="fleet-template")
+    total = partitions or (first_index + count)
     for i in range(first_index, first_index + count):
         device_id = f"{prefix}{i:03d}"
         password_file = secrets_dir / f"{device_id}.password" if secrets_dir else None
-        device_mqtt = mqtt.model_copy(update={"password_file": password_file, "username": None})
-        extra = {"topic_root": topic_root} if topic_root else {}
-        result.append(EdgeSettings(
-            device_id=device_id, state_dir=state_root / device_id, mqtt=device_mqtt,
-            telemetry={"interval_s": interval_s}, **extra,  # type: ignore[arg-type]
-        ))
+        device_mqtt = mqtt.model_copy(update={"password_file": password_file, "username": None,
+                                              "password": None})
+        tasks = dict(template.fl.tasks)
+        for name, path in (fl_tasks or {}).items():
+            tasks[name] = FLTaskSettings(path=path, partition=i % total, partitions=total)
+        update: dict[str, object] = {
+            "device_id": device_id, "state_dir": state_root / device_id, "mqtt": device_mqtt,
+            "telemetry": template.telemetry.model_copy(update={"interval_s": interval_s}),
+            "buffer": template.buffer.model_copy(update={"durable": False}),
+            "fl": template.fl.model_copy(update={"tasks": tasks}),
+        }
+        if topic_root:
+            update["topic_root"] = topic_root
+        result.append(EdgeSettings.model_validate(
+            {**template.model_dump(), **update}))
     return result
 
 
-MAX_AGENTS_PER_PROCESS = 150
+def missing_passwords(count: int, *, prefix: str, first_index: int, secrets_dir: Path,
+                      ) -> list[str]:
+    """Device ids of the fleet without a password file in ``secrets_dir``."""
+    ids = (f"{prefix}{i:03d}" for i in range(first_index, first_index + count))
+    return [d for d in ids if not (secrets_dir / f"{d}.password").is_file()]
+
+
+MAX_AGENTS_PER_PROCESS = 100
 """paho waits on its sockets with select(), which cannot watch descriptors above 1023;
-each agent holds 3 (its connection and paho's wake-up socket pair), plus a few while
-its offline buffer is in use. Larger fleets run in several processes."""
+each agent holds 6 (its connection, paho's wake-up socket pair, and its outbox's
+database, WAL and shared-memory files). Larger fleets run in several processes."""
 
 
 class Fleet:

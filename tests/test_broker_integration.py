@@ -186,3 +186,40 @@ def test_passwords_are_not_in_the_broker_command_line(mosquitto: RunningBroker) 
     cmdline = Path(f"/proc/{mosquitto.process.pid}/cmdline").read_bytes()
     for identity in mosquitto.identities.values():
         assert identity.password().encode() not in cmdline
+
+
+def test_a_hundred_devices_are_provisioned_in_one_go(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    from broker.passwords import PasswordFile
+
+    repo = Path(__file__).resolve().parents[1]
+    data = tmp_path / "broker"
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "cloud.cli", "broker", "add-device", "--range",
+         "sim-000..sim-099", "--data-dir", str(data)],
+        cwd=repo, capture_output=True, text=True, timeout=120, check=False)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    passwd = PasswordFile(data / "passwd")
+    ids = [f"sim-{i:03d}" for i in range(100)]
+    for device_id in ids:
+        secret = (data / "secrets" / f"{device_id}.password").read_text().strip()
+        assert passwd.check(device_id, secret)
+    assert elapsed < 30
+    ids_file = tmp_path / "ids.txt"
+    ids_file.write_text("# more\npi-1\npi-2\n\n")
+    again = subprocess.run(
+        [sys.executable, "-m", "cloud.cli", "broker", "add-device", "--from-file",
+         str(ids_file), "--data-dir", str(data)],
+        cwd=repo, capture_output=True, text=True, timeout=120, check=False)
+    assert again.returncode == 0, again.stderr
+    assert {"pi-1", "pi-2"} <= set(PasswordFile(data / "passwd").entries)
+    bad = subprocess.run(
+        [sys.executable, "-m", "cloud.cli", "broker", "add-device", "--range",
+         "sim-010..dev-020", "--data-dir", str(data)],
+        cwd=repo, capture_output=True, text=True, timeout=120, check=False)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1

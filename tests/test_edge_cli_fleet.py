@@ -104,3 +104,57 @@ def test_fleet_command_spreads_agents_over_processes(
         state = decode_message(DeviceState, cloud.wait_for(
             is_state(topics, device_id, "offline")).payload)
         assert state.reason == "shutdown"
+
+
+def test_fleet_says_in_one_line_which_devices_are_not_provisioned(tmp_path: Path) -> None:
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "sim-000.password").write_text("x\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "cloud.cli", "fleet", "--devices", "20",
+         "--secrets-dir", str(tmp_path / "secrets"), "--state-dir", str(tmp_path / "state")],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "19 of 20 devices have no password" in lines[0]
+    assert "edgefl broker add-device --range sim-000..sim-019" in lines[0]
+    assert not (tmp_path / "state").exists(), "nothing left behind"
+
+
+def test_fleet_devices_join_a_task_from_the_command_line(
+    mosquitto: RunningBroker, topics: Topics, cloud: SyncClient, tmp_path: Path,
+) -> None:
+    config = tmp_path / "fleet.yaml"
+    config.write_text("telemetry:\n  interval_s: 0.5\nmqtt:\n  reconnect_min_s: 0.1\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cloud.cli", "fleet", "--devices", "1", "--first-index", "9",
+         "--config", str(config), "--fl-task", "digits=fl_tasks.digits:DigitsTask",
+         "--broker", f"{mosquitto.host}:{mosquitto.port}",
+         "--secrets-dir", str(mosquitto.settings.layout.secrets), "--topic-root", topics.root,
+         "--state-dir", str(tmp_path / "state"), "--interval", "0.5"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        try:
+            birth = decode_message(DeviceState, cloud.wait_for(
+                is_state(topics, "sim-009", "online"), timeout=60).payload)
+        except TimeoutError:
+            proc.kill()
+            raise AssertionError(proc.communicate()[0]) from None
+        assert birth.fl_tasks == ["digits"]
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+
+
+def test_a_bad_fl_task_option_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    for command in (["fleet", "--devices", "1"], ["node", "--device-id", "pi-1"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "cloud.cli", *command, "--fl-task", "digits-no-path",
+             "--state-dir", str(tmp_path / "s")],
+            cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert result.stderr.strip().count("\n") == 0 and "NAME=package" in result.stderr
