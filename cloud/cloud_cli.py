@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import json
 import logging
 import os
 import re
 import signal
+import threading
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,11 +19,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cloud.fl.config import FLTaskConfig
 from cloud.reports import device_report
 from cloud.settings import CloudSettings
 from cloud.storage.sqlite_store import SqliteStore
 from schemas.base import now
 from schemas.errors import SchemaError
+from schemas.topics import validate_id
 
 logger = logging.getLogger(__name__)
 
@@ -76,32 +79,85 @@ def fl_start(
         help="fedavg, fedadam, fedprox, krum, ... [fedavg]")] = None,
     min_clients: Annotated[int | None, typer.Option(
         help="min_fit_clients = min_available_clients [2]")] = None,
-    broker: Annotated[str | None, typer.Option(help="HOST:PORT of the broker")] = None,
     config: Config = None,
     data_dir: DataDir = None,
-    password_file: Annotated[Path | None, typer.Option(help="Cloud MQTT password file")] = None,
+    detach: Annotated[bool, typer.Option(
+        "--detach", help="Return once the service started the task")] = False,
+    wait: Annotated[float, typer.Option(
+        help="Seconds to wait for the running service to pick the task up")] = 30.0,
 ) -> None:
-    """Run the cloud service with this federated task until it finishes (or Ctrl-C).
+    """Hand a federated task to the running cloud service, then follow it to its end.
 
     The task's settings come from the settings file's ``fl.<name>`` section when
-    it has one; options given here override them. Prints a summary either way;
-    exits 1 when the task failed or did not finish.
+    it has one; options given here override them. The task is checked here (its
+    settings, import path and strategy) and the service that owns the data folder
+    starts it. Prints a summary; exits 1 when the task failed (or no service took it).
     """
+    from cloud.fl.errors import StrategyError
+    from cloud.fl.registry import make_strategy
+    from cloud.fl.submissions import Submissions
+    from fl_tasks.base import load_task
+    from fl_tasks.errors import TaskError
+
     base = _settings(config, data_dir=data_dir)
-    task_config: dict[str, Any] = (base.fl[name].model_dump() if name in base.fl
-                                   else {"task": "fl_tasks.digits:DigitsTask", "rounds": 10,
-                                         "strategy": "fedavg", "min_fit_clients": 2,
-                                         "min_available_clients": 2})
+    values: dict[str, Any] = (base.fl[name].model_dump() if name in base.fl
+                              else {"task": "fl_tasks.digits:DigitsTask", "rounds": 10,
+                                    "strategy": "fedavg", "min_fit_clients": 2,
+                                    "min_available_clients": 2})
     explicit = {"task": task, "rounds": rounds, "strategy": strategy,
                 "min_fit_clients": min_clients, "min_available_clients": min_clients}
-    task_config |= {k: v for k, v in explicit.items() if v is not None}
-    merged = {**{k: v.model_dump() for k, v in base.fl.items()}, name: task_config}
-    settings = cloud(broker=broker, config=config, data_dir=data_dir,
-                     password_file=password_file, fl=merged, stop_when_done=True)
-    state = SqliteStore(settings.sqlite_path).get(f"fl:{name}") or {}
-    print_task_summary(name, state, _history(settings.sqlite_path, name))
+    values |= {k: v for k, v in explicit.items() if v is not None}
+    try:
+        validate_id(name, "task name")
+        task_config = FLTaskConfig.model_validate(values)
+        load_task(task_config.task, **task_config.task_kwargs)
+        make_strategy(task_config.strategy, task_config.strategy_params)
+    except (SchemaError, ValueError, TaskError, StrategyError, ImportError, AttributeError,
+            TypeError) as exc:
+        typer.secho(f"error: {' '.join(str(exc).split())[:400]}", fg=typer.colors.RED,
+                    err=True)
+        raise typer.Exit(2) from None
+    store = _store(config, data_dir)
+    submissions = Submissions(store)
+    request_id = submissions.request(name, task_config)
+    deadline = time.monotonic() + wait
+    pause = threading.Event()
+    while (request := submissions.get(request_id)) is not None and request.state == "pending":
+        if time.monotonic() > deadline:
+            submissions.withdraw(request_id)
+            typer.secho(f"error: no cloud service picked the task up within {wait:.0f} s: is "
+                        f"`edgefl cloud` running with {store.path.parent}?",
+                        fg=typer.colors.RED, err=True)
+            raise typer.Exit(1)
+        pause.wait(0.2)
+    if request is None or request.state != "started":
+        typer.secho(f"error: the service refused the task: {request.detail if request else ''}",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+    typer.echo(f"task {name} started by the cloud service")
+    if detach:
+        return
+    state = _follow(store, name)
+    print_task_summary(name, state, _history(store.path, name))
     if state.get("state") != "finished":
         raise typer.Exit(1)
+
+
+def _follow(store: SqliteStore, name: str) -> dict[str, Any]:
+    """Print each round as it is released, until the task ends; its final state."""
+    pause = threading.Event()
+    shown = 0
+    while True:
+        state: dict[str, Any] = store.get(f"fl:{name}") or {}
+        if state.get("round", 0) > shown:
+            shown = state["round"]
+            last = state.get("last") or {}
+            accuracy = last.get("central_accuracy") or last.get("eval_accuracy")
+            typer.echo(f"round {shown}: {len(last.get('participants', []))} update(s)"
+                       + (f", accuracy {accuracy:.4f}" if accuracy is not None else ""))
+        if state.get("state") in ("finished", "failed"):
+            return state
+        pause.wait(0.5)
 
 
 def _history(path: Path, name: str) -> list[dict[str, Any]]:
@@ -227,8 +283,6 @@ def cloud(
         help="Split ingest with other instances (MQTT 5 shared subscriptions)")] = None,
     rules: Annotated[Path | None, typer.Option(help="Alert rules YAML")] = None,
     topic_root: Annotated[str | None, typer.Option(help="Topic root")] = None,
-    fl: Annotated[Any, typer.Option(hidden=True, parser=json.loads)] = None,
-    stop_when_done: Annotated[bool, typer.Option(hidden=True)] = False,
 ) -> CloudSettings:
     """Run the cloud service until Ctrl-C/SIGTERM (a second one exits at once)."""
     from cloud.service import CloudService
@@ -242,12 +296,17 @@ def cloud(
     if shared_group:
         mqtt["shared_group"] = shared_group
     settings = _settings(config, data_dir=data_dir, instance=instance, topic_root=topic_root,
-                         mqtt=mqtt or None, alerts={"rules_file": rules} if rules else None,
-                         fl=fl)
+                         mqtt=mqtt or None, alerts={"rules_file": rules} if rules else None)
+    password = settings.mqtt.password_file
+    if password is not None and not password.is_file():
+        typer.secho(f"error: no password file {password} (`edgefl broker init` writes the "
+                    "cloud's)", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
     try:
         service = CloudService(settings)
-    except (SchemaError, ValueError, OSError) as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    except (SchemaError, ValueError, OSError, ImportError) as exc:
+        typer.secho(f"error: {' '.join(str(exc).split())[:400]}", fg=typer.colors.RED,
+                    err=True)
         raise typer.Exit(2) from exc
 
     async def main() -> None:
@@ -265,20 +324,7 @@ def cloud(
 
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, on_signal, signum)
-        async with asyncio.TaskGroup() as group:
-            if stop_when_done:
-                async def watch() -> None:
-                    while not service.coordinators or not all(
-                            c.state.state.value in ("finished", "failed")
-                            for c in service.coordinators.values()):
-                        with contextlib.suppress(TimeoutError):
-                            async with asyncio.timeout(0.5):
-                                await stop.wait()
-                        if stop.is_set():
-                            return
-                    stop.set()
-                group.create_task(watch())
-            await service.run(stop)
+        await service.run(stop)
 
     typer.echo(f"cloud {settings.instance}: {settings.mqtt.host}:{settings.mqtt.port}, "
                f"store {settings.sqlite_path}")
@@ -298,10 +344,10 @@ def devices(config: Config = None, data_dir: DataDir = None,
         typer.echo(json.dumps([asdict(r) for r in records], indent=2))
         return
     table = Table(title=f"{len(records)} devices, {sum(r.online for r in records)} online")
-    for column in ("device", "state", "last seen", "site", "hardware", "runtimes", "models"):
+    for column in ("device", "state", "last seen (UTC)", "site", "hardware", "runtimes", "models"):
         table.add_column(column)
     for r in records:
-        seen = dt.datetime.fromtimestamp(r.last_seen, dt.UTC).strftime("%H:%M:%S") \
+        seen = dt.datetime.fromtimestamp(r.last_seen, dt.UTC).strftime("%Y-%m-%d %H:%M:%S") \
             if r.last_seen else "-"
         table.add_row(r.device_id, "[green]online[/]" if r.online else "[red]offline[/]", seen,
                       r.site or "-", f"{r.machine or '?'} {r.cpu_count or '?'} cpu "
@@ -369,7 +415,14 @@ def report(
 ) -> None:
     """Statistics, models, alerts and recommendations of one device."""
     start, end = parse_time(since), parse_time(until) if until else now()
-    result = device_report(_store(config, data_dir), device_id, start, end)
+    store = _store(config, data_dir)
+    known = store.query("SELECT 1 FROM devices WHERE device_id=? UNION SELECT 1 FROM telemetry "
+                        "WHERE device_id=? LIMIT 1", (device_id, device_id))
+    if not known:
+        typer.secho(f"error: no such device {device_id!r} in {store.path}",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+    result = device_report(store, device_id, start, end)
     if as_json:
         typer.echo(json.dumps(asdict(result), indent=2))
         return

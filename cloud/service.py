@@ -32,6 +32,9 @@ import aiomqtt
 from cloud.alerting import AlertComponent
 from cloud.alerts.rules import load_rules
 from cloud.errors import CloudOffline
+from cloud.fl.config import FLTaskConfig
+from cloud.fl.errors import StrategyError
+from cloud.fl.submissions import Submissions, TaskRequest
 from cloud.health import STATE_KEY as HEALTH_KEY
 from cloud.health import HealthCounters
 from cloud.ingest import INGESTED_KINDS, Ingest
@@ -43,6 +46,7 @@ from cloud.settings import CloudSettings
 from cloud.storage.influx_sink import InfluxSink
 from cloud.storage.sink import TelemetrySink
 from cloud.storage.sqlite_store import SqliteStore
+from fl_tasks.errors import TaskError
 from schemas.alerts import CloudHealth, CloudState
 from schemas.base import now
 from schemas.errors import TopicError
@@ -55,6 +59,7 @@ logger = logging.getLogger(__name__)
 
 FLUSH_EVERY_S = 1.0
 HOUSEKEEPING_S = 1.0
+TASK_REQUESTS_S = 0.5
 NOT_RETAINED = frozenset({TopicKind.TELEMETRY, TopicKind.MODEL_METRICS, TopicKind.COMMAND_REPLY,
                           TopicKind.UPDATE, TopicKind.EVAL})
 """Device topics that are never retained by design: a retained message there is refused."""
@@ -87,17 +92,23 @@ class CloudService:
         self.link = MqttLink(settings, (self.topics.cloud_state(), self._state("offline")))
         self.ingest = Ingest(settings, self.topics, self.registry, self.alerts, self.store,
                              self.sinks, self.publish, self.link.ack, self.health)
+        self.submissions = Submissions(self.store)
         self.coordinators: dict[str, Coordinator] = {}
-        if settings.fl:
-            from cloud.fl.coordinator import Coordinator  # torch only where FL runs
-
-            for name, config in settings.fl.items():
-                self.coordinators[name] = Coordinator(
-                    name, config, topics=self.topics, store=self.store, registry=self.registry,
-                    sinks=self.sinks, folder=settings.data_dir / "fl" / name,
-                    publish=self.publish, ack=self.link.ack, health=self.health)
+        tasks = {**self.submissions.submitted(), **settings.fl}  # the settings file wins
+        for name, config in tasks.items():
+            self.coordinators[name] = self._coordinator(name, config)
+        self._group: asyncio.TaskGroup | None = None
+        self._fl_tasks: list[asyncio.Task[None]] = []
         self.connected = asyncio.Event()
         self.connections = 0
+
+    def _coordinator(self, name: str, config: FLTaskConfig) -> Coordinator:
+        from cloud.fl.coordinator import Coordinator  # torch only where FL runs
+
+        return Coordinator(name, config, topics=self.topics, store=self.store,
+                           registry=self.registry, sinks=self.sinks,
+                           folder=self.settings.data_dir / "fl" / name, publish=self.publish,
+                           ack=self.link.ack, health=self.health)
 
     # -- publishing ---------------------------------------------------------------
 
@@ -115,14 +126,16 @@ class CloudService:
         """Serve until ``stop`` is set, reconnecting with jittered backoff."""
         try:
             async with asyncio.TaskGroup() as group:
+                self._group = group
                 writer = group.create_task(self.ingest.writer(), name="ingest-writer")
                 helpers = [group.create_task(self._alert_ticker(), name="alert-ticker"),
                            group.create_task(self._flusher(), name="influx-flusher"),
-                           group.create_task(self._housekeeping(), name="housekeeping")]
-                fl = [group.create_task(c.run(), name=f"fl-{name}")
-                      for name, c in self.coordinators.items()]
-                await self._connections(stop, fl, writer)
-                for task in (*helpers, *fl, writer):
+                           group.create_task(self._housekeeping(), name="housekeeping"),
+                           group.create_task(self._task_requests(), name="task-requests")]
+                self._fl_tasks = [group.create_task(c.run(), name=f"fl-{name}")
+                                  for name, c in self.coordinators.items()]
+                await self._connections(stop, self._fl_tasks, writer)
+                for task in (*helpers, *self._fl_tasks, writer):
                     task.cancel()
         finally:
             for sink in self.sinks:
@@ -133,27 +146,37 @@ class CloudService:
         attempt = 0
         mqtt = self.settings.mqtt
         while not stop.is_set():
-            if not await self._connect(stop):
-                if stop.is_set():
-                    break
+            pause = 0.0
+            if await self._connect(stop):
+                attempt = 0
+                try:
+                    await self._serve(stop)
+                    await self._wind_down(fl, writer, connected=True)
+                except (aiomqtt.MqttError, CloudOffline) as exc:
+                    if "taken over" in str(exc).lower():
+                        # Do not fight the other process: say it once, wait the longest.
+                        self.health.error("session_taken_over")
+                        pause = mqtt.reconnect_max_s
+                        logger.error(  # noqa: TRY400 - one clear line, not a traceback
+                            "another process connected with this instance's client id %s: "
+                            "two cloud processes share the instance name %r (give each its "
+                            "own --instance); retrying in %.0f s", self.settings.client_id,
+                            self.settings.instance, pause)
+                    else:
+                        logger.warning("broker connection lost: %s", exc)
+                else:
+                    return
+                finally:
+                    self.connected.clear()
+                    await self.link.disconnect()
+            elif not stop.is_set():
                 cap = min(mqtt.reconnect_max_s, mqtt.reconnect_min_s * 2 ** min(attempt, 20))
                 attempt += 1
+                pause = random.uniform(cap / 2, cap)  # noqa: S311 - jitter, not crypto
+            if pause:
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(random.uniform(cap / 2, cap)):  # noqa: S311
+                    async with asyncio.timeout(pause):
                         await stop.wait()
-                continue
-            attempt = 0
-            try:
-                await self._serve(stop)
-                await self._wind_down(fl, writer, connected=True)
-            except (aiomqtt.MqttError, CloudOffline) as exc:
-                logger.warning("broker connection lost: %s", exc)
-            else:
-                return
-
-            finally:
-                self.connected.clear()
-                await self.link.disconnect()
         await self._wind_down(fl, writer, connected=False)
 
     async def _connect(self, stop: asyncio.Event) -> bool:
@@ -337,6 +360,45 @@ class CloudService:
             await off_loop(sink.write_cloud_health, health)
         await self.publish(self.topics.cloud_health(self.settings.instance), health.to_json(),
                            True)
+
+    async def _task_requests(self) -> None:
+        """Start the federated tasks ``edgefl fl start`` asked for (one at a time)."""
+        while True:
+            await asyncio.sleep(TASK_REQUESTS_S)
+            try:
+                for request in await off_loop(self.submissions.pending):
+                    await self._start_requested(request)
+            except Exception:  # the one handler of this loop: log, count, go on
+                self.health.error("task_request_error")
+                logger.exception("handling task requests failed")
+
+    async def _start_requested(self, request: TaskRequest) -> None:
+        name = request.name
+        if name in self.coordinators:
+            state = self.coordinators[name].state.state.value
+            await off_loop(self.submissions.answer, request.id, "refused",
+                           f"a task named {name!r} exists ({state}): choose another name")
+            return
+        try:
+            coordinator = await off_loop(self._coordinator, name, request.config)
+        except (TaskError, StrategyError, ImportError, AttributeError, ValueError, TypeError,
+                OSError) as exc:
+            await off_loop(self.submissions.answer, request.id, "refused",
+                           f"{type(exc).__name__}: {exc}"[:1024])
+            return
+        self.coordinators[name] = coordinator
+        assert self._group is not None  # noqa: S101 - set while the service runs
+        self._fl_tasks.append(self._group.create_task(coordinator.run(), name=f"fl-{name}"))
+        if self.connected.is_set():
+            try:
+                await self.link.subscribe([self.topics.filter(TopicKind.UPDATE, task=name),
+                                           self.topics.filter(TopicKind.EVAL, task=name)],
+                                          retain_as_published=frozenset())
+            except (aiomqtt.MqttError, CloudOffline) as exc:
+                logger.info("subscription of %s deferred to the next connection: %s", name, exc)
+            coordinator.connected()
+        await off_loop(self.submissions.answer, request.id, "started")
+        logger.info("federated task %s started (requested by edgefl fl start)", name)
 
     async def _alert_ticker(self) -> None:
         while True:

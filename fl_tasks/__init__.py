@@ -1,44 +1,7 @@
 """Federated-learning tasks: the interface both the edge agent and the cloud load.
 
 A task is named by an import path, ``"package.module:Class"``, and loaded with
-:func:`load_task`. edgefl ships one, ``fl_tasks.digits:DigitsTask``.
+:func:`fl_tasks.base.load_task`. edgefl ships one, ``fl_tasks.digits:DigitsTask``.
+The package itself imports nothing heavy: ``fl_tasks.errors`` is torch-free, and
+``fl_tasks.base`` (torch) is imported by whoever trains or evaluates.
 """
-
-from fl_tasks.base import (
-    EvalResult,
-    FLTask,
-    LocalData,
-    Partition,
-    TaskConfigError,
-    TaskError,
-    TaskLoadError,
-    TrainingError,
-    TrainResult,
-    Weights,
-    WeightsMismatchError,
-    get_weights,
-    load_task,
-    seeded,
-    set_weights,
-)
-from fl_tasks.partition import PartitionError, partition_indices
-
-__all__ = [
-    "EvalResult",
-    "FLTask",
-    "LocalData",
-    "Partition",
-    "PartitionError",
-    "TaskConfigError",
-    "TaskError",
-    "TaskLoadError",
-    "TrainResult",
-    "TrainingError",
-    "Weights",
-    "WeightsMismatchError",
-    "get_weights",
-    "load_task",
-    "partition_indices",
-    "seeded",
-    "set_weights",
-]

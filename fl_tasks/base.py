@@ -38,6 +38,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from fl_tasks.errors import (
+    TaskConfigError,
+    TaskLoadError,
+    TrainingError,
+    WeightsMismatchError,
+)
 from fl_tasks.partition import PartitionError, Scheme, check_partition_config
 from schemas.fl import HyperParams
 
@@ -48,36 +54,6 @@ Weights = dict[str, np.ndarray]
 
 EVAL_BATCH: Final = 1024
 _TASK_PATH: Final = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
-
-
-class TaskError(Exception):
-    """Base class of the errors of :mod:`fl_tasks`.
-
-    Attributes:
-        reason: short code for counters and logs, e.g. ``bad_path``, ``shape``.
-        detail: human-readable explanation.
-    """
-
-    def __init__(self, reason: str, detail: str) -> None:
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"{reason}: {detail}")
-
-
-class TaskLoadError(TaskError):
-    """A task path cannot be loaded: malformed, not importable, not an FLTask, bad arguments."""
-
-
-class TaskConfigError(TaskError):
-    """A task, partition or data argument is out of range."""
-
-
-class WeightsMismatchError(TaskError):
-    """Weights do not fit the model: missing or unexpected names, wrong shapes or values."""
-
-
-class TrainingError(TaskError):
-    """Local training cannot run or diverged (no data, non-finite loss)."""
 
 
 @dataclass(frozen=True)

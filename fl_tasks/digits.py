@@ -25,7 +25,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from fl_tasks.base import FLTask, LocalData, Partition, TaskConfigError, seeded
+from fl_tasks.base import FLTask, LocalData, Partition, seeded
+from fl_tasks.errors import TaskConfigError
 from fl_tasks.partition import PartitionError, Scheme, partition_indices
 
 logger = logging.getLogger(__name__)

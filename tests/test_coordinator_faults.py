@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from schemas.fl import RoundPlan, TaskState, TaskStatus
 from schemas.topics import Topics
 from tests.agent_fixtures import AgentFactory, wait_until
 from tests.cloud_fixtures import CloudFactory
+from tests.cloud_process import CloudProcess
 from tests.conftest import RunningBroker
 from tests.test_cloud_faults import cloud_settings
 from tests.test_fl_faults import HandDevice, zeros
@@ -230,27 +230,51 @@ def test_fl_start_exits_non_zero_when_the_task_fails_and_prints_a_summary(
     mosquitto: RunningBroker, topics: Topics, tmp_path: Path,
     new_device_id: Callable[[], str],
 ) -> None:
-    password = tmp_path / "pw"
-    password.write_text(mosquitto.password(mosquitto.cloud_username))
-    config = tmp_path / "cloud.yaml"
-    config.write_text(yaml.safe_dump({
-        "instance": f"flstart-{uuid.uuid4().hex[:6]}", "topic_root": topics.root,
-        "data_dir": str(tmp_path / "cloud"),
-        "mqtt": {"host": mosquitto.host, "port": mosquitto.service_port,
-                 "password_file": str(password)},
+    cloud = CloudProcess(mosquitto, topics, tmp_path / "cloud", instance="flstart")
+    task = tmp_path / "task.yaml"  # the task's settings in a file of its own
+    task.write_text(yaml.safe_dump({
+        "data_dir": str(tmp_path / "cloud" / "data"),
         "fl": {TASK: fl_config(rounds=1, min_fit_clients=2, min_available_clients=2,
-                               round_timeout_s=1.5, accept_failures=False)},
-    }))
+                               round_timeout_s=1.5, accept_failures=False)}}))
     devices = [HandDevice(mosquitto, topics, new_device_id()) for _ in range(2)]
-    started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-m", "cloud.cli", "fl", "start", "--name", TASK, "--config",
-         str(config), "--min-clients", "2", "--rounds", "1"],
-        cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
-    assert result.returncode == 1, result.stdout + result.stderr
-    summary = " ".join(result.stdout.split())  # rich wraps long lines
-    assert f"task {TASK}: failed" in summary
-    assert "fewer than min_fit_clients" in summary
-    assert time.monotonic() - started < 60
-    for device in devices:
-        device.client.close()
+    try:
+        cloud.start()
+        started = time.monotonic()
+        result = _fl(["start", "--name", TASK, "--config", str(task)])
+        assert result.returncode == 1, result.stdout + result.stderr
+        summary = " ".join(result.stdout.split())  # rich wraps long lines
+        assert f"task {TASK} started by the cloud service" in summary
+        assert f"task {TASK}: failed" in summary
+        assert "fewer than min_fit_clients" in summary
+        assert time.monotonic() - started < 60
+        again = _fl(["start", "--name", TASK, "--config", str(task)])
+        assert again.returncode == 1 and f"a task named '{TASK}' exists" in again.stderr
+        assert cloud.running(), "one service: fl start ran none of its own"
+        assert len(cloud.rows("SELECT state FROM fl_task_requests")) == 2
+    finally:
+        cloud.close()
+        for device in devices:
+            device.client.close()
+
+
+def test_fl_start_refuses_bad_input_in_one_line_and_needs_a_running_service(
+    tmp_path: Path,
+) -> None:
+    from cloud.storage.sqlite_store import SqliteStore
+
+    data = tmp_path / "cloud"
+    SqliteStore(data / "edgefl.sqlite3").close()
+    for options, expected in ((["--task", "nowhere.module:Task"], "nowhere"),
+                              (["--strategy", "fedmagic"], "fedmagic"),
+                              (["--name", "bad name"], "task name")):
+        result = _fl(["start", "--data-dir", str(data), *options])
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert result.stderr.count("\n") == 1 and expected in result.stderr, result.stderr
+    lonely = _fl(["start", "--data-dir", str(data), "--wait", "1"])
+    assert lonely.returncode == 1
+    assert "no cloud service picked the task up" in lonely.stderr
+
+
+def _fl(args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cloud.cli", "fl", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, check=False)

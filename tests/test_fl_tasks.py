@@ -9,24 +9,24 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from fl_tasks import (
+from fl_tasks.base import (
     FLTask,
     LocalData,
     Partition,
-    PartitionError,
+    Weights,
+    get_weights,
+    load_task,
+    set_weights,
+)
+from fl_tasks.digits import DigitsTask
+from fl_tasks.errors import (
     TaskConfigError,
     TaskError,
     TaskLoadError,
     TrainingError,
-    Weights,
     WeightsMismatchError,
-    get_weights,
-    load_task,
-    partition_indices,
-    set_weights,
 )
-from fl_tasks.digits import DigitsTask
-from fl_tasks.partition import Scheme
+from fl_tasks.partition import PartitionError, Scheme, partition_indices
 from schemas.fl import HyperParams
 
 DEVICE_HP = HyperParams(local_epochs=5, batch_size=16, learning_rate=0.05, momentum=0.9)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -103,6 +104,29 @@ def test_model_samples_add_up_intervals_not_overlapping_windows(
     model: dict[str, Any] = models[0]
     assert model["samples"] == 90
     assert model["error_rate_percent"] == pytest.approx(100 * 3 / 90)
+    device.client.close()
+
+
+def test_a_report_on_an_unknown_device_says_so_and_devices_show_dates(
+    make_cloud: CloudFactory, mosquitto: RunningBroker, topics: Topics,
+    new_device_id: Callable[[], str],
+) -> None:
+    from cloud.cli import app
+    from cloud.cloud_cli import register
+
+    register(app)
+    cloud = make_cloud()
+    device = Device(mosquitto, topics, new_device_id())
+    device.telemetry()
+    wait_until(lambda: stored(cloud, device.id) == [0], what="stored")
+    data = str(cloud.settings.data_dir)
+    unknown = CliRunner().invoke(app, ["report", "no-such-device", "--data-dir", data])
+    assert unknown.exit_code == 1
+    assert "no such device 'no-such-device'" in unknown.output
+    listing = CliRunner().invoke(app, ["devices", "--data-dir", data],
+                                 env={"COLUMNS": "200"})
+    assert listing.exit_code == 0, listing.output
+    assert re.search(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}", listing.output), listing.output
     device.client.close()
 
 
