@@ -10,12 +10,13 @@ from typing import Annotated, Any
 
 import typer
 
-from broker.config import render_acl, render_config
+from broker.config import OBSERVER_TOPICS, render_acl, render_config
 from broker.errors import BrokerError
 from broker.launcher import MosquittoProcess
 from broker.provision import (
     add_identities,
     add_identity,
+    add_observer,
     init_broker,
     parse_id_range,
     reload_running_broker,
@@ -50,7 +51,7 @@ def _settings(data_dir: Path | None, **overrides: Any) -> BrokerSettings:
     return base.model_copy(update=values)
 
 
-def _fail(exc: BrokerError) -> typer.Exit:
+def _fail(exc: Exception) -> typer.Exit:
     typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
     return typer.Exit(code=2)
 
@@ -62,7 +63,9 @@ def run(
     port: Annotated[int | None, typer.Option(help="Device listener port [1883]")] = None,
     host: Annotated[str | None, typer.Option(help="Device listener address [127.0.0.1]")] = None,
     service_port: Annotated[int | None, typer.Option(
-        help="Service listener port, for the cloud and observers [1884]")] = None,
+        help="Service listener port, for the cloud [1884]")] = None,
+    observer_port: Annotated[int | None, typer.Option(
+        help="Observer listener port, read-only identities [1885]")] = None,
     tls: Annotated[bool, typer.Option("--tls", help="Also open the mTLS listener")] = False,
     tls_port: Annotated[int | None, typer.Option(help="TLS listener port [8883]")] = None,
 ) -> None:
@@ -73,7 +76,7 @@ def run(
     if tls_port is not None:
         tls_update["port"] = tls_port
     settings = _settings(data_dir, port=port, host=host, tls=tls_update or None,
-                         service_port=service_port)
+                         service_port=service_port, observer_port=observer_port)
     try:
         cloud = init_broker(settings)
         config = write_config_files(settings)
@@ -87,7 +90,8 @@ def run(
     except BrokerError as exc:
         raise _fail(exc) from exc
     typer.echo(f"mosquitto pid {process.pid}: devices on {settings.host}:{settings.port}, "
-               f"services (cloud) on {settings.service_host}:{settings.service_port}; "
+               f"services (cloud) on {settings.service_host}:{settings.service_port}, "
+               f"observers on {settings.observer_host}:{settings.observer_port}; "
                "Ctrl-C stops it")
 
     def _terminate(signum: int, frame: object) -> None:
@@ -163,6 +167,31 @@ def add_device_cmd(
     except (BrokerError, SchemaError, ValueError, OSError) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from exc
+    if reload_running_broker(settings):
+        typer.echo("running broker reloaded")
+
+
+@app.command("add-observer")
+def add_observer_cmd(
+    name: Annotated[str, typer.Argument(help="Observer name = MQTT username")],
+    data_dir: DataDir = None,
+    topics: Annotated[str, typer.Option(
+        help=f"Topic groups it reads, among {','.join(OBSERVER_TOPICS)}")] =
+    "telemetry,state,metrics,status,alerts",
+) -> None:
+    """A read-only identity for Telegraf, Node-RED or a SCADA (observer listener, 1885).
+
+    It reads the topic groups given and writes nothing; its password goes to a
+    0600 file. The running broker is reloaded.
+    """
+    settings = _settings(data_dir)
+    groups = [g.strip() for g in topics.split(",") if g.strip()]
+    try:
+        identity = add_observer(settings, name, groups)
+    except (BrokerError, SchemaError, ValueError) as exc:
+        raise _fail(exc) from exc
+    typer.echo(f"observer {name} reads {', '.join(sorted(set(groups)))} on port "
+               f"{settings.observer_port}: password in {identity.password_file}")
     if reload_running_broker(settings):
         typer.echo("running broker reloaded")
 

@@ -111,6 +111,41 @@ def render_acl(root: str, cloud_username: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+OBSERVER_TOPICS: dict[str, list[TopicKind]] = {
+    "telemetry": [TopicKind.TELEMETRY],
+    "state": [TopicKind.DEVICE_STATE],
+    "metrics": [TopicKind.MODEL_METRICS],
+    "status": [TopicKind.DEPLOYMENT_STATUS, TopicKind.TASK_STATUS],
+    "alerts": [TopicKind.ALERT],
+    "cloud": [TopicKind.CLOUD_STATE, TopicKind.CLOUD_HEALTH],
+}
+"""What an observer may be allowed to read, by name (``add-observer --topics``)."""
+
+
+def observer_read_topics(groups: list[str]) -> list[str]:
+    """Topic filters (relative to the root) of the named groups of OBSERVER_TOPICS."""
+    filters = []
+    for group in groups:
+        for kind in OBSERVER_TOPICS[group]:
+            template = TOPIC_TEMPLATES[kind]
+            filters.append(re.sub(r"\{\w+\}", "+", template))
+    return filters
+
+
+def render_observer_acl(root: str, observers: dict[str, list[str]]) -> str:
+    """The ACL of the observer listener: read-only lines per observer, no pattern."""
+    if not _ROOT_FILTER_RE.match(root):
+        raise ConfigError("topic_root", f"{root!r} is not a valid root filter")
+    lines = [
+        "# edgefl observer ACL (Telegraf, Node-RED, a SCADA). Generated; do not edit by hand.",
+        "# Observers read what they were given and write nothing: there is no write line.",
+    ]
+    for name, groups in sorted(observers.items()):
+        lines += ["", f"user {name}"]
+        lines += [f"topic read {root}/{t}" for t in observer_read_topics(groups)]
+    return "\n".join(lines) + "\n"
+
+
 def _run_as_user() -> str:
     # Mosquitto started as root drops to user `mosquitto`, which could then not read
     # our 0600 files; run as whoever starts it.
@@ -187,10 +222,17 @@ def render_config(settings: BrokerSettings, *, log_to_file: bool = False) -> str
         ]
     lines += [
         "",
-        "# Services: the cloud instances (and observers). Only identities of this password",
-        "# file connect here; each cloud instance has a client id of its own.",
+        "# Services: the cloud instances. Only identities of this password file connect",
+        "# here; each cloud instance has a client id of its own.",
         f"listener {settings.service_port} {settings.service_host}", "protocol mqtt",
         anonymous, f"password_file {_path('password_file', layout.service_passwd)}",
         f"acl_file {acl}",
+        "",
+        "# Observers (Telegraf, Node-RED, a SCADA): their own identities and read-only ACL;",
+        "# the client id is the username, so an observer cannot take anyone's session.",
+        f"listener {settings.observer_port} {settings.observer_host}", "protocol mqtt",
+        anonymous, f"password_file {_path('password_file', layout.observer_passwd)}",
+        f"acl_file {_path('acl_file', layout.observer_acl)}",
+        "use_username_as_clientid true",
     ]
     return "\n".join(lines) + "\n"

@@ -76,7 +76,8 @@ def start_local_broker(
             ``mosquitto`` raises MosquittoNotFoundError when it is missing.
     """
     port = port or free_port()
-    settings = BrokerSettings(data_dir=data_dir, port=port, service_port=free_port())
+    settings = BrokerSettings(data_dir=data_dir, port=port, service_port=free_port(),
+                              observer_port=free_port())
     if kind == "amqtt" or (kind == "auto" and find_mosquitto() is None):
         embedded = EmbeddedBroker(settings.host, port).start()
         return LocalBroker("amqtt", settings.host, port, settings, _embedded=embedded)

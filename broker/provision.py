@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -9,7 +10,12 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker.config import render_acl, render_config
+from broker.config import (
+    OBSERVER_TOPICS,
+    render_acl,
+    render_config,
+    render_observer_acl,
+)
 from broker.errors import CredentialError
 from broker.launcher import pid_is_mosquitto
 from broker.passwords import PasswordFile, generate_password, write_private
@@ -43,11 +49,51 @@ def write_config_files(settings: BrokerSettings, *, log_to_file: bool = False) -
     if settings.persistence:
         layout.persistence.mkdir(parents=True, exist_ok=True)
     layout.acl.write_text(render_acl(settings.topic_root, settings.cloud_username))
+    layout.observer_acl.write_text(render_observer_acl(settings.topic_root, observers(settings)))
     layout.config.write_text(render_config(settings, log_to_file=log_to_file))
-    for path in (layout.passwd, layout.service_passwd):
+    for path in (layout.passwd, layout.service_passwd, layout.observer_passwd):
         if not path.exists():
             PasswordFile(path).save()
     return layout.config
+
+
+def observers(settings: BrokerSettings) -> dict[str, list[str]]:
+    """Observer name -> the topic groups it reads."""
+    path = settings.layout.observers
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    return {str(k): [str(g) for g in v] for k, v in data.items()}
+
+
+def add_observer(settings: BrokerSettings, name: str, groups: list[str]) -> Identity:
+    """An identity that reads ``groups`` (see OBSERVER_TOPICS) on the observer listener.
+
+    Raises:
+        CredentialError: the name is taken by the cloud or by a device.
+        ValueError: an unknown topic group.
+    """
+    validate_id(name, "observer name")
+    unknown = sorted(set(groups) - set(OBSERVER_TOPICS))
+    if unknown or not groups:
+        raise ValueError(f"topic groups {unknown or groups} unknown; choose among "
+                         f"{', '.join(OBSERVER_TOPICS)}")
+    layout = settings.layout
+    if name == settings.cloud_username or name in PasswordFile(layout.passwd):
+        raise CredentialError(name, "already an identity of the cloud or of a device")
+    layout.secrets.mkdir(parents=True, exist_ok=True, mode=0o700)
+    passwd = PasswordFile(layout.observer_passwd)
+    secret = layout.secret_file(name)
+    if not (secret.exists() and name in passwd):
+        password = generate_password()
+        write_private(secret, password + "\n")
+        passwd.set(name, password)
+        passwd.save()
+    known = observers(settings)
+    known[name] = sorted(set(groups))
+    write_private(layout.observers, json.dumps(known, indent=1) + "\n")
+    layout.observer_acl.write_text(render_observer_acl(settings.topic_root, known))
+    return Identity(name, secret)
 
 
 def init_broker(settings: BrokerSettings, *, log_to_file: bool = False) -> Identity:
@@ -184,10 +230,14 @@ def remove_identity(settings: BrokerSettings, username: str) -> bool:
     """Remove a device's password entry and secret; returns whether it existed."""
     layout = settings.layout
     existed = False
-    for path in (layout.passwd, layout.service_passwd):
+    for path in (layout.passwd, layout.service_passwd, layout.observer_passwd):
         passwd = PasswordFile(path)
         existed = passwd.remove(username) or existed
         passwd.save()
+    known = observers(settings)
+    if known.pop(username, None) is not None:
+        write_private(layout.observers, json.dumps(known, indent=1) + "\n")
+        layout.observer_acl.write_text(render_observer_acl(settings.topic_root, known))
     layout.secret_file(username).unlink(missing_ok=True)
     return existed
 

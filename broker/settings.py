@@ -45,6 +45,9 @@ class BrokerSettings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="Plain listener bind address")
     port: Port = Field(default=1883, description="Device listener (client id = username)")
     service_host: str = Field(default="127.0.0.1", description="Service listener address")
+    observer_host: str = Field(default="127.0.0.1", description="Observer listener address")
+    observer_port: Port = Field(
+        default=1885, description="Observer listener: read-only identities (Telegraf, Node-RED)")
     service_port: Port = Field(
         default=1884, description="Service listener: the cloud and observers only (their own "
         "password file), so no device identity can take a service's client id")
@@ -107,6 +110,21 @@ class BrokerLayout:
     def service_passwd(self) -> Path:
         """Password file of the service listener: the cloud and observers."""
         return self.root / "passwd-services"
+
+    @property
+    def observer_passwd(self) -> Path:
+        """Password file of the observer listener."""
+        return self.root / "passwd-observers"
+
+    @property
+    def observer_acl(self) -> Path:
+        """The observers' read-only ACL."""
+        return self.root / "acl-observers"
+
+    @property
+    def observers(self) -> Path:
+        """Observers and the topic groups they read (JSON), rendered into their ACL."""
+        return self.root / "observers.json"
 
     @property
     def persistence(self) -> Path:

@@ -44,6 +44,11 @@ class RunningBroker:
         """The service listener: the cloud identity connects there."""
         return self.settings.service_port
 
+    @property
+    def observer_port(self) -> int:
+        """The observer listener (read-only identities)."""
+        return self.settings.observer_port
+
     def port_for(self, username: str) -> int:
         """The listener of an identity (services and devices have one each)."""
         return self.service_port if username == self.cloud_username else self.port
@@ -92,7 +97,8 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningBroke
                     "`sudo apt-get install mosquitto`")
     data: Path = tmp_path_factory.mktemp("mosquitto")
     settings = BrokerSettings(
-        data_dir=data, port=free_port(), service_port=free_port(), topic_root=TEST_ROOT_FILTER,
+        data_dir=data, port=free_port(), service_port=free_port(), observer_port=free_port(),
+        topic_root=TEST_ROOT_FILTER,
         tls=TlsListenerSettings(enabled=True, port=free_port()),
     )
     cloud = init_broker(settings, log_to_file=True)
@@ -115,6 +121,7 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningBroke
 def own_mosquitto(folder: Path, device_ids: tuple[str, ...]) -> Iterator[RunningBroker]:
     """A Mosquitto of a test's own (persistence on) that the test may stop and restart."""
     settings = BrokerSettings(data_dir=folder, port=free_port(), service_port=free_port(),
+                              observer_port=free_port(),
                               topic_root=TEST_ROOT_FILTER, autosave_interval_s=1)
     cloud = init_broker(settings, log_to_file=True)
     identities = {cloud.username: cloud}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -223,3 +225,49 @@ def test_a_hundred_devices_are_provisioned_in_one_go(tmp_path: Path) -> None:
          "sim-010..dev-020", "--data-dir", str(data)],
         cwd=repo, capture_output=True, text=True, timeout=120, check=False)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+def test_an_observer_reads_what_it_was_given_and_writes_nothing(
+    mosquitto: RunningBroker, topics: Topics, new_device_id: Callable[[], str],
+) -> None:
+    from broker.provision import add_observer, reload_running_broker
+    from tests.agent_fixtures import wait_until
+
+    name = f"telegraf-{uuid.uuid4().hex[:6]}"
+    identity = add_observer(mosquitto.settings, name, ["telemetry", "alerts"])
+    assert reload_running_broker(mosquitto.settings)
+
+    def observer(client_id: str) -> SyncClient:
+        return SyncClient(mosquitto.host, mosquitto.observer_port, client_id=client_id,
+                          username=name, password=identity.password())
+
+    clients: list[SyncClient] = []
+
+    def connects() -> bool:
+        client = observer(f"edgefl-cloud-{uuid.uuid4().hex[:4]}")  # a taken id: ignored
+        if client.connect().is_failure:
+            client.close()
+            return False
+        clients.append(client)
+        return True
+
+    wait_until(connects, what="observer accepted after the reload")
+    watcher = clients[0]
+    assert watcher.subscribe(topics.filter(TopicKind.TELEMETRY)) == [1]
+    device_id = new_device_id()
+    device = mosquitto.connected(device_id)
+    assert device.publish(topics.telemetry(device_id), b"{}") in (0, 0x10)
+    watcher.wait_topic(topics.telemetry(device_id))
+    # Not given: Mosquitto grants the subscription but never delivers.
+    watcher.subscribe(topics.filter(TopicKind.COMMAND_REPLY))
+    assert device.publish(topics.command_reply(device_id, "ping"), b"{}") in (0, 0x10)
+    assert device.publish(topics.telemetry(device_id), b"marker") in (0, 0x10)
+    watcher.wait_for(lambda m: m.payload == b"marker")
+    assert watcher.received_on(topics.command_reply(device_id, "ping")) == []
+    for topic in (topics.telemetry(name), topics.telemetry(device_id),
+                  topics.device_state(name), topics.alert(device_id, "x"),
+                  topics.command(device_id, "ping"), topics.round_plan("t"),
+                  topics.release("m"), topics.cloud_state()):
+        assert watcher.publish(topic, b"{}") == 0x87, topic
+    watcher.close()
+    device.close()

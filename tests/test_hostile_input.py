@@ -344,7 +344,8 @@ def test_an_oversized_reply_under_mqtt_311_is_refused_locally_and_wedges_nothing
     from tests.conftest import TEST_ROOT_FILTER, RunningBroker
 
     settings = BrokerSettings(data_dir=tmp_path / "broker", port=free_port(),
-                              service_port=free_port(), topic_root=TEST_ROOT_FILTER,
+                              service_port=free_port(), observer_port=free_port(),
+                              topic_root=TEST_ROOT_FILTER,
                               max_packet_size=64 * 1024)
     identities = {settings.cloud_username: init_broker(settings, log_to_file=True),
                   "dev-small": add_identity(settings, "dev-small")}
