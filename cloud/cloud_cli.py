@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cloud.cmd_cli import cmd
 from cloud.fl.config import FLTaskConfig
 from cloud.reports import device_report
 from cloud.settings import CloudSettings
@@ -66,6 +67,7 @@ def register(app: typer.Typer) -> None:
     fl_app.command("start")(fl_start)
     fl_app.command("status")(fl_status)
     app.command("devices")(devices)
+    app.command("cmd")(cmd)
     app.command("alerts")(alerts)
     app.command("report")(report)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,3 +126,31 @@ def test_mqtt_311_agent(make_agent: AgentFactory, cloud: SyncClient, topics: Top
     agent.session.drop()
     cloud.wait_for(is_state(topics, agent.device_id, "offline", first))
     cloud.wait_for(is_state(topics, agent.device_id, "online", first + 1))
+
+
+def test_edgefl_cmd_sends_a_command_and_prints_the_reply(
+    make_agent: AgentFactory, mosquitto: RunningBroker, topics: Topics, tmp_path: Path,
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    agent = make_agent()
+    password = tmp_path / "cloud.password"
+    password.write_text(mosquitto.password(mosquitto.cloud_username))
+    repo = Path(__file__).resolve().parents[1]
+    env = {"EDGEFL_CLOUD_TOPIC_ROOT": topics.root, "PATH": "/usr/bin:/bin"}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "cloud.cli", "cmd", *args, "--broker",
+             f"{mosquitto.host}:{mosquitto.service_port}", "--password-file", str(password)],
+            cwd=repo, env=env, capture_output=True, text=True, timeout=60, check=False)
+
+    ok = run(agent.device_id, "set_telemetry_interval", "--arg", "interval_s=0.5")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert json.loads(ok.stdout)["result"] == {"interval_s": 0.5}
+    failed = run(agent.device_id, "rollback", "--arg", "model=nope")
+    assert failed.returncode == 1 and json.loads(failed.stdout)["status"] == "error"
+    silent = run("dev-159", "ping", "--timeout", "2")  # provisioned, never connected
+    assert silent.returncode == 1 and "no reply" in silent.stderr

@@ -1,0 +1,135 @@
+"""``edgefl cmd DEVICE NAME [--arg k=v ...]``: send a command, print the device's reply.
+
+It connects with the cloud's identity on the service listener, under a client id
+of its own (it never takes the running service's session), subscribes to the
+reply topic before sending, and waits (bounded) for the result with the same
+correlation id.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import paho.mqtt.client as mqtt
+import typer
+from paho.mqtt.enums import CallbackAPIVersion
+
+from cloud.settings import CloudSettings
+from schemas.base import decode_message, now
+from schemas.device import Command, CommandResult, CommandStatus
+from schemas.errors import DecodeError, SchemaError
+from schemas.topics import Topics, validate_id
+
+
+def parse_args(items: list[str] | None) -> dict[str, Any]:
+    """``k=v`` items; a value that reads as JSON (a number, true, a list) is taken as such.
+
+    Raises:
+        typer.BadParameter: an item without ``=``.
+    """
+    args: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{item!r}: expected KEY=VALUE")
+        try:
+            args[key] = json.loads(value)
+        except json.JSONDecodeError:
+            args[key] = value
+    return args
+
+
+def cmd(
+    device_id: Annotated[str, typer.Argument(help="Device id")],
+    name: Annotated[str, typer.Argument(help="Command: ping, report_now, rollback, ...")],
+    arg: Annotated[list[str] | None, typer.Option(
+        "--arg", help="KEY=VALUE argument (repeatable; JSON values are parsed)")] = None,
+    broker: Annotated[str | None, typer.Option(help="HOST:PORT of the service listener")] = None,
+    password_file: Annotated[Path | None, typer.Option(help="Cloud MQTT password file")] = None,
+    config: Annotated[Path | None, typer.Option(help="The cloud's settings file")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the reply")] = 10.0,
+) -> None:
+    """Send one command to a device and print its reply; exit 1 on an error or no reply."""
+    try:
+        validate_id(device_id, "device id")
+        validate_id(name, "command")
+        args = parse_args(arg)
+        mqtt_values: dict[str, Any] = {}
+        if broker:
+            host, _, port = broker.rpartition(":") if ":" in broker else (broker, "", "1884")
+            mqtt_values |= {"host": host, "port": int(port)}
+        if password_file:
+            mqtt_values["password_file"] = password_file
+        settings = CloudSettings.load(config, mqtt=mqtt_values or None)
+        password = settings.mqtt.resolved_password()
+        command = Command(correlation_id=f"cli-{secrets.token_hex(6)}", ts=now(), args=args)
+    except (SchemaError, ValueError, OSError, typer.BadParameter) as exc:
+        typer.secho(f"error: {' '.join(str(exc).split())[:300]}", fg=typer.colors.RED,
+                    err=True)
+        raise typer.Exit(2) from None
+    topics = Topics(settings.topic_root)
+    reply_topic = topics.command_reply(device_id, name)
+    result = _exchange(settings, password, topics.command(device_id, name), reply_topic,
+                       command, timeout)
+    typer.echo(result.model_dump_json(indent=2))
+    if result.status is not CommandStatus.OK:
+        raise typer.Exit(1)
+
+
+def _exchange(settings: CloudSettings, password: str | None, topic: str, reply_topic: str,
+              command: Command, timeout: float) -> CommandResult:
+    got: list[CommandResult] = []
+    subscribed = threading.Event()
+    answered = threading.Event()
+    failed: list[str] = []
+    client = mqtt.Client(CallbackAPIVersion.VERSION2,
+                         client_id=f"edgefl-cmd-{secrets.token_hex(4)}",
+                         protocol=mqtt.MQTTv5 if settings.mqtt.protocol == 5 else mqtt.MQTTv311)
+    client.username_pw_set(settings.mqtt.username, password)
+
+    def on_connect(c: mqtt.Client, _u: object, _f: object, rc: Any, _p: object) -> None:
+        if rc.is_failure:
+            failed.append(f"the broker refused the connection: {rc}")
+            answered.set()
+            return
+        c.subscribe(reply_topic, qos=1)
+
+    def on_message(_c: mqtt.Client, _u: object, message: mqtt.MQTTMessage) -> None:
+        try:
+            result = decode_message(CommandResult, message.payload)
+        except DecodeError:
+            return
+        if result.correlation_id == command.correlation_id:
+            got.append(result)
+            answered.set()
+
+    client.on_connect = on_connect
+    client.on_subscribe = lambda *_a: subscribed.set()
+    client.on_message = on_message
+    try:
+        client.connect(settings.mqtt.host, settings.mqtt.port)
+    except OSError as exc:
+        _fail(f"cannot reach the broker at {settings.mqtt.host}:{settings.mqtt.port}: {exc}")
+    client.loop_start()
+    try:
+        if not subscribed.wait(timeout) and not failed:
+            _fail(f"no answer from the broker at {settings.mqtt.host}:{settings.mqtt.port}")
+        if failed:
+            _fail(failed[0])
+        client.publish(topic, command.to_json(), qos=1).wait_for_publish(timeout)
+        if not answered.wait(timeout) or not got:
+            _fail(failed[0] if failed else f"no reply within {timeout:.0f} s (is the device "
+                  "online?)")
+        return got[0]
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
