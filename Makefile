@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 ASYNCAPI_SPECS_VERSION := 6.11.1
 ASYNCAPI_SCHEMA := .cache/asyncapi/asyncapi-3.0.0.json
+JCS_VERSION := 2.1.0
+JCS_MODULE := .cache/jcs/node_modules/canonicalize/package.json
 
 .PHONY: demo test venv services lint check-python
 
@@ -44,10 +46,17 @@ $(ASYNCAPI_SCHEMA):
 	npm install --silent --no-save --no-audit --no-fund --prefix .cache/asyncapi @asyncapi/specs@$(ASYNCAPI_SPECS_VERSION)
 	cp '.cache/asyncapi/node_modules/@asyncapi/specs/schemas/3.0.0-without-$$id.json' $@
 
+# An independent RFC 8785 implementation (npm `canonicalize`): the tests verify release
+# signatures with it and node:crypto, as a non-Python consumer would.
+$(JCS_MODULE):
+	@command -v npm >/dev/null || { echo "npm is required to fetch canonicalize (apt-get install npm)" >&2; exit 1; }
+	mkdir -p .cache/jcs
+	npm install --silent --no-save --no-audit --no-fund --prefix .cache/jcs canonicalize@$(JCS_VERSION)
+
 demo: venv
 	$(VENV)/bin/edgefl demo
 
-test: venv services $(ASYNCAPI_SCHEMA)
+test: venv services $(ASYNCAPI_SCHEMA) $(JCS_MODULE)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(PY) -m pytest

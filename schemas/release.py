@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Annotated, Any, Literal, Self
 
+import rfc8785
 from pydantic import Field, JsonValue, model_validator
 
 from schemas.base import (
@@ -59,8 +59,12 @@ class Targeting(WireModel):
 class ReleaseManifest(WireModel):
     """Retained on ``models/{m}/release``; signed with Ed25519 by the cloud's release key.
 
-    The signature covers :meth:`signing_bytes`: the canonical JSON of every field
-    except ``signature`` itself, keys sorted, no whitespace.
+    The chunks are published (retained) before the manifest. ``signature`` is the
+    base64 Ed25519 signature over the RFC 8785 (JSON Canonicalization Scheme) form
+    of the manifest as published, without its ``signature`` member: any language
+    re-creates those bytes with a JCS library (for example npm ``canonicalize``)
+    and verifies them with the public key named by ``key_id``, which devices
+    configure as base64 of its 32 raw bytes.
     """
 
     model: Id
@@ -93,9 +97,9 @@ class ReleaseManifest(WireModel):
         return self
 
     def signing_bytes(self) -> bytes:
-        """Canonical bytes the Ed25519 signature is computed over."""
+        """The bytes the signature covers: RFC 8785 canonical JSON, ``signature`` left out."""
         body: dict[str, Any] = self.model_dump(mode="json", exclude={"signature"})
-        return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+        return rfc8785.dumps(body)
 
     def chunk_length(self, index: int) -> int:
         """Exact length of chunk ``index`` (the last one may be shorter)."""
