@@ -199,9 +199,10 @@ class MqttLink:
         """
         client = self.client
         properties = None
-        if self.settings.mqtt.protocol == 5 and content_type is not None:
+        if self.settings.mqtt.protocol == 5 and content_type is not None and payload:
             properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             properties.ContentType = content_type
+            properties.PayloadFormatIndicator = 1 if content_type == CONTENT_JSON else 0
         try:
             async with asyncio.timeout(self.settings.mqtt.publish_timeout_s):
                 await client.publish(topic, payload, qos=1, retain=retain,

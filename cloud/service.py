@@ -49,6 +49,7 @@ from cloud.storage.sqlite_store import SqliteStore
 from fl_tasks.errors import TaskError
 from schemas.alerts import CloudHealth, CloudState
 from schemas.base import now
+from schemas.catalog import content_type
 from schemas.errors import TopicError
 from schemas.topics import TopicKind, Topics
 
@@ -113,8 +114,13 @@ class CloudService:
     # -- publishing ---------------------------------------------------------------
 
     async def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
-        """QoS 1 publish, waiting for the PUBACK; raises CloudOffline when not connected."""
-        await self.link.publish(topic, payload, retain=retain)
+        """QoS 1 publish, waiting for the PUBACK; raises CloudOffline when not connected.
+
+        Under MQTT 5 the content type and payload format indicator of the topic's
+        kind go with it (``application/json``, ``application/vnd.safetensors``, ...).
+        """
+        await self.link.publish(topic, payload, retain=retain,
+                                content_type=content_type(self.topics, topic))
 
     def _state(self, state: str) -> bytes:
         return CloudState.model_validate(

@@ -6,12 +6,12 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import JsonValue
+from pydantic import JsonValue, ValidationError
 
 from edge_node.counters import Counters
 from edge_node.errors import EdgeError
 from schemas.base import decode_message, now
-from schemas.device import Command, CommandResult, CommandStatus
+from schemas.device import COMMAND_ARGS, Command, CommandResult, CommandStatus
 from schemas.errors import DecodeError
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,20 @@ class CommandRouter:
         """Commands this device understands."""
         return sorted([*self._handlers, *self._deferred])
 
+    def _bad_args(self, name: str, command: Command) -> str | None:
+        """Why ``command.args`` does not fit the command's schema (None when it does)."""
+        schema = COMMAND_ARGS.get(name)
+        if schema is None:
+            return None
+        try:
+            schema.model_validate(command.args, strict=True)
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False, include_input=False)
+            return "invalid args: " + "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}"
+                for e in errors[:5])
+        return None
+
     def dispatch(self, name: str, payload: bytes) -> None:
         """Run one command and send its result (now, or later for deferred ones)."""
         deferred = self._deferred.get(name)
@@ -61,6 +75,11 @@ class CommandRouter:
             except DecodeError as exc:
                 self.counters.add(f"command_{exc.reason}")
                 self._send(name, self._error("invalid", name, f"invalid command: {exc.detail}"))
+                return
+            problem = self._bad_args(name, command)
+            if problem is not None:
+                self.counters.add("command_invalid_args")
+                self._send(name, self._error(command.correlation_id, name, problem))
                 return
             if command.expires_at is not None and command.expires_at < now():
                 self.counters.add("command_expired")
@@ -91,6 +110,10 @@ class CommandRouter:
         if command.expires_at is not None and command.expires_at < now():
             self.counters.add("command_expired")
             return self._error(command.correlation_id, name, "command expired before it ran")
+        problem = self._bad_args(name, command)
+        if problem is not None:
+            self.counters.add("command_invalid_args")
+            return self._error(command.correlation_id, name, problem)
         handler = self._handlers.get(name)
         if handler is None:
             self.counters.add("command_unknown")

@@ -29,6 +29,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from edge_node.errors import NotConnectedError, PacketTooLargeError
 from edge_node.settings import EdgeSettings
 from schemas.base import now
+from schemas.catalog import JSON, content_type
 from schemas.device import DeviceState
 from schemas.topics import Topics
 
@@ -37,7 +38,8 @@ logger = logging.getLogger(__name__)
 AckCallback = Callable[[int], None]
 """Called with the PUBACK reason code (0 or 0x10 = accepted) in the network thread."""
 ACCEPTED = frozenset({0x00, 0x10})
-_PUBLISH_OVERHEAD = 16  # fixed header, lengths, packet id, property length
+_PUBLISH_OVERHEAD = 64  # fixed header, lengths, packet id, properties (content type)
+MAX_CACHED_TOPICS = 256
 
 
 class MqttSession:
@@ -78,6 +80,7 @@ class MqttSession:
         self._early: dict[int, tuple[float, int]] = {}
         self._subscriptions: dict[str, int] = {}
         self._transport_up = False
+        self._publish_properties: dict[str, Properties | None] = {}
         """CONNACK received on the current connection (subscriptions can be sent)."""
         self._thread: threading.Thread | None = None
         mqtt_settings = settings.mqtt
@@ -277,7 +280,8 @@ class MqttSession:
         """QoS 1 publish; paho queues it while disconnected. Returns the message id."""
         self.check_size(topic, payload)
         sent = time.monotonic()
-        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        info = self.client.publish(topic, payload, qos=1, retain=retain,
+                                   properties=self._properties(topic) if payload else None)
         with self._lock:
             early = self._early.pop(info.mid, None)
             if early is None:
@@ -302,6 +306,22 @@ class MqttSession:
         if not done.wait(timeout or self.settings.mqtt.publish_timeout_s):
             raise TimeoutError(f"no PUBACK for {topic}")
         return codes[0]
+
+    def _properties(self, topic: str) -> Properties | None:
+        """MQTT 5 content type and payload format indicator of ``topic``'s kind (cached)."""
+        if self.settings.mqtt.protocol != 5:
+            return None
+        if topic not in self._publish_properties:
+            kind = content_type(self.topics, topic)
+            properties = None
+            if kind is not None:
+                properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                properties.ContentType = kind
+                properties.PayloadFormatIndicator = 1 if kind == JSON else 0
+            if len(self._publish_properties) < MAX_CACHED_TOPICS:
+                self._publish_properties[topic] = properties
+            return properties
+        return self._publish_properties[topic]
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         """Subscribe now (if the connection is up) and after every reconnect."""

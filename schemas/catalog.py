@@ -21,13 +21,16 @@ from schemas.device import (
     DeviceTelemetry,
     ModelMetrics,
 )
+from schemas.errors import TopicError
 from schemas.fl import EvalResult, GlobalModelEnvelope, RoundPlan, TaskStatus, UpdateEnvelope
 from schemas.release import ReleaseManifest
-from schemas.topics import TopicKind
+from schemas.topics import TopicKind, Topics
 
 SAFETENSORS: Final = "application/vnd.safetensors"
 OCTET_STREAM: Final = "application/octet-stream"
 JSON: Final = "application/json"
+CLEARED_BY_CLOUD: Final = ("never retained by design: the cloud refuses retained data here and "
+                           "clears it")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +56,8 @@ class Channel:
     content_type: str
     message: type[BaseModel] | None
     summary: str
+    cleared: str | None = None
+    """When an empty retained message clears the topic (None: never by design)."""
 
 
 CHANNELS: Final[dict[TopicKind, Channel]] = {
@@ -61,23 +66,30 @@ CHANNELS: Final[dict[TopicKind, Channel]] = {
         Channel(TopicKind.DEVICE_STATE, "device", 1, True, JSON, DeviceState,
                 "Birth (online) and death (offline, the LWT) of a device, with bdSeq"),
         Channel(TopicKind.TELEMETRY, "device", 1, False, JSON, DeviceTelemetry,
-                "Periodic device health measured with psutil"),
+                "Periodic device health measured with psutil",
+                cleared=CLEARED_BY_CLOUD),
         Channel(TopicKind.MODEL_METRICS, "device", 1, False, JSON, ModelMetrics,
-                "Latency percentiles, throughput, memory and errors of a deployed model"),
+                "Latency percentiles, throughput, memory and errors of a deployed model",
+                cleared=CLEARED_BY_CLOUD),
         Channel(TopicKind.DEPLOYMENT_STATUS, "device", 1, True, JSON, DeploymentStatus,
                 "Install state of a model on a device"),
         Channel(TopicKind.COMMAND, "cloud", 1, False, JSON, Command,
                 "A command to one device"),
         Channel(TopicKind.COMMAND_REPLY, "device", 1, False, JSON, CommandResult,
-                "A device's answer to a command, with the same correlation id"),
+                "A device's answer to a command, with the same correlation id",
+                cleared=CLEARED_BY_CLOUD),
         Channel(TopicKind.ROUND_PLAN, "cloud", 1, True, JSON, RoundPlan,
-                "The current federated round: selected devices, version, deadline"),
+                "The current federated round: selected devices, version, deadline",
+                cleared="when the task finishes or fails"),
         Channel(TopicKind.GLOBAL_MODEL, "cloud", 1, True, SAFETENSORS, GlobalModelEnvelope,
-                "Global weights as safetensors; the header carries the envelope"),
+                "Global weights as safetensors; the header carries the envelope",
+                cleared="once a newer version is released (only the current one stays)"),
         Channel(TopicKind.UPDATE, "device", 1, False, SAFETENSORS, UpdateEnvelope,
-                "A device's model-update delta as safetensors; the header carries the envelope"),
+                "A device's model-update delta as safetensors; the header carries the envelope",
+                cleared=CLEARED_BY_CLOUD),
         Channel(TopicKind.EVAL, "device", 1, False, JSON, EvalResult,
-                "A device's federated evaluation of the global model"),
+                "A device's federated evaluation of the global model",
+                cleared=CLEARED_BY_CLOUD),
         Channel(TopicKind.SECAGG_BROADCAST, "cloud", 1, False, OCTET_STREAM, None,
                 "Secure aggregation: cloud to the round's devices (keys, shares, unmask requests)"),
         Channel(TopicKind.SECAGG_DEVICE, "device", 1, False, OCTET_STREAM, None,
@@ -85,7 +97,7 @@ CHANNELS: Final[dict[TopicKind, Channel]] = {
         Channel(TopicKind.TASK_STATUS, "cloud", 1, True, JSON, TaskStatus,
                 "Progress and metrics of a federated task"),
         Channel(TopicKind.RELEASE, "cloud", 1, True, JSON, ReleaseManifest,
-                "Signed release manifest of a model version"),
+                "Signed release manifest of a model version; its chunks are published first"),
         Channel(TopicKind.CHUNK, "cloud", 1, True, OCTET_STREAM, None,
                 "Raw bytes of one chunk of a released model file"),
         Channel(TopicKind.CLOUD_STATE, "cloud", 1, True, JSON, CloudState,
@@ -94,7 +106,8 @@ CHANNELS: Final[dict[TopicKind, Channel]] = {
                 "What one cloud instance accepted, stored and refused (by topic kind and "
                 "reason), rate-limited and failed, and its queue depths; every few seconds"),
         Channel(TopicKind.ALERT, "cloud", 1, True, JSON, Alert,
-                "An active alert; cleared by an empty retained message when resolved"),
+                "An active alert; cleared by an empty retained message when resolved",
+                cleared="when the alert resolves"),
     )
 }
 
@@ -104,3 +117,11 @@ JSON_MESSAGES: Final[tuple[type[BaseModel], ...]] = tuple(
     )
 )
 """Every model that travels as JSON or as a safetensors envelope, in table order."""
+
+
+def content_type(topics: Topics, topic: str) -> str | None:
+    """The MIME type a publisher sets (MQTT 5 content type) on ``topic``; None if unknown."""
+    try:
+        return CHANNELS[topics.parse(topic).kind].content_type
+    except TopicError:
+        return None

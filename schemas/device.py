@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Literal, Self
 
-from pydantic import Field, JsonValue, computed_field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, computed_field, model_validator
 
 from schemas.base import (
     INT64_MAX,
@@ -272,3 +272,48 @@ class CommandResult(WireModel):
         if self.status == CommandStatus.ERROR and not self.error:
             raise ValueError("an error result needs an error message")
         return self
+
+
+class CommandArgs(BaseModel):
+    """Base of the arguments of one command (``Command.args``): strict, no unknown key."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+class PingArgs(CommandArgs):
+    """``ping``: no arguments; answers with its clock, bd_seq and session."""
+
+
+class ReportNowArgs(CommandArgs):
+    """``report_now``: publish telemetry and model metrics at once."""
+
+    missing: NonNegInt | None = Field(
+        default=None, description="Telemetry messages the cloud found missing (a gap)")
+
+
+class SetTelemetryIntervalArgs(CommandArgs):
+    """``set_telemetry_interval``: change the reporting interval."""
+
+    interval_s: Annotated[float, Field(ge=0.05, le=86_400, description="Seconds")]
+
+
+class RollbackArgs(CommandArgs):
+    """``rollback``: return a model to its previous A/B slot."""
+
+    model: Id
+    reason: ShortText | None = None
+
+
+class InferArgs(CommandArgs):
+    """``infer``: run the active model on a batch and answer with its outputs."""
+
+    model: Id
+    inputs: list[JsonValue] = Field(max_length=4096, description="A batch (nested lists)")
+
+
+COMMAND_ARGS: dict[str, type[CommandArgs]] = {
+    "ping": PingArgs, "report_now": ReportNowArgs,
+    "set_telemetry_interval": SetTelemetryIntervalArgs, "rollback": RollbackArgs,
+    "infer": InferArgs,
+}
+"""The commands a device answers and the schema of each one's ``args``."""

@@ -21,6 +21,7 @@ from pydantic.json_schema import models_json_schema
 
 from schemas.base import SCHEMA_VERSION
 from schemas.catalog import CHANNELS, JSON_MESSAGES, Channel
+from schemas.device import COMMAND_ARGS
 from schemas.topics import DEFAULT_ROOT, TOPIC_TEMPLATES, TopicKind
 
 PACKAGE_DIR: Final = Path(__file__).resolve().parent
@@ -61,7 +62,7 @@ def model_json_schema(model: type[BaseModel]) -> dict[str, Any]:
 
 def _component_schemas() -> dict[str, Any]:
     _, top = models_json_schema(
-        [(m, "validation") for m in JSON_MESSAGES],
+        [(m, "validation") for m in (*JSON_MESSAGES, *COMMAND_ARGS.values())],
         ref_template="#/components/schemas/{model}",
     )
     defs: dict[str, Any] = top.get("$defs", {})
@@ -85,6 +86,24 @@ def _message(channel: Channel) -> dict[str, Any]:
                 f"`{channel.message.__name__}` (see `x-edgefl-envelope`)."
             )
             msg["x-edgefl-envelope"] = {"$ref": f"#/components/schemas/{channel.message.__name__}"}
+    if channel.content_type == "application/json":
+        msg["description"] = ("JSON, UTF-8. MQTT 5 publishers set the content type "
+                              "`application/json` and the payload format indicator 1.")
+    else:
+        msg["description"] = (msg.get("description", "") + " MQTT 5 publishers set the content "
+                              f"type `{channel.content_type}` and the payload format "
+                              "indicator 0.").strip()
+    if channel.kind is TopicKind.COMMAND:
+        msg["description"] += (
+            " `args` depends on the command (the last topic level): "
+            + "; ".join(f"`{name}`: `{model.__name__}`" for name, model in COMMAND_ARGS.items())
+            + ". Unknown arguments are refused; the reply says why.")
+        msg["x-edgefl-command-args"] = {
+            name: {"$ref": f"#/components/schemas/{model.__name__}"}
+            for name, model in COMMAND_ARGS.items()}
+    if channel.cleared is not None:
+        msg["description"] += (" An empty retained message on this topic clears it: "
+                               f"{channel.cleared}.")
     return msg
 
 

@@ -31,6 +31,8 @@ class Received:
     payload: bytes
     retain: bool
     qos: int
+    content_type: str | None = None
+    payload_format: int | None = None
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,11 @@ class SyncClient:
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         with self._cond:
-            self.messages.append(Received(msg.topic, bytes(msg.payload), msg.retain, msg.qos))
+            props = getattr(msg, "properties", None)
+            self.messages.append(Received(
+                msg.topic, bytes(msg.payload), msg.retain, msg.qos,
+                getattr(props, "ContentType", None),
+                getattr(props, "PayloadFormatIndicator", None)))
             self._cond.notify_all()
 
     # -- blocking API --------------------------------------------------------

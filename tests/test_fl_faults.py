@@ -210,3 +210,23 @@ def _accepted(store: Path, device_id: str) -> bool:
         db.close()
     return row is not None
 
+
+
+def test_publishers_say_what_their_payload_is(
+    make_cloud: CloudFactory, make_agent: AgentFactory, mosquitto: RunningBroker,
+    topics: Topics, new_device_id: Callable[[], str],
+) -> None:
+    make_cloud(fl={TASK: fl_config(rounds=1, min_fit_clients=1, min_available_clients=1)})
+    device = HandDevice(mosquitto, topics, new_device_id())
+    plan = device.plan()
+    weights = device.client.wait_topic(topics.global_model(TASK, plan.global_version))
+    assert (weights.content_type, weights.payload_format) == ("application/vnd.safetensors", 0)
+    round_plan = device.client.wait_topic(topics.round_plan(TASK))
+    assert (round_plan.content_type, round_plan.payload_format) == ("application/json", 1)
+    agent = make_agent()
+    watcher = mosquitto.connected(mosquitto.cloud_username)
+    watcher.subscribe(topics.telemetry(agent.device_id))
+    telemetry = watcher.wait_topic(topics.telemetry(agent.device_id))
+    assert (telemetry.content_type, telemetry.payload_format) == ("application/json", 1)
+    watcher.close()
+    device.client.close()
