@@ -58,20 +58,6 @@ cloud_app = typer.Typer(name="cloud", invoke_without_command=True,
                         help="Run the cloud service; `edgefl cloud status` shows its health.")
 
 
-def register(app: typer.Typer) -> None:
-    """Add the cloud commands to the root CLI."""
-    app.add_typer(cloud_app, name="cloud")
-    cloud_app.callback()(cloud_main)
-    cloud_app.command("status")(cloud_status)
-    app.add_typer(fl_app, name="fl")
-    fl_app.command("start")(fl_start)
-    fl_app.command("status")(fl_status)
-    app.command("devices")(devices)
-    app.command("cmd")(cmd)
-    app.command("alerts")(alerts)
-    app.command("report")(report)
-
-
 def fl_start(
     task: Annotated[str | None, typer.Option(
         help="Task import path, package.module:Class [fl_tasks.digits:DigitsTask]")] = None,
@@ -460,3 +446,11 @@ def report(
     console.print(f"alerts in the period: {len(result.alerts)}")
     for advice in result.recommendations:
         console.print(f"- {advice}")
+
+
+# The groups and commands the root CLI finds through the ``edgefl.commands`` entry points.
+cloud_app.callback()(cloud_main)
+cloud_app.command("status")(cloud_status)
+fl_app.command("start")(fl_start)
+fl_app.command("status")(fl_status)
+__all__ = ["alerts", "cloud_app", "cmd", "devices", "fl_app", "report"]

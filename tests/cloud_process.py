@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class CloudProcess:
-    """``python -m cloud.cli cloud --config FILE`` against a test broker."""
+    """``python -m edgefl cloud --config FILE`` against a test broker."""
 
     def __init__(self, broker: RunningBroker, topics: Topics, folder: Path, *,
                  instance: str, **settings: Any) -> None:
@@ -60,7 +60,7 @@ class CloudProcess:
         started = time.time()
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cloud.cli", "--log-level", "INFO", "cloud",
+                [sys.executable, "-m", "edgefl", "--log-level", "INFO", "cloud",
                  "--config", str(self.config)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         self.starts += 1
         if watcher is not None:

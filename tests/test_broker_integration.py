@@ -201,7 +201,7 @@ def test_a_hundred_devices_are_provisioned_in_one_go(tmp_path: Path) -> None:
     data = tmp_path / "broker"
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "cloud.cli", "broker", "add-device", "--range",
+        [sys.executable, "-m", "edgefl", "broker", "add-device", "--range",
          "sim-000..sim-099", "--data-dir", str(data)],
         cwd=repo, capture_output=True, text=True, timeout=120, check=False)
     elapsed = time.monotonic() - started
@@ -215,13 +215,13 @@ def test_a_hundred_devices_are_provisioned_in_one_go(tmp_path: Path) -> None:
     ids_file = tmp_path / "ids.txt"
     ids_file.write_text("# more\npi-1\npi-2\n\n")
     again = subprocess.run(
-        [sys.executable, "-m", "cloud.cli", "broker", "add-device", "--from-file",
+        [sys.executable, "-m", "edgefl", "broker", "add-device", "--from-file",
          str(ids_file), "--data-dir", str(data)],
         cwd=repo, capture_output=True, text=True, timeout=120, check=False)
     assert again.returncode == 0, again.stderr
     assert {"pi-1", "pi-2"} <= set(PasswordFile(data / "passwd").entries)
     bad = subprocess.run(
-        [sys.executable, "-m", "cloud.cli", "broker", "add-device", "--range",
+        [sys.executable, "-m", "edgefl", "broker", "add-device", "--range",
          "sim-010..dev-020", "--data-dir", str(data)],
         cwd=repo, capture_output=True, text=True, timeout=120, check=False)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1

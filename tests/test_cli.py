@@ -16,7 +16,7 @@ from broker.launcher import free_port, port_accepts
 from broker.passwords import PasswordFile
 from tests.mqtt_client import SyncClient
 
-EDGEFL = [sys.executable, "-m", "cloud.cli"]
+EDGEFL = [sys.executable, "-m", "edgefl"]
 REPO = Path(__file__).resolve().parents[1]
 
 

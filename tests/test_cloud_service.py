@@ -232,11 +232,9 @@ def test_alert_state_survives_a_restart(make_cloud: CloudFactory, mosquitto: Run
 def test_cli_reads_devices_alerts_and_reports(make_cloud: CloudFactory, mosquitto: RunningBroker,
                                               topics: Topics,
                                               new_device_id: Callable[[], str]) -> None:
-    from cloud.cli import app, main_options
-    from cloud.cloud_cli import register
+    from edgefl.cli import build_app
 
-    del main_options
-    register(app)
+    app = build_app()
     cloud = make_cloud()
     device = Device(mosquitto, topics, new_device_id())
     device.state("online", 0)
@@ -303,7 +301,7 @@ def test_cloud_command_announces_itself_and_its_death(
     watcher.subscribe(state_topic)
     password = tmp_path / "pw"
     password.write_text(mosquitto.password(mosquitto.cloud_username))
-    command = [sys.executable, "-m", "cloud.cli", "cloud", "--broker",
+    command = [sys.executable, "-m", "edgefl", "cloud", "--broker",
                f"{mosquitto.host}:{mosquitto.service_port}", "--password-file", str(password),
                "--data-dir", str(tmp_path / "cloud"), "--topic-root", topics.root,
                "--instance", "cli-cloud"]
@@ -351,10 +349,9 @@ def test_sequence_gap_is_counted_and_the_device_asked_to_report(
 
 def test_acknowledge_from_the_cli(make_cloud: CloudFactory, mosquitto: RunningBroker,
                                   topics: Topics, new_device_id: Callable[[], str]) -> None:
-    from cloud.cli import app
-    from cloud.cloud_cli import register
+    from edgefl.cli import build_app
 
-    register(app)
+    app = build_app()
     cloud = make_cloud()
     watcher = mosquitto.connected(mosquitto.cloud_username)
     device = Device(mosquitto, topics, new_device_id())

@@ -276,5 +276,5 @@ def test_fl_start_refuses_bad_input_in_one_line_and_needs_a_running_service(
 
 
 def _fl(args: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cloud.cli", "fl", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "edgefl", "fl", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=120, check=False)

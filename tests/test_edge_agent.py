@@ -143,7 +143,7 @@ def test_edgefl_cmd_sends_a_command_and_prints_the_reply(
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "cloud.cli", "cmd", *args, "--broker",
+            [sys.executable, "-m", "edgefl", "cmd", *args, "--broker",
              f"{mosquitto.host}:{mosquitto.service_port}", "--password-file", str(password)],
             cwd=repo, env=env, capture_output=True, text=True, timeout=60, check=False)
 

@@ -33,7 +33,7 @@ def test_node_command_runs_until_sigterm_and_says_goodbye(
     password_file.write_text(mosquitto.password(device_id))
     env = {"EDGEFL_EDGE_TOPIC_ROOT": topics.root, "PATH": "/usr/bin:/bin"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cloud.cli", "node", "--device-id", device_id,
+        [sys.executable, "-m", "edgefl", "node", "--device-id", device_id,
          "--broker", f"{mosquitto.host}:{mosquitto.port}", "--password-file", str(password_file),
          "--state-dir", str(tmp_path / "state"), "--interval", "0.2"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -82,7 +82,7 @@ def test_fleet_command_spreads_agents_over_processes(
     mosquitto: RunningBroker, topics: Topics, cloud: SyncClient, tmp_path: Path,
 ) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cloud.cli", "fleet", "--devices", "4", "--per-process", "2",
+        [sys.executable, "-m", "edgefl", "fleet", "--devices", "4", "--per-process", "2",
          "--first-index", "5", "--broker", f"{mosquitto.host}:{mosquitto.port}",
          "--secrets-dir", str(mosquitto.settings.layout.secrets), "--topic-root", topics.root,
          "--state-dir", str(tmp_path), "--interval", "0.5"],
@@ -110,7 +110,7 @@ def test_fleet_says_in_one_line_which_devices_are_not_provisioned(tmp_path: Path
     (tmp_path / "secrets").mkdir()
     (tmp_path / "secrets" / "sim-000.password").write_text("x\n")
     result = subprocess.run(
-        [sys.executable, "-m", "cloud.cli", "fleet", "--devices", "20",
+        [sys.executable, "-m", "edgefl", "fleet", "--devices", "20",
          "--secrets-dir", str(tmp_path / "secrets"), "--state-dir", str(tmp_path / "state")],
         cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2
@@ -127,7 +127,7 @@ def test_fleet_devices_join_a_task_from_the_command_line(
     config = tmp_path / "fleet.yaml"
     config.write_text("telemetry:\n  interval_s: 0.5\nmqtt:\n  reconnect_min_s: 0.1\n")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cloud.cli", "fleet", "--devices", "1", "--first-index", "9",
+        [sys.executable, "-m", "edgefl", "fleet", "--devices", "1", "--first-index", "9",
          "--config", str(config), "--fl-task", "digits=fl_tasks.digits:DigitsTask",
          "--broker", f"{mosquitto.host}:{mosquitto.port}",
          "--secrets-dir", str(mosquitto.settings.layout.secrets), "--topic-root", topics.root,
@@ -153,7 +153,7 @@ def test_fleet_devices_join_a_task_from_the_command_line(
 def test_a_bad_fl_task_option_is_one_line_and_exit_2(tmp_path: Path) -> None:
     for command in (["fleet", "--devices", "1"], ["node", "--device-id", "pi-1"]):
         result = subprocess.run(
-            [sys.executable, "-m", "cloud.cli", *command, "--fl-task", "digits-no-path",
+            [sys.executable, "-m", "edgefl", *command, "--fl-task", "digits-no-path",
              "--state-dir", str(tmp_path / "s")],
             cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
         assert result.returncode == 2, result.stdout + result.stderr

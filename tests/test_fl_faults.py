@@ -148,7 +148,7 @@ def test_cloud_killed_mid_round_resumes_without_losing_or_doubling_updates(
         "fl": {TASK: fl_config(rounds=1, min_fit_clients=2, min_available_clients=2,
                                round_timeout_s=120)},
     }))
-    command = [sys.executable, "-m", "cloud.cli", "cloud", "--config", str(config)]
+    command = [sys.executable, "-m", "edgefl", "cloud", "--config", str(config)]
     a = HandDevice(mosquitto, topics, new_device_id())
     b = HandDevice(mosquitto, topics, new_device_id())
     first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,

@@ -451,10 +451,9 @@ def test_each_kind_of_bad_message_moves_its_counter_by_one_and_counts_survive_a_
     assert restored == final["refused"], json.dumps([restored, final["refused"]])
     from typer.testing import CliRunner
 
-    from cloud.cli import app
-    from cloud.cloud_cli import register
+    from edgefl.cli import build_app
 
-    register(app)
+    app = build_app()
     status = CliRunner().invoke(app, ["cloud", "status", "--data-dir", str(data), "--json"])
     assert status.exit_code == 0, status.output
     assert json.loads(status.output)["refused"]["telemetry"]["retained_not_allowed"] >= 1

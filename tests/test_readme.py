@@ -34,6 +34,6 @@ EDGEFL_COMMANDS = sorted({tuple(w for w in c.split()[1:] if not w.startswith("-"
 def test_every_edgefl_command_in_the_readme_exists(words: tuple[str, ...]) -> None:
     # Keep only sub-command words (drop positional arguments such as a device id).
     path = [w for w in words if re.fullmatch(r"[a-z][a-z-]*", w) and not w.startswith("pi-")]
-    result = subprocess.run([sys.executable, "-m", "cloud.cli", *path, "--help"],
+    result = subprocess.run([sys.executable, "-m", "edgefl", *path, "--help"],
                             capture_output=True, text=True, cwd=REPO, timeout=60, check=False)
     assert result.returncode == 0, result.stdout + result.stderr

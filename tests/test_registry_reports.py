@@ -24,10 +24,9 @@ pytestmark = pytest.mark.integration
 
 
 def report(cloud: RunningCloud, device_id: str, since: str = "24h") -> dict[str, object]:
-    from cloud.cli import app
-    from cloud.cloud_cli import register
+    from edgefl.cli import build_app
 
-    register(app)
+    app = build_app()
     result = CliRunner().invoke(app, ["report", device_id, "--since", since, "--data-dir",
                                       str(cloud.settings.data_dir), "--json"])
     assert result.exit_code == 0, result.output
@@ -111,10 +110,9 @@ def test_a_report_on_an_unknown_device_says_so_and_devices_show_dates(
     make_cloud: CloudFactory, mosquitto: RunningBroker, topics: Topics,
     new_device_id: Callable[[], str],
 ) -> None:
-    from cloud.cli import app
-    from cloud.cloud_cli import register
+    from edgefl.cli import build_app
 
-    register(app)
+    app = build_app()
     cloud = make_cloud()
     device = Device(mosquitto, topics, new_device_id())
     device.telemetry()

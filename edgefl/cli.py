@@ -1,8 +1,9 @@
-"""The ``edgefl`` command line.
+"""The ``edgefl`` command line: a small root that loads each command group when used.
 
-Sub-command groups of other packages (``edgefl broker``, later ``edgefl node``)
-are registered as entry points in the ``edgefl.commands`` group and loaded at
-run time, so this module never imports the edge agent.
+Groups are entry points (``edgefl.commands``): a Typer app is added as a group, a
+function as a command. Only the group the command line names is imported, so
+``edgefl node`` on a device never imports the cloud (nor its dependencies), and a
+group whose extra is not installed says which one to install, in one line.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import sys
 from enum import StrEnum
-from importlib.metadata import PackageNotFoundError, entry_points, version
+from importlib.metadata import EntryPoint, PackageNotFoundError, entry_points, version
 from pathlib import Path
 from typing import Annotated
 
@@ -19,12 +21,10 @@ import typer
 
 logger = logging.getLogger(__name__)
 
-app = typer.Typer(
-    name="edgefl",
-    help="edgefl: MQTT event-driven edge AI and federated learning for device fleets.",
-    no_args_is_help=True,
-    add_completion=False,
-)
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+EXTRAS = {"cloud": "cloud", "edge_node": "edge"}
+"""Top-level package of a command group -> the extra that installs its dependencies."""
+
 
 class BrokerChoice(StrEnum):
     """Which local broker the demo starts."""
@@ -34,10 +34,6 @@ class BrokerChoice(StrEnum):
     AMQTT = "amqtt"
 
 
-LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
-
-
-@app.callback()
 def main_options(
     log_level: Annotated[str, typer.Option(help="Logging level")] = "WARNING",
 ) -> None:
@@ -52,7 +48,6 @@ def _version_of(package: str) -> str | None:
         return None
 
 
-@app.command("version")
 def version_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
@@ -78,7 +73,6 @@ def version_cmd(
         typer.echo(f"{key:16} {value if value is not None else '-'}")
 
 
-@app.command("demo")
 def demo_cmd(
     devices: Annotated[int, typer.Option(min=2, max=100, help="Simulated devices")] = 10,
     rounds: Annotated[int, typer.Option(min=1, max=200, help="Federated rounds")] = 15,
@@ -90,7 +84,7 @@ def demo_cmd(
     ] = BrokerChoice.AUTO,
 ) -> None:
     """Run the demo on a local broker (Mosquitto, or the embedded one) and exit."""
-    from cloud.demo import run_demo
+    from edgefl.demo import run_demo
 
     summary = run_demo(devices=devices, reports=reports, rounds=rounds, data_dir=data_dir,
                        json_path=json_path,
@@ -98,19 +92,64 @@ def demo_cmd(
     raise typer.Exit(0 if summary.ok else 1)
 
 
-def _register_plugins() -> None:
-    for ep in entry_points(group="edgefl.commands"):
-        sub = ep.load()
-        app.add_typer(sub, name=ep.name)
+def command_groups() -> dict[str, EntryPoint]:
+    """Command name -> its entry point."""
+    return {ep.name: ep for ep in entry_points(group="edgefl.commands")}
+
+
+def _add(app: typer.Typer, name: str, entry: EntryPoint) -> None:
+    target = entry.load()
+    if isinstance(target, typer.Typer):
+        app.add_typer(target, name=name)
+    else:
+        app.command(name)(target)
+
+
+def build_app(requested: str | None = None) -> typer.Typer:
+    """The root app with the group ``requested`` (or, for help, every group available)."""
+    app = typer.Typer(
+        name="edgefl",
+        help="edgefl: MQTT event-driven edge AI and federated learning for device fleets.",
+        no_args_is_help=True, add_completion=False,
+    )
+    app.callback()(main_options)
+    app.command("version")(version_cmd)
+    app.command("demo")(demo_cmd)
+    groups = command_groups()
+    if requested in groups:
+        try:
+            _add(app, requested, groups[requested])
+        except ImportError as exc:
+            extra = EXTRAS.get(groups[requested].value.split(".", 1)[0], "cloud")
+            typer.secho(f"error: `edgefl {requested}` needs the {extra} extra "
+                        f"(pip install 'edgefl[{extra}]'): {exc}", fg=typer.colors.RED,
+                        err=True)
+            raise SystemExit(2) from None
+        return app
+    for name, entry in sorted(groups.items()):
+        try:
+            _add(app, name, entry)
+        except ImportError as exc:  # that extra is not installed here: not offered
+            logger.debug("command %s unavailable: %s", name, exc)
+    return app
+
+
+def requested_command(argv: list[str]) -> str | None:
+    """The first word of the command line that is not a root option."""
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == "--log-level":
+            skip = True
+        elif not word.startswith("-"):
+            return word
+    return None
 
 
 def main() -> None:
     """Console-script entry point."""
-    from cloud.cloud_cli import register
-
-    register(app)
-    _register_plugins()
-    app()
+    build_app(requested_command(sys.argv[1:]))(prog_name="edgefl")
 
 
 if __name__ == "__main__":
