@@ -9,7 +9,7 @@ ASYNCAPI_SCHEMA := .cache/asyncapi/asyncapi-3.0.0.json
 JCS_VERSION := 2.1.0
 JCS_MODULE := .cache/jcs/node_modules/canonicalize/package.json
 
-.PHONY: demo test venv services lint check-python
+.PHONY: demo test venv services lint check-python role-venvs
 
 check-python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "edgefl needs Python 3.11 or newer (found " + sys.version.split()[0] + ")")'
@@ -23,6 +23,26 @@ $(VENV)/.installed: pyproject.toml | check-python
 	touch $@
 
 venv: $(VENV)/.installed
+
+# A device installs only the edge extra, a cloud host only the cloud extra: the tests run
+# each role from such a venv (editable, so they run the code of this checkout).
+EDGE_VENV := .cache/venv-edge
+CLOUD_VENV := .cache/venv-cloud
+
+$(EDGE_VENV)/.installed: pyproject.toml | check-python
+	$(PYTHON) -m venv $(EDGE_VENV)
+	$(EDGE_VENV)/bin/python -m pip --disable-pip-version-check install --quiet --upgrade pip
+	$(EDGE_VENV)/bin/python -m pip --disable-pip-version-check install --quiet -e '.[edge]'
+	touch $@
+
+$(CLOUD_VENV)/.installed: pyproject.toml | check-python
+	$(PYTHON) -m venv $(CLOUD_VENV)
+	$(CLOUD_VENV)/bin/python -m pip --disable-pip-version-check install --quiet --upgrade pip
+	$(CLOUD_VENV)/bin/python -m pip --disable-pip-version-check install --quiet torch==2.13.0
+	$(CLOUD_VENV)/bin/python -m pip --disable-pip-version-check install --quiet -e '.[cloud]'
+	touch $@
+
+role-venvs: $(EDGE_VENV)/.installed $(CLOUD_VENV)/.installed
 
 # Servers the tests start (Mosquitto; VictoriaMetrics, which speaks the InfluxDB v2 write
 # API): installed with apt-get when missing and we are root. The tests start their own
@@ -56,7 +76,7 @@ $(JCS_MODULE):
 demo: venv
 	$(VENV)/bin/edgefl demo
 
-test: venv services $(ASYNCAPI_SCHEMA) $(JCS_MODULE)
+test: venv services $(ASYNCAPI_SCHEMA) $(JCS_MODULE) role-venvs
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(PY) -m pytest

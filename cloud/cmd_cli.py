@@ -113,7 +113,9 @@ def _exchange(settings: CloudSettings, password: str | None, topic: str, reply_t
     try:
         client.connect(settings.mqtt.host, settings.mqtt.port)
     except OSError as exc:
-        _fail(f"cannot reach the broker at {settings.mqtt.host}:{settings.mqtt.port}: {exc}")
+        typer.secho(f"error: cannot reach the broker at {settings.mqtt.host}:"
+                    f"{settings.mqtt.port}: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
     client.loop_start()
     try:
         if not subscribed.wait(timeout) and not failed:

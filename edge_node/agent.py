@@ -282,6 +282,10 @@ class EdgeAgent:
         )
         self.telemetry_seq += 1
         self._emit(self.topics.telemetry(self.device_id), telemetry)
+        logger.info("%s: telemetry %d: cpu %.0f %%, memory %.0f %%, %d prediction(s)%s",
+                    self.device_id, telemetry.seq, telemetry.cpu_percent,
+                    telemetry.memory_percent, predictions,
+                    "" if self.session.connected.is_set() else " (offline: in the outbox)")
         self.telemetry_published += 1
         for name in self.inference.names():
             self._report_model(name)

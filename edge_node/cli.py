@@ -125,6 +125,12 @@ def node(
             update={"state_dir": settings.state_dir / settings.device_id})
     agent = EdgeAgent(settings)
     typer.echo(f"{settings.device_id}: connecting to {settings.mqtt.host}:{settings.mqtt.port}")
+
+    def say_connected() -> None:
+        if agent.session.connected.wait(3600):
+            typer.echo(f"{settings.device_id}: connected")
+
+    threading.Thread(target=say_connected, name="say-connected", daemon=True).start()
     agent.run_forever(_stop_on_signals())
     typer.echo(f"{settings.device_id}: stopped")
 

@@ -152,8 +152,10 @@ class MqttSession:
                                     mqtt.MQTT_CLEAN_START_FIRST_ONLY,
                                     properties=properties)
             except (OSError, ssl.SSLError) as exc:
-                logger.info("%s: connect to %s:%s failed: %s", self.device_id, settings.host,
-                            settings.port, exc)
+                # Said at the default level the first time, then every tenth attempt.
+                log = logger.warning if attempt % 10 == 0 else logger.info
+                log("%s: cannot reach the broker at %s:%s (%s); retrying", self.device_id,
+                    settings.host, settings.port, exc)
             else:
                 before = self.connect_count
                 self.client.loop_forever(retry_first_connection=False)
