@@ -20,7 +20,7 @@ from edge_node.fleet import (
     fleet_settings,
     missing_passwords,
 )
-from edge_node.settings import EdgeSettings, FLTaskSettings, MqttSettings
+from edge_node.settings import EdgeSettings, FLTaskSettings
 from schemas.errors import SchemaError
 from schemas.topics import DEFAULT_ROOT, validate_id
 
@@ -138,7 +138,8 @@ def node(
 @fleet_app.callback()
 def fleet(
     devices: Annotated[int, typer.Option(min=1, max=100_000, help="Number of agents")] = 10,
-    broker: Annotated[str, typer.Option(help="HOST:PORT of the broker")] = "127.0.0.1:1883",
+    broker: Annotated[str | None, typer.Option(
+        help="HOST:PORT of the broker [from --config, else 127.0.0.1:1883]")] = None,
     secrets_dir: Annotated[Path | None, typer.Option(
         help="Folder of {id}.password files (the broker's secrets folder)")] = None,
     prefix: Annotated[str, typer.Option(help="Device ids are {prefix}{i:03d}")] = "sim-",
@@ -177,7 +178,8 @@ def fleet(
     stop = _stop_on_signals()
     if devices > per_process:
         _run_processes(devices, per_process, first_index, stop, [
-            "--broker", broker, "--prefix", prefix, "--state-dir", str(state_dir),
+            *(["--broker", broker] if broker else []),
+            "--prefix", prefix, "--state-dir", str(state_dir),
             "--interval", str(interval), "--protocol", str(protocol),
             "--topic-root", topic_root,
             "--partitions", str(partitions or first_index + devices),
@@ -186,9 +188,12 @@ def fleet(
             *[x for item in (fl_task or []) for x in ("--fl-task", item)],
         ])
         return
-    host, port = parse_broker(broker)
-    mqtt = (base.mqtt if base else MqttSettings()).model_copy(
-        update={"host": host, "port": port, "protocol": 5 if protocol == 5 else 4})
+    mqtt = base.mqtt if base else EdgeSettings(device_id="fleet-template").mqtt
+    if broker:
+        host, port = parse_broker(broker)
+        mqtt = mqtt.model_copy(update={"host": host, "port": port})
+    mqtt = mqtt.model_copy(update={"protocol": 5 if protocol == 5 else 4})
+    host, port = mqtt.host, mqtt.port
     settings = fleet_settings(devices, prefix=prefix, state_root=state_dir, mqtt=mqtt,
                               secrets_dir=secrets_dir, interval_s=interval,
                               first_index=first_index, topic_root=topic_root, base=base,

@@ -1,0 +1,101 @@
+"""The README's "Run it by hand" section, run as written: its files and its commands.
+
+Only the ports change (free ones, through the documented environment variables),
+so that the test never collides with a broker of the machine. Commands that end
+with ``&`` run in the background, as in a shell; the others must exit 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from broker.launcher import free_port, port_accepts
+from tests.agent_fixtures import wait_until
+from tests.mqtt_client import SyncClient
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[1]
+BIN = REPO / ".venv" / "bin"
+
+
+def section(title: str) -> str:
+    text = (REPO / "README.md").read_text()
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", text, re.MULTILINE | re.DOTALL)
+    assert match, f"README has no section {title!r}"
+    return match.group(1)
+
+
+def test_the_manual_path_of_the_readme_runs_as_written(tmp_path: Path) -> None:
+    text = section("Run it by hand")
+    files = {}
+    for block in re.findall(r"```yaml\n(.*?)```", text, re.DOTALL):
+        opening = re.match(r"# (\S+):", block)
+        assert opening, f"a settings block must open with '# FILE: ...': {block[:60]}"
+        files[opening.group(1)] = block
+    assert set(files) == {"cloud.yaml", "edge.yaml"}
+    (commands,) = re.findall(r"```console\n(.*?)```", text, re.DOTALL)
+    for file_name, body in files.items():
+        (tmp_path / file_name).write_text(body)
+    ports = {"device": free_port(), "service": free_port(), "observer": free_port()}
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+           "EDGEFL_BROKER_PORT": str(ports["device"]),
+           "EDGEFL_BROKER_SERVICE_PORT": str(ports["service"]),
+           "EDGEFL_BROKER_OBSERVER_PORT": str(ports["observer"]),
+           "EDGEFL_CLOUD_MQTT__PORT": str(ports["service"]),
+           "EDGEFL_EDGE_MQTT__PORT": str(ports["device"])}
+    background: list[subprocess.Popen[str]] = []
+    outputs: dict[str, str] = {}
+    try:
+        for line in commands.strip().splitlines():
+            command = line.split("  #")[0].strip()
+            words = shlex.split(command.removesuffix("&"))
+            assert words[0] == "edgefl"
+            if command.endswith("&"):
+                log = (tmp_path / f"bg-{len(background)}.log").open("w")
+                background.append(subprocess.Popen(words, cwd=tmp_path, env=env, stdout=log,
+                                                   stderr=subprocess.STDOUT, text=True))
+                ready(words, tmp_path, ports)
+                continue
+            result = subprocess.run(words, cwd=tmp_path, env=env, capture_output=True,
+                                    text=True, timeout=300, check=False)
+            assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
+            outputs[" ".join(words[:2])] = result.stdout
+        summary = " ".join(outputs["edgefl fl"].split())
+        assert "task digits: finished" in summary
+        assert "sim-000" in outputs["edgefl devices"]
+        assert "telemetry messages" in outputs["edgefl report"]
+        assert "messages by topic kind" in outputs["edgefl cloud"]
+    finally:
+        for proc in reversed(background):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    for proc in background:
+        assert proc.returncode == 0, f"{proc.args!r} exited {proc.returncode}"
+
+
+def ready(words: list[str], folder: Path, ports: dict[str, int]) -> None:
+    """Wait (bounded) until a background command serves."""
+    if words[1] == "broker":
+        wait_until(lambda: port_accepts("127.0.0.1", ports["service"]), timeout=30,
+                   what="the broker listening")
+    elif words[1] == "cloud":
+        password = (folder / "var" / "broker" / "secrets" / "edgefl-cloud.password")
+        watcher = SyncClient("127.0.0.1", ports["service"], client_id="readme-watch",
+                             username="edgefl-cloud", password=password.read_text().strip())
+        assert not watcher.connect().is_failure
+        watcher.subscribe("edgefl/v1/cloud/state")
+        watcher.wait_for(lambda m: bool(m.payload)
+                         and json.loads(m.payload)["state"] == "online", timeout=60)
+        watcher.close()
