@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import secrets
 import threading
 import time
 from collections import Counter
@@ -48,9 +49,9 @@ from cloud.storage.sink import TelemetrySink
 from cloud.storage.sqlite_store import SqliteStore
 from fl_tasks.errors import TaskError
 from schemas.alerts import CloudHealth, CloudState
-from schemas.base import now
+from schemas.base import decode_message, now
 from schemas.catalog import content_type
-from schemas.errors import TopicError
+from schemas.errors import DecodeError, TopicError
 from schemas.topics import TopicKind, Topics
 
 if TYPE_CHECKING:
@@ -61,6 +62,8 @@ logger = logging.getLogger(__name__)
 FLUSH_EVERY_S = 1.0
 HOUSEKEEPING_S = 1.0
 TASK_REQUESTS_S = 0.5
+TWIN_MEMORY_S = 60.0
+"""How long another process with this instance name is remembered (for the backoff)."""
 NOT_RETAINED = frozenset({TopicKind.TELEMETRY, TopicKind.MODEL_METRICS, TopicKind.COMMAND_REPLY,
                           TopicKind.UPDATE, TopicKind.EVAL})
 """Device topics that are never retained by design: a retained message there is refused."""
@@ -80,6 +83,8 @@ class CloudService:
         self.health = HealthCounters(self.counters)
         self.budget = DeviceBudget(settings.ingest.rate_limit)
         self.started_at = now()
+        self.run_id = secrets.token_hex(6)
+        self.twin_seen_at: float | None = None
         self.retained_to_clear: set[str] = set()
         self.store = SqliteStore(settings.sqlite_path)
         self.health.restore(self.store.get(HEALTH_KEY) or {})
@@ -124,7 +129,8 @@ class CloudService:
 
     def _state(self, state: str) -> bytes:
         return CloudState.model_validate(
-            {"state": state, "instance": self.settings.instance, "ts": now()}).to_json()
+            {"state": state, "instance": self.settings.instance, "ts": now(),
+             "run": self.run_id}).to_json()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -159,15 +165,14 @@ class CloudService:
                     await self._serve(stop)
                     await self._wind_down(fl, writer, connected=True)
                 except (aiomqtt.MqttError, CloudOffline) as exc:
-                    if "taken over" in str(exc).lower():
-                        # Do not fight the other process: say it once, wait the longest.
+                    twin = self.twin_seen_at is not None \
+                        and time.monotonic() - self.twin_seen_at < TWIN_MEMORY_S
+                    if twin or "taken over" in str(exc).lower():
+                        # Do not fight the other process: wait the longest before returning.
                         self.health.error("session_taken_over")
                         pause = mqtt.reconnect_max_s
-                        logger.error(  # noqa: TRY400 - one clear line, not a traceback
-                            "another process connected with this instance's client id %s: "
-                            "two cloud processes share the instance name %r (give each its "
-                            "own --instance); retrying in %.0f s", self.settings.client_id,
-                            self.settings.instance, pause)
+                        logger.warning("session taken over by the other %r process; retrying "
+                                       "in %.0f s", self.settings.instance, pause)
                     else:
                         logger.warning("broker connection lost: %s", exc)
                 else:
@@ -210,7 +215,7 @@ class CloudService:
     async def _serve(self, stop: asyncio.Event) -> None:
         """One connection: announce, subscribe, resynchronise, dispatch until stop."""
         await self.publish(self.topics.cloud_state(), self._state("online"), True)
-        filters = self.ingest.filters()
+        filters = [self.topics.cloud_state(), *self.ingest.filters()]
         for name in self.coordinators:
             filters += [self.topics.filter(TopicKind.UPDATE, task=name),
                         self.topics.filter(TopicKind.EVAL, task=name)]
@@ -236,6 +241,26 @@ class CloudService:
         if not stop.is_set():
             dispatcher.result()  # raises the MqttError that ended the connection
             raise aiomqtt.MqttError("dispatcher ended")
+
+    def _on_cloud_state(self, message: Inbound) -> None:
+        """Another process announcing this instance name: say so (it takes our session)."""
+        self.ingest.acknowledge_later(message)
+        try:
+            state = decode_message(CloudState, message.payload)
+        except DecodeError as exc:
+            self.health.refuse("cloud_state", exc.reason)
+            return
+        if state.instance != self.settings.instance or state.run in (None, self.run_id) \
+                or state.state != "online" or state.ts < self.started_at:
+            return
+        first = self.twin_seen_at is None or time.monotonic() - self.twin_seen_at > TWIN_MEMORY_S
+        self.twin_seen_at = time.monotonic()
+        self.health.error("twin_instance")
+        if first:
+            logger.error("another process runs as cloud instance %r (client id %s): two cloud "
+                         "processes share the instance name and take each other's session; "
+                         "give each its own --instance", self.settings.instance,
+                         self.settings.client_id)
 
     def _not_retained(self, topic_filter: str) -> bool:
         """Whether a subscription filter covers a kind that is never retained by design."""
@@ -297,7 +322,9 @@ class CloudService:
                                    "rate_limited)", parsed.device_id)
                 self.ingest.acknowledge_later(message)
                 return
-            if kind in INGESTED_KINDS:
+            if kind is TopicKind.CLOUD_STATE:
+                self._on_cloud_state(message)
+            elif kind in INGESTED_KINDS:
                 await self.ingest.handle(parsed, message)
             elif kind in (TopicKind.UPDATE, TopicKind.EVAL) \
                     and parsed.task in self.coordinators \

@@ -39,6 +39,9 @@ class CloudState(WireModel):
     state: Literal["online", "offline"]
     instance: Id = Field(description="Cloud instance name")
     ts: UnixTime
+    run: Id | None = Field(
+        default=None, description="Random id of this process: two processes that share an "
+        "instance name (and so a client id) tell each other apart by it")
 
 
 Counts = dict[Id, NonNegInt]

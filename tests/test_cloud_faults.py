@@ -363,3 +363,31 @@ def test_no_sqlite_files_aggregation_or_evaluation_on_the_event_loop(
     assert {name for name, _ in calls} >= {"SqliteStore.transaction", "FedAvg.add",
                                             "FedAvg.finalize", "DigitsTask.evaluate"}
     assert on_loop == [], f"blocking work on the event loop: {on_loop}"
+
+
+def test_two_cloud_processes_with_one_instance_name_say_so_and_back_off(
+    mosquitto: RunningBroker, topics: Topics, tmp_path: Path,
+) -> None:
+    first = CloudProcess(mosquitto, topics, tmp_path / "a", instance="twin",
+                         mqtt={"reconnect_max_s": 5})
+    second = CloudProcess(mosquitto, topics, tmp_path / "b", instance="twin",
+                          mqtt={"reconnect_max_s": 5})
+    try:
+        first.start()
+        second.start(wait_online=False)
+
+        def said() -> bool:
+            return any("another process runs as cloud instance 'twin'" in p.log.read_text()
+                       for p in (first, second))
+
+        wait_until(said, timeout=30, what="the takeover said in one line")
+        deadline = time.monotonic() + 10
+        wait_until(lambda: time.monotonic() >= deadline, timeout=15, what="10 s")
+        logs = [p.log.read_text() for p in (first, second)]
+        said_lines = sum(log.count("another process runs as cloud instance") for log in logs)
+        assert said_lines <= 2, f"said {said_lines} times: one line per process is enough"
+        takeovers = sum(log.count("session taken over") for log in logs)
+        assert takeovers <= 6, f"{takeovers} takeovers in about 10 s: they fight"
+    finally:
+        first.close()
+        second.close()
