@@ -39,6 +39,7 @@ from cloud.fl.submissions import Submissions, TaskRequest
 from cloud.health import STATE_KEY as HEALTH_KEY
 from cloud.health import HealthCounters
 from cloud.ingest import INGESTED_KINDS, Ingest
+from cloud.models.registry import ModelRegistry
 from cloud.mqtt_link import Inbound, MqttLink
 from cloud.offload import off_loop
 from cloud.rate_limit import DeviceBudget
@@ -93,6 +94,7 @@ class CloudService:
         if self.influx is not None:
             self.sinks.append(self.influx)
         self.registry = DeviceRegistry(self.store)
+        self.models = ModelRegistry(self.store, settings.artifacts_dir)
         self.alerts = AlertComponent(load_rules(settings.alerts.rules_file), self.store,
                                      self.topics, settings.instance)
         self.link = MqttLink(settings, (self.topics.cloud_state(), self._state("offline")))
@@ -114,7 +116,7 @@ class CloudService:
         return Coordinator(name, config, topics=self.topics, store=self.store,
                            registry=self.registry, sinks=self.sinks,
                            folder=self.settings.data_dir / "fl" / name, publish=self.publish,
-                           ack=self.link.ack, health=self.health)
+                           ack=self.link.ack, health=self.health, models=self.models)
 
     # -- publishing ---------------------------------------------------------------
 

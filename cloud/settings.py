@@ -57,6 +57,17 @@ class AlertSettings(SettingsSection):
     tick_interval_s: Annotated[float, Field(gt=0)] = 5.0
 
 
+class ModelOpsSettings(SettingsSection):
+    """The model registry and releases."""
+
+    artifacts_dir: Path | None = Field(
+        default=None, description="Model files by content; default: {data_dir}/artifacts")
+    release_key: Path | None = Field(
+        default=None, description="Ed25519 release key (PEM, owner-only); default: "
+        "{data_dir}/keys/release.pem, created by `edgefl model keygen`")
+    key_id: Id = Field(default="release-1", description="The name devices know the key by")
+
+
 class CloudSettings(FileSettings):
     """Settings of one cloud service instance (``EDGEFL_CLOUD_*`` variables, a file, options)."""
 
@@ -79,11 +90,22 @@ class CloudSettings(FileSettings):
         "delivered again by the broker")
     influx: InfluxSettings | None = Field(
         default=None, description="Also write telemetry to InfluxDB (for Grafana)")
+    models: ModelOpsSettings = Field(default_factory=ModelOpsSettings)
 
     @property
     def sqlite_path(self) -> Path:
         """The embedded store."""
         return self.data_dir / "edgefl.sqlite3"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        """Where the registry keeps model files."""
+        return self.models.artifacts_dir or self.data_dir / "artifacts"
+
+    @property
+    def release_key_path(self) -> Path:
+        """The release signing key."""
+        return self.models.release_key or self.data_dir / "keys" / "release.pem"
 
     @property
     def client_id(self) -> str:

@@ -22,7 +22,7 @@ import typer
 logger = logging.getLogger(__name__)
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
-EXTRAS = {"cloud": "cloud", "edge_node": "edge"}
+EXTRAS = {"cloud": "cloud", "edge_node": "edge", "edgefl": "cloud,edge"}
 """Top-level package of a command group -> the extra that installs its dependencies."""
 
 

@@ -78,8 +78,15 @@ def test_three_devices_three_rounds_match_in_process_fedavg(
     final = decode_message(TaskStatus, watcher.wait_for(
         lambda m: json.loads(m.payload).get("state") == "finished").payload)
     assert final.round == 3 and final.central_accuracy is not None
-    registry = cloud.service.store.get("model_registry")
-    assert f"{TASK}:3" in registry
+    # The final weights are a registered version, with their lineage and figures.
+    models = cloud.service.models
+    final_version = next(v for v in models.versions(TASK) if v.fl_round == 3)
+    assert final_version.version == "0.3.0" and final_version.format.value == "weights"
+    assert final_version.fl_task == TASK and final_version.recipe["strategy"] == "fedavg"
+    assert models.read(final_version) == (folder / "global-3.safetensors").read_bytes()
+    figures = {m.name: m.value for m in models.metrics(TASK, "0.3.0")}
+    assert figures["central_accuracy"] == pytest.approx(final.central_accuracy)
+    assert final.message is not None and f"registered {TASK} 0.3.0" in final.message
     watcher.close()
 
 

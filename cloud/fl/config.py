@@ -50,6 +50,9 @@ class FLTaskConfig(SettingsSection):
                                  description="Stop after this many rounds without improvement")
     min_delta: float = 0.001
     seed: int = 0
+    model_name: Id | None = Field(
+        default=None, description="Registry model the final (and best) weights are registered "
+        "under; default: the task's name")
     keep_update_rounds: int = Field(
         default=0, ge=0, description="Keep the update files of the last N released rounds "
         "(audit, replay); 0 deletes a round's files once it is released")

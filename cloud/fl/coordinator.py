@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 import random
 import shutil
 import statistics
@@ -39,12 +38,15 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cloud.errors import CloudOffline
+from cloud.files import write_atomic
 from cloud.fl.config import FLTaskConfig
 from cloud.fl.fl_store import FLStore
 from cloud.fl.registry import make_strategy
 from cloud.fl.strategy import Strategy
 from cloud.fl.validation import validate_update
 from cloud.health import HealthCounters
+from cloud.models.formats import ArtifactFormat
+from cloud.models.registry import ModelRegistry, VersionExistsError
 from cloud.mqtt_link import Inbound
 from cloud.offload import off_loop
 from cloud.registry import DeviceRecord, DeviceRegistry
@@ -105,6 +107,8 @@ class CoordinatorState(BaseModel):
     last: dict[str, Any] | None = None
     last_selected: dict[str, float] = Field(default_factory=dict)
     best_accuracy: float | None = None
+    best_round: int | None = Field(default=None, description="Round of the most accurate model")
+    best_round_accuracy: float | None = None
     stale_rounds: int = 0
     message: str | None = None
     uncleared: list[str] = Field(default_factory=list,
@@ -134,7 +138,8 @@ class Coordinator:
 
     def __init__(self, name: str, config: FLTaskConfig, *, topics: Topics, store: SqliteStore,
                  registry: DeviceRegistry, sinks: list[TelemetrySink], folder: Path,
-                 publish: Publish, ack: Ack, health: HealthCounters) -> None:
+                 publish: Publish, ack: Ack, health: HealthCounters,
+                 models: ModelRegistry | None = None) -> None:
         self.name = name
         self.config = config
         self.topics = topics
@@ -145,6 +150,7 @@ class Coordinator:
         self.publish = publish
         self.ack = ack
         self.health = health
+        self.models = models
         self.counters = health.flat
         self.task: FLTask = load_task(config.task, **config.task_kwargs)
         self.strategy: Strategy = make_strategy(config.strategy, config.strategy_params)
@@ -274,10 +280,10 @@ class Coordinator:
                                        created_at=now())
         shared = {k: weights[k] for k in self.strategy.shared_names(weights)}
         payload = encode(shared, envelope)
-        _atomic_write(self._weights_path(version), payload)
+        write_atomic(self._weights_path(version), payload)
         arrays = self.strategy.state_arrays()
         if arrays:
-            _atomic_write(self._strategy_path(version), encode(arrays, envelope))
+            write_atomic(self._strategy_path(version), encode(arrays, envelope))
         return payload
 
     # -- status ---------------------------------------------------------------------------
@@ -400,7 +406,7 @@ class Coordinator:
             return problem.to_wire(device_id)
         directory = self._update_dir(current.round)
         directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write(directory / f"{device_id}.safetensors", payload)
+        write_atomic(directory / f"{device_id}.safetensors", payload)
         meta = {
             "num_examples": float(envelope.num_examples),
             "train_loss": envelope.train_loss, "train_accuracy": envelope.train_accuracy,
@@ -701,6 +707,9 @@ class Coordinator:
         target = self.config.target_accuracy
         if target is not None and accuracy >= target:
             return f"target accuracy {target} reached ({accuracy:.4f})"
+        if self.state.best_round_accuracy is None or accuracy > self.state.best_round_accuracy:
+            self.state.best_round = record["round"]
+            self.state.best_round_accuracy = accuracy
         best = self.state.best_accuracy
         if best is None or accuracy > best + self.config.min_delta:
             self.state.best_accuracy = accuracy
@@ -715,8 +724,15 @@ class Coordinator:
         self.state.state = TaskState.FINISHED
         self.state.message = reason
         self.state.current = None
+        try:  # before the state is saved: a crash in between registers again (idempotent)
+            registered = await off_loop(self._register_models)
+            if registered:
+                self.state.message = f"{reason}; registered {', '.join(registered)}"
+        except Exception as exc:  # the task's result stands; the operator registers by hand
+            self.health.error("fl_register_error")
+            logger.exception("%s: the final model could not be registered", self.name)
+            self.state.message = f"{reason}; model not registered: {exc}"[:1024]
         await off_loop(self._save)
-        await off_loop(self._register_model)
         await self._republish()  # clears the retained plan, publishes the final status
         logger.info("%s: finished: %s", self.name, reason)
 
@@ -732,35 +748,59 @@ class Coordinator:
             self.health.error("fl_fail_not_persisted")
             logger.exception("%s: the failure could not be persisted or published", self.name)
 
-    def _register_model(self) -> None:
-        """Record the final model with its lineage, for optimisation and release."""
-        registry = self.store.get("model_registry") or {}
-        last = self.state.last or {}
-        registry[f"{self.name}:{self.state.global_version}"] = {
-            "task": self.name, "task_path": self.config.task, "version": self.state.global_version,
-            "rounds": self.state.round, "strategy": self.strategy.name,
-            "weights": str(self._weights_path(self.state.global_version)),
-            "metrics": {k: last.get(k) for k in ("central_accuracy", "eval_accuracy",
-                                                 "train_loss")},
-            "registered_at": now(),
-        }
-        self.store.put("model_registry", registry)
+    def _register_models(self) -> list[str]:
+        """Register the final weights (and the most accurate round's) in the model registry.
+
+        With their lineage and figures (worker thread); returns ``model version`` names.
+
+        The version is ``0.{round}.0``, with the patch raised past any version that a
+        previous run of the same task registered with other weights.
+        """
+        if self.models is None or self.state.round == 0:
+            return []
+        model = self.config.model_name or self.name
+        rounds = [(self.state.round, "final")]
+        best = self.state.best_round
+        if best is not None and best != self.state.round:
+            rounds.append((best, f"best ({self.state.best_round_accuracy:.4f})"))
+        elif best is not None:
+            rounds[0] = (self.state.round, "final, best")
+        recipe = {"strategy": self.strategy.name, "strategy_params": self.config.strategy_params,
+                  "rounds": self.state.round, "hyperparams": self.config.hyperparams.model_dump(),
+                  "task_kwargs": self.config.task_kwargs}
+        names: list[str] = []
+        for round_, note in rounds:
+            path = self._weights_path(str(round_))
+            if not path.exists():
+                logger.warning("%s: weights of round %d are gone: not registered", self.name,
+                               round_)
+                continue
+            data = path.read_bytes()
+            status = self.fl_store.round_status(round_)
+            figures = {} if status is None else {
+                "central_accuracy": status.central_accuracy,
+                "eval_accuracy": status.eval_accuracy, "train_loss": status.train_loss,
+                "eval_loss": status.eval_loss}
+            metrics = {k: v for k, v in figures.items() if v is not None}
+            patch = 0
+            while True:
+                version = f"0.{round_}.{patch}"
+                try:
+                    self.models.register(
+                        model, version, data, ArtifactFormat.WEIGHTS, task=self.config.task,
+                        fl_task=self.name, fl_round=round_, recipe=recipe, note=note,
+                        metrics=metrics, metrics_source="fl")
+                    break
+                except VersionExistsError:
+                    patch += 1
+            names.append(f"{model} {version}")
+        return names
 
 
 def _rejection(device_id: str, reason: str, detail: str) -> Rejection:
     reason = reason if reason.replace("_", "").replace("-", "").isalnum() and len(reason) <= 64 \
         else "bad_payload"
     return Rejection(device_id=device_id, reason=reason, detail=detail[:1024])
-
-
-def _atomic_write(path: Path, payload: bytes) -> None:
-    """Write, fsync, rename: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
 
 
 def _remove_tree(path: Path) -> None:

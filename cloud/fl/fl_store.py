@@ -139,6 +139,12 @@ class FLStore:
             self.store.write_fl_round(status)
             self.save_state(state)
 
+    def round_status(self, round_: int) -> TaskStatus | None:
+        """The status recorded when ``round_`` was released (the latest, if released twice)."""
+        rows = self.store.query("SELECT status FROM fl_rounds WHERE task=? AND round=? "
+                                "ORDER BY ts DESC LIMIT 1", (self.task, round_))
+        return TaskStatus.model_validate_json(rows[0]["status"]) if rows else None
+
     def history(self) -> list[TaskStatus]:
         """The released rounds, oldest first."""
         return [TaskStatus.model_validate_json(r["status"]) for r in self.store.query(

@@ -1,0 +1,1 @@
+"""Model operations: the registry of models and versions, the optimizer, rollouts."""

@@ -1,0 +1,278 @@
+"""``edgefl model``: the model registry from the command line.
+
+This group lives in the composition root because it uses both sides: the cloud's
+registry (in the cloud store) and the edge's inference runtimes, which check
+that a file loads in the runtime of its format before it is registered.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cloud.models.formats import ArtifactFormat, FormatError, check_claim, detect_format
+from cloud.models.registry import ModelRegistry, ModelVersion, RegistryError
+from cloud.settings import CloudSettings
+from cloud.storage.sqlite_store import SqliteStore
+from schemas.errors import SchemaError
+from schemas.topics import validate_id
+
+logger = logging.getLogger(__name__)
+
+DataDir = Annotated[Path | None, typer.Option(help="Cloud data folder [var/cloud]")]
+Config = Annotated[Path | None, typer.Option(help="Cloud TOML/YAML settings file")]
+AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
+
+model_app = typer.Typer(name="model", no_args_is_help=True,
+                        help="Model operations: registry, release key.")
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print one error line; the caller raises what this returns."""
+    typer.secho(f"error: {' '.join(message.split())[:500]}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
+
+
+def load_settings(config: Path | None, data_dir: Path | None) -> CloudSettings:
+    """The cloud's settings, or one error line and exit 2."""
+    try:
+        return CloudSettings.load(config, data_dir=data_dir)
+    except (SchemaError, ValueError) as exc:
+        raise fail(str(exc)) from None
+
+
+def open_registry(settings: CloudSettings, *, create: bool = False) -> ModelRegistry:
+    """The registry in the cloud store (created by ``register``, else it must exist)."""
+    if not create and not settings.sqlite_path.exists():
+        raise fail(f"no cloud store at {settings.sqlite_path}")
+    return ModelRegistry(SqliteStore(settings.sqlite_path), settings.artifacts_dir)
+
+
+def _date(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+# -- keygen ------------------------------------------------------------------------------
+
+
+@model_app.command("keygen")
+def keygen(
+    config: Config = None, data_dir: DataDir = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace an existing key (devices must then trust the new one)")] = False,
+) -> None:
+    """Create the release signing key (owner-only) where the cloud's settings point."""
+    from cloud.releases import generate_signing_key, public_key_b64
+
+    settings = load_settings(config, data_dir)
+    path = settings.release_key_path
+    if path.exists() and not force:
+        raise fail(f"{path} exists: keep it, or pass --force to replace it")
+    key = generate_signing_key(path)
+    typer.echo(f"release key {settings.models.key_id} written to {path}")
+    typer.echo("devices trust it with (edge settings):")
+    typer.echo(f"  ota:\n    trusted_keys:\n      {settings.models.key_id}: {public_key_b64(key)}")
+
+
+# -- register ----------------------------------------------------------------------------
+
+
+def _input_shape(path: Path, fmt: ArtifactFormat) -> list[int] | None:
+    """Load the file in its runtime (the check) and return its input shape, -1 dynamic."""
+    from edge_node.errors import EdgeError
+    from edge_node.inference import load_runtime
+
+    deployable = fmt.deployable
+    assert deployable is not None  # noqa: S101 - weights are checked by the task
+    try:
+        runtime = load_runtime(path, deployable)
+    except EdgeError as exc:
+        raise fail(f"{path} does not load as {fmt.value}: {exc}") from None
+    try:
+        spec = runtime.inputs[0]
+        return [-1 if d is None else d for d in spec.shape] if spec.known else None
+    finally:
+        runtime.close()
+
+
+def _check_weights(data: bytes, task: str | None, task_kwargs: dict[str, Any]) -> list[str]:
+    from cloud.models.weights import WeightsError, task_weights
+    from fl_tasks.base import load_task
+    from fl_tasks.errors import TaskError
+
+    if task is None:
+        raise fail("a weights file needs --task (the task whose model it fits)")
+    try:
+        loaded = task_weights(load_task(task, **task_kwargs), data)
+    except (TaskError, WeightsError) as exc:
+        raise fail(f"the weights do not fit {task}: {exc}") from None
+    return loaded.from_task
+
+
+@model_app.command("register")
+def register(
+    file: Annotated[Path, typer.Argument(help="Model file (ONNX, TFLite, TorchScript or "
+                                               "safetensors weights of a task)")],
+    name: Annotated[str, typer.Option("--name", help="Model name")],
+    version: Annotated[str, typer.Option("--version", help="Semantic version, e.g. 1.2.0")],
+    fmt: Annotated[str, typer.Option(
+        "--format", help="auto, onnx, tflite, torchscript or weights")] = "auto",
+    task: Annotated[str | None, typer.Option(
+        help="Task import path (package.module:Class) the model belongs to")] = None,
+    task_kwarg: Annotated[list[str] | None, typer.Option(
+        "--task-arg", help="Task constructor argument k=v (JSON value), repeatable")] = None,
+    parent: Annotated[str | None, typer.Option(help="Version this one derives from")] = None,
+    note: Annotated[str | None, typer.Option(help="Free text kept with the version")] = None,
+    config: Config = None, data_dir: DataDir = None, as_json: AsJson = False,
+) -> None:
+    """Register a model file: it must be the format it claims and load in its runtime."""
+    try:
+        validate_id(name, "model name")
+        data = file.read_bytes()
+    except (SchemaError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    except OSError as exc:
+        raise fail(f"cannot read {file}: {exc.strerror or exc}") from None
+    if not data:
+        raise fail(f"{file} is empty")
+    kwargs = _task_kwargs(task_kwarg or [])
+    try:
+        if fmt == "auto":
+            kind = detect_format(data)
+        else:
+            try:
+                kind = ArtifactFormat(fmt)
+            except ValueError:
+                raise fail(f"unknown format {fmt!r}: auto, "
+                           + ", ".join(f.value for f in ArtifactFormat)) from None
+            check_claim(data, kind)
+    except FormatError as exc:
+        raise fail(f"{file}: {exc}") from None
+    shape: list[int] | None = None
+    from_task: list[str] = []
+    if kind is ArtifactFormat.WEIGHTS:
+        from_task = _check_weights(data, task, kwargs)
+    else:
+        shape = _input_shape(file, kind)
+    settings = load_settings(config, data_dir)
+    registry = open_registry(settings, create=True)
+    try:
+        registered = registry.register(
+            name, version, data, kind, task=task, parent_version=parent, input_shape=shape,
+            note=note, recipe={"source": "register", "file": file.name,
+                               **({"task_kwargs": kwargs} if kwargs else {})})
+    except RegistryError as exc:
+        raise fail(str(exc)) from None
+    if as_json:
+        typer.echo(json.dumps(registered.as_json(), indent=2))
+        return
+    typer.echo(f"registered {name} {version}: {kind.value}, {registered.size_bytes} bytes, "
+               f"sha256 {registered.sha256[:12]}, {registered.state.value}")
+    if from_task:
+        typer.echo(f"note: {len(from_task)} tensor(s) not in the file take the task's initial "
+                   f"values: {', '.join(from_task[:5])}{' ...' if len(from_task) > 5 else ''}")
+
+
+def _task_kwargs(pairs: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise fail(f"--task-arg {pair!r}: expected key=value")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+# -- list / show -------------------------------------------------------------------------
+
+
+@model_app.command("list")
+def list_models(config: Config = None, data_dir: DataDir = None, as_json: AsJson = False) -> None:
+    """Registered models with their version count, newest and active versions."""
+    registry = open_registry(load_settings(config, data_dir))
+    models = registry.models()
+    if as_json:
+        typer.echo(json.dumps(models, indent=2))
+        return
+    table = Table(title="models")
+    for column in ("model", "task", "versions", "latest", "active", "created"):
+        table.add_column(column)
+    for m in models:
+        table.add_row(m["name"], m["task"] or "-", str(m["versions"]), m["latest"] or "-",
+                      ", ".join(m["active"]) or "-", _date(m["created_at"]))
+    Console().print(table)
+
+
+@model_app.command("show")
+def show(
+    name: Annotated[str, typer.Argument(help="Model name")],
+    version: Annotated[str | None, typer.Argument(help="Version; all versions when left out")]
+    = None,
+    config: Config = None, data_dir: DataDir = None, as_json: AsJson = False,
+) -> None:
+    """A model's versions, or one version with its lineage, metrics and history."""
+    registry = open_registry(load_settings(config, data_dir))
+    try:
+        if version is None:
+            versions = registry.versions(name)
+            if as_json:
+                typer.echo(json.dumps([v.as_json() for v in versions], indent=2))
+                return
+            _versions_table(name, versions)
+            return
+        one = registry.get(name, version)
+        lineage = registry.lineage(name, version)
+    except RegistryError as exc:
+        raise fail(str(exc)) from None
+    metrics = registry.metrics(name, version)
+    events = registry.events(name, version)
+    if as_json:
+        typer.echo(json.dumps({
+            **one.as_json(), "lineage": [v.version for v in lineage],
+            "metrics": [{"source": m.source, "device_class": m.device_class, "name": m.name,
+                         "value": m.value, "measured_at": m.measured_at} for m in metrics],
+            "events": [{"ts": e.ts, "event": e.event, "detail": e.detail} for e in events],
+        }, indent=2))
+        return
+    console = Console()
+    console.print(f"{name} {version}: {one.format.value}, {one.size_bytes} bytes, "
+                  f"{one.state.value}, sha256 {one.sha256}")
+    console.print("lineage: " + " <- ".join(v.version for v in lineage)
+                  + (f"; FL task {one.fl_task} round {one.fl_round}" if one.fl_task else "")
+                  + (f"; recipe {json.dumps(one.recipe)}" if one.recipe else ""))
+    if metrics:
+        table = Table(title="metrics")
+        for column in ("source", "device class", "name", "value", "measured"):
+            table.add_column(column)
+        for m in metrics:
+            table.add_row(m.source, m.device_class or "-", m.name, f"{m.value:.6g}",
+                          _date(m.measured_at))
+        console.print(table)
+    table = Table(title="history")
+    for column in ("when", "event", "detail"):
+        table.add_column(column)
+    for e in events:
+        table.add_row(_date(e.ts), e.event, e.detail or "")
+    console.print(table)
+
+
+def _versions_table(name: str, versions: list[ModelVersion]) -> None:
+    table = Table(title=f"{name}: versions")
+    for column in ("version", "format", "state", "size", "parent", "FL round", "note",
+                   "created"):
+        table.add_column(column)
+    for v in versions:
+        table.add_row(v.version, v.format.value, v.state.value, str(v.size_bytes),
+                      v.parent_version or "-", "-" if v.fl_round is None else str(v.fl_round),
+                      v.note or "", _date(v.created_at))
+    Console().print(table)
