@@ -20,7 +20,7 @@ import logging
 import secrets
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +34,7 @@ from cloud.mqtt_link import Inbound
 from cloud.offload import off_loop
 from cloud.registry import DeviceRegistry, RegistryChanges
 from cloud.settings import CloudSettings
-from cloud.storage.sink import TelemetrySink
+from cloud.storage.sink import AlertEvent, TelemetrySink
 from cloud.storage.sqlite_store import SqliteStore
 from schemas.base import decode_message, now
 from schemas.catalog import CHANNELS
@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 Publish = Callable[[str, bytes, bool], Awaitable[None]]
 Ack = Callable[[Inbound], None]
+Observer = Callable[[Sequence[DeploymentStatus], Sequence[AlertEvent]], None]
 REPORT_REQUEST_EVERY_S = 60.0
 ROW_ERRORS = (OverflowError, ValueError, TypeError, sqlite3.IntegrityError,
               sqlite3.InterfaceError, sqlite3.DataError)
@@ -112,6 +113,9 @@ class Ingest:
         self._last_report_request: dict[str, float] = {}
         self._provisioned = set(settings.ingest.provisioned)
         self._metrics_seq: dict[tuple[str, str], int] = {}
+        self.observers: list[Observer] = []
+        """Called on the loop after each commit with its deployment statuses and alert
+        transitions (the rollout manager watches them)."""
 
     def filters(self) -> list[str]:
         """Subscriptions: telemetry and metrics shared between instances when configured."""
@@ -300,6 +304,9 @@ class Ingest:
             raise
         for message in batch.pending.acks:
             self.ack(message)
+        if batch.pending.deployments or batch.alerts.events:
+            for observer in self.observers:
+                observer(batch.pending.deployments, batch.alerts.events)
         if refused:
             self.health.errors["store_refused_row"] += refused
             self.counters["refused_store_error"] += refused

@@ -8,6 +8,7 @@ anything else. The signature covers ``manifest.signing_bytes()``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import math
 import os
@@ -25,13 +26,20 @@ DEFAULT_CHUNK_BYTES = 256 * 1024
 def generate_signing_key(path: Path) -> Ed25519PrivateKey:
     """Create a release key and store it as PEM readable by its owner only."""
     key = Ed25519PrivateKey.generate()
+    save_signing_key(key, path)
+    return key
+
+
+def save_signing_key(key: Ed25519PrivateKey, path: Path) -> None:
+    """Store a release key as PEM readable by its owner only (replacing any file there)."""
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(pem)
-    return key
 
 
 def load_signing_key(path: Path) -> Ed25519PrivateKey:

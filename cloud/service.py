@@ -40,6 +40,7 @@ from cloud.health import STATE_KEY as HEALTH_KEY
 from cloud.health import HealthCounters
 from cloud.ingest import INGESTED_KINDS, Ingest
 from cloud.models.registry import ModelRegistry
+from cloud.models.rollout import RolloutManager
 from cloud.mqtt_link import Inbound, MqttLink
 from cloud.offload import off_loop
 from cloud.rate_limit import DeviceBudget
@@ -101,6 +102,11 @@ class CloudService:
         self.ingest = Ingest(settings, self.topics, self.registry, self.alerts, self.store,
                              self.sinks, self.publish, self.link.ack, self.health)
         self.submissions = Submissions(self.store)
+        self.rollouts = RolloutManager(
+            store=self.store, models=self.models, devices=self.registry, topics=self.topics,
+            publish=self.publish, health=self.health, key_path=settings.release_key_path,
+            key_id=settings.models.key_id, chunk_bytes=settings.models.chunk_bytes)
+        self.ingest.observers.append(self.rollouts.observe)
         self.coordinators: dict[str, Coordinator] = {}
         tasks = {**self.submissions.submitted(), **settings.fl}  # the settings file wins
         for name, config in tasks.items():
@@ -145,7 +151,8 @@ class CloudService:
                 helpers = [group.create_task(self._alert_ticker(), name="alert-ticker"),
                            group.create_task(self._flusher(), name="influx-flusher"),
                            group.create_task(self._housekeeping(), name="housekeeping"),
-                           group.create_task(self._task_requests(), name="task-requests")]
+                           group.create_task(self._task_requests(), name="task-requests"),
+                           group.create_task(self.rollouts.run(), name="rollouts")]
                 self._fl_tasks = [group.create_task(c.run(), name=f"fl-{name}")
                                   for name, c in self.coordinators.items()]
                 await self._connections(stop, self._fl_tasks, writer)

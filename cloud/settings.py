@@ -66,6 +66,9 @@ class ModelOpsSettings(SettingsSection):
         default=None, description="Ed25519 release key (PEM, owner-only); default: "
         "{data_dir}/keys/release.pem, created by `edgefl model keygen`")
     key_id: Id = Field(default="release-1", description="The name devices know the key by")
+    chunk_bytes: Annotated[int, Field(ge=1024, le=8 * 1024 * 1024)] = Field(
+        default=256 * 1024, description="Bytes per retained model chunk (below the broker's "
+        "max_packet_size and the devices' limits)")
 
 
 class CloudSettings(FileSettings):

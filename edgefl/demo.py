@@ -1,15 +1,16 @@
 """``edgefl demo``: the platform end to end on one machine.
 
-What exists so far: a real broker from edgefl's config; a simulated fleet of
-real edge agents (each with its own MQTT connection, credentials, state folder,
-psutil telemetry and offline buffer); an observer with the cloud identity that
-validates every message against the schemas; a digits classifier trained on
-scikit-learn's bundled digits, exported to ONNX, signed and rolled out over MQTT
-to every device, which installs it (sha256, Ed25519, A/B slot, smoke test) and
-serves it, reporting latency percentiles and accuracy on labelled feedback; an
-ACL refusal, a malformed message refused with its reason, and an abrupt
-disconnect whose LWT arrives retained. Later issues add the cloud service, FL
-and staged rollout.
+A real broker from edgefl's config; a simulated fleet of real edge agents (each
+with its own MQTT connection, credentials, state folder, psutil telemetry and
+offline buffer); the cloud service, whose coordinator trains a digits
+classifier with federated averaging across the fleet and registers the result;
+the ONNX export registered as the release, handed to the service's rollout
+manager, signed and rolled out in stages (a canary fifth, then the fleet); every
+device installs it (sha256, Ed25519, A/B slot, smoke test) and serves it,
+reporting latency percentiles and accuracy on labelled feedback; an observer
+with the cloud identity that validates every message against the schemas; a
+real alert, an ACL refusal, a malformed message refused with its reason, and an
+abrupt disconnect whose LWT arrives retained.
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ from rich.table import Table
 
 from broker.local import LocalBroker, start_local_broker
 from cloud.demo_model import centralized_baseline, export_onnx
-from cloud.releases import build_release, public_key_b64
+from cloud.models.formats import ArtifactFormat
+from cloud.models.rollout import RolloutSpec
+from cloud.models.rollout_store import RolloutStore
+from cloud.releases import public_key_b64, save_signing_key
 from cloud.service import ServiceThread
 from cloud.settings import CloudSettings
 from cloud.storage.sqlite_store import SqliteStore
@@ -45,7 +49,7 @@ from edge_node.settings import EdgeSettings
 from fl_tasks.base import Partition
 from fl_tasks.digits import DigitsTask
 from schemas.alerts import Alert
-from schemas.base import ModelFormat, decode_message, now
+from schemas.base import decode_message, now
 from schemas.catalog import CHANNELS
 from schemas.device import DeploymentState, DeploymentStatus, DeviceState, ModelMetrics
 from schemas.errors import DecodeError, TopicError
@@ -87,6 +91,7 @@ class DemoSummary:
     lwt_offline_retained: bool = False
     alert: dict[str, object] = field(default_factory=dict)
     fl: dict[str, object] = field(default_factory=dict)
+    rollout: dict[str, object] = field(default_factory=dict)
     cloud_stored_telemetry: int = 0
     cloud_devices_online: int = 0
     duration_s: float = 0.0
@@ -207,6 +212,7 @@ def _fl_config(rounds: int, devices: int) -> dict[str, object]:
         "min_available_clients": devices, "round_timeout_s": 30.0,
         "hyperparams": {"local_epochs": 2, "batch_size": 16, "learning_rate": 0.1,
                         "momentum": 0.5},
+        "model_name": MODEL,
     }
 
 
@@ -261,10 +267,11 @@ def _run(broker: LocalBroker, ids: list[str], reports: int, rounds: int, folder:
     summary = DemoSummary(broker=broker.kind, mqtt_version="5" if broker.mqtt5 else "3.1.1",
                           devices=len(ids), telemetry_expected=len(ids) * reports)
     observer = Observer(broker, topics)
+    key = Ed25519PrivateKey.generate()
+    save_signing_key(key, folder / "cloud" / "keys" / "release.pem")
     cloud = _cloud(broker, folder / "cloud", _fl_config(rounds, len(ids))).start()
     console.print(f"cloud: service {cloud.settings.instance} online, store "
                   f"{cloud.settings.sqlite_path}")
-    key = Ed25519PrivateKey.generate()
     fleet = [_agent(broker, d, folder / "fleet", key, interval, i, len(ids))
              for i, d in enumerate(ids)]
     try:
@@ -276,7 +283,7 @@ def _run(broker: LocalBroker, ids: list[str], reports: int, rounds: int, folder:
         console.print(f"fleet: {len(fleet)} agents online, each with a Dirichlet({FL_ALPHA}) "
                       "share of the digits")
         weights = _federated(cloud, summary, console, rounds, len(ids))
-        _rollout(observer, topics, fleet, key, weights, summary, console)
+        _rollout(cloud, observer, topics, fleet, weights, summary, console)
         observer.wait(lambda: observer.kinds["telemetry"] >= summary.telemetry_expected,
                       timeout=reports * interval * 4 + WAIT_S)
         _alert(observer, topics, fleet[len(fleet) // 2], summary, console)
@@ -303,6 +310,7 @@ def _run(broker: LocalBroker, ids: list[str], reports: int, rounds: int, folder:
         and all(d.installed_version == "1.0.0" and d.accuracy is not None for d in summary.fleet)
         and summary.alert.get("resolved") is True
         and summary.fl.get("final_accuracy") is not None
+        and summary.rollout.get("state") == "completed"
         and summary.cloud_stored_telemetry >= summary.telemetry_expected
     )
     _print(console, summary)
@@ -358,25 +366,49 @@ def _federated(cloud: ServiceThread, summary: DemoSummary, console: Console, rou
     return dict(coordinator.global_weights)
 
 
-def _rollout(observer: Observer, topics: Topics, fleet: list[EdgeAgent], key: Ed25519PrivateKey,
+def _rollout(cloud: ServiceThread, observer: Observer, topics: Topics, fleet: list[EdgeAgent],
              weights: dict[str, np.ndarray], summary: DemoSummary, console: Console) -> None:
-    """Export the federated model, sign, publish; every device installs, serves, reports."""
+    """Register the federated model as ONNX and hand a rollout to the cloud service.
+
+    The rollout manager signs and publishes it to a canary fifth of the fleet, then to
+    every device; each installs, serves and reports.
+    """
     task = DigitsTask()
     onnx = export_onnx(task, weights)
     test_x, test_y = task.central_data()
     accuracy = task.evaluate(weights, test_x, test_y).accuracy
     summary.model_test_accuracy = round(accuracy, 4)
-    manifest, chunks = build_release(
-        MODEL, "1.0.0", onnx, fmt=ModelFormat.ONNX, key=key, key_id=KEY_ID,
-        chunk_size=4096, input_shape=[1, 64],
-        metadata={"trained_by": "federated averaging on the demo fleet",
-                  "test_accuracy": accuracy},
-    )
-    for i, chunk in enumerate(chunks):
-        observer.publish(topics.chunk(MODEL, "1.0.0", i), chunk, retain=True)
-    observer.publish(topics.release(MODEL), manifest.to_json(), retain=True)
-    console.print(f"release: {MODEL} 1.0.0, {manifest.size_bytes} bytes in "
-                  f"{manifest.chunk_count} signed chunks")
+    models = cloud.service.models
+    trained = [v for v in models.versions(MODEL) if v.format is ArtifactFormat.WEIGHTS
+               and v.note is not None and v.note.startswith("final")]
+    version = models.register(
+        MODEL, "1.0.0", onnx, ArtifactFormat.ONNX, task="fl_tasks.digits:DigitsTask",
+        parent_version=trained[-1].version if trained else None, input_shape=[-1, 64],
+        recipe={"export": "onnx fp32, dynamic batch"}, metrics={"accuracy": accuracy},
+        metrics_source="export")
+    requests = RolloutStore(cloud.service.store)
+    spec = RolloutSpec(model=MODEL, version="1.0.0", canary_percent=20.0, steps=[100.0],
+                       probation_s=2.0)
+    request_id = requests.request("release", spec.model_dump(mode="json"))
+    observer.wait(lambda: (r := requests.get_request(request_id)) is not None
+                  and r.state != "pending")
+    answer = requests.get_request(request_id)
+    if answer is None or answer.state != "done":
+        raise RuntimeError(f"the release was refused: {answer.detail if answer else '-'}")
+    console.print(f"release: {MODEL} 1.0.0 (from {version.parent_version or 'export'}), "
+                  f"{version.size_bytes} bytes, signed; {answer.detail}")
+
+    def completed() -> bool:
+        rollout = requests.latest(MODEL)
+        return rollout is not None and rollout.state in ("completed", "aborted")
+
+    observer.wait(completed, timeout=WAIT_S * 3)
+    rollout = requests.latest(MODEL)
+    summary.rollout = {} if rollout is None else {
+        "id": rollout.id, "state": rollout.state, "canary": rollout.canary,
+        "stages": rollout.stage_sizes, "reason": rollout.reason}
+    console.print(f"rollout: {rollout.state if rollout else 'missing'}: canary "
+                  f"{', '.join(rollout.canary) if rollout else '-'}, then the whole fleet")
 
     def installed(device_id: str) -> bool:
         for payload in observer.on_topic(topics.deployment_status(device_id, MODEL)):
@@ -424,7 +456,7 @@ def _cloud(broker: LocalBroker, folder: Path, fl: dict[str, object]) -> ServiceT
     settings = CloudSettings.model_validate({
         "instance": "demo-cloud", "data_dir": folder, "mqtt": mqtt,
         "ingest": {"flush_interval_s": 0.1}, "alerts": {"tick_interval_s": 0.5},
-        "fl": {FL_TASK: fl},
+        "fl": {FL_TASK: fl}, "models": {"key_id": KEY_ID, "chunk_bytes": 16 * 1024},
     })
     return ServiceThread(settings)
 

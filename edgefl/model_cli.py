@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -276,3 +277,224 @@ def _versions_table(name: str, versions: list[ModelVersion]) -> None:
                       v.parent_version or "-", "-" if v.fl_round is None else str(v.fl_round),
                       v.note or "", _date(v.created_at))
     Console().print(table)
+
+
+# -- rollouts (handed to the running cloud service) ----------------------------------------
+
+_DURATION = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0}
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``30s``, ``10m``, ``2h``, ``1d`` -> seconds."""
+    raw = text.strip().lower()
+    unit = _DURATION.get(raw[-1:]) if raw else None
+    number = raw[:-1] if unit else raw
+    try:
+        value = float(number) * (unit or 1.0)
+    except ValueError:
+        raise fail(f"duration {text!r}: expected a number with s, m, h or d") from None
+    if not math.isfinite(value) or value < 0:
+        raise fail(f"duration {text!r} must not be negative")
+    return value
+
+
+def parse_percent(text: str, what: str) -> float:
+    """``10%`` or ``10`` -> 10.0."""
+    try:
+        return float(text.strip().removesuffix("%"))
+    except ValueError:
+        raise fail(f"{what} {text!r}: expected a percentage such as 10%") from None
+
+
+def parse_abort_on(text: str) -> float:
+    """``failed>20%`` -> 20.0 (the share of targeted devices that may fail)."""
+    name, sep, limit = text.replace(" ", "").partition(">")
+    if name != "failed" or not sep:
+        raise fail(f"--abort-on {text!r}: expected failed>N%")
+    return parse_percent(limit, "--abort-on")
+
+
+def _submit(settings: CloudSettings, action: str, body: dict[str, Any], wait: float) -> str:
+    """Hand a request to the running service; its answer (exit 1 when refused or unserved)."""
+    import threading
+    import time
+
+    from cloud.models.rollout_store import RolloutStore
+
+    if not settings.sqlite_path.exists():
+        raise fail(f"no cloud store at {settings.sqlite_path}")
+    requests = RolloutStore(SqliteStore(settings.sqlite_path))
+    request_id = requests.request(action, body)  # type: ignore[arg-type]
+    deadline = time.monotonic() + wait
+    pause = threading.Event()
+    while (request := requests.get_request(request_id)) is not None \
+            and request.state == "pending":
+        if time.monotonic() > deadline and requests.withdraw(request_id):
+            raise fail(f"no cloud service answered within {wait:.0f} s: is `edgefl cloud` "
+                       f"running with {settings.data_dir}?", 1)
+        pause.wait(0.2)
+    if request is None or request.state != "done":
+        raise fail(f"refused: {request.detail if request else 'request lost'}", 1)
+    return request.detail or ""
+
+
+@model_app.command("release")
+def release(
+    name: Annotated[str, typer.Argument(help="Model name")],
+    version: Annotated[str, typer.Argument(help="Version to roll out")],
+    canary: Annotated[str | None, typer.Option(
+        help="Share of the compatible devices in the canary stage, e.g. 10%")] = None,
+    canary_devices: Annotated[str | None, typer.Option(
+        help="Explicit canary devices, comma-separated")] = None,
+    steps: Annotated[str, typer.Option(
+        help="Percent of the fleet after each widening, e.g. 10,50,100")] = "100",
+    probation: Annotated[str, typer.Option(help="Watch time per stage, e.g. 10m")] = "10m",
+    abort_on: Annotated[str, typer.Option(
+        help="Abort when more than this share of targeted devices fails")] = "failed>20%",
+    abort_on_alert: Annotated[str, typer.Option(
+        help="Abort on an alert of this severity or worse on a targeted device "
+             "(critical, major, minor, warning, or none)")] = "major",
+    force: Annotated[bool, typer.Option("--force", help="Release a rejected version")] = False,
+    follow: Annotated[bool, typer.Option(
+        "--follow", help="Print the stages until the rollout ends; exit 1 if it aborts")]
+    = False,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for the service")] = 30.0,
+    config: Config = None, data_dir: DataDir = None,
+) -> None:
+    """Hand a staged rollout to the running cloud service (canary, steps, probation)."""
+    from pydantic import ValidationError
+
+    from cloud.models.registry import VersionState
+    from cloud.models.rollout import RolloutSpec
+
+    settings = load_settings(config, data_dir)
+    registry = open_registry(settings)
+    try:
+        found = registry.get(name, version)
+    except RegistryError as exc:
+        raise fail(str(exc)) from None
+    if found.format.deployable is None:
+        raise fail(f"{name} {version} is {found.format.value}: optimize it into a deployable "
+                   "format first")
+    if found.state is VersionState.REJECTED and not force:
+        raise fail(f"{name} {version} is rejected: pass --force to release it anyway")
+    body: dict[str, Any] = {
+        "model": name, "version": version,
+        "steps": [parse_percent(s, "--steps") for s in steps.split(",") if s.strip()],
+        "probation_s": parse_duration(probation), "abort_failed_percent":
+        parse_abort_on(abort_on), "force": force,
+        "abort_alert_severity": None if abort_on_alert.lower() == "none"
+        else abort_on_alert.lower(),
+    }
+    if canary is not None:
+        body["canary_percent"] = parse_percent(canary, "--canary")
+    if canary_devices:
+        body["canary_devices"] = [d.strip() for d in canary_devices.split(",") if d.strip()]
+    try:
+        spec = RolloutSpec.model_validate(body, strict=False)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise fail(f"{where + ': ' if where else ''}{first['msg']}") from None
+    detail = _submit(settings, "release", spec.model_dump(mode="json"), wait)
+    typer.echo(detail)
+    if follow:
+        outcome = _follow_rollout(settings, name)
+        if outcome != "completed":
+            raise typer.Exit(1)
+
+
+def _follow_rollout(settings: CloudSettings, model: str) -> str:
+    import threading
+
+    from cloud.models.rollout_store import FINISHED, RolloutStore
+
+    rollouts = RolloutStore(SqliteStore(settings.sqlite_path))
+    pause = threading.Event()
+    shown: tuple[str, int] | None = None
+    while True:
+        rollout = rollouts.latest(model)
+        if rollout is None:
+            raise fail(f"no rollout of {model}", 1)
+        devices = rollouts.devices(rollout.id)
+        now_shown = (rollout.state, rollout.stage)
+        if now_shown != shown:
+            shown = now_shown
+            states = _count_states(devices)
+            typer.echo(f"rollout {rollout.id}: {rollout.state}, stage {rollout.stage + 1} of "
+                       f"{rollout.last_stage + 1} ({len(rollout.targets())} device(s)); "
+                       f"{states}" + (f"; {rollout.reason}" if rollout.reason else ""))
+        if rollout.state in FINISHED:
+            return rollout.state
+        pause.wait(0.5)
+
+
+def _count_states(devices: dict[str, dict[str, Any]]) -> str:
+    from collections import Counter
+
+    counts = Counter(d["state"] for d in devices.values())
+    return ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "no devices"
+
+
+@model_app.command("status")
+def rollout_status(
+    name: Annotated[str, typer.Argument(help="Model name")],
+    config: Config = None, data_dir: DataDir = None, as_json: AsJson = False,
+) -> None:
+    """The model's latest rollout: its stage, and every device's state."""
+    from cloud.models.rollout_store import RolloutStore
+
+    settings = load_settings(config, data_dir)
+    if not settings.sqlite_path.exists():
+        raise fail(f"no cloud store at {settings.sqlite_path}")
+    rollouts = RolloutStore(SqliteStore(settings.sqlite_path))
+    rollout = rollouts.latest(name)
+    if rollout is None:
+        raise fail(f"no rollout of {name!r}")
+    devices = rollouts.devices(rollout.id)
+    published, _ = rollouts.publication(name)
+    if as_json:
+        typer.echo(json.dumps({"rollout": rollout.id, "model": rollout.model,
+                               "version": rollout.version, "state": rollout.state,
+                               **rollout.record(), "retained_version": published,
+                               "devices": devices}, indent=2))
+        return
+    console = Console()
+    deadline = ("-" if rollout.state != "running"
+                else dt.datetime.fromtimestamp(rollout.deadline).strftime("%H:%M:%S"))
+    console.print(f"rollout {rollout.id}: {name} {rollout.version} {rollout.state}, stage "
+                  f"{rollout.stage + 1} of {rollout.last_stage + 1} "
+                  f"({len(rollout.targets())} of {len(rollout.order)} device(s)), probation "
+                  f"until {deadline}; previous {rollout.previous_version or '-'}; retained "
+                  f"{published or '-'}" + (f"; {rollout.reason}" if rollout.reason else ""))
+    table = Table(title="devices")
+    for column in ("device", "state", "stage", "detail", "updated"):
+        table.add_column(column)
+    for device, row in devices.items():
+        table.add_row(device, row["state"], "-" if row["stage"] is None else str(row["stage"] + 1),
+                      row["detail"] or "", _date(row["updated_at"]))
+    console.print(table)
+
+
+@model_app.command("rollback")
+def rollback(
+    name: Annotated[str, typer.Argument(help="Model name")],
+    reason: Annotated[str, typer.Option(help="Why (kept with the rollout)")] = "operator",
+    wait: Annotated[float, typer.Option(help="Seconds to wait for the service")] = 30.0,
+    config: Config = None, data_dir: DataDir = None,
+) -> None:
+    """Abort the running rollout, or return the fleet from the active version to the last."""
+    settings = load_settings(config, data_dir)
+    typer.echo(_submit(settings, "rollback", {"model": name, "reason": reason[:200]}, wait))
+
+
+@model_app.command("retire")
+def retire(
+    name: Annotated[str, typer.Argument(help="Model name")],
+    version: Annotated[str, typer.Argument(help="Version")],
+    wait: Annotated[float, typer.Option(help="Seconds to wait for the service")] = 30.0,
+    config: Config = None, data_dir: DataDir = None,
+) -> None:
+    """Retire a version; its retained release and chunks are cleared from the broker."""
+    settings = load_settings(config, data_dir)
+    typer.echo(_submit(settings, "retire", {"model": name, "version": version}, wait))

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from edge_node.agent import EdgeAgent
+from edge_node.agent import EdgeAgent, Sampler
 from edge_node.settings import EdgeSettings, MqttSettings, OtaSettings, TelemetrySettings
 from schemas.base import decode_message, now
 from schemas.device import Command, CommandResult, DeviceState, DeviceTelemetry
@@ -60,11 +60,12 @@ def make_agent(mosquitto: RunningBroker, topics: Topics, tmp_path: Path,
     agents: list[EdgeAgent] = []
 
     def factory(device_id: str | None = None, *, start: bool = True,
-                state_dir: Path | None = None, **overrides: Any) -> EdgeAgent:
+                state_dir: Path | None = None, sampler: Sampler | None = None,
+                **overrides: Any) -> EdgeAgent:
         device_id = device_id or new_device_id()
         settings = agent_settings(mosquitto, topics, device_id,
                                   state_dir or tmp_path / device_id, **overrides)
-        agent = EdgeAgent(settings)
+        agent = EdgeAgent(settings, sampler=sampler)
         agents.append(agent)
         if start:
             agent.start()

@@ -137,6 +137,10 @@ def test_demo_finishes_and_reports(tmp_path: Path, broker: str) -> None:
     if broker == "mosquitto":
         assert summary["acl_denied_reason"] == 0x87
     assert summary["model_test_accuracy"] > 0.9
+    # The release went through the service's rollout manager: canary first, then all.
+    rollout = summary["rollout"]
+    assert rollout["state"] == "completed", rollout
+    assert len(rollout["canary"]) == 2 and rollout["stages"] == [2, 10]
     assert summary["alert"]["opened"] is True and summary["alert"]["resolved"] is True
     assert summary["cloud_stored_telemetry"] >= summary["telemetry_expected"]
     for device in summary["fleet"]:

@@ -1,0 +1,716 @@
+"""Staged model rollouts, run by the cloud service and gated by live telemetry and alerts.
+
+``edgefl model release`` hands a :class:`RolloutSpec` to the running service
+(a request row); the :class:`RolloutManager`, one asyncio task that owns every
+rollout, then:
+
+1. checks each known device against the version's requirements (format,
+   runtime, memory: a model needing more than 80 % of a device's available
+   memory is refused, GPU) and lists the skipped devices with reasons;
+2. publishes the retained chunks, then the signed manifest targeting the
+   canary devices;
+3. watches the devices' ``DeploymentStatus``, and the alert engine: a share of
+   failures above the threshold, or an alert at or above the abort severity on a
+   targeted device, aborts at once; after the probation with neither, it widens
+   the target to the next step, and after the last step the version is active;
+4. on abort, sends ``rollback`` to every device that installed the version,
+   republishes the previous version (or withdraws the release when there was
+   none) and records why.
+
+Only one version per model is retained on the broker: when the manifest moves to
+another version, the chunks of the version it replaced are cleared (empty
+retained messages), so the broker's memory does not grow with releases.
+
+The rollout's record and each device's state are rows (:mod:`cloud.models.rollout_store`)
+written at every transition, so a restarted service resumes each rollout at the
+same stage with the same deadline. Disk work runs off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Self, cast, get_args
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cloud.errors import CloudOffline
+from cloud.health import HealthCounters
+from cloud.models.registry import (
+    ModelRegistry,
+    ModelVersion,
+    RegistryError,
+    VersionState,
+)
+from cloud.models.rollout_store import (
+    FINISHED,
+    DeviceState,
+    ModelRequest,
+    Rollout,
+    RolloutStore,
+)
+from cloud.offload import off_loop
+from cloud.registry import DeviceRecord, DeviceRegistry
+from cloud.releases import build_release, load_signing_key
+from cloud.storage.sink import AlertEvent
+from cloud.storage.sqlite_store import SqliteStore
+from schemas.base import Id, ModelFormat, RuntimeName, Severity, now
+from schemas.device import Command, DeploymentState, DeploymentStatus
+from schemas.release import MAX_CHUNK_BYTES, Requirements, Targeting
+from schemas.topics import Topics
+
+logger = logging.getLogger(__name__)
+
+TICK_S = 0.5
+MEMORY_SHARE = 0.8
+"""A model may need at most this share of a device's available memory."""
+RUNTIME_OF = {ModelFormat.ONNX: RuntimeName.ONNXRUNTIME, ModelFormat.TFLITE: RuntimeName.LITERT,
+              ModelFormat.TORCHSCRIPT: RuntimeName.TORCHSCRIPT}
+SEVERITY_RANK = {Severity.CRITICAL: 0, Severity.MAJOR: 1, Severity.MINOR: 2,
+                 Severity.WARNING: 3}
+IN_PROGRESS: frozenset[str] = frozenset({"downloading"})
+FAILURES: frozenset[str] = frozenset({"failed", "rolled_back"})
+
+Publish = Callable[[str, bytes, bool], Awaitable[None]]
+
+
+class RolloutSpec(BaseModel):
+    """What ``edgefl model release`` asks for."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    model: Id
+    version: Annotated[str, Field(min_length=1, max_length=64)]
+    canary_percent: Annotated[float, Field(gt=0, le=100)] | None = Field(
+        default=None, description="Share of the compatible devices in the canary stage")
+    canary_devices: list[Id] = Field(default_factory=list, max_length=10_000)
+    steps: list[Annotated[float, Field(gt=0, le=100)]] = Field(
+        default_factory=lambda: [100.0], min_length=1, max_length=20,
+        description="Percent of the compatible devices after each widening; ends at 100")
+    probation_s: Annotated[float, Field(ge=0, le=30 * 86_400)] = 600.0
+    abort_failed_percent: Annotated[float, Field(ge=0, le=100)] = 20.0
+    abort_alert_severity: Severity | None = Severity.MAJOR
+    force: bool = Field(default=False, description="Release a `rejected` version anyway")
+
+    @model_validator(mode="after")
+    def _steps_rise_to_all(self) -> Self:
+        if any(b <= a for a, b in zip(self.steps, self.steps[1:], strict=False)):
+            raise ValueError("steps must increase")
+        if self.steps[-1] != 100:
+            raise ValueError("the last step must be 100 (the whole fleet)")
+        if self.canary_percent is not None and self.canary_devices:
+            raise ValueError("give a canary share or canary devices, not both")
+        return self
+
+
+class RolloutRefused(Exception):  # noqa: N818 - a refusal, not a failure of ours
+    """A request the manager does not carry out; the message says why in one line."""
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Which devices a rollout takes, in which order, and which it skips."""
+
+    order: list[str]
+    canary: list[str]
+    stage_sizes: list[int]
+    skipped: dict[str, str]
+
+
+def memory_needed_mb(version: ModelVersion, measured: dict[str, float]) -> float:
+    """Memory a device needs for the model: measured peak when known, else twice its size."""
+    peak = measured.get("peak_memory_mb")
+    return float(peak) if peak is not None else 2 * version.size_bytes / (1024 * 1024)
+
+
+def device_problems(record: DeviceRecord, fmt: ModelFormat, need_mb: float,
+                    requirements: Requirements) -> list[str]:
+    """Why a device cannot take the version (empty when it can)."""
+    problems = []
+    if record.model_formats and fmt.value not in record.model_formats:
+        problems.append(f"no {fmt.value} support (has {', '.join(record.model_formats)})")
+    runtime = RUNTIME_OF[fmt].value
+    if record.runtimes and runtime not in record.runtimes:
+        problems.append(f"no {runtime} runtime")
+    wanted = [r.value for r in requirements.runtimes]
+    if wanted and not set(wanted) & set(record.runtimes):
+        problems.append(f"none of the runtimes {wanted}")
+    available = record.memory_available_mb
+    need = max(need_mb, requirements.min_memory_mb)
+    if available is not None and need > MEMORY_SHARE * available:
+        problems.append(f"needs {need:.0f} MiB, more than {MEMORY_SHARE:.0%} of the "
+                        f"{available:.0f} MiB available")
+    if requirements.gpu and not record.gpu:
+        problems.append("needs a GPU")
+    return problems
+
+
+def stable_order(key: str, device_ids: Sequence[str]) -> list[str]:
+    """Devices in a deterministic pseudo-random order (a hash of ``key`` and the id)."""
+    return sorted(device_ids,
+                  key=lambda d: hashlib.sha256(f"{key}\x00{d}".encode()).hexdigest())
+
+
+def plan_rollout(spec: RolloutSpec, fmt: ModelFormat, need_mb: float,
+                 requirements: Requirements, devices: Sequence[DeviceRecord]) -> Plan:
+    """The canary set and the stages over the compatible devices.
+
+    Raises:
+        RolloutRefused: no compatible device, or a named canary device unknown or unfit.
+    """
+    skipped: dict[str, str] = {}
+    eligible: list[DeviceRecord] = []
+    for record in devices:
+        problems = device_problems(record, fmt, need_mb, requirements)
+        if problems:
+            skipped[record.device_id] = "; ".join(problems)
+        else:
+            eligible.append(record)
+    if not eligible:
+        raise RolloutRefused("no known device can take it"
+                             + (f" ({len(skipped)} skipped)" if skipped else ""))
+    ids = [r.device_id for r in eligible]
+    order = stable_order(f"{spec.model}/{spec.version}", ids)
+    if spec.canary_devices:
+        for device in spec.canary_devices:
+            if device in skipped:
+                raise RolloutRefused(f"canary device {device} cannot take it: {skipped[device]}")
+            if device not in ids:
+                raise RolloutRefused(f"canary device {device} is not known to the registry")
+        canary = sorted(set(spec.canary_devices))
+    else:
+        share = spec.canary_percent if spec.canary_percent is not None else 10.0
+        count = max(1, math.ceil(len(ids) * share / 100))
+        online = {r.device_id for r in eligible if r.online}
+        # Online devices first: a canary that is offline validates nothing.
+        canary = sorted(sorted(order, key=lambda d: d not in online)[:count])
+    order = canary + [d for d in order if d not in canary]
+    sizes = [len(canary)]
+    for step in spec.steps:
+        size = max(sizes[-1], math.ceil(len(order) * step / 100))
+        if size > sizes[-1]:
+            sizes.append(size)
+    sizes[-1] = len(order)
+    return Plan(order, canary, sizes, skipped)
+
+
+def _as_state(value: str) -> DeviceState:
+    if value not in get_args(DeviceState):
+        raise ValueError(f"unknown device state {value!r}")
+    return cast("DeviceState", value)
+
+
+def device_state(status: DeploymentStatus, version: str, current: str | None,
+                 ) -> tuple[DeviceState, str | None] | None:
+    """What a device's status says about its part in the rollout of ``version``."""
+    state = status.state
+    if state in (DeploymentState.DOWNLOADING, DeploymentState.VERIFYING,
+                 DeploymentState.INSTALLING) and status.target_version == version:
+        return "downloading", None
+    if state is DeploymentState.INSTALLED and status.active_version == version:
+        return "installed", None
+    if state is DeploymentState.FAILED and status.target_version == version:
+        return "failed", status.error
+    if state is DeploymentState.INCOMPATIBLE and status.target_version == version:
+        return "incompatible", "; ".join(status.reasons)
+    if state is DeploymentState.ROLLED_BACK and current in ("installed", "downloading") \
+            and status.active_version != version:
+        return "rolled_back", status.error
+    return None
+
+
+class RolloutManager:
+    """Owns every rollout: requests, stages, watching, aborts (one asyncio task)."""
+
+    def __init__(self, *, store: SqliteStore, models: ModelRegistry, devices: DeviceRegistry,
+                 topics: Topics, publish: Publish, health: HealthCounters, key_path: Path,
+                 key_id: str, chunk_bytes: int) -> None:
+        self.rollouts = RolloutStore(store)
+        self.models = models
+        self.devices = devices
+        self.topics = topics
+        self.publish = publish
+        self.health = health
+        self.key_path = key_path
+        self.key_id = key_id
+        self.chunk_bytes = min(chunk_bytes, MAX_CHUNK_BYTES)
+        self.inbox: asyncio.Queue[DeploymentStatus | AlertEvent] = asyncio.Queue()
+        self.active: dict[int, Rollout] = {}
+        self.states: dict[int, dict[str, str]] = {}
+        self.ready = asyncio.Event()
+        self._key: Ed25519PrivateKey | None = None
+
+    # -- entry points (event loop) -------------------------------------------------------
+
+    def observe(self, deployments: Sequence[DeploymentStatus],
+                alerts: Sequence[AlertEvent]) -> None:
+        """Committed statuses and alert transitions (called by ingest after each commit)."""
+        if not self.active:
+            return
+        models = {r.model for r in self.active.values()}
+        for status in deployments:
+            if status.model in models:
+                self.inbox.put_nowait(status)
+        for event in alerts:
+            if event.transition == "opened":
+                self.inbox.put_nowait(event)
+
+    async def run(self) -> None:
+        """Own the rollouts until cancelled."""
+        for rollout in await off_loop(self.rollouts.running):
+            await self._adopt(rollout)
+            logger.info("rollout %d of %s %s resumed at stage %d (%s)", rollout.id,
+                        rollout.model, rollout.version, rollout.stage, rollout.state)
+        self.ready.set()
+        last_requests = 0.0
+        while True:
+            item: DeploymentStatus | AlertEvent | None = None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(TICK_S):
+                    item = await self.inbox.get()
+            try:
+                if isinstance(item, DeploymentStatus):
+                    await self._on_status(item)
+                elif isinstance(item, AlertEvent):
+                    await self._on_alert(item)
+                if time.monotonic() - last_requests >= TICK_S:
+                    last_requests = time.monotonic()
+                    for request in await off_loop(self.rollouts.pending):
+                        await self._on_request(request)
+                for rollout in list(self.active.values()):
+                    await self._advance_guarded(rollout)
+            except CloudOffline as exc:  # publications wait for the connection; state kept
+                logger.debug("rollouts wait for the broker: %s", exc)
+            except Exception:  # the one handler of this task: log, count, go on
+                self.health.error("rollout_error")
+                logger.exception("rollout manager step failed")
+
+    async def _advance_guarded(self, rollout: Rollout) -> None:
+        """One step; a failure that is not the broker's ends the rollout with the reason."""
+        try:
+            await self._advance(rollout)
+        except CloudOffline:
+            raise
+        except Exception as exc:
+            self.health.error("rollout_error")
+            logger.exception("rollout %d: step failed", rollout.id)
+            why = f"internal error: {type(exc).__name__}: {exc}"
+            if rollout.state == "running":
+                await self._abort(rollout, why)
+                return
+            rollout.state = "aborted"
+            rollout.reason = f"{rollout.reason}; abort incomplete: {why}"[:1024]
+            rollout.finished_at = time.time()
+            await off_loop(self.rollouts.save, rollout)
+            self._drop(rollout)
+
+    async def _adopt(self, rollout: Rollout) -> None:
+        self.active[rollout.id] = rollout
+        devices = await off_loop(self.rollouts.devices, rollout.id)
+        self.states[rollout.id] = {d: v["state"] for d, v in devices.items()}
+
+    # -- requests ------------------------------------------------------------------------
+
+    async def _on_request(self, request: ModelRequest) -> None:
+        try:
+            detail = await self._carry_out(request)
+        except (RolloutRefused, RegistryError) as exc:
+            await off_loop(self.rollouts.answer, request.id, "refused", str(exc)[:2000])
+            logger.warning("model request %d (%s) refused: %s", request.id, request.action, exc)
+            return
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            where = ".".join(str(p) for p in first["loc"]) or "request"
+            await off_loop(self.rollouts.answer, request.id, "refused",
+                           f"{where}: {first['msg']}")
+            return
+        await off_loop(self.rollouts.answer, request.id, "done", detail)
+
+    async def _carry_out(self, request: ModelRequest) -> str:
+        body = request.body
+        if request.action == "release":
+            return await self._release(RolloutSpec.model_validate_json(json.dumps(body)))
+        if request.action == "rollback":
+            return await self._rollback_request(str(body.get("model")),
+                                                str(body.get("reason") or "operator rollback"))
+        if request.action == "retire":
+            return await self._retire(str(body.get("model")), str(body.get("version")))
+        raise RolloutRefused(f"unknown action {request.action!r}")
+
+    def _signing_key(self) -> Ed25519PrivateKey:
+        if self._key is None:
+            if not self.key_path.exists():
+                raise RolloutRefused(f"no release key at {self.key_path}: run "
+                                     "`edgefl model keygen` and give devices its public key")
+            self._key = load_signing_key(self.key_path)
+        return self._key
+
+    async def _release(self, spec: RolloutSpec) -> str:
+        version = await off_loop(self.models.get, spec.model, spec.version)
+        fmt = version.format.deployable
+        if fmt is None:
+            raise RolloutRefused(f"{spec.model} {spec.version} is {version.format.value}: "
+                                 "optimize it into a deployable format first")
+        if version.state is VersionState.REJECTED and not spec.force:
+            raise RolloutRefused(f"{spec.model} {spec.version} is rejected"
+                                 f"{' (' + version.note + ')' if version.note else ''}: "
+                                 "pass --force to release it anyway")
+        if version.state is VersionState.RETIRED:
+            raise RolloutRefused(f"{spec.model} {spec.version} is retired")
+        for other in self.active.values():
+            if other.model == spec.model:
+                raise RolloutRefused(f"rollout {other.id} of {other.model} {other.version} is "
+                                     "running: wait for it, or roll it back")
+        self._signing_key()
+        measured = {m.name: m.value for m in await off_loop(
+            self.models.metrics, spec.model, spec.version)}
+        requirements = Requirements.model_validate(version.requirements or {})
+        plan = plan_rollout(spec, fmt, memory_needed_mb(version, measured), requirements,
+                            self.devices.devices())
+        published, _ = await off_loop(self.rollouts.publication, spec.model)
+        previous = published if published != spec.version else None
+        if previous is None:
+            actives = [v for v in await off_loop(self.models.versions, spec.model)
+                       if v.state is VersionState.ACTIVE and v.version != spec.version]
+            previous = actives[-1].version if actives else None
+        rollout = Rollout(
+            id=0, model=spec.model, version=spec.version, state="running",
+            spec=spec.model_dump(mode="json"), previous_version=previous, order=plan.order,
+            canary=plan.canary, stage_sizes=plan.stage_sizes, skipped=plan.skipped,
+            created_at=now())
+        states: dict[str, tuple[DeviceState, str | None]] = dict.fromkeys(
+            plan.order, ("pending", None))
+        states.update({d: ("skipped", why) for d, why in plan.skipped.items()})
+        await off_loop(self.models.set_state, spec.model, spec.version, VersionState.CANARY,
+                       f"rollout to {len(plan.canary)} canary device(s)")
+        rollout = await off_loop(self.rollouts.create, rollout, states)
+        await self._adopt(rollout)
+        logger.info("rollout %d: %s %s to %d device(s) in %d stage(s), canary %s, %d skipped",
+                    rollout.id, spec.model, spec.version, len(plan.order),
+                    len(plan.stage_sizes), ", ".join(plan.canary), len(plan.skipped))
+        await self._advance_soon(rollout)
+        return (f"rollout {rollout.id}: canary {', '.join(plan.canary)}; stages "
+                f"{'/'.join(str(s) for s in plan.stage_sizes)} of {len(plan.order)} device(s)"
+                + (f"; {len(plan.skipped)} skipped" if plan.skipped else ""))
+
+    async def _rollback_request(self, model: str, reason: str) -> str:
+        for rollout in self.active.values():
+            if rollout.model == model:
+                await self._abort(rollout, f"operator: {reason}")
+                return f"rollout {rollout.id} of {model} {rollout.version} rolled back"
+        versions = await off_loop(self.models.versions, model)
+        active = [v for v in versions if v.state is VersionState.ACTIVE]
+        if not active:
+            raise RolloutRefused(f"{model} has no active version to roll back")
+        current = active[-1].version
+        done = await off_loop(self.rollouts.completed, model)
+        previous = next((r.previous_version for r in done if r.version == current), None)
+        if previous is None:
+            raise RolloutRefused(f"{model} {current} has no previous version to return to")
+        running = [r.device_id for r in self.devices.devices()
+                   if r.models.get(model) == current]
+        rollout = Rollout(
+            id=0, model=model, version=current, state="aborting",
+            spec={"rollback_of": current}, previous_version=previous, order=running,
+            canary=[], stage_sizes=[len(running)], reason=f"operator: {reason}",
+            created_at=now(), published_stage=0, chunks_published=True)
+        rollout = await off_loop(self.rollouts.create, rollout,
+                                 dict.fromkeys(running, ("installed", None)))
+        await self._adopt(rollout)
+        await self._advance_soon(rollout)
+        return f"{model} {current} rolled back to {previous} on {len(running)} device(s)"
+
+    async def _retire(self, model: str, version: str) -> str:
+        for rollout in self.active.values():
+            if rollout.model == model and rollout.version == version:
+                raise RolloutRefused(f"rollout {rollout.id} of {model} {version} is running: "
+                                     "roll it back first")
+        current = await off_loop(self.models.get, model, version)
+        if current.state is VersionState.RETIRED:
+            raise RolloutRefused(f"{model} {version} is retired already")
+        published, count = await off_loop(self.rollouts.publication, model)
+        if published == version:  # offline: CloudOffline, the request is tried again
+            await self.publish(self.topics.release(model), b"", True)
+            await self._clear_chunks(model, version, count)
+            await off_loop(self.rollouts.set_publication, model, None, 0)
+        await off_loop(self.models.set_state, model, version, VersionState.RETIRED, "operator")
+        if published != version:
+            return f"{model} {version} retired (nothing of it was retained)"
+        return f"{model} {version} retired; its release and {count} chunk(s) cleared"
+
+    async def _advance_soon(self, rollout: Rollout) -> None:
+        """Take the first step now; without a broker, the next ticks take it."""
+        try:
+            await self._advance(rollout)
+        except CloudOffline as exc:
+            logger.info("rollout %d waits for the broker: %s", rollout.id, exc)
+
+    # -- watching ------------------------------------------------------------------------
+
+    def _running_for(self, model: str) -> Rollout | None:
+        return next((r for r in self.active.values()
+                     if r.model == model and r.state == "running"), None)
+
+    async def _on_status(self, status: DeploymentStatus) -> None:
+        rollout = self._running_for(status.model)
+        if rollout is None or status.ts < rollout.created_at:
+            return
+        states = self.states[rollout.id]
+        current = states.get(status.device_id)
+        if current is None or current == "skipped":
+            return
+        seen = device_state(status, rollout.version, current)
+        if seen is None or seen[0] == current:
+            return
+        state, detail = seen
+        states[status.device_id] = state
+        await off_loop(self.rollouts.set_devices, rollout.id,
+                       {status.device_id: (state, None, detail)})
+        if state in FAILURES:
+            logger.warning("rollout %d: %s %s on %s: %s", rollout.id, rollout.model,
+                           state, status.device_id, detail)
+            await self._check_failures(rollout)
+
+    async def _on_alert(self, event: AlertEvent) -> None:
+        alert = event.alert
+        for rollout in list(self.active.values()):
+            limit = rollout.spec.get("abort_alert_severity")
+            if rollout.state != "running" or limit is None:
+                continue
+            if SEVERITY_RANK[alert.severity] > SEVERITY_RANK[Severity(limit)]:
+                continue
+            if alert.device_id not in rollout.targets() or alert.opened_at < rollout.created_at:
+                continue
+            await self._abort(rollout, f"alert {alert.rule} ({alert.severity.value}) on "
+                              f"{alert.device_id}")
+
+    async def _check_failures(self, rollout: Rollout) -> None:
+        targets = rollout.targets()
+        states = self.states[rollout.id]
+        failed = sum(1 for d in targets if states.get(d) in FAILURES)
+        limit = float(rollout.spec.get("abort_failed_percent", 20.0))
+        if targets and 100 * failed / len(targets) > limit:
+            await self._abort(rollout, f"{failed} of {len(targets)} targeted device(s) failed "
+                              f"(more than {limit:g}%)")
+
+    # -- the state machine ---------------------------------------------------------------
+
+    async def _advance(self, rollout: Rollout) -> None:
+        if rollout.state == "aborting":
+            await self._finish_abort(rollout)
+            return
+        if rollout.state != "running":
+            return
+        version = await off_loop(self.models.get, rollout.model, rollout.version)
+        if not rollout.chunks_published:
+            await self._publish_chunks(version)
+            rollout.chunks_published = True
+            await off_loop(self.rollouts.save, rollout)
+        if rollout.published_stage < rollout.stage:
+            await self._publish_stage(rollout, version)
+            return
+        await self._check_failures(rollout)
+        if rollout.state == "running" and time.time() >= rollout.deadline:
+            await self._end_of_probation(rollout, version)
+
+    async def _end_of_probation(self, rollout: Rollout, version: ModelVersion) -> None:
+        """Widen, complete, or abort when nothing installed (or wait for downloads)."""
+        states = self.states[rollout.id]
+        targets = rollout.targets()
+        busy = [d for d in targets if states.get(d) in IN_PROGRESS]
+        probation = float(rollout.spec.get("probation_s", 0.0))
+        if busy and time.time() < rollout.deadline + probation:
+            return  # let the downloads in flight settle (bounded by a second probation)
+        installed = [d for d in targets if states.get(d) == "installed"]
+        if not installed:
+            await self._abort(rollout, f"no device of stage {rollout.stage} installed "
+                              f"{rollout.version} within the probation")
+            return
+        if rollout.stage < rollout.last_stage:
+            rollout.stage += 1
+            await off_loop(self.rollouts.save, rollout)
+            logger.info("rollout %d: %s %s widens to stage %d (%d device(s))", rollout.id,
+                        rollout.model, rollout.version, rollout.stage,
+                        len(rollout.targets()))
+            await self._publish_stage(rollout, version)
+            return
+        await self._complete(rollout)
+
+    async def _publish_chunks(self, version: ModelVersion) -> int:
+        data = await off_loop(self.models.read, version)
+        size = self.chunk_bytes
+        count = max(1, math.ceil(len(data) / size))
+        for index in range(count):
+            await self.publish(self.topics.chunk(version.model, version.version, index),
+                               data[index * size:(index + 1) * size], True)
+        return count
+
+    def _manifest(self, version: ModelVersion, targeting: Targeting, rollout_id: int,
+                  ) -> tuple[bytes, int]:
+        """The signed manifest (the file is read to compute it: worker thread)."""
+        fmt = version.format.deployable
+        assert fmt is not None  # noqa: S101 - checked at release
+        data = self.models.read(version)
+        manifest, chunks = build_release(
+            version.model, version.version, data, fmt=fmt, key=self._signing_key(),
+            key_id=self.key_id, chunk_size=self.chunk_bytes, targeting=targeting,
+            input_shape=version.input_shape,
+            metadata={"rollout": rollout_id, "parent": version.parent_version,
+                      "task": version.task, "fl_task": version.fl_task,
+                      "fl_round": version.fl_round})
+        return manifest.to_json(), len(chunks)
+
+    async def _publish_stage(self, rollout: Rollout, version: ModelVersion) -> None:
+        requirements = Requirements.model_validate(version.requirements or {})
+        if rollout.stage == 0 and rollout.last_stage > 0:
+            targeting = Targeting(stage="canary", canary=rollout.canary,
+                                  requirements=requirements)
+        elif rollout.stage == rollout.last_stage:
+            targeting = Targeting(stage="fleet", devices=None, canary=rollout.canary,
+                                  requirements=requirements)
+        else:
+            targeting = Targeting(stage="fleet", devices=rollout.targets(),
+                                  canary=rollout.canary, requirements=requirements)
+        payload, count = await off_loop(self._manifest, version, targeting, rollout.id)
+        await self.publish(self.topics.release(rollout.model), payload, True)
+        old, old_count = await off_loop(self.rollouts.publication, rollout.model)
+        if old is not None and old != rollout.version:
+            await self._clear_chunks(rollout.model, old, old_count)
+        await off_loop(self.rollouts.set_publication, rollout.model, rollout.version, count)
+        rollout.published_stage = rollout.stage
+        rollout.stage_started_at = time.time()
+        rollout.deadline = rollout.stage_started_at + float(rollout.spec.get("probation_s", 0))
+        await off_loop(self.rollouts.save, rollout)
+        states = self.states[rollout.id]
+        earlier = set(rollout.targets(rollout.stage - 1)) if rollout.stage else set()
+        staged: dict[str, tuple[DeviceState, int | None, str | None]] = {
+            d: (_as_state(states.get(d, "pending")), rollout.stage, None)
+            for d in rollout.targets() if d not in earlier}
+        await off_loop(self.rollouts.set_devices, rollout.id, staged)
+        logger.info("rollout %d: %s %s stage %d published to %s device(s), probation until %s",
+                    rollout.id, rollout.model, rollout.version, rollout.stage,
+                    "all" if targeting.devices is None and targeting.stage == "fleet"
+                    else len(rollout.targets()), time.strftime(
+                        "%H:%M:%S", time.localtime(rollout.deadline)))
+
+    async def _clear_chunks(self, model: str, version: str, count: int) -> None:
+        for index in range(count):
+            await self.publish(self.topics.chunk(model, version, index), b"", True)
+
+    async def _complete(self, rollout: Rollout) -> None:
+        states = self.states[rollout.id]
+        active: dict[str, tuple[DeviceState, int | None, str | None]] = {
+            d: ("active", None, None) for d, s in states.items() if s == "installed"}
+        await off_loop(self.rollouts.set_devices, rollout.id, active)
+        for device in active:
+            states[device] = "active"
+        await off_loop(self._supersede, rollout)
+        rollout.state = "completed"
+        rollout.finished_at = time.time()
+        await off_loop(self.rollouts.save, rollout)
+        self._drop(rollout)
+        logger.info("rollout %d: %s %s is active on %d device(s)", rollout.id, rollout.model,
+                    rollout.version, len(active))
+
+    def _supersede(self, rollout: Rollout) -> None:
+        """Registry: the version active, the one it replaces released (worker thread)."""
+        for version in self.models.versions(rollout.model):
+            if version.state is VersionState.ACTIVE and version.version != rollout.version:
+                self.models.set_state(rollout.model, version.version, VersionState.RELEASED,
+                                      f"superseded by {rollout.version}")
+        self.models.set_state(rollout.model, rollout.version, VersionState.ACTIVE,
+                              f"rollout {rollout.id} completed")
+
+    async def _abort(self, rollout: Rollout, reason: str) -> None:
+        if rollout.state != "running":
+            return
+        rollout.state = "aborting"
+        rollout.reason = reason[:1024]
+        await off_loop(self.rollouts.save, rollout)
+        self.health.error("rollout_aborted")
+        logger.warning("rollout %d: %s %s aborted: %s", rollout.id, rollout.model,
+                       rollout.version, reason)
+        await self._finish_abort(rollout)
+
+    async def _finish_abort(self, rollout: Rollout) -> None:
+        """Rollback commands, then the previous version back on the broker (idempotent)."""
+        states = self.states[rollout.id]
+        to_roll = [d for d, s in states.items()
+                   if s == "installed" and d not in rollout.rollback_sent]
+        for device in to_roll:
+            command = Command(correlation_id=f"rollout-{rollout.id}-{secrets.token_hex(4)}",
+                              ts=now(), args={"model": rollout.model,
+                                              "reason": (rollout.reason or "")[:200]})
+            await self.publish(self.topics.command(device, "rollback"), command.to_json(), False)
+            rollout.rollback_sent.append(device)
+        if to_roll:
+            await off_loop(self.rollouts.save, rollout)
+        published, count = await off_loop(self.rollouts.publication, rollout.model)
+        if rollout.previous_version is not None:
+            previous = await off_loop(self.models.get, rollout.model, rollout.previous_version)
+            if published != previous.version:
+                new_count = await self._publish_chunks(previous)
+                payload, _ = await off_loop(self._manifest, previous, Targeting(stage="fleet"),
+                                            rollout.id)
+                await self.publish(self.topics.release(rollout.model), payload, True)
+                await off_loop(self.rollouts.set_publication, rollout.model,
+                               previous.version, new_count)
+        elif published is not None:
+            await self.publish(self.topics.release(rollout.model), b"", True)
+            await off_loop(self.rollouts.set_publication, rollout.model, None, 0)
+        if published is not None and published not in (rollout.previous_version,
+                                                       rollout.version):
+            await self._clear_chunks(rollout.model, published, count)
+        if rollout.chunks_published and rollout.version != rollout.previous_version:
+            version = await off_loop(self.models.get, rollout.model, rollout.version)
+            own = count if published == rollout.version \
+                else max(1, math.ceil(version.size_bytes / self.chunk_bytes))
+            await self._clear_chunks(rollout.model, rollout.version, own)
+        await off_loop(self.rollouts.set_devices, rollout.id, dict.fromkeys(
+            rollout.rollback_sent, ("rolled_back", None, "rollback sent")))
+        await off_loop(self._rolled_back, rollout)
+        rollout.state = "aborted"
+        rollout.finished_at = time.time()
+        await off_loop(self.rollouts.save, rollout)
+        self._drop(rollout)
+        logger.warning("rollout %d: %s back on %s; %d device(s) told to roll back",
+                       rollout.id, rollout.model, rollout.previous_version or "no release",
+                       len(rollout.rollback_sent))
+
+    def _rolled_back(self, rollout: Rollout) -> None:
+        """Registry: the version rolled back, the previous one active (worker thread)."""
+        version = self.models.get(rollout.model, rollout.version)
+        if version.state is not VersionState.ROLLED_BACK:
+            self.models.set_state(rollout.model, rollout.version, VersionState.ROLLED_BACK,
+                                  rollout.reason or "rolled back")
+        if rollout.previous_version is not None:
+            previous = self.models.get(rollout.model, rollout.previous_version)
+            if previous.state is not VersionState.ACTIVE:
+                self.models.set_state(rollout.model, previous.version, VersionState.ACTIVE,
+                                      f"restored by rollout {rollout.id}")
+
+    def _drop(self, rollout: Rollout) -> None:
+        if rollout.state in FINISHED:
+            self.active.pop(rollout.id, None)
+            self.states.pop(rollout.id, None)
+
+    # -- reading (any thread) --------------------------------------------------------------
+
+    def status(self, model: str) -> dict[str, Any] | None:
+        """The model's latest rollout with its devices (for ``edgefl model status``)."""
+        rollout = self.rollouts.latest(model)
+        if rollout is None:
+            return None
+        return {"rollout": rollout.id, "model": rollout.model, "version": rollout.version,
+                "state": rollout.state, **rollout.record(),
+                "devices": self.rollouts.devices(rollout.id)}

@@ -1,0 +1,392 @@
+"""Staged rollouts run by the cloud service: real Mosquitto, real agents, real ONNX models.
+
+The cloud signs with the test key the agents trust; models are registered in the
+service's registry and handed over as ``edgefl model release`` does (a request
+row), so these tests drive the same path as the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cloud.models.formats import ArtifactFormat
+from cloud.models.registry import ModelRegistry, VersionState
+from cloud.models.rollout import RolloutSpec, device_state, plan_rollout, stable_order
+from cloud.models.rollout_store import RolloutStore
+from cloud.registry import DeviceRecord
+from cloud.releases import save_signing_key
+from cloud.storage.sqlite_store import SqliteStore
+from edge_node.agent import EdgeAgent
+from edge_node.system_metrics import sample
+from edgefl.cli import build_app
+from schemas.base import ModelFormat, now
+from schemas.device import DeploymentState, DeploymentStatus
+from schemas.release import ReleaseManifest, Requirements
+from schemas.topics import Topics
+from tests.agent_fixtures import AgentFactory, wait_until
+from tests.cloud_fixtures import CloudFactory, RunningCloud
+from tests.cloud_process import CloudProcess
+from tests.conftest import RunningBroker
+from tests.releases import KEY_ID, SIGNING_KEY, export_onnx, mlp
+
+MODEL = "digits"
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning")
+
+
+class _Broken(torch.nn.Module):
+    """Loads everywhere, but its output on the smoke test's zeros is -inf."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(x[:, :10] * 0.0)
+
+
+@pytest.fixture(scope="module")
+def onnx_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    folder = tmp_path_factory.mktemp("models")
+    return {"1.0.0": export_onnx(mlp(1), folder / "a.onnx"),
+            "1.1.0": export_onnx(mlp(2), folder / "b.onnx"),
+            "broken": export_onnx(_Broken().eval(), folder / "broken.onnx")}
+
+
+def _cloud(make_cloud: CloudFactory, tmp_path: Path) -> RunningCloud:
+    data = tmp_path / "cloud"
+    save_signing_key(SIGNING_KEY, data / "keys" / "release.pem")
+    return make_cloud(data_dir=data, models={"key_id": KEY_ID, "chunk_bytes": 4096})
+
+
+def _register(cloud: RunningCloud, files: dict[str, bytes], *versions: tuple[str, str]) -> None:
+    for version, source in versions:
+        cloud.service.models.register(MODEL, version, files[source], ArtifactFormat.ONNX,
+                                      input_shape=[-1, 64])
+
+
+def _release(cloud: RunningCloud, **spec: Any) -> str:
+    """Hand a rollout to the service as the command line does; its answer."""
+    requests = RolloutStore(cloud.service.store)
+    body = RolloutSpec.model_validate({"model": MODEL, **spec}, strict=False)
+    request_id = requests.request("release", body.model_dump(mode="json"))
+    wait_until(lambda: requests.get_request(request_id).state != "pending",  # type: ignore[union-attr]
+               timeout=15, what="the request answered")
+    request = requests.get_request(request_id)
+    assert request is not None
+    assert request.state == "done", request.detail
+    return request.detail or ""
+
+
+def _rollout(cloud: RunningCloud) -> dict[str, Any]:
+    status = cloud.service.rollouts.status(MODEL)
+    assert status is not None
+    return status
+
+
+def _wait_rollout(cloud: RunningCloud, state: str, timeout: float = 60) -> dict[str, Any]:
+    wait_until(lambda: _rollout(cloud)["state"] == state, timeout=timeout,
+               what=f"rollout {state}")
+    return _rollout(cloud)
+
+
+def _active(agent: EdgeAgent) -> str | None:
+    installed = agent.ota.store.active(MODEL)
+    return installed.version if installed else None
+
+
+def _fleet(make_agent: AgentFactory, cloud: RunningCloud, count: int,
+           **kwargs: Any) -> list[EdgeAgent]:
+    agents = [make_agent(**kwargs) for _ in range(count)]
+    wait_until(lambda: all(cloud.service.registry.get(a.device_id) is not None
+                           and cloud.service.registry.get(a.device_id).online  # type: ignore[union-attr]
+                           for a in agents), timeout=20, what="devices known")
+    return agents
+
+
+def _baseline(cloud: RunningCloud, agents: list[EdgeAgent]) -> None:
+    """1.0.0 rolled out to every device (the version a failed rollout returns to)."""
+    _release(cloud, version="1.0.0", canary_devices=[agents[0].device_id], probation_s=0.2)
+    _wait_rollout(cloud, "completed")
+    wait_until(lambda: all(_active(a) == "1.0.0" for a in agents), timeout=30,
+               what="baseline installed")
+
+
+def _retained(broker: RunningBroker, topics: Topics, topic_filter: str,
+              wait: float = 1.0) -> dict[str, bytes]:
+    """What a late subscriber receives (retained messages only)."""
+    client = broker.connected(broker.cloud_username)
+    try:
+        client.subscribe(topic_filter)
+        threading.Event().wait(wait)
+        return {m.topic: m.payload for m in client.messages if m.payload}
+    finally:
+        client.close()
+
+
+# -- planning (no broker) ------------------------------------------------------------------
+
+
+def _record(device_id: str, **values: Any) -> DeviceRecord:
+    defaults: dict[str, Any] = {"online": True, "model_formats": ["onnx", "tflite"],
+                                "runtimes": {"onnxruntime": "1.20"},
+                                "memory_available_mb": 1024.0}
+    return DeviceRecord(device_id=device_id, **(defaults | values))
+
+
+def test_the_plan_skips_unfit_devices_and_grows_stage_by_stage() -> None:
+    devices = [_record(f"d{i:02d}") for i in range(20)]
+    devices += [_record("no-onnx", model_formats=["tflite"]),
+                _record("small", memory_available_mb=100.0),
+                _record("no-runtime", runtimes={"litert": "2.0"})]
+    spec = RolloutSpec(model=MODEL, version="1.0.0", canary_percent=10.0,
+                       steps=[50.0, 100.0])
+    plan = plan_rollout(spec, ModelFormat.ONNX, need_mb=90.0, requirements=Requirements(),
+                        devices=devices)
+    assert set(plan.skipped) == {"no-onnx", "small", "no-runtime"}
+    assert "more than 80% of the 100 MiB available" in plan.skipped["small"]
+    assert len(plan.canary) == 2 and plan.order[:2] == plan.canary
+    assert plan.stage_sizes == [2, 10, 20]
+    again = plan_rollout(spec, ModelFormat.ONNX, 90.0, Requirements(), list(reversed(devices)))
+    assert again == plan, "the order is a function of the version and the ids, not of input order"
+    # Offline devices are not picked as canaries when online ones exist.
+    mixed = [_record(f"d{i}", online=i >= 15) for i in range(20)]
+    canary = plan_rollout(spec, ModelFormat.ONNX, 1.0, Requirements(), mixed).canary
+    assert all(int(d[1:]) >= 15 for d in canary)
+    assert stable_order("x", ["a", "b", "c"]) == stable_order("x", ["c", "b", "a"])
+
+
+def test_a_spec_that_makes_no_sense_is_refused() -> None:
+    for bad in ({"steps": [50.0, 20.0, 100.0]}, {"steps": [50.0]},
+                {"canary_percent": 10.0, "canary_devices": ["a"]},
+                {"probation_s": -1.0}, {"abort_failed_percent": 120.0}, {"unknown": 1}):
+        with pytest.raises(ValueError, match=r"."):
+            RolloutSpec.model_validate({"model": MODEL, "version": "1.0.0", **bad})
+
+
+def test_device_states_follow_the_deployment_statuses() -> None:
+    def status(state: DeploymentState, **values: Any) -> DeploymentStatus:
+        return DeploymentStatus(device_id="d1", model=MODEL, ts=now(), state=state, **values)
+
+    assert device_state(status(DeploymentState.DOWNLOADING, target_version="2.0.0"), "2.0.0",
+                        "pending") == ("downloading", None)
+    assert device_state(status(DeploymentState.INSTALLED, active_version="2.0.0"), "2.0.0",
+                        "downloading") == ("installed", None)
+    assert device_state(status(DeploymentState.FAILED, target_version="2.0.0",
+                               error="smoke_test_failed: output is not finite"), "2.0.0",
+                        "downloading") == ("failed", "smoke_test_failed: output is not finite")
+    assert device_state(status(DeploymentState.ROLLED_BACK, active_version="1.0.0",
+                               error="error rate"), "2.0.0", "installed") == \
+        ("rolled_back", "error rate")
+    # An old version's status says nothing about this rollout.
+    assert device_state(status(DeploymentState.INSTALLED, active_version="1.0.0"), "2.0.0",
+                        "pending") is None
+
+
+# -- rollouts against real devices --------------------------------------------------------
+
+
+def test_a_canary_rollout_widens_step_by_step_to_the_whole_fleet(
+    make_cloud: CloudFactory, make_agent: AgentFactory, onnx_files: dict[str, bytes],
+    mosquitto: RunningBroker, topics: Topics, tmp_path: Path,
+) -> None:
+    cloud = _cloud(make_cloud, tmp_path)
+    _register(cloud, onnx_files, ("1.0.0", "1.0.0"))
+    agents = _fleet(make_agent, cloud, 6)
+    canary = [agents[0].device_id, agents[1].device_id]
+    detail = _release(cloud, version="1.0.0", canary_devices=canary, steps=[50.0, 100.0],
+                      probation_s=1.0)
+    assert detail.startswith("rollout ") and "stages 2/3/6 of 6" in detail, detail
+    # Only the canaries install first.
+    wait_until(lambda: all(_active(a) == "1.0.0" for a in agents[:2]), timeout=30,
+               what="canaries installed")
+    assert _rollout(cloud)["stage"] == 0
+    assert all(_active(a) is None for a in agents[2:])
+    done = _wait_rollout(cloud, "completed")
+    wait_until(lambda: all(_active(a) == "1.0.0" for a in agents), timeout=30,
+               what="every device installed")
+    assert done["stage"] == 2
+    assert {d["state"] for d in done["devices"].values()} <= {"active", "installed"}
+    assert sum(d["state"] == "active" for d in done["devices"].values()) >= 2
+    assert cloud.service.models.get(MODEL, "1.0.0").state is VersionState.ACTIVE
+    events = [e.event for e in cloud.service.models.events(MODEL, "1.0.0")]
+    assert events == ["registered", "canary", "active"]
+    # What stays on the broker: the manifest of 1.0.0 for everyone, and its chunks.
+    retained = _retained(mosquitto, topics, topics.release(MODEL))
+    manifest = ReleaseManifest.model_validate_json(retained[topics.release(MODEL)])
+    assert manifest.version == "1.0.0" and manifest.targeting.devices is None
+    assert manifest.metadata["rollout"] == done["rollout"]
+
+
+def test_a_canary_that_fails_its_smoke_test_aborts_and_leaves_the_fleet_as_it_was(
+    make_cloud: CloudFactory, make_agent: AgentFactory, onnx_files: dict[str, bytes],
+    mosquitto: RunningBroker, topics: Topics, tmp_path: Path,
+) -> None:
+    cloud = _cloud(make_cloud, tmp_path)
+    _register(cloud, onnx_files, ("1.0.0", "1.0.0"), ("1.1.0", "broken"))
+    agents = _fleet(make_agent, cloud, 4)
+    _baseline(cloud, agents)
+    _release(cloud, version="1.1.0", canary_devices=[a.device_id for a in agents[:2]],
+             probation_s=60.0, abort_failed_percent=20.0)
+    aborted = _wait_rollout(cloud, "aborted", timeout=30)
+    assert "failed (more than 20%)" in aborted["reason"], aborted["reason"]
+    failed = [d for d, row in aborted["devices"].items() if row["state"] == "failed"]
+    assert failed and "smoke_test_failed" in aborted["devices"][failed[0]]["detail"]
+    assert all(_active(a) == "1.0.0" for a in agents)
+    models = cloud.service.models
+    assert models.get(MODEL, "1.1.0").state is VersionState.ROLLED_BACK
+    assert models.get(MODEL, "1.0.0").state is VersionState.ACTIVE
+    # The broker holds 1.0.0 again, and nothing of 1.1.0.
+    retained = _retained(mosquitto, topics, topics.root + "/models/#")
+    manifest = ReleaseManifest.model_validate_json(retained[topics.release(MODEL)])
+    assert manifest.version == "1.0.0"
+    assert not [t for t in retained if "/versions/1.1.0/" in t]
+
+
+def test_an_alert_on_a_canary_during_probation_rolls_it_back_within_seconds(
+    make_cloud: CloudFactory, make_agent: AgentFactory, onnx_files: dict[str, bytes],
+    tmp_path: Path,
+) -> None:
+    cloud = _cloud(make_cloud, tmp_path)
+    _register(cloud, onnx_files, ("1.0.0", "1.0.0"), ("1.1.0", "1.1.0"))
+    hot = threading.Event()
+
+    def sampler_for(state_dir: Path) -> Any:
+        def read() -> Any:
+            reading = sample(state_dir)
+            return dataclasses.replace(reading, cpu_percent=99.0) if hot.is_set() else reading
+        return read
+
+    canary = make_agent(sampler=sampler_for(tmp_path / "hot"), state_dir=tmp_path / "hot")
+    agents = [canary, *_fleet(make_agent, cloud, 2)]
+    wait_until(lambda: cloud.service.registry.get(canary.device_id) is not None,
+               timeout=20, what="canary known")
+    _baseline(cloud, agents)
+    _release(cloud, version="1.1.0", canary_devices=[canary.device_id], probation_s=120.0,
+             abort_alert_severity="major")
+    wait_until(lambda: _active(canary) == "1.1.0", timeout=30, what="canary installed")
+    hot.set()  # the canary now reports 99 % CPU: cpu_high (major) opens after 2 samples
+    wait_until(lambda: bool(cloud.rows(
+        "SELECT 1 FROM alerts WHERE device_id=? AND rule='cpu_high'", (canary.device_id,))),
+        timeout=20, what="the alert opened")
+    opened = cloud.rows("SELECT MIN(opened_at) AS ts FROM alerts WHERE device_id=? AND "
+                        "rule='cpu_high'", (canary.device_id,))[0]["ts"]
+    aborted = _wait_rollout(cloud, "aborted", timeout=20)
+    assert f"alert cpu_high (major) on {canary.device_id}" in aborted["reason"]
+    latency = aborted["finished_at"] - opened
+    print(f"abort latency: {latency:.3f} s from the alert opening to the rollback published")
+    assert latency <= 2.0, latency
+    wait_until(lambda: _active(canary) == "1.0.0", timeout=20, what="canary rolled back")
+    assert all(_active(a) == "1.0.0" for a in agents)
+    assert canary.device_id in aborted["rollback_sent"]
+
+
+def test_retired_versions_leave_nothing_on_the_broker(
+    make_cloud: CloudFactory, make_agent: AgentFactory, onnx_files: dict[str, bytes],
+    mosquitto: RunningBroker, topics: Topics, tmp_path: Path,
+) -> None:
+    cloud = _cloud(make_cloud, tmp_path)
+    _register(cloud, onnx_files, ("1.0.0", "1.0.0"), ("1.1.0", "1.1.0"))
+    agents = _fleet(make_agent, cloud, 2)
+    _baseline(cloud, agents)
+    _release(cloud, version="1.1.0", canary_devices=[agents[0].device_id], probation_s=0.2)
+    _wait_rollout(cloud, "completed")
+    # Finishing the rollout cleared the chunks of the version it replaced.
+    retained = _retained(mosquitto, topics, topics.root + "/models/#")
+    assert not [t for t in retained if "/versions/1.0.0/" in t]
+    assert [t for t in retained if "/versions/1.1.0/" in t]
+    requests = RolloutStore(cloud.service.store)
+    request_id = requests.request("retire", {"model": MODEL, "version": "1.1.0"})
+    wait_until(lambda: requests.get_request(request_id).state != "pending",  # type: ignore[union-attr]
+               timeout=15, what="retired")
+    assert requests.get_request(request_id).state == "done"  # type: ignore[union-attr]
+    assert _retained(mosquitto, topics, topics.root + "/models/#") == {}
+    assert cloud.service.models.get(MODEL, "1.1.0").state is VersionState.RETIRED
+    # The devices keep what they run.
+    assert all(_active(a) == "1.1.0" for a in agents)
+
+
+def test_release_refusals_come_back_in_one_line(
+    make_cloud: CloudFactory, make_agent: AgentFactory, onnx_files: dict[str, bytes],
+    tmp_path: Path,
+) -> None:
+    cloud = _cloud(make_cloud, tmp_path)
+    _register(cloud, onnx_files, ("1.0.0", "1.0.0"))
+    models = cloud.service.models
+    models.register(MODEL, "0.9.0", b"weights" * 10, ArtifactFormat.WEIGHTS)
+    models.register(MODEL, "1.0.1", onnx_files["1.1.0"], ArtifactFormat.ONNX,
+                    state=VersionState.REJECTED, note="lost 3.2 points")
+    _fleet(make_agent, cloud, 1)
+    folder = ["--data-dir", str(cloud.settings.data_dir)]
+
+    def model(*args: str) -> tuple[int, str]:
+        result = CliRunner().invoke(build_app("model"), ["model", *args, *folder],
+                                    env={"COLUMNS": "200"})
+        return result.exit_code, result.output
+
+    code, out = model("release", MODEL, "0.9.0")
+    assert code == 2 and "optimize it into a deployable format first" in out, out
+    code, out = model("release", MODEL, "1.0.1")
+    assert code == 2 and "rejected: pass --force" in out, out
+    code, out = model("release", MODEL, "7.0.0")
+    assert code == 2 and "has no version '7.0.0'" in out, out
+    code, out = model("release", MODEL, "1.0.0", "--steps", "100,50")
+    assert code == 2 and "steps must increase" in out, out
+    code, out = model("release", MODEL, "1.0.0", "--canary-devices", "nobody")
+    assert code == 1 and "canary device nobody is not known" in out, out
+    code, out = model("release", MODEL, "1.0.0", "--probation", "1s")
+    assert code == 0 and out.startswith("rollout "), out
+    code, out = model("release", MODEL, "1.0.0")
+    assert code == 1 and "is running" in out, out
+    code, out = model("status", MODEL, "--json")
+    assert code == 0, out
+    assert json.loads(out)["version"] == "1.0.0"
+    code, out = model("status", MODEL)
+    assert code == 0 and "rollout" in out and "devices" in out, out
+
+
+def test_a_rollout_resumes_after_the_cloud_is_killed_during_probation(
+    mosquitto: RunningBroker, topics: Topics, make_agent: AgentFactory,
+    onnx_files: dict[str, bytes], tmp_path: Path,
+) -> None:
+    process = CloudProcess(mosquitto, topics, tmp_path / "cloud", instance="rollout-kill",
+                           models={"key_id": KEY_ID, "chunk_bytes": 4096})
+    save_signing_key(SIGNING_KEY, tmp_path / "cloud" / "data" / "keys" / "release.pem")
+    process.start()
+    store = SqliteStore(process.store)
+    try:
+        registry = ModelRegistry(store, tmp_path / "cloud" / "data" / "artifacts")
+        registry.register(MODEL, "1.0.0", onnx_files["1.0.0"], ArtifactFormat.ONNX,
+                          input_shape=[-1, 64])
+        agents = [make_agent() for _ in range(3)]
+        rows = RolloutStore(store)
+        spec = RolloutSpec(model=MODEL, version="1.0.0",
+                           canary_devices=[agents[0].device_id], probation_s=6.0)
+        wait_until(lambda: len(store.query("SELECT 1 FROM devices")) >= 3, timeout=20,
+                   what="devices known to the cloud")
+        request_id = rows.request("release", spec.model_dump(mode="json"))
+        wait_until(lambda: rows.get_request(request_id).state == "done",  # type: ignore[union-attr]
+                   timeout=20, what="release accepted")
+        wait_until(lambda: _active(agents[0]) == "1.0.0", timeout=30, what="canary installed")
+        before = rows.latest(MODEL)
+        assert before is not None and before.stage == 0 and before.published_stage == 0
+        process.kill()
+        process.start()
+        wait_until(lambda: (r := rows.latest(MODEL)) is not None and r.state == "completed",
+                   timeout=40, what="the resumed rollout completed")
+        after = rows.latest(MODEL)
+        assert after is not None and after.id == before.id
+        assert after.stage_started_at == before.stage_started_at or after.stage == 1
+        assert after.finished_at is not None and after.finished_at >= before.deadline
+        wait_until(lambda: all(_active(a) == "1.0.0" for a in agents), timeout=30,
+                   what="the whole fleet installed")
+        log = process.log.read_text()
+        assert f"rollout {before.id} of {MODEL} 1.0.0 resumed at stage 0" in log
+        assert log.count(f"rollout {before.id}: {MODEL} 1.0.0 stage 0 published") == 1
+    finally:
+        store.close()
+        process.close()
