@@ -42,7 +42,18 @@ $(CLOUD_VENV)/.installed: pyproject.toml | check-python
 	$(CLOUD_VENV)/bin/python -m pip --disable-pip-version-check install --quiet -e '.[cloud]'
 	touch $@
 
-role-venvs: $(EDGE_VENV)/.installed $(CLOUD_VENV)/.installed
+# The TFLite converter (litert-torch) pins packages the cloud cannot share: its own venv,
+# which the optimizer runs as a subprocess (EDGEFL_CONVERTER_PYTHON).
+CONVERT_VENV := .cache/venv-convert
+
+$(CONVERT_VENV)/.installed: pyproject.toml | check-python
+	$(PYTHON) -m venv $(CONVERT_VENV)
+	$(CONVERT_VENV)/bin/python -m pip --disable-pip-version-check install --quiet --upgrade pip
+	$(CONVERT_VENV)/bin/python -m pip --disable-pip-version-check install --quiet torch==2.13.0
+	$(CONVERT_VENV)/bin/python -m pip --disable-pip-version-check install --quiet -e '.[convert]'
+	touch $@
+
+role-venvs: $(EDGE_VENV)/.installed $(CLOUD_VENV)/.installed $(CONVERT_VENV)/.installed
 
 # Servers the tests start (Mosquitto; VictoriaMetrics, which speaks the InfluxDB v2 write
 # API): installed with apt-get when missing and we are root. The tests start their own

@@ -498,3 +498,157 @@ def retire(
     """Retire a version; its retained release and chunks are cleared from the broker."""
     settings = load_settings(config, data_dir)
     typer.echo(_submit(settings, "retire", {"model": name, "version": version}, wait))
+
+
+# -- optimize / benchmark (run here, with the edge runtimes) --------------------------------
+
+
+def edge_runner(threads: int = 1) -> Any:
+    """Load a file in the edge runtime of its format (what devices run)."""
+    from edge_node.inference import load_runtime
+
+    def load(path: Path, fmt: Any) -> Any:
+        return load_runtime(path, fmt, threads=threads)
+
+    return load
+
+
+@model_app.command("optimize")
+def optimize(
+    name: Annotated[str, typer.Argument(help="Model name")],
+    version: Annotated[str, typer.Argument(help="A weights version (FL result or checkpoint)")],
+    formats: Annotated[str, typer.Option(
+        help="Comma-separated recipes: onnx, onnx-int8-dynamic, onnx-int8-static, "
+             "torchscript, torch-int8, tflite, tflite-int8")] = ",".join(
+        ("onnx", "onnx-int8-dynamic", "onnx-int8-static", "torchscript", "torch-int8",
+         "tflite", "tflite-int8")),
+    prune: Annotated[float | None, typer.Option(
+        min=0.0, max=0.99, help="Magnitude-prune this share of the weights, then fine-tune")]
+    = None,
+    structured: Annotated[bool, typer.Option(
+        "--structured", help="Prune whole output channels (L2) instead of single weights")]
+    = False,
+    fine_tune_epochs: Annotated[int, typer.Option(min=0, max=1000)] = 3,
+    distill_from: Annotated[str | None, typer.Option(
+        help="Teacher NAME:VERSION (weights of a larger model) to distil into this task's "
+             "model")] = None,
+    temperature: Annotated[float, typer.Option(min=1.0, max=100.0)] = 4.0,
+    alpha: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.7,
+    tolerance: Annotated[float, typer.Option(
+        min=0.0, help="Accuracy points an output may lose before it is rejected")] = 1.0,
+    converter_python: Annotated[str | None, typer.Option(
+        help="Interpreter with litert-torch for the TFLite recipes "
+             "[$EDGEFL_CONVERTER_PYTHON, else this one]")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Folder for optimization.json [{data_dir}/optimizations/NAME-VERSION]")] = None,
+    config: Config = None, data_dir: DataDir = None, as_json: AsJson = False,
+) -> None:
+    """Convert a task's weights for the edge: every output is checked, measured, registered."""
+    from cloud.models.optimizer import RECIPES, OptimizeError, Optimizer, Options
+    from fl_tasks.errors import TaskError
+
+    recipes = [r.strip() for r in formats.split(",") if r.strip()]
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown or not recipes:
+        raise fail(f"unknown recipe {unknown[0] if unknown else '(none)'}: "
+                   f"{', '.join(RECIPES)}")
+    teacher: tuple[str, str] | None = None
+    if distill_from is not None:
+        teacher_name, sep, teacher_version = distill_from.partition(":")
+        if not sep or not teacher_name or not teacher_version:
+            raise fail(f"--distill-from {distill_from!r}: expected NAME:VERSION")
+        teacher = (teacher_name, teacher_version)
+    settings = load_settings(config, data_dir)
+    registry = open_registry(settings)
+    optimizer = Optimizer(registry, edge_runner(), converter_python=converter_python)
+    options = Options(recipes=recipes, prune=prune, prune_structured=structured,
+                      fine_tune_epochs=fine_tune_epochs, distill_from=teacher,
+                      temperature=temperature, alpha=alpha, tolerance=tolerance)
+    console = Console(stderr=True)
+    try:
+        with console.status(f"optimizing {name} {version}") as status:
+            report = optimizer.optimize(name, version, options,
+                                        progress=status.update)
+    except (OptimizeError, RegistryError, TaskError) as exc:
+        raise fail(str(exc)) from None
+    folder = out or settings.data_dir / "optimizations" / f"{name}-{version}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "optimization.json").write_text(json.dumps(report.as_json(), indent=2) + "\n")
+    if as_json:
+        typer.echo(json.dumps(report.as_json(), indent=2))
+        return
+    table = Table(title=f"{name} {version} ({report.source}, accuracy "
+                  f"{report.parent_accuracy:.4f}) -> {folder / 'optimization.json'}")
+    for column in ("recipe", "version", "state", "bytes", "x smaller", "accuracy",
+                   "Δ points", "agree", "p50 ms", "p99 ms", "note"):
+        table.add_column(column)
+
+    def f(value: float | None, digits: int = 4) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    for o in report.outputs:
+        table.add_row(o.recipe, o.version or "-", o.state, str(o.size_bytes or "-"),
+                      f(o.compression, 2), f(o.accuracy), f(o.accuracy_delta_points, 2),
+                      f(o.agreement, 3), f(o.latency_ms_p50), f(o.latency_ms_p99),
+                      o.reason or "")
+    Console().print(table)
+
+
+@model_app.command("benchmark")
+def benchmark(
+    target: Annotated[str, typer.Argument(help="A model file, or a registered model name")],
+    version: Annotated[str | None, typer.Argument(help="Version, with a model name")] = None,
+    runs: Annotated[int, typer.Option(min=1, max=10_000_000)] = 1000,
+    warmup: Annotated[int, typer.Option(min=0, max=1_000_000)] = 50,
+    threads: Annotated[int, typer.Option(min=1, max=256)] = 1,
+    batch: Annotated[int, typer.Option(min=1, max=65_536)] = 1,
+    fmt: Annotated[str, typer.Option("--format", help="auto, onnx, tflite, torchscript")]
+    = "auto",
+    config: Config = None, data_dir: DataDir = None, as_json: AsJson = False,
+) -> None:
+    """Latency (mean, std, p50/p95/p99), throughput and peak memory in the model's runtime."""
+    from cloud.models.benchmark import BenchmarkError, run_benchmark
+    from edge_node.errors import EdgeError
+
+    registered: ModelVersion | None = None
+    if version is not None:
+        settings = load_settings(config, data_dir)
+        registry = open_registry(settings)
+        try:
+            registered = registry.get(target, version)
+            registry.read(registered)
+        except RegistryError as exc:
+            raise fail(str(exc)) from None
+        path, kind = registered.path, registered.format
+    else:
+        path = Path(target)
+        try:
+            data = path.read_bytes()
+            kind = detect_format(data) if fmt == "auto" else ArtifactFormat(fmt)
+            check_claim(data, kind)
+        except OSError as exc:
+            raise fail(f"cannot read {path}: {exc.strerror or exc}") from None
+        except (FormatError, ValueError) as exc:
+            raise fail(f"{path}: {exc}") from None
+    deployable = kind.deployable
+    if deployable is None:
+        raise fail(f"{target} is {kind.value}: benchmark a deployable format "
+                   "(`edgefl model optimize` makes them)")
+    from rich.progress import Progress
+
+    try:
+        with Progress(console=Console(stderr=True), transient=True) as progress:
+            bar = progress.add_task(f"{path.name}: {runs} runs", total=warmup + runs)
+            result = run_benchmark(path, deployable, runs=runs, warmup=warmup,
+                                   threads=threads, batch=batch,
+                                   loader=edge_runner(threads),
+                                   tick=lambda n: progress.update(bar, advance=n))
+    except (BenchmarkError, EdgeError) as exc:
+        raise fail(str(exc)) from None
+    if registered is not None:
+        registry.add_metrics(registered.model, registered.version, "benchmark",
+                             result.metrics(), device_class=result.device_class)
+    if as_json:
+        typer.echo(json.dumps(result.as_json(), indent=2))
+        return
+    typer.echo(result.summary())

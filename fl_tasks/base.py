@@ -217,6 +217,14 @@ class FLTask(ABC):
     def central_data(self) -> tuple[np.ndarray, np.ndarray] | None:
         """The held-out test split for central evaluation, or None if the task has none."""
 
+    def server_data(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Training examples the operator holds, or None when it holds none.
+
+        The model optimizer calibrates static quantization, fine-tunes pruned models and
+        distils on these (never on the test split, never on random data).
+        """
+        return None
+
     def criterion(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Mean loss of a batch; cross-entropy over class logits by default."""
         return nn.functional.cross_entropy(output, target)

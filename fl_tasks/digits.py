@@ -163,6 +163,11 @@ class DigitsTask(FLTask):
         return LocalData(x_train=x_all[train_idx], y_train=y_all[train_idx],
                          x_eval=x_all[eval_idx], y_eval=y_all[eval_idx])
 
+    def server_data(self) -> tuple[np.ndarray, np.ndarray]:
+        """The training split (the union of what the devices hold; copies)."""
+        x_train, y_train, _, _ = _digits_split(self.test_fraction)
+        return x_train.copy(), y_train.copy()
+
     def central_data(self) -> tuple[np.ndarray, np.ndarray]:
         """The held-out test split (copies)."""
         _, _, x_test, y_test = _digits_split(self.test_fraction)

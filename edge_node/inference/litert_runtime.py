@@ -38,13 +38,27 @@ def _interpreter_class() -> Any:
     return Interpreter
 
 
+def _quantization(detail: dict[str, Any]) -> tuple[float, int, np.dtype[Any]] | None:
+    """(scale, zero point, integer dtype) of a quantized int8/uint8 tensor, else None."""
+    dtype = np.dtype(detail["dtype"])
+    scale, zero_point = detail.get("quantization") or (0.0, 0)
+    if dtype not in (np.dtype(np.int8), np.dtype(np.uint8)) or not scale:
+        return None
+    return float(scale), int(zero_point), dtype
+
+
 def _spec(detail: dict[str, Any]) -> TensorSpec:
-    """A TensorSpec from an interpreter tensor detail; ``-1`` in the signature is dynamic."""
+    """A TensorSpec from an interpreter tensor detail; ``-1`` in the signature is dynamic.
+
+    A quantized int8/uint8 tensor is declared float32: the runtime quantizes inputs and
+    dequantizes outputs with the model's own scale and zero point.
+    """
     signature = detail.get("shape_signature")
     if signature is None or len(signature) == 0:
         signature = detail["shape"]
     shape = tuple(int(d) if d >= 0 else None for d in signature)
-    return TensorSpec(str(detail["name"]), shape, np.dtype(detail["dtype"]).name)
+    dtype = "float32" if _quantization(detail) else np.dtype(detail["dtype"]).name
+    return TensorSpec(str(detail["name"]), shape, dtype)
 
 
 class LiteRtRuntime(InferenceRuntime):
@@ -58,7 +72,8 @@ class LiteRtRuntime(InferenceRuntime):
     runtime = RuntimeName.LITERT
     format = ModelFormat.TFLITE
 
-    __slots__ = ("_input_index", "_input_shape", "_interpreter", "_lock", "_output_index")
+    __slots__ = ("_in_quant", "_input_index", "_input_shape", "_interpreter", "_lock",
+                 "_out_quant", "_output_index")
 
     def __init__(self, path: Path, interpreter: Any) -> None:
         input_details = interpreter.get_input_details()
@@ -74,6 +89,8 @@ class LiteRtRuntime(InferenceRuntime):
         self._input_index: int = input_details[0]["index"]
         self._output_index: int = output_details[0]["index"]
         self._input_shape: tuple[int, ...] = tuple(int(d) for d in input_details[0]["shape"])
+        self._in_quant = _quantization(input_details[0])
+        self._out_quant = _quantization(output_details[0])
         self._lock = threading.Lock()
 
     @classmethod
@@ -114,12 +131,25 @@ class LiteRtRuntime(InferenceRuntime):
             try:
                 if batch.shape != self._input_shape:
                     self._resize(interpreter, batch.shape)
-                interpreter.set_tensor(self._input_index, batch)
+                interpreter.set_tensor(self._input_index, self._quantize(batch))
                 interpreter.invoke()
                 result: np.ndarray = interpreter.get_tensor(self._output_index)
             except _ERRORS as exc:
                 raise InferenceError(f"LiteRT: {exc}") from exc
+        if self._out_quant is not None:
+            scale, zero_point, _ = self._out_quant
+            return ((result.astype(np.float32) - zero_point) * scale).astype(np.float32)
         return result
+
+    def _quantize(self, batch: np.ndarray) -> np.ndarray:
+        """A full-integer model's input from float32: round(x / scale) + zero point."""
+        if self._in_quant is None:
+            return batch
+        scale, zero_point, dtype = self._in_quant
+        info = np.iinfo(dtype)
+        quantized: np.ndarray = np.clip(np.rint(batch / scale) + zero_point, info.min,
+                                        info.max).astype(dtype)
+        return quantized
 
     def _resize(self, interpreter: Any, shape: tuple[int, ...]) -> None:
         self._input_shape = ()  # a failed resize forces a new one on the next call
