@@ -67,6 +67,12 @@ def fl_start(
         help="fedavg, fedadam, fedprox, krum, ... [fedavg]")] = None,
     min_clients: Annotated[int | None, typer.Option(
         help="min_fit_clients = min_available_clients [2]")] = None,
+    local_epochs: Annotated[int | None, typer.Option(
+        min=1, help="Local epochs per round on each device [1]")] = None,
+    learning_rate: Annotated[float | None, typer.Option(
+        min=0.0, help="Devices' SGD learning rate [0.01]")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        min=1, help="Devices' batch size [32]")] = None,
     config: Config = None,
     data_dir: DataDir = None,
     detach: Annotated[bool, typer.Option(
@@ -95,6 +101,10 @@ def fl_start(
     explicit = {"task": task, "rounds": rounds, "strategy": strategy,
                 "min_fit_clients": min_clients, "min_available_clients": min_clients}
     values |= {k: v for k, v in explicit.items() if v is not None}
+    hyperparams = {"local_epochs": local_epochs, "learning_rate": learning_rate,
+                   "batch_size": batch_size}
+    values["hyperparams"] = {**(values.get("hyperparams") or {}),
+                             **{k: v for k, v in hyperparams.items() if v is not None}}
     try:
         validate_id(name, "task name")
         task_config = FLTaskConfig.model_validate(values)

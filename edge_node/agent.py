@@ -104,7 +104,7 @@ class EdgeAgent:
         self.ota = OtaManager(
             device_id=self.device_id, topics=self.topics, store=self.store,
             inference=self.inference, settings=settings.ota,
-            keys=load_trusted_keys(settings.ota.trusted_keys),
+            keys=load_trusted_keys(settings.ota.trusted_keys, settings.ota.trusted_key_files),
             capabilities=Capabilities(
                 formats=frozenset(self.formats), runtimes=frozenset(self.runtimes),
                 gpu=self.hardware.gpu,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -28,9 +29,21 @@ def load_public_key(text: str) -> Ed25519PublicKey:
     return Ed25519PublicKey.from_public_bytes(raw)
 
 
-def load_trusted_keys(config: dict[str, str]) -> dict[str, Ed25519PublicKey]:
-    """key_id -> public key, from settings."""
-    return {key_id: load_public_key(text) for key_id, text in config.items()}
+def load_trusted_keys(config: dict[str, str], files: dict[str, Path] | None = None,
+                      ) -> dict[str, Ed25519PublicKey]:
+    """key_id -> public key, from settings: keys given inline, and keys read from files.
+
+    Raises:
+        ValueError: a key that is not an Ed25519 public key, or a file that cannot be read
+            (naming it).
+    """
+    keys = {key_id: load_public_key(text) for key_id, text in config.items()}
+    for key_id, path in (files or {}).items():
+        try:
+            keys[key_id] = load_public_key(path.read_text(encoding="ascii"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ValueError(f"trusted key file {path} for {key_id!r}: {exc}") from None
+    return keys
 
 
 def verify_manifest(manifest: ReleaseManifest, keys: dict[str, Ed25519PublicKey]) -> None:

@@ -60,6 +60,11 @@ class OtaSettings(SettingsSection):
         default_factory=dict,
         description="key_id -> Ed25519 public key (base64 of the 32 raw bytes, or PEM)",
     )
+    trusted_key_files: dict[Id, Path] = Field(
+        default_factory=dict,
+        description="key_id -> file holding the public key in either form (the release.pub "
+        "that `edgefl model keygen` writes beside the release key)",
+    )
     probation_s: Annotated[float, Field(ge=0)] = 300.0
     probation_min_samples: Annotated[int, Field(ge=1)] = 20
     max_error_rate_percent: Annotated[float, Field(ge=0, le=100)] = 5.0

@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,6 +27,14 @@ from schemas.errors import SchemaError
 from schemas.topics import validate_id
 
 logger = logging.getLogger(__name__)
+
+PIPED_WIDTH = 200
+"""Columns of tables written to a pipe or file (rich would cut them at 80)."""
+
+
+def _console() -> Console:
+    """Standard output: the terminal's width, or wide enough never to cut a cell in a pipe."""
+    return Console(width=None if sys.stdout.isatty() else PIPED_WIDTH)
 
 DataDir = Annotated[Path | None, typer.Option(help="Cloud data folder [var/cloud]")]
 Config = Annotated[Path | None, typer.Option(help="Cloud TOML/YAML settings file")]
@@ -77,9 +86,13 @@ def keygen(
     if path.exists() and not force:
         raise fail(f"{path} exists: keep it, or pass --force to replace it")
     key = generate_signing_key(path)
-    typer.echo(f"release key {settings.models.key_id} written to {path}")
-    typer.echo("devices trust it with (edge settings):")
-    typer.echo(f"  ota:\n    trusted_keys:\n      {settings.models.key_id}: {public_key_b64(key)}")
+    public = path.with_suffix(".pub")
+    public.write_text(public_key_b64(key) + "\n", encoding="ascii")
+    typer.echo(f"release key {settings.models.key_id} written to {path}, its public key to "
+               f"{public}")
+    typer.echo("devices trust it with (edge settings), inline or as a file:")
+    typer.echo(f"  ota:\n    trusted_keys:\n      {settings.models.key_id}: {public_key_b64(key)}"
+               f"\n    trusted_key_files:\n      {settings.models.key_id}: {public}")
 
 
 # -- register ----------------------------------------------------------------------------
@@ -211,7 +224,7 @@ def list_models(config: Config = None, data_dir: DataDir = None, as_json: AsJson
     for m in models:
         table.add_row(m["name"], m["task"] or "-", str(m["versions"]), m["latest"] or "-",
                       ", ".join(m["active"]) or "-", _date(m["created_at"]))
-    Console().print(table)
+    _console().print(table)
 
 
 @model_app.command("show")
@@ -245,7 +258,7 @@ def show(
             "events": [{"ts": e.ts, "event": e.event, "detail": e.detail} for e in events],
         }, indent=2))
         return
-    console = Console()
+    console = _console()
     console.print(f"{name} {version}: {one.format.value}, {one.size_bytes} bytes, "
                   f"{one.state.value}, sha256 {one.sha256}")
     console.print("lineage: " + " <- ".join(v.version for v in lineage)
@@ -276,7 +289,7 @@ def _versions_table(name: str, versions: list[ModelVersion]) -> None:
         table.add_row(v.version, v.format.value, v.state.value, str(v.size_bytes),
                       v.parent_version or "-", "-" if v.fl_round is None else str(v.fl_round),
                       v.note or "", _date(v.created_at))
-    Console().print(table)
+    _console().print(table)
 
 
 # -- rollouts (handed to the running cloud service) ----------------------------------------
@@ -355,13 +368,18 @@ def release(
         help="Abort on an alert of this severity or worse on a targeted device "
              "(critical, major, minor, warning, or none)")] = "major",
     force: Annotated[bool, typer.Option("--force", help="Release a rejected version")] = False,
+    ab: Annotated[str | None, typer.Option(
+        "--ab", help="A/B experiment: VERSION (A, the one the fleet runs) stays, this "
+                     "version (B) goes to --split of the devices")] = None,
+    split: Annotated[str, typer.Option(help="Share of the devices that take B, e.g. 50%")]
+    = "50%",
     follow: Annotated[bool, typer.Option(
-        "--follow", help="Print the stages until the rollout ends; exit 1 if it aborts")]
-    = False,
+        "--follow", help="Print the stages until the rollout ends (or an A/B experiment "
+                         "serves both versions); exit 1 if it aborts")] = False,
     wait: Annotated[float, typer.Option(help="Seconds to wait for the service")] = 30.0,
     config: Config = None, data_dir: DataDir = None,
 ) -> None:
-    """Hand a staged rollout to the running cloud service (canary, steps, probation)."""
+    """Hand a staged rollout (canary, steps, probation) or an A/B experiment to the service."""
     from pydantic import ValidationError
 
     from cloud.models.registry import VersionState
@@ -369,15 +387,17 @@ def release(
 
     settings = load_settings(config, data_dir)
     registry = open_registry(settings)
+    candidate = ab or version
     try:
-        found = registry.get(name, version)
+        registry.get(name, version)
+        found = registry.get(name, candidate)
     except RegistryError as exc:
         raise fail(str(exc)) from None
     if found.format.deployable is None:
-        raise fail(f"{name} {version} is {found.format.value}: optimize it into a deployable "
-                   "format first")
+        raise fail(f"{name} {candidate} is {found.format.value}: optimize it into a "
+                   "deployable format first")
     if found.state is VersionState.REJECTED and not force:
-        raise fail(f"{name} {version} is rejected: pass --force to release it anyway")
+        raise fail(f"{name} {candidate} is rejected: pass --force to release it anyway")
     body: dict[str, Any] = {
         "model": name, "version": version,
         "steps": [parse_percent(s, "--steps") for s in steps.split(",") if s.strip()],
@@ -390,6 +410,9 @@ def release(
         body["canary_percent"] = parse_percent(canary, "--canary")
     if canary_devices:
         body["canary_devices"] = [d.strip() for d in canary_devices.split(",") if d.strip()]
+    if ab is not None:
+        body["ab_version"] = ab
+        body["split_percent"] = parse_percent(split, "--split")
     try:
         spec = RolloutSpec.model_validate(body, strict=False)
     except ValidationError as exc:
@@ -400,7 +423,7 @@ def release(
     typer.echo(detail)
     if follow:
         outcome = _follow_rollout(settings, name)
-        if outcome != "completed":
+        if outcome not in ("completed", "experiment"):
             raise typer.Exit(1)
 
 
@@ -424,7 +447,7 @@ def _follow_rollout(settings: CloudSettings, model: str) -> str:
             typer.echo(f"rollout {rollout.id}: {rollout.state}, stage {rollout.stage + 1} of "
                        f"{rollout.last_stage + 1} ({len(rollout.targets())} device(s)); "
                        f"{states}" + (f"; {rollout.reason}" if rollout.reason else ""))
-        if rollout.state in FINISHED:
+        if rollout.state in FINISHED or rollout.state == "experiment":
             return rollout.state
         pause.wait(0.5)
 
@@ -459,7 +482,7 @@ def rollout_status(
                                **rollout.record(), "retained_version": published,
                                "devices": devices}, indent=2))
         return
-    console = Console()
+    console = _console()
     deadline = ("-" if rollout.state != "running"
                 else dt.datetime.fromtimestamp(rollout.deadline).strftime("%H:%M:%S"))
     console.print(f"rollout {rollout.id}: {name} {rollout.version} {rollout.state}, stage "
@@ -474,6 +497,81 @@ def rollout_status(
         table.add_row(device, row["state"], "-" if row["stage"] is None else str(row["stage"] + 1),
                       row["detail"] or "", _date(row["updated_at"]))
     console.print(table)
+
+
+@model_app.command("compare")
+def compare(
+    name: Annotated[str, typer.Argument(help="Model name")],
+    config: Config = None, data_dir: DataDir = None, as_json: AsJson = False,
+) -> None:
+    """The A/B experiment's two versions side by side, as the fleet measured them."""
+    from cloud.models.experiments import compare as compare_figures
+    from cloud.models.experiments import fleet_figures
+    from cloud.models.rollout_store import RolloutStore
+
+    settings = load_settings(config, data_dir)
+    if not settings.sqlite_path.exists():
+        raise fail(f"no cloud store at {settings.sqlite_path}")
+    store = SqliteStore(settings.sqlite_path)
+    rollouts = RolloutStore(store)
+    rollout = next((r for r in rollouts.history(name) if r.spec.get("ab_version")), None)
+    if rollout is None or rollout.previous_version is None:
+        raise fail(f"{name} has had no A/B experiment")
+    until = rollout.finished_at
+    group_b = rollout.canary
+    group_a = rollout.order[len(group_b):]
+    a = fleet_figures(store, name, rollout.previous_version, rollout.created_at, group_a)
+    b = fleet_figures(store, name, rollout.version, rollout.created_at, group_b)
+    result = compare_figures(a, b)
+    if as_json:
+        typer.echo(json.dumps({"rollout": rollout.id, "state": rollout.state,
+                               **result.as_json()}, indent=2))
+        return
+
+    def f(value: float | None, digits: int = 4) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    console = _console()
+    console.print(f"rollout {rollout.id}: A/B experiment of {name}, {rollout.state}"
+                  + (f" (ended {_date(until)})" if until else "")
+                  + (f"; {rollout.reason}" if rollout.reason else ""))
+    table = Table(title=f"{name}: A {a.version} vs B {b.version}")
+    for column in ("", f"A {a.version}", f"B {b.version}", "p-value", "test"):
+        table.add_column(column)
+    table.add_row("devices (group)", f"{a.devices} ({len(group_a)})",
+                  f"{b.devices} ({len(group_b)})", "", "")
+    table.add_row("windows / inferences", f"{a.windows} / {a.inferences}",
+                  f"{b.windows} / {b.inferences}", "", "")
+    table.add_row("latency p50 ms", f(a.latency_ms_p50), f(b.latency_ms_p50),
+                  f(result.latency_p_value, 4), "Mann-Whitney U, per-window p50")
+    table.add_row("latency p95 ms", f(a.latency_ms_p95), f(b.latency_ms_p95), "", "")
+    table.add_row("error rate %", f(a.error_rate_percent, 3), f(b.error_rate_percent, 3),
+                  f(result.error_rate_p_value, 4), "Fisher exact, inference counts")
+    table.add_row("accuracy (windows)", f"{f(a.accuracy)} ({a.accuracy_windows})",
+                  f"{f(b.accuracy)} ({b.accuracy_windows})", f(result.accuracy_p_value, 4),
+                  "Mann-Whitney U, per-window accuracy")
+    console.print(table)
+
+
+@model_app.command("promote")
+def promote(
+    name: Annotated[str, typer.Argument(help="Model name")],
+    version: Annotated[str | None, typer.Argument(
+        help="The winner: B widens to every device, A stays and B is rolled back [B]")]
+    = None,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for the service")] = 30.0,
+    follow: Annotated[bool, typer.Option(
+        "--follow", help="Print the stages until the rollout ends")] = False,
+    config: Config = None, data_dir: DataDir = None,
+) -> None:
+    """End the running A/B experiment of a model."""
+    settings = load_settings(config, data_dir)
+    body: dict[str, Any] = {"model": name}
+    if version is not None:
+        body["version"] = version
+    typer.echo(_submit(settings, "promote", body, wait))
+    if follow and _follow_rollout(settings, name) not in ("completed", "aborted"):
+        raise typer.Exit(1)
 
 
 @model_app.command("rollback")
@@ -591,7 +689,7 @@ def optimize(
                       f(o.compression, 2), f(o.accuracy), f(o.accuracy_delta_points, 2),
                       f(o.agreement, 3), f(o.latency_ms_p50), f(o.latency_ms_p99),
                       o.reason or "")
-    Console().print(table)
+    _console().print(table)
 
 
 @model_app.command("benchmark")
@@ -652,3 +750,41 @@ def benchmark(
         typer.echo(json.dumps(result.as_json(), indent=2))
         return
     typer.echo(result.summary())
+
+
+# -- package --------------------------------------------------------------------------------
+
+
+@model_app.command("package")
+def package(
+    name: Annotated[str, typer.Argument(help="Model name")],
+    version: Annotated[str, typer.Argument(help="A deployable version")],
+    android: Annotated[Path, typer.Option(help="Write an Android library (.aar) here")],
+    config: Config = None, data_dir: DataDir = None,
+) -> None:
+    """Bundle a version for a mobile app: an .aar with the model in assets/ and its metadata."""
+    from cloud.models.mobile import MobileError, write_aar
+    from edge_node.errors import EdgeError
+    from edge_node.inference import load_runtime
+
+    settings = load_settings(config, data_dir)
+    registry = open_registry(settings)
+    try:
+        found = registry.get(name, version)
+        registry.read(found)
+    except RegistryError as exc:
+        raise fail(str(exc)) from None
+    deployable = found.format.deployable
+    if deployable is None:
+        raise fail(f"{name} {version} is {found.format.value}: package a deployable format")
+    try:
+        runtime = load_runtime(found.path, deployable)
+    except EdgeError as exc:
+        raise fail(f"{name} {version} does not load: {exc}") from None
+    try:
+        write_aar(android, found, runtime.inputs, runtime.outputs)
+    except (MobileError, OSError) as exc:
+        raise fail(str(exc)) from None
+    finally:
+        runtime.close()
+    typer.echo(f"{android}: {name} {version} ({found.format.value}, {found.size_bytes} bytes)")

@@ -20,9 +20,9 @@ from tests.mqtt_client import SyncClient, TlsFiles
 pytest_plugins = ["tests.agent_fixtures", "tests.cloud_fixtures", "tests.victoria"]
 
 # Devices provisioned when the broker starts; more can be added (with a reload).
-DEVICE_IDS = (*tuple(f"dev-{i}" for i in range(160)), "dev-tls",
+DEVICE_IDS = (*tuple(f"dev-{i}" for i in range(600)), "dev-tls",
               *tuple(f"sim-{i:03d}" for i in range(10)))
-FREE_IDS = iter(DEVICE_IDS[20:160])
+FREE_IDS = iter(DEVICE_IDS[20:590])  # dev-590.. are kept for tests that name them
 """Ids handed out one per use by `new_device_id`, so persistent sessions never mix."""
 TEST_ROOT_FILTER = "+/edgefl/v1"
 """The ACL is rendered for this root so that each test's own root `t<hex>/edgefl/v1` is covered."""
@@ -147,7 +147,13 @@ def restartable_mosquitto(tmp_path: Path) -> Iterator[RunningBroker]:
 @pytest.fixture
 def new_device_id() -> Callable[[], str]:
     """Hands out a provisioned device id no other test has used in this session."""
-    return lambda: next(FREE_IDS)
+    def take() -> str:
+        device_id = next(FREE_IDS, None)
+        if device_id is None:
+            raise RuntimeError("the session's pool of provisioned device ids is used up: "
+                               "raise the range of DEVICE_IDS in tests/conftest.py")
+        return device_id
+    return take
 
 
 @pytest.fixture

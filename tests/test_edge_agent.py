@@ -152,5 +152,5 @@ def test_edgefl_cmd_sends_a_command_and_prints_the_reply(
     assert json.loads(ok.stdout)["result"] == {"interval_s": 0.5}
     failed = run(agent.device_id, "rollback", "--arg", "model=nope")
     assert failed.returncode == 1 and json.loads(failed.stdout)["status"] == "error"
-    silent = run("dev-159", "ping", "--timeout", "2")  # provisioned, never connected
+    silent = run("dev-599", "ping", "--timeout", "2")  # provisioned, never connected
     assert silent.returncode == 1 and "no reply" in silent.stderr

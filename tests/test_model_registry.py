@@ -297,8 +297,39 @@ def test_keygen_writes_an_owner_only_key_and_prints_what_devices_trust(tmp_path:
     path = tmp_path / "cloud" / "keys" / "release.pem"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert f"release-1: {public_key_b64(load_signing_key(path))}" in out
+    assert path.with_suffix(".pub").read_text().strip() == public_key_b64(load_signing_key(path))
     code, out = _model("keygen", *folder)
     assert code == 2 and "exists" in out, out
     before = path.read_bytes()
     code, out = _model("keygen", *folder, "--force")
     assert code == 0 and path.read_bytes() != before
+
+
+def test_package_writes_an_android_library_with_the_model_and_its_metadata(
+    tmp_path: Path, onnx_bytes: bytes,
+) -> None:
+    import hashlib
+    import zipfile
+
+    folder = ["--data-dir", str(tmp_path / "cloud")]
+    (tmp_path / "m.onnx").write_bytes(onnx_bytes)
+    code, out = _model("register", str(tmp_path / "m.onnx"), "--name", "digits", "--version",
+                       "1.0.0", *folder)
+    assert code == 0, out
+    aar = tmp_path / "out" / "digits.aar"
+    code, out = _model("package", "digits", "1.0.0", "--android", str(aar), *folder)
+    assert code == 0, out
+    with zipfile.ZipFile(aar) as bundle:
+        names = set(bundle.namelist())
+        assert names == {"AndroidManifest.xml", "classes.jar", "R.txt", "assets/digits.onnx",
+                         "assets/digits.json"}
+        assert 'package="org.edgefl.models.digits"' in bundle.read("AndroidManifest.xml").decode()
+        model = bundle.read("assets/digits.onnx")
+        meta = json.loads(bundle.read("assets/digits.json"))
+        with zipfile.ZipFile(io.BytesIO(bundle.read("classes.jar"))) as jar:
+            assert jar.namelist() == ["META-INF/MANIFEST.MF"]
+    assert model == onnx_bytes and meta["sha256"] == hashlib.sha256(model).hexdigest()
+    assert meta["inputs"] == [{"name": "x", "shape": [None, 64], "dtype": "float32"}]
+    assert meta["outputs"][0]["name"] == "logits" and meta["version"] == "1.0.0"
+    code, out = _model("package", "digits", "9.9.9", "--android", str(aar), *folder)
+    assert code == 2 and "has no version" in out, out

@@ -42,6 +42,7 @@ def test_the_manual_path_of_the_readme_runs_as_written(tmp_path: Path) -> None:
         files[opening.group(1)] = block
     assert set(files) == {"cloud.yaml", "edge.yaml"}
     (commands,) = re.findall(r"```console\n(.*?)```", text, re.DOTALL)
+    (model_ops,) = re.findall(r"```console\n(.*?)```", section("Model operations"), re.DOTALL)
     for file_name, body in files.items():
         (tmp_path / file_name).write_text(body)
     ports = {"device": free_port(), "service": free_port(), "observer": free_port()}
@@ -54,7 +55,7 @@ def test_the_manual_path_of_the_readme_runs_as_written(tmp_path: Path) -> None:
     background: list[subprocess.Popen[str]] = []
     outputs: dict[str, str] = {}
     try:
-        for line in commands.strip().splitlines():
+        for line in [*commands.strip().splitlines(), *model_ops.strip().splitlines()]:
             command = line.split("  #")[0].strip()
             words = shlex.split(command.removesuffix("&"))
             assert words[0] == "edgefl"
@@ -67,12 +68,25 @@ def test_the_manual_path_of_the_readme_runs_as_written(tmp_path: Path) -> None:
             result = subprocess.run(words, cwd=tmp_path, env=env, capture_output=True,
                                     text=True, timeout=300, check=False)
             assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
-            outputs[" ".join(words[:2])] = result.stdout
+            outputs[" ".join(words[:3]) if words[1] == "model" else " ".join(words[:2])] = \
+                result.stdout
         summary = " ".join(outputs["edgefl fl"].split())
         assert "task digits: finished" in summary
+        final = re.findall(r"round 3: \d+ update\(s\), accuracy ([0-9.]+)", summary)
+        assert final and float(final[0]) >= 0.5, summary  # the hyperparameters shown do train
         assert "sim-000" in outputs["edgefl devices"]
         assert "telemetry messages" in outputs["edgefl report"]
         assert "messages by topic kind" in outputs["edgefl cloud"]
+        # Model operations: the FL result optimized, measured, rolled out, rolled back.
+        assert "0.3.0-onnx-int8-dynamic" in outputs["edgefl model optimize"]
+        assert "p99" in outputs["edgefl model benchmark"]
+        released = outputs["edgefl model release"]  # the second release
+        assert "completed, stage 2 of 2 (20 device(s))" in released, released
+        assert "rolled back to 0.3.0-onnx on" in outputs["edgefl model rollback"]
+        assert "retired" in outputs["edgefl model retire"]
+        assert (tmp_path / "digits.aar").stat().st_size > 0
+        status = outputs["edgefl model status"]
+        assert "0.3.0-torchscript completed" in " ".join(status.split()), status
     finally:
         for proc in reversed(background):
             if proc.poll() is None:

@@ -46,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from cloud.errors import CloudOffline
 from cloud.health import HealthCounters
+from cloud.models.experiments import ab_assign, fleet_figures
 from cloud.models.registry import (
     ModelRegistry,
     ModelVersion,
@@ -79,6 +80,8 @@ RUNTIME_OF = {ModelFormat.ONNX: RuntimeName.ONNXRUNTIME, ModelFormat.TFLITE: Run
 SEVERITY_RANK = {Severity.CRITICAL: 0, Severity.MAJOR: 1, Severity.MINOR: 2,
                  Severity.WARNING: 3}
 IN_PROGRESS: frozenset[str] = frozenset({"downloading"})
+WATCHED: frozenset[str] = frozenset({"running", "experiment"})
+"""Rollout states in which device failures and alerts abort."""
 FAILURES: frozenset[str] = frozenset({"failed", "rolled_back"})
 
 Publish = Callable[[str, bytes, bool], Awaitable[None]]
@@ -101,6 +104,10 @@ class RolloutSpec(BaseModel):
     abort_failed_percent: Annotated[float, Field(ge=0, le=100)] = 20.0
     abort_alert_severity: Severity | None = Severity.MAJOR
     force: bool = Field(default=False, description="Release a `rejected` version anyway")
+    ab_version: Annotated[str, Field(min_length=1, max_length=64)] | None = Field(
+        default=None, description="A/B experiment: `version` (A, the one the fleet runs) "
+        "stays on part of the fleet, this version (B) goes to `split_percent` of it")
+    split_percent: Annotated[float, Field(gt=0, lt=100)] = 50.0
 
     @model_validator(mode="after")
     def _steps_rise_to_all(self) -> Self:
@@ -110,6 +117,11 @@ class RolloutSpec(BaseModel):
             raise ValueError("the last step must be 100 (the whole fleet)")
         if self.canary_percent is not None and self.canary_devices:
             raise ValueError("give a canary share or canary devices, not both")
+        if self.ab_version is not None:
+            if self.ab_version == self.version:
+                raise ValueError("an A/B experiment needs two different versions")
+            if self.canary_percent is not None or self.canary_devices or self.steps != [100]:
+                raise ValueError("an A/B experiment has its own split: no canary or steps")
         return self
 
 
@@ -161,13 +173,9 @@ def stable_order(key: str, device_ids: Sequence[str]) -> list[str]:
                   key=lambda d: hashlib.sha256(f"{key}\x00{d}".encode()).hexdigest())
 
 
-def plan_rollout(spec: RolloutSpec, fmt: ModelFormat, need_mb: float,
-                 requirements: Requirements, devices: Sequence[DeviceRecord]) -> Plan:
-    """The canary set and the stages over the compatible devices.
-
-    Raises:
-        RolloutRefused: no compatible device, or a named canary device unknown or unfit.
-    """
+def _eligible(fmt: ModelFormat, need_mb: float, requirements: Requirements,
+              devices: Sequence[DeviceRecord]) -> tuple[list[DeviceRecord], dict[str, str]]:
+    """The devices that can take the version, and why each of the others cannot."""
     skipped: dict[str, str] = {}
     eligible: list[DeviceRecord] = []
     for record in devices:
@@ -176,6 +184,17 @@ def plan_rollout(spec: RolloutSpec, fmt: ModelFormat, need_mb: float,
             skipped[record.device_id] = "; ".join(problems)
         else:
             eligible.append(record)
+    return eligible, skipped
+
+
+def plan_rollout(spec: RolloutSpec, fmt: ModelFormat, need_mb: float,
+                 requirements: Requirements, devices: Sequence[DeviceRecord]) -> Plan:
+    """The canary set and the stages over the compatible devices.
+
+    Raises:
+        RolloutRefused: no compatible device, or a named canary device unknown or unfit.
+    """
+    eligible, skipped = _eligible(fmt, need_mb, requirements, devices)
     if not eligible:
         raise RolloutRefused("no known device can take it"
                              + (f" ({len(skipped)} skipped)" if skipped else ""))
@@ -194,6 +213,14 @@ def plan_rollout(spec: RolloutSpec, fmt: ModelFormat, need_mb: float,
         online = {r.device_id for r in eligible if r.online}
         # Online devices first: a canary that is offline validates nothing.
         canary = sorted(sorted(order, key=lambda d: d not in online)[:count])
+    if spec.ab_version is not None:
+        control, candidate = ab_assign(spec.model, spec.version, spec.ab_version, ids,
+                                       spec.split_percent)
+        if not candidate or not control:
+            raise RolloutRefused(f"a {spec.split_percent:g}% split of {len(ids)} compatible "
+                                 "device(s) leaves one side empty")
+        # Stage 0 is the experiment (B on its group), stage 1 B everywhere (promote B).
+        return Plan(candidate + control, candidate, [len(candidate), len(ids)], skipped)
     order = canary + [d for d in order if d not in canary]
     sizes = [len(canary)]
     for step in spec.steps:
@@ -345,6 +372,10 @@ class RolloutManager:
                                                 str(body.get("reason") or "operator rollback"))
         if request.action == "retire":
             return await self._retire(str(body.get("model")), str(body.get("version")))
+        if request.action == "promote":
+            winner = body.get("version")
+            return await self._promote(str(body.get("model")),
+                                       None if winner is None else str(winner))
         raise RolloutRefused(f"unknown action {request.action!r}")
 
     def _signing_key(self) -> Ed25519PrivateKey:
@@ -356,52 +387,103 @@ class RolloutManager:
         return self._key
 
     async def _release(self, spec: RolloutSpec) -> str:
-        version = await off_loop(self.models.get, spec.model, spec.version)
+        candidate = spec.ab_version or spec.version
+        version = await off_loop(self.models.get, spec.model, candidate)
         fmt = version.format.deployable
         if fmt is None:
-            raise RolloutRefused(f"{spec.model} {spec.version} is {version.format.value}: "
+            raise RolloutRefused(f"{spec.model} {candidate} is {version.format.value}: "
                                  "optimize it into a deployable format first")
         if version.state is VersionState.REJECTED and not spec.force:
-            raise RolloutRefused(f"{spec.model} {spec.version} is rejected"
+            raise RolloutRefused(f"{spec.model} {candidate} is rejected"
                                  f"{' (' + version.note + ')' if version.note else ''}: "
                                  "pass --force to release it anyway")
         if version.state is VersionState.RETIRED:
-            raise RolloutRefused(f"{spec.model} {spec.version} is retired")
+            raise RolloutRefused(f"{spec.model} {candidate} is retired")
         for other in self.active.values():
             if other.model == spec.model:
                 raise RolloutRefused(f"rollout {other.id} of {other.model} {other.version} is "
                                      "running: wait for it, or roll it back")
         self._signing_key()
-        measured = {m.name: m.value for m in await off_loop(
-            self.models.metrics, spec.model, spec.version)}
         requirements = Requirements.model_validate(version.requirements or {})
-        plan = plan_rollout(spec, fmt, memory_needed_mb(version, measured), requirements,
-                            self.devices.devices())
+        measured = {m.name: m.value for m in await off_loop(
+            self.models.metrics, spec.model, candidate)}
         published, _ = await off_loop(self.rollouts.publication, spec.model)
-        previous = published if published != spec.version else None
+        previous = published if published != candidate else None
         if previous is None:
             actives = [v for v in await off_loop(self.models.versions, spec.model)
-                       if v.state is VersionState.ACTIVE and v.version != spec.version]
+                       if v.state is VersionState.ACTIVE and v.version != candidate]
             previous = actives[-1].version if actives else None
+        if spec.ab_version is not None and previous != spec.version:
+            await off_loop(self.models.get, spec.model, spec.version)  # unknown: NotFound
+            raise RolloutRefused(
+                f"an A/B experiment compares a candidate with the version the fleet runs: "
+                f"{spec.model} runs {previous or 'no release'}, not {spec.version}; "
+                f"release {spec.version} first")
+        plan = plan_rollout(spec, fmt, memory_needed_mb(version, measured), requirements,
+                            self.devices.devices())
         rollout = Rollout(
-            id=0, model=spec.model, version=spec.version, state="running",
+            id=0, model=spec.model, version=candidate, state="running",
             spec=spec.model_dump(mode="json"), previous_version=previous, order=plan.order,
             canary=plan.canary, stage_sizes=plan.stage_sizes, skipped=plan.skipped,
             created_at=now())
         states: dict[str, tuple[DeviceState, str | None]] = dict.fromkeys(
             plan.order, ("pending", None))
         states.update({d: ("skipped", why) for d, why in plan.skipped.items()})
-        await off_loop(self.models.set_state, spec.model, spec.version, VersionState.CANARY,
+        await off_loop(self.models.set_state, spec.model, candidate, VersionState.CANARY,
+                       f"A/B experiment against {spec.version} on {len(plan.canary)} device(s)"
+                       if spec.ab_version else
                        f"rollout to {len(plan.canary)} canary device(s)")
         rollout = await off_loop(self.rollouts.create, rollout, states)
         await self._adopt(rollout)
         logger.info("rollout %d: %s %s to %d device(s) in %d stage(s), canary %s, %d skipped",
-                    rollout.id, spec.model, spec.version, len(plan.order),
+                    rollout.id, spec.model, candidate, len(plan.order),
                     len(plan.stage_sizes), ", ".join(plan.canary), len(plan.skipped))
         await self._advance_soon(rollout)
+        if spec.ab_version is not None:
+            control = plan.order[len(plan.canary):]
+            return (f"rollout {rollout.id}: A/B experiment, {spec.version} (A) stays on "
+                    f"{len(control)} device(s), {candidate} (B) goes to {', '.join(plan.canary)}"
+                    + (f"; {len(plan.skipped)} skipped" if plan.skipped else ""))
         return (f"rollout {rollout.id}: canary {', '.join(plan.canary)}; stages "
                 f"{'/'.join(str(s) for s in plan.stage_sizes)} of {len(plan.order)} device(s)"
                 + (f"; {len(plan.skipped)} skipped" if plan.skipped else ""))
+
+    async def _promote(self, model: str, winner: str | None) -> str:
+        """End an A/B experiment: B widens to every device, or A is kept and B rolled back."""
+        rollout = next((r for r in self.active.values()
+                        if r.model == model and r.spec.get("ab_version")), None)
+        if rollout is None or rollout.state not in ("running", "experiment") \
+                or rollout.stage != 0:
+            raise RolloutRefused(f"no A/B experiment of {model} is running")
+        control, candidate = rollout.previous_version, rollout.version
+        if control is None:  # an A/B release always has A; an old record may not
+            raise RolloutRefused(f"rollout {rollout.id} has no control version")
+        winner = winner or candidate
+        if winner not in (control, candidate):
+            raise RolloutRefused(f"{winner} is not in the experiment ({control} vs {candidate})")
+        await off_loop(self._record_fleet, rollout, control,
+                       rollout.order[len(rollout.canary):])
+        await off_loop(self._record_fleet, rollout, candidate, rollout.canary)
+        if winner == candidate:
+            rollout.state = "running"
+            rollout.stage = 1
+            await off_loop(self.rollouts.save, rollout)
+            await off_loop(self.models.record_event, model, candidate, "promoted",
+                           f"won the A/B experiment against {control}")
+            await self._advance_soon(rollout)
+            return (f"{model} {candidate} promoted: rollout {rollout.id} widens to all "
+                    f"{len(rollout.order)} device(s)")
+        await self._abort(rollout, f"A/B experiment ended: {control} kept", counted=False)
+        return (f"{model} {control} kept: {candidate} rolled back on "
+                f"{len(rollout.rollback_sent)} device(s)")
+
+    def _record_fleet(self, rollout: Rollout, version: str, devices: Sequence[str]) -> None:
+        """What the fleet measured of ``version`` in this rollout, into the registry."""
+        figures = fleet_figures(self.rollouts.store, rollout.model, version,
+                                rollout.created_at, devices)
+        if figures.windows:
+            self.models.add_metrics(rollout.model, version, "fleet",
+                                    figures.as_registry_metrics())
 
     async def _rollback_request(self, model: str, reason: str) -> str:
         for rollout in self.active.values():
@@ -459,7 +541,7 @@ class RolloutManager:
 
     def _running_for(self, model: str) -> Rollout | None:
         return next((r for r in self.active.values()
-                     if r.model == model and r.state == "running"), None)
+                     if r.model == model and r.state in WATCHED), None)
 
     async def _on_status(self, status: DeploymentStatus) -> None:
         rollout = self._running_for(status.model)
@@ -485,7 +567,7 @@ class RolloutManager:
         alert = event.alert
         for rollout in list(self.active.values()):
             limit = rollout.spec.get("abort_alert_severity")
-            if rollout.state != "running" or limit is None:
+            if rollout.state not in WATCHED or limit is None:
                 continue
             if SEVERITY_RANK[alert.severity] > SEVERITY_RANK[Severity(limit)]:
                 continue
@@ -508,6 +590,9 @@ class RolloutManager:
     async def _advance(self, rollout: Rollout) -> None:
         if rollout.state == "aborting":
             await self._finish_abort(rollout)
+            return
+        if rollout.state == "experiment":
+            await self._check_failures(rollout)
             return
         if rollout.state != "running":
             return
@@ -535,6 +620,14 @@ class RolloutManager:
         if not installed:
             await self._abort(rollout, f"no device of stage {rollout.stage} installed "
                               f"{rollout.version} within the probation")
+            return
+        if rollout.spec.get("ab_version") and rollout.stage == 0:
+            rollout.state = "experiment"
+            await off_loop(self.rollouts.save, rollout)
+            logger.info("rollout %d: A/B experiment of %s: %s on %d device(s), %s on the "
+                        "others; `edgefl model compare`, then `edgefl model promote`",
+                        rollout.id, rollout.model, rollout.version, len(installed),
+                        rollout.previous_version)
             return
         if rollout.stage < rollout.last_stage:
             rollout.stage += 1
@@ -614,6 +707,7 @@ class RolloutManager:
         await off_loop(self.rollouts.set_devices, rollout.id, active)
         for device in active:
             states[device] = "active"
+        await off_loop(self._record_fleet, rollout, rollout.version, list(active))
         await off_loop(self._supersede, rollout)
         rollout.state = "completed"
         rollout.finished_at = time.time()
@@ -631,13 +725,14 @@ class RolloutManager:
         self.models.set_state(rollout.model, rollout.version, VersionState.ACTIVE,
                               f"rollout {rollout.id} completed")
 
-    async def _abort(self, rollout: Rollout, reason: str) -> None:
-        if rollout.state != "running":
+    async def _abort(self, rollout: Rollout, reason: str, *, counted: bool = True) -> None:
+        if rollout.state not in WATCHED:
             return
         rollout.state = "aborting"
         rollout.reason = reason[:1024]
         await off_loop(self.rollouts.save, rollout)
-        self.health.error("rollout_aborted")
+        if counted:
+            self.health.error("rollout_aborted")
         logger.warning("rollout %d: %s %s aborted: %s", rollout.id, rollout.model,
                        rollout.version, reason)
         await self._finish_abort(rollout)

@@ -35,9 +35,10 @@ _SCHEMA = (
         published_at REAL NOT NULL)""",
 )
 
-Action = Literal["release", "rollback", "retire"]
+Action = Literal["release", "rollback", "retire", "promote"]
 RequestState = Literal["pending", "done", "refused", "withdrawn"]
-RolloutState = Literal["running", "aborting", "completed", "aborted"]
+RolloutState = Literal["running", "experiment", "aborting", "completed", "aborted"]
+"""``experiment``: an A/B rollout serving both versions until ``edgefl model promote``."""
 DeviceState = Literal["pending", "downloading", "installed", "active", "failed",
                       "rolled_back", "incompatible", "skipped"]
 FINISHED: frozenset[str] = frozenset({"completed", "aborted"})
@@ -192,6 +193,11 @@ class RolloutStore:
         return [self._rollout(r) for r in self.store.query(
             "SELECT * FROM rollouts WHERE model=? AND state='completed' ORDER BY id DESC",
             (model,))]
+
+    def history(self, model: str, limit: int = 100) -> list[Rollout]:
+        """The model's rollouts of any state, newest first."""
+        return [self._rollout(r) for r in self.store.query(
+            "SELECT * FROM rollouts WHERE model=? ORDER BY id DESC LIMIT ?", (model, limit))]
 
     @staticmethod
     def _rollout(row: Any) -> Rollout:
