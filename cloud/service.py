@@ -105,7 +105,8 @@ class CloudService:
         self.rollouts = RolloutManager(
             store=self.store, models=self.models, devices=self.registry, topics=self.topics,
             publish=self.publish, health=self.health, key_path=settings.release_key_path,
-            key_id=settings.models.key_id, chunk_bytes=settings.models.chunk_bytes)
+            key_id=settings.models.key_id, chunk_bytes=settings.models.chunk_bytes,
+            sinks=self.sinks)
         self.ingest.observers.append(self.rollouts.observe)
         self.coordinators: dict[str, Coordinator] = {}
         tasks = {**self.submissions.submitted(), **settings.fl}  # the settings file wins

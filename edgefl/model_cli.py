@@ -476,11 +476,14 @@ def rollout_status(
         raise fail(f"no rollout of {name!r}")
     devices = rollouts.devices(rollout.id)
     published, _ = rollouts.publication(name)
+    events = [dict(r) for r in rollouts.store.query(
+        "SELECT ts, event, stage, targets, installed, failed, detail FROM rollout_events "
+        "WHERE rollout=? ORDER BY ts", (rollout.id,))]
     if as_json:
         typer.echo(json.dumps({"rollout": rollout.id, "model": rollout.model,
                                "version": rollout.version, "state": rollout.state,
                                **rollout.record(), "retained_version": published,
-                               "devices": devices}, indent=2))
+                               "devices": devices, "events": events}, indent=2))
         return
     console = _console()
     deadline = ("-" if rollout.state != "running"
@@ -497,6 +500,14 @@ def rollout_status(
         table.add_row(device, row["state"], "-" if row["stage"] is None else str(row["stage"] + 1),
                       row["detail"] or "", _date(row["updated_at"]))
     console.print(table)
+    steps = Table(title="steps")
+    for column in ("when", "event", "stage", "targets", "installed", "failed", "detail"):
+        steps.add_column(column)
+    for event in events:
+        steps.add_row(_date(event["ts"]), event["event"], str(event["stage"] + 1),
+                      str(event["targets"]), str(event["installed"]), str(event["failed"]),
+                      event["detail"] or "")
+    console.print(steps)
 
 
 @model_app.command("compare")

@@ -16,7 +16,7 @@ from pydantic import SecretStr
 from broker.launcher import free_port
 from cloud.storage import line_protocol as lp
 from cloud.storage.influx_sink import InfluxSettings, InfluxSink, error_reason
-from cloud.storage.sink import AlertEvent, TelemetrySink
+from cloud.storage.sink import AlertEvent, RolloutEvent, TelemetrySink
 from schemas.alerts import Alert, CloudHealth
 from schemas.base import RuntimeName, Severity, now
 from schemas.device import DeploymentState, DeploymentStatus, DeviceTelemetry, ModelMetrics
@@ -167,6 +167,9 @@ def test_builders_write_exactly_the_schema() -> None:
         "deployment_status": lp.deployment_status_line(DeploymentStatus(
             device_id="d", model="m", ts=ts, state=DeploymentState.INSTALLED,
             active_version="1.0", chunks_received=3, chunks_total=3)),
+        "rollout_events": lp.rollout_event_line(RolloutEvent(
+            rollout=3, model="m", version="1.1.0", event="aborted", at=ts, stage=0,
+            targets=2, installed=1, failed=1, detail="alert_cpu_high_on_d")),
     }
     health_lines = lp.cloud_health_lines(EXAMPLES[CloudHealth])  # type: ignore[arg-type]
     written: dict[str, tuple[set[str], set[str]]] = {}
@@ -299,8 +302,11 @@ def test_model_metrics_alerts_rounds_and_deployments_are_written(
     sink.write_deployment_status([DeploymentStatus(
         device_id=device, model="digits-mlp", ts=t0, state=DeploymentState.DOWNLOADING,
         target_version="1.3.0", chunks_received=2, chunks_total=5)])
+    sink.write_rollout_event(RolloutEvent(
+        rollout=7, model=task, version="1.3.0", event="stage", at=t0, stage=1, targets=5,
+        installed=2, failed=0))
     sink.flush()
-    assert sink.stats().written == 6
+    assert sink.stats().written == 7
 
     metrics = victoria.wait_export("model_metrics_.*", points=12, device_id=device)
     assert metrics[0]["metric"] | {"__name__": ""} == {
@@ -330,6 +336,13 @@ def test_model_metrics_alerts_rounds_and_deployments_are_written(
     deploy = victoria.wait_export("deployment_status_.*", points=2, device_id=device)
     assert {s["metric"]["state"] for s in deploy} == {"downloading"}
     assert values_by_metric(deploy)["deployment_status_chunks_received"] == [2]
+
+    rollout = victoria.wait_export("rollout_events_.*", points=5, model=task)
+    assert {s["metric"]["event"] for s in rollout} == {"stage"}
+    steps = values_by_metric(rollout)
+    assert steps["rollout_events_rollout"] == [7]
+    assert steps["rollout_events_targets"] == [5]
+    assert steps["rollout_events_installed"] == [2]
 
 
 def test_flush_sends_batches_of_batch_size(own_victoria: VictoriaMetrics,

@@ -223,6 +223,13 @@ def test_a_canary_rollout_widens_step_by_step_to_the_whole_fleet(
     assert cloud.service.models.get(MODEL, "1.0.0").state is VersionState.ACTIVE
     events = [e.event for e in cloud.service.models.events(MODEL, "1.0.0")]
     assert events == ["registered", "canary", "active"]
+    # Every step went to the sinks (here SQLite; InfluxDB for Grafana the same way).
+    steps = cloud.rows("SELECT event, stage, targets, installed FROM rollout_events "
+                       "WHERE rollout=? ORDER BY ts", (done["rollout"],))
+    assert [(r["event"], r["stage"], r["targets"]) for r in steps] == [
+        ("started", 0, 2), ("stage", 0, 2), ("stage", 1, 3), ("stage", 2, 6),
+        ("completed", 2, 6)]
+    assert steps[-1]["installed"] == 6
     # What stays on the broker: the manifest of 1.0.0 for everyone, and its chunks.
     retained = _retained(mosquitto, topics, topics.release(MODEL))
     manifest = ReleaseManifest.model_validate_json(retained[topics.release(MODEL)])

@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import secrets
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -63,7 +64,7 @@ from cloud.models.rollout_store import (
 from cloud.offload import off_loop
 from cloud.registry import DeviceRecord, DeviceRegistry
 from cloud.releases import build_release, load_signing_key
-from cloud.storage.sink import AlertEvent
+from cloud.storage.sink import AlertEvent, RolloutEvent, RolloutEventKind, TelemetrySink
 from cloud.storage.sqlite_store import SqliteStore
 from schemas.base import Id, ModelFormat, RuntimeName, Severity, now
 from schemas.device import Command, DeploymentState, DeploymentStatus
@@ -80,6 +81,9 @@ RUNTIME_OF = {ModelFormat.ONNX: RuntimeName.ONNXRUNTIME, ModelFormat.TFLITE: Run
 SEVERITY_RANK = {Severity.CRITICAL: 0, Severity.MAJOR: 1, Severity.MINOR: 2,
                  Severity.WARNING: 3}
 IN_PROGRESS: frozenset[str] = frozenset({"downloading"})
+INSTALL_GRACE_S = 60.0
+"""After its probation, a stage waits at most this long (or one more probation) for online
+targets that have not reported yet, so that a short probation does not judge too early."""
 WATCHED: frozenset[str] = frozenset({"running", "experiment"})
 """Rollout states in which device failures and alerts abort."""
 FAILURES: frozenset[str] = frozenset({"failed", "rolled_back"})
@@ -261,8 +265,9 @@ class RolloutManager:
 
     def __init__(self, *, store: SqliteStore, models: ModelRegistry, devices: DeviceRegistry,
                  topics: Topics, publish: Publish, health: HealthCounters, key_path: Path,
-                 key_id: str, chunk_bytes: int) -> None:
+                 key_id: str, chunk_bytes: int, sinks: Sequence[TelemetrySink] = ()) -> None:
         self.rollouts = RolloutStore(store)
+        self.sinks = list(sinks)
         self.models = models
         self.devices = devices
         self.topics = topics
@@ -435,6 +440,7 @@ class RolloutManager:
                        f"rollout to {len(plan.canary)} canary device(s)")
         rollout = await off_loop(self.rollouts.create, rollout, states)
         await self._adopt(rollout)
+        await self._event(rollout, "started")
         logger.info("rollout %d: %s %s to %d device(s) in %d stage(s), canary %s, %d skipped",
                     rollout.id, spec.model, candidate, len(plan.order),
                     len(plan.stage_sizes), ", ".join(plan.canary), len(plan.skipped))
@@ -470,6 +476,7 @@ class RolloutManager:
             await off_loop(self.rollouts.save, rollout)
             await off_loop(self.models.record_event, model, candidate, "promoted",
                            f"won the A/B experiment against {control}")
+            await self._event(rollout, "promoted")
             await self._advance_soon(rollout)
             return (f"{model} {candidate} promoted: rollout {rollout.id} widens to all "
                     f"{len(rollout.order)} device(s)")
@@ -612,10 +619,12 @@ class RolloutManager:
         """Widen, complete, or abort when nothing installed (or wait for downloads)."""
         states = self.states[rollout.id]
         targets = rollout.targets()
-        busy = [d for d in targets if states.get(d) in IN_PROGRESS]
+        online = {r.device_id for r in self.devices.devices(online=True)}
+        busy = [d for d in targets if states.get(d) in IN_PROGRESS
+                or (states.get(d) == "pending" and d in online)]
         probation = float(rollout.spec.get("probation_s", 0.0))
-        if busy and time.time() < rollout.deadline + probation:
-            return  # let the downloads in flight settle (bounded by a second probation)
+        if busy and time.time() < rollout.deadline + max(probation, INSTALL_GRACE_S):
+            return  # online targets still installing: wait for them, bounded
         installed = [d for d in targets if states.get(d) == "installed"]
         if not installed:
             await self._abort(rollout, f"no device of stage {rollout.stage} installed "
@@ -624,6 +633,7 @@ class RolloutManager:
         if rollout.spec.get("ab_version") and rollout.stage == 0:
             rollout.state = "experiment"
             await off_loop(self.rollouts.save, rollout)
+            await self._event(rollout, "experiment")
             logger.info("rollout %d: A/B experiment of %s: %s on %d device(s), %s on the "
                         "others; `edgefl model compare`, then `edgefl model promote`",
                         rollout.id, rollout.model, rollout.version, len(installed),
@@ -690,6 +700,7 @@ class RolloutManager:
             d: (_as_state(states.get(d, "pending")), rollout.stage, None)
             for d in rollout.targets() if d not in earlier}
         await off_loop(self.rollouts.set_devices, rollout.id, staged)
+        await self._event(rollout, "stage")
         logger.info("rollout %d: %s %s stage %d published to %s device(s), probation until %s",
                     rollout.id, rollout.model, rollout.version, rollout.stage,
                     "all" if targeting.devices is None and targeting.stage == "fleet"
@@ -712,6 +723,7 @@ class RolloutManager:
         rollout.state = "completed"
         rollout.finished_at = time.time()
         await off_loop(self.rollouts.save, rollout)
+        await self._event(rollout, "completed")
         self._drop(rollout)
         logger.info("rollout %d: %s %s is active on %d device(s)", rollout.id, rollout.model,
                     rollout.version, len(active))
@@ -777,6 +789,7 @@ class RolloutManager:
         rollout.state = "aborted"
         rollout.finished_at = time.time()
         await off_loop(self.rollouts.save, rollout)
+        await self._event(rollout, "aborted")
         self._drop(rollout)
         logger.warning("rollout %d: %s back on %s; %d device(s) told to roll back",
                        rollout.id, rollout.model, rollout.previous_version or "no release",
@@ -793,6 +806,24 @@ class RolloutManager:
             if previous.state is not VersionState.ACTIVE:
                 self.models.set_state(rollout.model, previous.version, VersionState.ACTIVE,
                                       f"restored by rollout {rollout.id}")
+
+    async def _event(self, rollout: Rollout, event: RolloutEventKind) -> None:
+        """Tell the sinks (SQLite, InfluxDB for Grafana) about a step of the rollout."""
+        states = self.states.get(rollout.id, {})
+        targets = rollout.targets()
+        record = RolloutEvent(
+            rollout=rollout.id, model=rollout.model, version=rollout.version, event=event,
+            at=time.time(), stage=rollout.stage, targets=len(targets),
+            installed=sum(1 for d in targets if states.get(d) in ("installed", "active")),
+            failed=sum(1 for d in targets if states.get(d) in FAILURES),
+            detail=rollout.reason)
+        for sink in self.sinks:
+            try:
+                await off_loop(sink.write_rollout_event, record)
+            except (sqlite3.Error, OSError, RuntimeError):  # never stops a rollout; counted
+                self.health.error("rollout_event_sink")
+                logger.exception("rollout %d: event %s not stored by %s", rollout.id, event,
+                                 type(sink).__name__)
 
     def _drop(self, rollout: Rollout) -> None:
         if rollout.state in FINISHED:

@@ -26,7 +26,7 @@ from influxdb_client.rest import ApiException
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from cloud.storage import line_protocol as lp
-from cloud.storage.sink import AlertEvent, SinkStats
+from cloud.storage.sink import AlertEvent, RolloutEvent, SinkStats
 from schemas.alerts import CloudHealth
 from schemas.device import DeploymentStatus, DeviceTelemetry, ModelMetrics
 from schemas.fl import TaskStatus
@@ -151,6 +151,10 @@ class InfluxSink:
     def write_fl_round(self, status: TaskStatus) -> None:
         """Buffer one federated round's record."""
         self._append([lp.fl_round_line(status, self._precision)])
+
+    def write_rollout_event(self, event: RolloutEvent) -> None:
+        """Buffer one step of a model rollout."""
+        self._append([lp.rollout_event_line(event, self._precision)])
 
     def write_cloud_health(self, health: CloudHealth) -> None:
         """Buffer the service's own counters."""

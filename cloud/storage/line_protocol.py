@@ -18,7 +18,7 @@ import math
 from collections.abc import Mapping
 from typing import Final, Literal
 
-from cloud.storage.sink import AlertEvent
+from cloud.storage.sink import AlertEvent, RolloutEvent
 from schemas.alerts import CloudHealth
 from schemas.device import DeploymentStatus, DeviceTelemetry, ModelMetrics
 from schemas.fl import TaskStatus
@@ -34,6 +34,7 @@ FL_ROUNDS: Final = "fl_rounds"
 DEPLOYMENT_STATUS: Final = "deployment_status"
 CLOUD_HEALTH: Final = "cloud_health"
 CLOUD_REFUSALS: Final = "cloud_refusals"
+ROLLOUT_EVENTS: Final = "rollout_events"
 _HEALTH_COUNTS: Final = ("accepted", "stored", "duplicates", "rate_limited", "refused")
 
 _PRECISION_FACTOR: Final[dict[str, int]] = {
@@ -89,6 +90,10 @@ SCHEMA: Final[dict[str, tuple[frozenset[str], frozenset[str]]]] = {
     DEPLOYMENT_STATUS: (
         frozenset({"device_id", "model", "state"}),
         frozenset({"chunks_received", "chunks_total", "active_version"}),
+    ),
+    ROLLOUT_EVENTS: (
+        frozenset({"model", "version", "event"}),
+        frozenset({"rollout", "stage", "targets", "installed", "failed", "detail"}),
     ),
     CLOUD_HEALTH: (
         frozenset({"instance", "kind"}),
@@ -283,6 +288,17 @@ def deployment_status_line(status: DeploymentStatus,
     tags = {"device_id": status.device_id, "model": status.model,
             "state": status.state.value}
     return make_line(DEPLOYMENT_STATUS, tags, fields, timestamp(status.ts, precision))
+
+
+def rollout_event_line(event: RolloutEvent, precision: Precision = "ms") -> str | None:
+    """``rollout_events``: one step of a model rollout (a Grafana annotation or table)."""
+    fields: dict[str, FieldValue | None] = {
+        "rollout": event.rollout, "stage": event.stage, "targets": event.targets,
+        "installed": event.installed, "failed": event.failed, "detail": event.detail,
+    }
+    return make_line(ROLLOUT_EVENTS, {"model": event.model, "version": event.version,
+                                      "event": event.event}, fields,
+                     timestamp(event.at, precision))
 
 
 def cloud_health_lines(health: CloudHealth, precision: Precision = "ms") -> list[str]:

@@ -15,6 +15,38 @@ from schemas.alerts import Alert, CloudHealth
 from schemas.device import DeploymentStatus, DeviceTelemetry, ModelMetrics
 from schemas.fl import TaskStatus
 
+RolloutEventKind = Literal["started", "stage", "experiment", "promoted", "completed",
+                           "aborted"]
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutEvent:
+    """One step of a model rollout, as the rollout manager takes it.
+
+    Attributes:
+        rollout: the rollout's id.
+        model: model name.
+        version: the version rolled out.
+        event: what happened.
+        at: Unix time, s.
+        stage: the stage (0-based) at that moment.
+        targets: devices targeted so far.
+        installed: targeted devices that installed it.
+        failed: targeted devices that failed or rolled back.
+        detail: why (an abort's reason), or None.
+    """
+
+    rollout: int
+    model: str
+    version: str
+    event: RolloutEventKind
+    at: float
+    stage: int
+    targets: int
+    installed: int
+    failed: int
+    detail: str | None = None
+
 
 @dataclass(frozen=True, slots=True)
 class AlertEvent:
@@ -71,6 +103,9 @@ class TelemetrySink(Protocol):
 
     def write_cloud_health(self, health: CloudHealth) -> None:
         """Store the service's own counters (every few seconds)."""
+
+    def write_rollout_event(self, event: RolloutEvent) -> None:
+        """Store one step of a model rollout (started, a stage, the end)."""
 
     def flush(self) -> None:
         """Push anything buffered."""

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cloud.storage.sink import AlertEvent, SinkStats
+from cloud.storage.sink import AlertEvent, RolloutEvent, SinkStats
 from schemas.alerts import CloudHealth
 from schemas.device import DeploymentStatus, DeviceTelemetry, ModelMetrics
 from schemas.fl import TaskStatus
@@ -77,6 +77,12 @@ CREATE TABLE IF NOT EXISTS fl_rounds (
     PRIMARY KEY (task, round, ts)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS rollout_events (
+    rollout INTEGER NOT NULL, ts REAL NOT NULL, event TEXT NOT NULL, model TEXT NOT NULL,
+    version TEXT NOT NULL, stage INTEGER NOT NULL, targets INTEGER NOT NULL,
+    installed INTEGER NOT NULL, failed INTEGER NOT NULL, detail TEXT,
+    PRIMARY KEY (rollout, ts, event)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS cloud_health (
     instance TEXT NOT NULL, ts REAL NOT NULL, health TEXT NOT NULL,
     PRIMARY KEY (instance, ts)
@@ -247,6 +253,16 @@ class SqliteStore:
             db.execute("INSERT OR REPLACE INTO fl_rounds(task, round, ts, status) "
                        "VALUES (?,?,?,?)", (status.task, status.round, status.ts,
                                             status.model_dump_json()))
+
+    def write_rollout_event(self, event: RolloutEvent) -> None:
+        """Keep one step of a model rollout (``edgefl model status`` shows them)."""
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO rollout_events(rollout, ts, event, model, "
+                       "version, stage, targets, installed, failed, detail) "
+                       "VALUES (?,?,?,?,?,?,?,?,?,?)",
+                       (event.rollout, event.at, event.event, event.model, event.version,
+                        event.stage, event.targets, event.installed, event.failed,
+                        event.detail))
 
     def write_cloud_health(self, health: CloudHealth) -> None:
         """Keep the service's counters as a time series (a week of it)."""
