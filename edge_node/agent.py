@@ -8,6 +8,7 @@ threads.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import secrets
@@ -34,7 +35,7 @@ from edge_node.release_verify import load_trusted_keys
 from edge_node.session import ACCEPTED, MqttSession
 from edge_node.settings import EdgeSettings
 from edge_node.system_metrics import SystemSample, hardware_info, sample
-from schemas.base import now
+from schemas.base import decode_message, now
 from schemas.device import (
     CommandResult,
     CommandStatus,
@@ -43,7 +44,8 @@ from schemas.device import (
     DeviceTelemetry,
     ModelMetrics,
 )
-from schemas.errors import TopicError
+from schemas.errors import DecodeError, TopicError
+from schemas.release import ReleaseManifest
 from schemas.topics import TopicKind, Topics
 
 logger = logging.getLogger(__name__)
@@ -452,6 +454,7 @@ class EdgeAgent:
         router.register("set_telemetry_interval", self._cmd_set_interval)
         router.register_deferred("rollback", self._cmd_rollback)
         router.register("infer", self._cmd_infer)
+        router.register_deferred("benchmark", self._cmd_benchmark)
 
     def _cmd_report_now(self, args: dict[str, Any]) -> dict[str, JsonValue]:
         self.report()
@@ -481,6 +484,18 @@ class EdgeAgent:
                        "previous_version": status.previous_version}, None)
 
         self.ota.submit_rollback(model, reason, done)
+
+    def _cmd_benchmark(self, args: dict[str, Any], reply: Reply) -> None:
+        """Runs on the OTA thread (download, verify, time); the agent goes on meanwhile."""
+        try:
+            manifest = decode_message(ReleaseManifest,
+                                      json.dumps(args.get("manifest")).encode())
+        except DecodeError as exc:
+            reply(None, f"invalid_manifest: {exc.detail}")
+            return
+        options: dict[str, int] = {k: int(args[k]) for k in ("runs", "warmup", "threads", "batch")
+                                   if k in args}
+        self.ota.submit_benchmark(manifest, options, reply)
 
     def _cmd_infer(self, args: dict[str, Any]) -> dict[str, JsonValue]:
         model = args.get("model")

@@ -11,7 +11,9 @@ keeps serving.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from pydantic import JsonValue
 
 from edge_node.counters import Counters
 from edge_node.errors import EdgeError, InstallError, ModelLoadError, RuntimeUnavailableError
@@ -80,6 +83,25 @@ class Download:
     received: int = 0
 
 
+@dataclass
+class BenchDownload:
+    """A release fetched to be timed (``benchmark`` command), never installed."""
+
+    manifest: ReleaseManifest
+    options: dict[str, int]
+    reply: BenchReply
+    chunks: dict[int, bytes] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+
+    def topics(self, topics: Topics) -> list[str]:
+        """Its chunk topics."""
+        return [topics.chunk(self.manifest.model, self.manifest.version, i)
+                for i in range(self.manifest.chunk_count)]
+
+
+BENCH_TIMEOUT_S = 300.0
+"""A benchmark whose chunks have not all arrived by then is answered with an error."""
+BenchReply = Callable[[dict[str, JsonValue] | None, str | None], None]
 PublishStatus = Callable[[DeploymentStatus], None]
 ChunkSubscriptions = Callable[[list[str], bool], None]
 """(topics, subscribe?) - subscribe to or drop chunk topics."""
@@ -115,6 +137,7 @@ class OtaManager:
         self.counters = counters
         self.threads = threads
         self.downloads: dict[str, Download] = {}
+        self.benchmarks: dict[tuple[str, str], BenchDownload] = {}
         self.chunk_messages: Counter[str] = Counter()
         self.probation: dict[str, tuple[float, str]] = {}
         self._failed: set[tuple[str, str, str]] = set()
@@ -314,9 +337,13 @@ class OtaManager:
 
     def _on_chunk(self, model: str, version: str, index: int, payload: bytes) -> None:
         self.chunk_messages[model] += 1
+        bench = self.benchmarks.get((model, version))
+        if bench is not None:
+            self._bench_chunk(bench, index, payload)
         download = self.downloads.get(model)
         if download is None or download.manifest.version != version:
-            self.counters.add("chunk_unexpected")
+            if bench is None:
+                self.counters.add("chunk_unexpected")
             return
         manifest = download.manifest
         if index >= manifest.chunk_count:
@@ -410,7 +437,97 @@ class OtaManager:
                        reason)
         return self._status(model, DeploymentState.ROLLED_BACK, error=reason[:1024])
 
+    # -- benchmark (downloaded like a release, timed, never activated) ------------
+
+    def submit_benchmark(self, manifest: ReleaseManifest, options: dict[str, int],
+                         reply: BenchReply) -> None:
+        """Fetch, verify and time a signed release on this device; ``reply`` when done."""
+        self._jobs.put(lambda: self._start_benchmark(manifest, options, reply))
+
+    def _start_benchmark(self, manifest: ReleaseManifest, options: dict[str, int],
+                         reply: BenchReply) -> None:
+        try:
+            verify_manifest(manifest, self.keys)
+        except InstallError as exc:
+            self.counters.add(f"benchmark_{exc.reason}")
+            reply(None, f"{exc.reason}: {exc.detail}")
+            return
+        problems = compatibility_problems(manifest, self.caps)
+        if problems:
+            reply(None, "incompatible: " + "; ".join(problems))
+            return
+        key = (manifest.model, manifest.version)
+        old = self.benchmarks.pop(key, None)
+        if old is not None:
+            old.reply(None, "replaced by a newer benchmark of the same version")
+        bench = BenchDownload(manifest, options, reply)
+        self.benchmarks[key] = bench
+        self._chunks(bench.topics(self.topics), True)
+
+    def _end_benchmark(self, bench: BenchDownload) -> None:
+        self.benchmarks.pop((bench.manifest.model, bench.manifest.version), None)
+        if self.downloads.get(bench.manifest.model) is None \
+                or self.downloads[bench.manifest.model].manifest.version \
+                != bench.manifest.version:  # a release download of it keeps its topics
+            self._chunks(bench.topics(self.topics), False)
+
+    def _bench_chunk(self, bench: BenchDownload, index: int, payload: bytes) -> None:
+        manifest = bench.manifest
+        if index >= manifest.chunk_count or index in bench.chunks:
+            return
+        if len(payload) != manifest.chunk_length(index):
+            self._end_benchmark(bench)
+            bench.reply(None, f"chunk_size_mismatch: chunk {index} has {len(payload)} bytes, "
+                        f"manifest says {manifest.chunk_length(index)}")
+            return
+        bench.chunks[index] = payload
+        if len(bench.chunks) == manifest.chunk_count:
+            self._end_benchmark(bench)
+            self._run_benchmark(bench)
+
+    def _run_benchmark(self, bench: BenchDownload) -> None:
+        from edge_node.benchmark import BenchmarkError, run_benchmark
+
+        manifest = bench.manifest
+        data = b"".join(bench.chunks[i] for i in range(manifest.chunk_count))
+        bench.chunks.clear()
+        if len(data) != manifest.size_bytes:
+            bench.reply(None, f"size_mismatch: {len(data)} bytes, manifest says "
+                        f"{manifest.size_bytes}")
+            return
+        if hashlib.sha256(data).hexdigest() != manifest.sha256:
+            bench.reply(None, "sha256_mismatch: the chunks do not make the signed file")
+            return
+        threads = bench.options.get("threads", 1)
+        folder = self.store.root / "benchmark"
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            path = Path(tmp) / f"model.{EXTENSIONS[manifest.format]}"
+            path.write_bytes(data)
+            try:
+                result = run_benchmark(
+                    path, manifest.format, runs=bench.options.get("runs", 1000),
+                    warmup=bench.options.get("warmup", 50), threads=threads,
+                    batch=bench.options.get("batch", 1),
+                    loader=lambda p, f: load_runtime(p, f, threads=threads))
+            except (BenchmarkError, ModelLoadError, RuntimeUnavailableError) as exc:
+                bench.reply(None, f"benchmark_failed: {exc}")
+                return
+        figures: dict[str, JsonValue] = {k: v for k, v in result.as_json().items()
+                                         if k != "path"}
+        bench.reply({"model": manifest.model, "version": manifest.version, **figures}, None)
+
+    def _sweep_benchmarks(self) -> None:
+        for bench in list(self.benchmarks.values()):
+            if time.monotonic() - bench.started > BENCH_TIMEOUT_S:
+                self._end_benchmark(bench)
+                bench.reply(None, f"the chunks of {bench.manifest.model} "
+                            f"{bench.manifest.version} did not all arrive within "
+                            f"{BENCH_TIMEOUT_S:.0f} s ({len(bench.chunks)} of "
+                            f"{bench.manifest.chunk_count})")
+
     def _check_probation(self) -> None:
+        self._sweep_benchmarks()
         for model, (started, version) in list(self.probation.items()):
             age = time.monotonic() - started
             if age > self.settings.probation_s:

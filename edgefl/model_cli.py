@@ -713,12 +713,24 @@ def benchmark(
     batch: Annotated[int, typer.Option(min=1, max=65_536)] = 1,
     fmt: Annotated[str, typer.Option("--format", help="auto, onnx, tflite, torchscript")]
     = "auto",
+    devices: Annotated[str | None, typer.Option(
+        help="Run it on these devices (comma-separated) instead of here: each downloads "
+             "the version like a release, times it in its runtime and answers")] = None,
+    timeout: Annotated[float, typer.Option(
+        min=1.0, help="Seconds to wait for the devices' answers")] = 120.0,
     config: Config = None, data_dir: DataDir = None, as_json: AsJson = False,
 ) -> None:
     """Latency (mean, std, p50/p95/p99), throughput and peak memory in the model's runtime."""
-    from cloud.models.benchmark import BenchmarkError, run_benchmark
+    from edge_node.benchmark import BenchmarkError, run_benchmark
     from edge_node.errors import EdgeError
 
+    if devices is not None:
+        if version is None:
+            raise fail("--devices needs a registered model: NAME VERSION")
+        _fleet_benchmark(target, version, [d.strip() for d in devices.split(",") if d.strip()],
+                         runs=runs, warmup=warmup, threads=threads, batch=batch,
+                         timeout=timeout, config=config, data_dir=data_dir, as_json=as_json)
+        return
     registered: ModelVersion | None = None
     if version is not None:
         settings = load_settings(config, data_dir)
@@ -761,6 +773,63 @@ def benchmark(
         typer.echo(json.dumps(result.as_json(), indent=2))
         return
     typer.echo(result.summary())
+
+
+def _fleet_benchmark(name: str, version: str, devices: list[str], *, runs: int, warmup: int,
+                     threads: int, batch: int, timeout: float, config: Path | None,
+                     data_dir: Path | None, as_json: bool) -> None:
+    """``benchmark N V --devices``: the figures measured on the devices, per device."""
+    from cloud.models.fleet_benchmark import FleetBenchmarkError, Options, fleet_benchmark
+    from cloud.models.rollout_store import RolloutStore
+
+    if not devices:
+        raise fail("--devices names no device")
+    for device in devices:
+        try:
+            validate_id(device, "device id")
+        except SchemaError as exc:
+            raise fail(str(exc)) from None
+    settings = load_settings(config, data_dir)
+    registry = open_registry(settings)
+    try:
+        found = registry.get(name, version)
+        registry.read(found)
+    except RegistryError as exc:
+        raise fail(str(exc)) from None
+    if found.format.deployable is None:
+        raise fail(f"{name} {version} is {found.format.value}: benchmark a deployable format")
+    published, _ = RolloutStore(registry.store).publication(name)
+    try:
+        with Console(stderr=True).status(f"{name} {version} on {len(devices)} device(s)"):
+            answers = fleet_benchmark(
+                settings, registry, found, devices,
+                Options(runs=runs, warmup=warmup, threads=threads, batch=batch,
+                        timeout_s=timeout), keep_chunks=published == version)
+    except FleetBenchmarkError as exc:
+        raise fail(str(exc), 1) from None
+    if as_json:
+        typer.echo(json.dumps([{"device_id": a.device_id, "figures": a.figures,
+                                "error": a.error} for a in answers], indent=2))
+    else:
+        table = Table(title=f"{name} {version} on the devices ({runs} runs, batch {batch}, "
+                      f"{threads} thread(s))")
+        for column in ("device", "class", "runtime", "p50 ms", "p95 ms", "p99 ms",
+                       "per s", "model MiB", "error"):
+            table.add_column(column)
+        for a in answers:
+            f = a.figures or {}
+
+            def num(key: str, digits: int = 4, f: dict[str, Any] = f) -> str:
+                value = f.get(key)
+                return f"{value:.{digits}f}" if isinstance(value, int | float) else "-"
+
+            table.add_row(a.device_id, str(f.get("device_class", "-")),
+                          str(f.get("runtime", "-")), num("latency_ms_p50"),
+                          num("latency_ms_p95"), num("latency_ms_p99"),
+                          num("throughput_per_s", 1), num("model_memory_mb", 1), a.error or "")
+        _console().print(table)
+    if any(a.error for a in answers):
+        raise typer.Exit(1)
 
 
 # -- package --------------------------------------------------------------------------------

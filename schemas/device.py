@@ -311,9 +311,27 @@ class InferArgs(CommandArgs):
     inputs: list[JsonValue] = Field(max_length=4096, description="A batch (nested lists)")
 
 
+class BenchmarkArgs(CommandArgs):
+    """``benchmark``: download a signed release (not activated) and time it on the device.
+
+    ``manifest`` is a signed ``ReleaseManifest`` (as JSON); its chunks are retained
+    on their topics while the benchmark runs. The device checks the signature, its
+    compatibility, size and sha256 as for a release, loads the model in its runtime
+    with ``threads`` threads and times ``runs`` calls on a batch of ``batch``
+    (after ``warmup`` untimed calls); the result holds latency percentiles,
+    throughput, memory and the device class.
+    """
+
+    manifest: dict[Annotated[str, Field(max_length=64)], JsonValue]
+    runs: Annotated[int, Field(ge=1, le=100_000)] = 1000
+    warmup: Annotated[int, Field(ge=0, le=10_000)] = 50
+    threads: Annotated[int, Field(ge=1, le=64)] = 1
+    batch: Annotated[int, Field(ge=1, le=4096)] = 1
+
+
 COMMAND_ARGS: dict[str, type[CommandArgs]] = {
     "ping": PingArgs, "report_now": ReportNowArgs,
     "set_telemetry_interval": SetTelemetryIntervalArgs, "rollback": RollbackArgs,
-    "infer": InferArgs,
+    "infer": InferArgs, "benchmark": BenchmarkArgs,
 }
 """The commands a device answers and the schema of each one's ``args``."""

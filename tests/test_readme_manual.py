@@ -54,6 +54,7 @@ def test_the_manual_path_of_the_readme_runs_as_written(tmp_path: Path) -> None:
            "EDGEFL_EDGE_MQTT__PORT": str(ports["device"])}
     background: list[subprocess.Popen[str]] = []
     outputs: dict[str, str] = {}
+    runs: dict[str, list[str]] = {}  # every run of a command, in order
     try:
         for line in [*commands.strip().splitlines(), *model_ops.strip().splitlines()]:
             command = line.split("  #")[0].strip()
@@ -68,8 +69,9 @@ def test_the_manual_path_of_the_readme_runs_as_written(tmp_path: Path) -> None:
             result = subprocess.run(words, cwd=tmp_path, env=env, capture_output=True,
                                     text=True, timeout=300, check=False)
             assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
-            outputs[" ".join(words[:3]) if words[1] == "model" else " ".join(words[:2])] = \
-                result.stdout
+            key = " ".join(words[:3]) if words[1] == "model" else " ".join(words[:2])
+            outputs[key] = result.stdout
+            runs.setdefault(key, []).append(result.stdout)
         summary = " ".join(outputs["edgefl fl"].split())
         assert "task digits: finished" in summary
         final = re.findall(r"round 3: \d+ update\(s\), accuracy ([0-9.]+)", summary)
@@ -79,8 +81,13 @@ def test_the_manual_path_of_the_readme_runs_as_written(tmp_path: Path) -> None:
         assert "messages by topic kind" in outputs["edgefl cloud"]
         # Model operations: the FL result optimized, measured, rolled out, rolled back.
         assert "0.3.0-onnx-int8-dynamic" in outputs["edgefl model optimize"]
-        assert "p99" in outputs["edgefl model benchmark"]
-        released = outputs["edgefl model release"]  # the second release
+        assert "A/B experiment" in outputs["edgefl model release"]
+        assert "Mann-Whitney U" in outputs["edgefl model compare"]
+        assert "promoted" in outputs["edgefl model promote"]
+        here, on_devices = runs["edgefl model benchmark"]
+        assert "p99" in here and "peak RSS" in here, here
+        assert "sim-001" in on_devices and "onnxruntime" in on_devices, on_devices
+        released = runs["edgefl model release"][1]
         assert "completed, stage 2 of 2 (20 device(s))" in released, released
         assert "rolled back to 0.3.0-onnx on" in outputs["edgefl model rollback"]
         assert "retired" in outputs["edgefl model retire"]

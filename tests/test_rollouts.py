@@ -16,10 +16,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sklearn.datasets import load_digits
 from typer.testing import CliRunner
 
 from cloud.models.experiments import ab_assign, ab_bucket
+from cloud.models.fleet_benchmark import Options as BenchOptions
+from cloud.models.fleet_benchmark import fleet_benchmark
 from cloud.models.formats import ArtifactFormat
 from cloud.models.registry import ModelRegistry, VersionState
 from cloud.models.rollout import RolloutSpec, device_state, plan_rollout, stable_order
@@ -554,3 +557,42 @@ def test_an_ab_release_needs_the_fleet_on_a(
     with pytest.raises(ValueError, match="no canary or steps"):
         RolloutSpec.model_validate({"model": MODEL, "version": "1.0.0", "ab_version": "1.1.0",
                                     "steps": [50, 100]}, strict=False)
+
+
+# -- the benchmark on the devices ----------------------------------------------------------
+
+
+def test_devices_benchmark_a_version_in_their_runtimes_without_installing_it(
+    make_cloud: CloudFactory, make_agent: AgentFactory, onnx_files: dict[str, bytes],
+    mosquitto: RunningBroker, topics: Topics, tmp_path: Path,
+) -> None:
+    cloud = _cloud(make_cloud, tmp_path)
+    _register(cloud, onnx_files, ("1.0.0", "1.0.0"))
+    agents = _fleet(make_agent, cloud, 2)
+    ids = [a.device_id for a in agents]
+    models = cloud.service.models
+    version = models.get(MODEL, "1.0.0")
+    answers = fleet_benchmark(cloud.settings, models, version, ids,
+                              BenchOptions(runs=200, warmup=10, timeout_s=30),
+                              keep_chunks=False)
+    assert [a.device_id for a in answers] == ids
+    for answer in answers:
+        assert answer.error is None, answer.error
+        assert answer.figures is not None
+        assert answer.figures["runtime"] == "onnxruntime" and answer.figures["runs"] == 200
+        assert answer.figures["version"] == "1.0.0"
+        assert 0 < float(answer.figures["latency_ms_p50"]) <= float(  # type: ignore[arg-type]
+            answer.figures["latency_ms_p99"])  # type: ignore[arg-type]
+    recorded = [m for m in models.metrics(MODEL, "1.0.0") if m.source == "fleet-benchmark"]
+    assert {m.name for m in recorded} >= {"latency_ms_p50", "latency_ms_p99", "peak_memory_mb"}
+    assert all(m.device_class for m in recorded)
+    # Timed, never installed; and nothing left on the broker.
+    assert all(_active(a) is None for a in agents)
+    assert _retained(mosquitto, topics, topics.root + "/models/#") == {}
+
+    # A manifest the devices' keys do not verify gets no figures.
+    save_signing_key(Ed25519PrivateKey.generate(), cloud.settings.release_key_path)
+    refused = fleet_benchmark(cloud.settings, models, version, ids[:1],
+                              BenchOptions(runs=10, timeout_s=30), keep_chunks=False)
+    assert refused[0].figures is None and "signature" in (refused[0].error or ""), refused
+    assert _retained(mosquitto, topics, topics.root + "/models/#") == {}
