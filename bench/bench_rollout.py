@@ -59,6 +59,7 @@ from cloud.models.rollout import RolloutSpec
 from cloud.models.rollout_store import RolloutStore
 from cloud.settings import CloudSettings
 from cloud.storage.sqlite_store import SqliteStore
+from edge_node.fleet import MAX_AGENTS_PER_PROCESS
 from schemas.alerts import Alert
 from schemas.base import Severity, decode_message
 from schemas.device import DeploymentState, DeploymentStatus
@@ -216,6 +217,21 @@ def installed_at(watcher: Watcher, t0: float, version: str, ids: list[str],
         time.sleep(0.05)
 
 
+def device_steps(messages: list[tuple[float, str, bytes]], version: str, ids: list[str],
+                 ) -> dict[str, dict[str, float]]:
+    """Per device, when (its clock) it first reported each state of installing ``version``."""
+    wanted = {TOPICS.deployment_status(d, "bench") for d in ids}
+    out: dict[str, dict[str, float]] = {}
+    for _, topic, payload in messages:
+        if topic not in wanted or not payload:
+            continue
+        status = decode_message(DeploymentStatus, payload)
+        if version not in (status.target_version, status.active_version):
+            continue
+        out.setdefault(status.device_id, {}).setdefault(status.state.value, status.ts)
+    return out
+
+
 def start_cloud(folder: Path, broker: LocalBroker) -> tuple[subprocess.Popen[bytes], Path]:
     """`edgefl model keygen`, then `edgefl cloud`, from a settings file."""
     config = folder / "cloud.yaml"
@@ -235,7 +251,7 @@ def start_cloud(folder: Path, broker: LocalBroker) -> tuple[subprocess.Popen[byt
 
 
 def start_fleet(folder: Path, broker: LocalBroker, count: int,
-                cloud_settings: CloudSettings) -> subprocess.Popen[bytes]:
+                cloud_settings: CloudSettings, per_process: int) -> subprocess.Popen[bytes]:
     """`edgefl fleet` trusting the release key."""
     config = folder / "edge.yaml"
     config.write_text(yaml.safe_dump({
@@ -248,13 +264,17 @@ def start_fleet(folder: Path, broker: LocalBroker, count: int,
         [sys.executable, "-m", "edge_node", "fleet", "--devices", str(count),
          "--broker", f"127.0.0.1:{broker.port}", "--secrets-dir",
          str(broker.settings.layout.secrets), "--state-dir", str(folder / "fleet"),
-         "--config", str(config)], stdout=subprocess.DEVNULL)
+         "--config", str(config), "--per-process", str(per_process)],
+        stdout=subprocess.DEVNULL)
 
 
-def wait_devices(settings: CloudSettings, count: int, timeout: float = 180) -> None:
+def wait_devices(settings: CloudSettings, count: int, fleet: subprocess.Popen[bytes],
+                 timeout: float = 180) -> None:
     """Until the cloud knows ``count`` online devices."""
     deadline = time.time() + timeout
     while time.time() < deadline:
+        if fleet.poll() is not None:
+            raise RuntimeError(f"the fleet exited with {fleet.returncode}")
         if settings.sqlite_path.exists():
             rows = SqliteStore(settings.sqlite_path).query(
                 "SELECT COUNT(*) AS n FROM devices WHERE json_extract(record, '$.online')")
@@ -332,7 +352,8 @@ def fanout(settings: CloudSettings, registry: ModelRegistry, watcher: Watcher,
         from_chunks: list[float] = []
         phases: dict[str, list[float]] = {
             "cloud_publishes_chunks_s": [], "chunks_to_manifest_s": [],
-            "manifest_to_first_installed_s": [], "manifest_to_all_installed_s": []}
+            "manifest_to_first_installed_s": [], "manifest_to_all_installed_s": [],
+            "device_download_s": [], "device_verify_s": [], "device_load_and_install_s": []}
         for _ in range(repeats):
             serial += 1
             version = f"{serial}.0.0"
@@ -359,6 +380,14 @@ def fanout(settings: CloudSettings, registry: ModelRegistry, watcher: Watcher,
             phases["chunks_to_manifest_s"].append(manifest_at - max(chunk_times))
             phases["manifest_to_first_installed_s"].append(min(seen.values()) - manifest_at)
             phases["manifest_to_all_installed_s"].append(done - manifest_at)
+            steps = device_steps(seen_now, version, ids)
+            for name, (a, b) in {"device_download_s": ("downloading", "verifying"),
+                                 "device_verify_s": ("verifying", "installing"),
+                                 "device_load_and_install_s": ("installing", "installed"),
+                                 }.items():
+                spans = [t[b] - t[a] for t in steps.values() if a in t and b in t]
+                if spans:
+                    phases[name].append(statistics.median(spans))
             time.sleep(2.0)  # the rollout completes; the next one may start
         ref = statistics.median(refs[size])
         fan = statistics.median(from_chunks)
@@ -372,7 +401,8 @@ def fanout(settings: CloudSettings, registry: ModelRegistry, watcher: Watcher,
             "reference_s_median": round(ref, 3),
             "ratio": round(fan / ref, 2),
             "ratio_from_request": round(statistics.median(times) / ref, 2),
-            "phases_median": {k: round(statistics.median(v), 3) for k, v in phases.items()}})
+            "phases_median": {k: round(statistics.median(v), 3) for k, v in phases.items()
+                              if v}})
         print(json.dumps(out[-1]), file=sys.stderr, flush=True)
     return out
 
@@ -383,9 +413,12 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=100)
     parser.add_argument("--sizes-mb", type=float, nargs="+", default=[1.0, 10.0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--per-process", type=int, default=MAX_AGENTS_PER_PROCESS,
+                        help="Simulated devices per fleet process (each one Python process)")
     args = parser.parse_args()
     ids = [f"sim-{i:03d}" for i in range(args.devices)]
     results: dict[str, Any] = {"benchmark": "rollout", "devices": args.devices,
+                               "devices_per_fleet_process": args.per_process,
                                "chunk_bytes": CHUNK_BYTES, "fanout": []}
     with tempfile.TemporaryDirectory(prefix="bench-rollout-") as tmp:
         folder = Path(tmp)
@@ -398,18 +431,18 @@ def main() -> None:
                        for _ in range(args.repeats)] for size, data in models.items()}
         cloud, config = start_cloud(folder, broker)
         settings = CloudSettings.load(config)
-        fleet = start_fleet(folder, broker, args.devices, settings)
+        fleet = start_fleet(folder, broker, args.devices, settings, args.per_process)
         watcher = Watcher(broker, cloud_password[1],
                           TOPICS.root + "/#")
         try:
-            wait_devices(settings, args.devices)
+            wait_devices(settings, args.devices, fleet)
             registry = ModelRegistry(SqliteStore(settings.sqlite_path), settings.artifacts_dir)
             results["fanout"] = fanout(settings, registry, watcher, ids, models, refs,
                                        args.repeats)
             serial = len(models) * args.repeats
             canary = HotCanary(folder, broker, settings)
             try:
-                wait_devices(settings, args.devices + 1)
+                wait_devices(settings, args.devices + 1, fleet)
                 small = models[min(models)]
                 latencies = [abort_latency(settings, registry, watcher, canary, small,
                                            f"{serial + 1 + i}.0.0")

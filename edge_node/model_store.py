@@ -48,8 +48,13 @@ class InstalledModel:
     path: str
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, rename over ``path``."""
+def write_atomic(path: Path, data: bytes, *, durable_name: bool = True) -> None:
+    """Write to a temporary file in the same folder, fsync, rename over ``path``.
+
+    With ``durable_name`` the folder is synced too, so the rename survives a power
+    loss. Without it, a crash may lose the new name (the file is then simply
+    missing, never partial): right for what can be fetched again, like a chunk.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("wb") as handle:
@@ -57,7 +62,8 @@ def write_atomic(path: Path, data: bytes) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    if durable_name:
+        fsync_dir(path.parent)
 
 
 def fsync_dir(folder: Path) -> None:
@@ -163,8 +169,11 @@ class ModelStore:
         return present
 
     def store_chunk(self, manifest: ReleaseManifest, index: int, data: bytes) -> None:
-        """Keep one chunk durably (survives reconnects and restarts)."""
-        write_atomic(self.staging_dir(manifest) / f"chunk-{index}", data)
+        """Keep one chunk: it survives reconnects and restarts.
+
+        After a power loss it is whole or missing, and a missing one is fetched again.
+        """
+        write_atomic(self.staging_dir(manifest) / f"chunk-{index}", data, durable_name=False)
 
     def assemble(self, manifest: ReleaseManifest, target: Path) -> str:
         """Concatenate the chunks into ``target`` atomically; returns the file's sha256."""

@@ -596,3 +596,23 @@ def test_devices_benchmark_a_version_in_their_runtimes_without_installing_it(
                               BenchOptions(runs=10, timeout_s=30), keep_chunks=False)
     assert refused[0].figures is None and "signature" in (refused[0].error or ""), refused
     assert _retained(mosquitto, topics, topics.root + "/models/#") == {}
+
+
+def test_a_device_offline_during_a_rollout_is_left_pending_and_installs_when_it_returns(
+    make_cloud: CloudFactory, make_agent: AgentFactory, onnx_files: dict[str, bytes],
+    tmp_path: Path,
+) -> None:
+    cloud = _cloud(make_cloud, tmp_path)
+    _register(cloud, onnx_files, ("1.0.0", "1.0.0"))
+    agents = _fleet(make_agent, cloud, 3)
+    away = agents[2]
+    away.stop()
+    wait_until(lambda: not cloud.service.registry.get(away.device_id).online,  # type: ignore[union-attr]
+               timeout=20, what="the device known offline")
+    _release(cloud, version="1.0.0", canary_devices=[agents[0].device_id], probation_s=0.2)
+    done = _wait_rollout(cloud, "completed")
+    assert done["devices"][away.device_id]["state"] == "pending"
+    assert all(_active(a) == "1.0.0" for a in agents[:2])
+    # It comes back: the retained release reaches it, and it installs.
+    back = make_agent(away.device_id, state_dir=tmp_path / away.device_id)
+    wait_until(lambda: _active(back) == "1.0.0", timeout=30, what="the returning device installed")
