@@ -538,6 +538,26 @@ def test_keeping_a_ends_the_experiment_with_b_rolled_back(
     assert cloud.service.health.snapshot().get("errors", {}).get("rollout_aborted") is None
 
 
+def test_an_ab_experiment_survives_a_restart_of_the_service(
+    make_cloud: CloudFactory, make_agent: AgentFactory, onnx_files: dict[str, bytes],
+    tmp_path: Path,
+) -> None:
+    cloud, agents, _, _ = _ab_experiment(make_cloud, make_agent, onnx_files, tmp_path)
+    cloud.stop()
+    again = make_cloud(instance=cloud.settings.instance, data_dir=cloud.settings.data_dir,
+                       models={"key_id": KEY_ID, "chunk_bytes": 4096})
+    wait_until(again.service.rollouts.ready.is_set, timeout=15, what="resumed")
+    assert [r.state for r in again.service.rollouts.active.values()] == ["experiment"]
+    requests = RolloutStore(again.service.store)
+    request_id = requests.request("promote", {"model": MODEL})
+    wait_until(lambda: requests.get_request(request_id).state != "pending",  # type: ignore[union-attr]
+               timeout=15, what="promoted")
+    assert requests.get_request(request_id).state == "done"  # type: ignore[union-attr]
+    _wait_rollout(again, "completed")
+    wait_until(lambda: all(_active(a) == "1.1.0" for a in agents), timeout=30,
+               what="B on every device")
+
+
 def test_an_ab_release_needs_the_fleet_on_a(
     make_cloud: CloudFactory, make_agent: AgentFactory, onnx_files: dict[str, bytes],
     tmp_path: Path,

@@ -337,7 +337,7 @@ class RolloutManager:
             self.health.error("rollout_error")
             logger.exception("rollout %d: step failed", rollout.id)
             why = f"internal error: {type(exc).__name__}: {exc}"
-            if rollout.state == "running":
+            if rollout.state in WATCHED:
                 await self._abort(rollout, why)
                 return
             rollout.state = "aborted"
@@ -458,7 +458,7 @@ class RolloutManager:
         """End an A/B experiment: B widens to every device, or A is kept and B rolled back."""
         rollout = next((r for r in self.active.values()
                         if r.model == model and r.spec.get("ab_version")), None)
-        if rollout is None or rollout.state not in ("running", "experiment") \
+        if rollout is None or rollout.state not in WATCHED \
                 or rollout.stage != 0:
             raise RolloutRefused(f"no A/B experiment of {model} is running")
         control, candidate = rollout.previous_version, rollout.version

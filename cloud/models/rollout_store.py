@@ -175,7 +175,7 @@ class RolloutStore:
     def running(self) -> list[Rollout]:
         """Rollouts not finished (the manager resumes them after a restart)."""
         return [self._rollout(r) for r in self.store.query(
-            "SELECT * FROM rollouts WHERE state IN ('running', 'aborting') ORDER BY id")]
+            "SELECT * FROM rollouts WHERE state NOT IN ('completed', 'aborted') ORDER BY id")]
 
     def latest(self, model: str) -> Rollout | None:
         """The model's most recent rollout."""
