@@ -17,6 +17,7 @@ from edge_node.agent import EdgeAgent
 from edge_node.fleet import (
     MAX_AGENTS_PER_PROCESS,
     Fleet,
+    Traffic,
     fleet_settings,
     missing_passwords,
 )
@@ -157,12 +158,18 @@ def fleet(
         "device i holds partition i of the fleet")] = None,
     partitions: Annotated[int | None, typer.Option(
         min=1, help="Partitions of the task data [the fleet's size]")] = None,
+    serve: Annotated[str | None, typer.Option(
+        help="Simulated applications send requests to a model: MODEL=package.module:Class "
+        "(examples and labels from the task's test split; labelled feedback)")] = None,
+    serve_rate: Annotated[float, typer.Option(
+        min=0.01, max=1000.0, help="Requests per second per device, with --serve")] = 2.0,
 ) -> None:
     """Run N agents until Ctrl-C (in several processes when N > --per-process)."""
     try:
         tasks = parse_fl_tasks(fl_task)
         base = EdgeSettings.load(config, device_id="fleet-template") if config else None
-    except (SchemaError, ValueError) as exc:
+        traffic = _traffic(serve, serve_rate) if serve else None
+    except (SchemaError, ValueError, ImportError, AttributeError) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from exc
     if secrets_dir is not None:
@@ -186,6 +193,7 @@ def fleet(
             *(["--secrets-dir", str(secrets_dir)] if secrets_dir else []),
             *(["--config", str(config)] if config else []),
             *[x for item in (fl_task or []) for x in ("--fl-task", item)],
+            *(["--serve", serve, "--serve-rate", str(serve_rate)] if serve else []),
         ])
         return
     mqtt = base.mqtt if base else EdgeSettings(device_id="fleet-template").mqtt
@@ -198,13 +206,35 @@ def fleet(
                               secrets_dir=secrets_dir, interval_s=interval,
                               first_index=first_index, topic_root=topic_root, base=base,
                               fl_tasks=tasks, partitions=partitions)
-    sim = Fleet(settings, state_dir)
+    sim = Fleet(settings, state_dir, traffic)
     sim.start()
     connected = sim.wait_connected(60)
     typer.echo(f"{connected}/{devices} agents connected to {host}:{port}; Ctrl-C stops them")
     stop.wait()
     sim.stop()
     typer.echo("fleet stopped")
+
+
+def _traffic(serve: str, rate: float) -> Traffic:
+    """``MODEL=package.module:Class`` -> requests from the task's test split.
+
+    Raises:
+        ValueError: not of that form, the task cannot be loaded or has no test split.
+        ImportError, AttributeError: the task's module or class does not exist.
+    """
+    model, sep, path = serve.partition("=")
+    if not sep or not model or ":" not in path:
+        raise ValueError(f"--serve {serve!r}: expected MODEL=package.module:Class")
+    from fl_tasks.base import load_task  # torch only where a fleet serves
+    from fl_tasks.errors import TaskError
+
+    try:
+        data = load_task(path).central_data()
+    except TaskError as exc:
+        raise ValueError(f"--serve {serve!r}: {exc}") from None
+    if data is None or not len(data[1]):
+        raise ValueError(f"--serve: the task {path} has no test split to send")
+    return Traffic(validate_id(model, "model name"), data[0], data[1], rate)
 
 
 def _run_processes(devices: int, per_process: int, first_index: int, stop: threading.Event,

@@ -11,10 +11,13 @@ import logging
 import random
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
 from edge_node.agent import EdgeAgent
+from edge_node.errors import EdgeError
 from edge_node.settings import EdgeSettings, FLTaskSettings, MqttSettings
 from edge_node.system_metrics import SystemSample, sample
 
@@ -112,18 +115,81 @@ each agent holds 6 (its connection, paho's wake-up socket pair, and its outbox's
 database, WAL and shared-memory files). Larger fleets run in several processes."""
 
 
+@dataclass(frozen=True)
+class Traffic:
+    """Requests the simulated applications send to a model, with their true labels."""
+
+    model: str
+    x: np.ndarray
+    y: np.ndarray
+    rate_per_s: float
+    """Requests per second per device."""
+
+
+class TrafficLoop:
+    """One thread that serves requests on every agent whose ``model`` is active.
+
+    Each request is one example of the task's test split (device i starts at a
+    different place), answered by the agent's active model; whether the answer is
+    the label goes back as labelled feedback, so the devices' ``ModelMetrics`` carry
+    latency, errors and accuracy. A failed inference is what the agent counts as an
+    error; the loop goes on.
+    """
+
+    def __init__(self, agents: list[EdgeAgent], traffic: Traffic) -> None:
+        self.agents = agents
+        self.traffic = traffic
+        self.served = 0
+        self.failed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fleet-traffic", daemon=True)
+
+    def start(self) -> None:
+        """Start serving."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop serving (bounded)."""
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        t = self.traffic
+        count = len(t.y)
+        position = {a.device_id: (i * 7919) % count for i, a in enumerate(self.agents)}
+        period = 1.0 / t.rate_per_s
+        while not self._stop.wait(period):
+            for agent in self.agents:
+                if agent.store.active(t.model) is None:
+                    continue
+                i = position[agent.device_id]
+                position[agent.device_id] = (i + 1) % count
+                try:
+                    logits = agent.infer(t.model, t.x[i:i + 1])
+                except EdgeError as exc:  # counted by the agent's inference service
+                    self.failed += 1
+                    logger.debug("%s: request failed: %s", agent.device_id, exc)
+                    continue
+                agent.inference.record_feedback(t.model, int(logits.argmax() == t.y[i]), 1)
+                self.served += 1
+
+
 class Fleet:
     """Start and stop many agents together (at most MAX_AGENTS_PER_PROCESS)."""
 
-    def __init__(self, settings: list[EdgeSettings], data_path: Path) -> None:
+    def __init__(self, settings: list[EdgeSettings], data_path: Path,
+                 traffic: Traffic | None = None) -> None:
         shared = SharedSampler(data_path)
         self.agents = [EdgeAgent(s, sampler=JitteredSampler(shared, s.device_id))
                        for s in settings]
+        self.traffic = TrafficLoop(self.agents, traffic) if traffic is not None else None
 
     def start(self) -> None:
         """Start every agent (each connects in the background)."""
         for agent in self.agents:
             agent.start()
+        if self.traffic is not None:
+            self.traffic.start()
 
     def wait_connected(self, timeout: float) -> int:
         """Wait (bounded) until every agent is connected; returns how many are."""
@@ -134,5 +200,7 @@ class Fleet:
 
     def stop(self) -> None:
         """Stop every agent cleanly (offline state, disconnect)."""
+        if self.traffic is not None:
+            self.traffic.stop()
         for agent in self.agents:
             agent.stop()

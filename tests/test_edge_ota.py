@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -319,3 +322,39 @@ def test_infer_command_and_prediction_counts(make_agent: AgentFactory, cloud: Sy
     send_command(cloud, topics, agent.device_id, "report_now")
     sent = telemetry(cloud, topics, agent.device_id)[-1]
     assert (sent.prediction_count, sent.error_count) == (2 + 1 + 6, 1)
+
+
+def test_the_fleets_simulated_applications_serve_the_active_model_with_feedback(
+    make_agent: AgentFactory, cloud: SyncClient, topics: Topics,
+    onnx_v1: tuple[torch.nn.Module, bytes],
+) -> None:
+    from edge_node.fleet import Traffic, TrafficLoop
+    from fl_tasks.digits import DigitsTask
+
+    agents = [make_agent(), make_agent()]
+    x, y = DigitsTask().central_data()
+    loop = TrafficLoop(agents, Traffic(MODEL, x, y, rate_per_s=50.0))
+    loop.start()
+    try:
+        threading.Event().wait(0.3)
+        assert loop.served == 0  # nothing active yet: nothing sent
+        for agent in agents:
+            install(cloud, topics, agent, "1.0.0", onnx_v1[1])
+        wait_until(lambda: loop.served >= 40, timeout=20, what="requests served")
+    finally:
+        loop.stop()
+    for agent in agents:
+        stats = agent.inference.stats(MODEL)
+        assert stats is not None and stats.samples > 0 and stats.accuracy is not None
+    assert loop.failed == 0
+
+
+def test_a_bad_serve_option_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    for bad in ("digits", "digits=fl_tasks.nothing:Task"):
+        result = subprocess.run(
+            [sys.executable, "-m", "edgefl", "fleet", "--devices", "1", "--serve", bad,
+             "--state-dir", str(tmp_path / "s")],
+            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+            timeout=60, check=False)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert result.stderr.strip().count("\n") == 0, result.stderr

@@ -82,7 +82,10 @@ def test_the_manual_path_of_the_readme_runs_as_written(tmp_path: Path) -> None:
         # Model operations: the FL result optimized, measured, rolled out, rolled back.
         assert "0.3.0-onnx-int8-dynamic" in outputs["edgefl model optimize"]
         assert "A/B experiment" in outputs["edgefl model release"]
-        assert "Mann-Whitney U" in outputs["edgefl model compare"]
+        compared = outputs["edgefl model compare"]
+        assert "Mann-Whitney U" in compared, compared
+        served = re.search(r"windows / inferences\D*?\d+ / (\d+)\D*?\d+ / (\d+)", compared)
+        assert served and int(served[1]) > 0 and int(served[2]) > 0, compared
         assert "promoted" in outputs["edgefl model promote"]
         here, on_devices = runs["edgefl model benchmark"]
         assert "p99" in here and "peak RSS" in here, here
