@@ -63,7 +63,8 @@ from edge_node.fleet import MAX_AGENTS_PER_PROCESS
 from schemas.alerts import Alert
 from schemas.base import Severity, decode_message
 from schemas.device import DeploymentState, DeploymentStatus
-from schemas.topics import Topics
+from schemas.errors import UnknownTopicError
+from schemas.topics import TopicKind, Topics
 
 CHUNK_BYTES = 256 * 1024
 CANARY = "bench-canary"
@@ -154,10 +155,10 @@ class Watcher:
 
 def reference(broker: LocalBroker, password: str, ids: list[str], data: bytes) -> float:
     """Seconds for the broker to deliver ``data`` in chunks to one paho subscriber per id."""
-    topic = TOPICS.chunk("benchref", "1.0.0", 0).rsplit("/", 1)[0]
+    chunks = TOPICS.filter(TopicKind.CHUNK, model="benchref", version="1.0.0")
     subs = subprocess.Popen(
         [sys.executable, "-c", SUBSCRIBERS, "127.0.0.1", str(broker.port),
-         str(broker.settings.layout.secrets), topic + "/+", ",".join(ids), str(len(data))],
+         str(broker.settings.layout.secrets), chunks, ",".join(ids), str(len(data))],
         stdout=subprocess.PIPE, text=True)
     assert subs.stdout is not None
     if subs.stdout.readline().strip() != "ready":
@@ -169,14 +170,16 @@ def reference(broker: LocalBroker, password: str, ids: list[str], data: bytes) -
     client.loop_start()
     count = (len(data) + CHUNK_BYTES - 1) // CHUNK_BYTES
     t0 = time.time()
-    infos = [client.publish(f"{topic}/{i}", data[i * CHUNK_BYTES:(i + 1) * CHUNK_BYTES],
+    infos = [client.publish(TOPICS.chunk("benchref", "1.0.0", i),
+                            data[i * CHUNK_BYTES:(i + 1) * CHUNK_BYTES],
                             qos=1, retain=True) for i in range(count)]
     for info in infos:
         info.wait_for_publish(60)
     result = json.loads(subs.stdout.readline())
     subs.wait(60)
     for i in range(count):  # leave nothing retained
-        client.publish(f"{topic}/{i}", b"", qos=1, retain=True).wait_for_publish(60)
+        client.publish(TOPICS.chunk("benchref", "1.0.0", i), b"", qos=1,
+                       retain=True).wait_for_publish(60)
     client.disconnect()
     client.loop_stop()
     if result["done"] != len(ids):
@@ -197,6 +200,16 @@ def release(settings: CloudSettings, spec: RolloutSpec) -> float:
     if request is None or request.state != "done":
         raise RuntimeError(f"release refused: {request.detail if request else '?'}")
     return t0
+
+
+def is_chunk_of(topic: str, version: str) -> bool:
+    """Whether ``topic`` carries a chunk of ``bench`` ``version``."""
+    try:
+        parsed = TOPICS.parse(topic)
+    except UnknownTopicError:
+        return False
+    return parsed.kind is TopicKind.CHUNK and parsed.model == "bench" \
+        and parsed.version == version
 
 
 def installed_at(watcher: Watcher, t0: float, version: str, ids: list[str],
@@ -366,9 +379,8 @@ def fanout(settings: CloudSettings, registry: ModelRegistry, watcher: Watcher,
             if len(seen) < len(ids):
                 raise RuntimeError(f"{len(seen)} of {len(ids)} installed {version}")
             seen_now = watcher.since(t0)
-            chunk_prefix = TOPICS.chunk("bench", version, 0).rsplit("/", 1)[0] + "/"
             chunk_times = [ts for ts, topic, payload in seen_now
-                           if topic.startswith(chunk_prefix) and payload]
+                           if payload and is_chunk_of(topic, version)]
             manifest_at = min(ts for ts, topic, payload in seen_now
                               if topic == TOPICS.release("bench") and payload
                               and f'"version":"{version}"'.encode() in payload)

@@ -12,12 +12,12 @@ import json
 import secrets
 import threading
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import paho.mqtt.client as mqtt
 import typer
-from paho.mqtt.enums import CallbackAPIVersion
 
+from cloud import tool_client
 from cloud.settings import CloudSettings
 from schemas.base import decode_message, now
 from schemas.device import Command, CommandResult, CommandStatus
@@ -65,7 +65,7 @@ def cmd(
         if password_file:
             mqtt_values["password_file"] = password_file
         settings = CloudSettings.load(config, mqtt=mqtt_values or None)
-        password = settings.mqtt.resolved_password()
+        settings.mqtt.resolved_password()  # a missing password file: exit 2 here
         command = Command(correlation_id=f"cli-{secrets.token_hex(6)}", ts=now(), args=args)
     except (SchemaError, ValueError, OSError, typer.BadParameter) as exc:
         typer.secho(f"error: {' '.join(str(exc).split())[:300]}", fg=typer.colors.RED,
@@ -73,30 +73,17 @@ def cmd(
         raise typer.Exit(2) from None
     topics = Topics(settings.topic_root)
     reply_topic = topics.command_reply(device_id, name)
-    result = _exchange(settings, password, topics.command(device_id, name), reply_topic,
-                       command, timeout)
+    result = _exchange(settings, topics.command(device_id, name), reply_topic, command,
+                       timeout)
     typer.echo(result.model_dump_json(indent=2))
     if result.status is not CommandStatus.OK:
         raise typer.Exit(1)
 
 
-def _exchange(settings: CloudSettings, password: str | None, topic: str, reply_topic: str,
-              command: Command, timeout: float) -> CommandResult:
+def _exchange(settings: CloudSettings, topic: str, reply_topic: str, command: Command,
+              timeout: float) -> CommandResult:
     got: list[CommandResult] = []
-    subscribed = threading.Event()
     answered = threading.Event()
-    failed: list[str] = []
-    client = mqtt.Client(CallbackAPIVersion.VERSION2,
-                         client_id=f"edgefl-cmd-{secrets.token_hex(4)}",
-                         protocol=mqtt.MQTTv5 if settings.mqtt.protocol == 5 else mqtt.MQTTv311)
-    client.username_pw_set(settings.mqtt.username, password)
-
-    def on_connect(c: mqtt.Client, _u: object, _f: object, rc: Any, _p: object) -> None:
-        if rc.is_failure:
-            failed.append(f"the broker refused the connection: {rc}")
-            answered.set()
-            return
-        c.subscribe(reply_topic, qos=1)
 
     def on_message(_c: mqtt.Client, _u: object, message: mqtt.MQTTMessage) -> None:
         try:
@@ -107,31 +94,26 @@ def _exchange(settings: CloudSettings, password: str | None, topic: str, reply_t
             got.append(result)
             answered.set()
 
-    client.on_connect = on_connect
-    client.on_subscribe = lambda *_a: subscribed.set()
+    try:
+        client = tool_client.connect(settings, "cmd", timeout)
+    except tool_client.ToolClientError as exc:
+        if exc.unreachable:
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+        _fail(str(exc))
     client.on_message = on_message
     try:
-        client.connect(settings.mqtt.host, settings.mqtt.port)
-    except OSError as exc:
-        typer.secho(f"error: cannot reach the broker at {settings.mqtt.host}:"
-                    f"{settings.mqtt.port}: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
-    client.loop_start()
-    try:
-        if not subscribed.wait(timeout) and not failed:
-            _fail(f"no answer from the broker at {settings.mqtt.host}:{settings.mqtt.port}")
-        if failed:
-            _fail(failed[0])
+        tool_client.subscribe(client, [reply_topic], timeout)
         client.publish(topic, command.to_json(), qos=1).wait_for_publish(timeout)
         if not answered.wait(timeout) or not got:
-            _fail(failed[0] if failed else f"no reply within {timeout:.0f} s (is the device "
-                  "online?)")
+            _fail(f"no reply within {timeout:.0f} s (is the device online?)")
         return got[0]
+    except tool_client.ToolClientError as exc:
+        _fail(str(exc))
     finally:
-        client.disconnect()
-        client.loop_stop()
+        tool_client.close(client)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(1)

@@ -21,6 +21,7 @@ from rich.table import Table
 
 from cloud.models.formats import ArtifactFormat, FormatError, check_claim, detect_format
 from cloud.models.registry import ModelRegistry, ModelVersion, RegistryError
+from cloud.models.rollout_store import FINISHED, RolloutStore
 from cloud.settings import CloudSettings
 from cloud.storage.sqlite_store import SqliteStore
 from schemas.errors import SchemaError
@@ -63,6 +64,13 @@ def open_registry(settings: CloudSettings, *, create: bool = False) -> ModelRegi
     if not create and not settings.sqlite_path.exists():
         raise fail(f"no cloud store at {settings.sqlite_path}")
     return ModelRegistry(SqliteStore(settings.sqlite_path), settings.artifacts_dir)
+
+
+def open_rollouts(settings: CloudSettings) -> RolloutStore:
+    """Requests and rollouts in the cloud store (which must exist)."""
+    if not settings.sqlite_path.exists():
+        raise fail(f"no cloud store at {settings.sqlite_path}")
+    return RolloutStore(SqliteStore(settings.sqlite_path))
 
 
 def _date(ts: float) -> str:
@@ -332,11 +340,7 @@ def _submit(settings: CloudSettings, action: str, body: dict[str, Any], wait: fl
     import threading
     import time
 
-    from cloud.models.rollout_store import RolloutStore
-
-    if not settings.sqlite_path.exists():
-        raise fail(f"no cloud store at {settings.sqlite_path}")
-    requests = RolloutStore(SqliteStore(settings.sqlite_path))
+    requests = open_rollouts(settings)
     request_id = requests.request(action, body)  # type: ignore[arg-type]
     deadline = time.monotonic() + wait
     pause = threading.Event()
@@ -430,9 +434,8 @@ def release(
 def _follow_rollout(settings: CloudSettings, model: str) -> str:
     import threading
 
-    from cloud.models.rollout_store import FINISHED, RolloutStore
 
-    rollouts = RolloutStore(SqliteStore(settings.sqlite_path))
+    rollouts = open_rollouts(settings)
     pause = threading.Event()
     shown: tuple[str, int] | None = None
     while True:
@@ -465,20 +468,13 @@ def rollout_status(
     config: Config = None, data_dir: DataDir = None, as_json: AsJson = False,
 ) -> None:
     """The model's latest rollout: its stage, and every device's state."""
-    from cloud.models.rollout_store import RolloutStore
-
-    settings = load_settings(config, data_dir)
-    if not settings.sqlite_path.exists():
-        raise fail(f"no cloud store at {settings.sqlite_path}")
-    rollouts = RolloutStore(SqliteStore(settings.sqlite_path))
+    rollouts = open_rollouts(load_settings(config, data_dir))
     rollout = rollouts.latest(name)
     if rollout is None:
         raise fail(f"no rollout of {name!r}")
     devices = rollouts.devices(rollout.id)
     published, _ = rollouts.publication(name)
-    events = [dict(r) for r in rollouts.store.query(
-        "SELECT ts, event, stage, targets, installed, failed, detail FROM rollout_events "
-        "WHERE rollout=? ORDER BY ts", (rollout.id,))]
+    events = rollouts.store.rollout_events(rollout.id)
     if as_json:
         typer.echo(json.dumps({"rollout": rollout.id, "model": rollout.model,
                                "version": rollout.version, "state": rollout.state,
@@ -518,13 +514,8 @@ def compare(
     """The A/B experiment's two versions side by side, as the fleet measured them."""
     from cloud.models.experiments import compare as compare_figures
     from cloud.models.experiments import fleet_figures
-    from cloud.models.rollout_store import RolloutStore
-
-    settings = load_settings(config, data_dir)
-    if not settings.sqlite_path.exists():
-        raise fail(f"no cloud store at {settings.sqlite_path}")
-    store = SqliteStore(settings.sqlite_path)
-    rollouts = RolloutStore(store)
+    rollouts = open_rollouts(load_settings(config, data_dir))
+    store = rollouts.store
     rollout = next((r for r in rollouts.history(name) if r.spec.get("ab_version")), None)
     if rollout is None or rollout.previous_version is None:
         raise fail(f"{name} has had no A/B experiment")
@@ -780,8 +771,6 @@ def _fleet_benchmark(name: str, version: str, devices: list[str], *, runs: int, 
                      data_dir: Path | None, as_json: bool) -> None:
     """``benchmark N V --devices``: the figures measured on the devices, per device."""
     from cloud.models.fleet_benchmark import FleetBenchmarkError, Options, fleet_benchmark
-    from cloud.models.rollout_store import RolloutStore
-
     if not devices:
         raise fail("--devices names no device")
     for device in devices:

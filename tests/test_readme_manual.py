@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from broker.launcher import free_port, port_accepts
+from schemas.topics import Topics
 from tests.agent_fixtures import wait_until
 from tests.mqtt_client import SyncClient
 
@@ -119,7 +120,7 @@ def ready(words: list[str], folder: Path, ports: dict[str, int]) -> None:
         watcher = SyncClient("127.0.0.1", ports["service"], client_id="readme-watch",
                              username="edgefl-cloud", password=password.read_text().strip())
         assert not watcher.connect().is_failure
-        watcher.subscribe("edgefl/v1/cloud/state")
+        watcher.subscribe(Topics().cloud_state())
         watcher.wait_for(lambda m: bool(m.payload)
                          and json.loads(m.payload)["state"] == "online", timeout=60)
         watcher.close()

@@ -20,15 +20,13 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import JsonValue
 
+from cloud import tool_client
 from cloud.models.registry import ModelRegistry, ModelVersion
 from cloud.releases import build_release, load_signing_key
 from cloud.settings import CloudSettings
@@ -117,7 +115,10 @@ def fleet_benchmark(settings: CloudSettings, registry: ModelRegistry, version: M
     answers: dict[str, DeviceAnswer] = {}
     done = threading.Event()
     lock = threading.Lock()
-    client = _client(settings, f"edgefl-bench-{secrets.token_hex(4)}")
+    try:
+        client = tool_client.connect(settings, "bench")
+    except tool_client.ToolClientError as exc:
+        raise FleetBenchmarkError(str(exc)) from None
 
     def on_message(_c: mqtt.Client, _u: object, message: mqtt.MQTTMessage) -> None:
         try:
@@ -137,14 +138,16 @@ def fleet_benchmark(settings: CloudSettings, registry: ModelRegistry, version: M
     client.on_message = on_message
     chunk_topics = [topics.chunk(version.model, version.version, i) for i in range(len(chunks))]
     try:
-        _subscribe(client, [topics.command_reply(d, "benchmark") for d in devices],
-                   options.timeout_s)
+        tool_client.subscribe(client, [topics.command_reply(d, "benchmark") for d in devices],
+                              options.timeout_s)
         for topic, data in zip(chunk_topics, chunks, strict=True):
             client.publish(topic, data, qos=1, retain=True).wait_for_publish(options.timeout_s)
         for device, command in commands.items():
             client.publish(topics.command(device, "benchmark"), command.to_json(),
                            qos=1).wait_for_publish(options.timeout_s)
         done.wait(options.timeout_s)
+    except tool_client.ToolClientError as exc:
+        raise FleetBenchmarkError(str(exc)) from None
     finally:
         try:
             if not keep_chunks:
@@ -152,50 +155,19 @@ def fleet_benchmark(settings: CloudSettings, registry: ModelRegistry, version: M
                     client.publish(topic, b"", qos=1, retain=True).wait_for_publish(
                         options.timeout_s)
         finally:
-            client.disconnect()
-            client.loop_stop()
-    out = []
-    for device in devices:
-        answer = answers.get(device) or DeviceAnswer(
-            device, None, f"no answer within {options.timeout_s:.0f} s (is it online?)")
-        out.append(answer)
+            tool_client.close(client)
+    return _record(registry, version, [answers.get(d) or DeviceAnswer(
+        d, None, f"no answer within {options.timeout_s:.0f} s (is it online?)")
+        for d in devices])
+
+
+def _record(registry: ModelRegistry, version: ModelVersion,
+            answers: list[DeviceAnswer]) -> list[DeviceAnswer]:
+    """Keep the devices' figures in the registry, per device class; the answers."""
+    for answer in answers:
         figures = answer.metrics()
         if figures and answer.figures is not None:
             registry.add_metrics(version.model, version.version, SOURCE, figures,
-                                 device_class=str(answer.figures.get("device_class") or device))
-    return out
-
-
-def _client(settings: CloudSettings, client_id: str) -> mqtt.Client:
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                         protocol=mqtt.MQTTv5 if settings.mqtt.protocol == 5 else mqtt.MQTTv311)
-    client.username_pw_set(settings.mqtt.username, settings.mqtt.resolved_password())
-    connected = threading.Event()
-    refused: list[str] = []
-
-    def on_connect(_c: mqtt.Client, _u: object, _f: object, rc: Any, _p: object) -> None:
-        if rc.is_failure:
-            refused.append(str(rc))
-        connected.set()
-
-    client.on_connect = on_connect
-    try:
-        client.connect(settings.mqtt.host, settings.mqtt.port)
-    except OSError as exc:
-        raise FleetBenchmarkError(f"cannot reach the broker at {settings.mqtt.host}:"
-                                  f"{settings.mqtt.port}: {exc}") from None
-    client.loop_start()
-    if not connected.wait(30) or refused:
-        client.loop_stop()
-        raise FleetBenchmarkError("the broker did not accept the connection"
-                                  + (f": {refused[0]}" if refused else ""))
-    return client
-
-
-def _subscribe(client: mqtt.Client, topic_list: list[str], timeout: float) -> None:
-    acked = threading.Event()
-    client.on_subscribe = lambda *_a: acked.set()
-    client.subscribe([(t, 1) for t in topic_list])
-    deadline = time.monotonic() + timeout
-    if not acked.wait(max(0.0, deadline - time.monotonic())):
-        raise FleetBenchmarkError("the broker did not confirm the subscription")
+                                 device_class=str(answer.figures.get("device_class")
+                                                  or answer.device_id))
+    return answers

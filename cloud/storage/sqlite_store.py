@@ -264,6 +264,12 @@ class SqliteStore:
                         event.stage, event.targets, event.installed, event.failed,
                         event.detail))
 
+    def rollout_events(self, rollout: int) -> list[dict[str, Any]]:
+        """The steps of one rollout, oldest first."""
+        return [dict(r) for r in self.query(
+            "SELECT ts, event, stage, targets, installed, failed, detail FROM rollout_events "
+            "WHERE rollout=? ORDER BY ts", (rollout,))]
+
     def write_cloud_health(self, health: CloudHealth) -> None:
         """Keep the service's counters as a time series (a week of it)."""
         with self.transaction() as db:
