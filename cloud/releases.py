@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from schemas.base import ModelFormat, now
-from schemas.release import ReleaseManifest, Targeting
+from schemas.release import ReleaseManifest, ReleaseVariant, Targeting
 
 DEFAULT_CHUNK_BYTES = 256 * 1024
 
@@ -75,14 +75,21 @@ def build_release(
     targeting: Targeting | None = None,
     input_shape: list[int] | None = None,
     metadata: dict[str, object] | None = None,
+    variants: list[ReleaseVariant] | None = None,
+    prefer: dict[str, list[str]] | None = None,
 ) -> tuple[ReleaseManifest, list[bytes]]:
-    """The signed manifest of a model file and its chunks, ready to publish retained."""
+    """The signed manifest of a model file and its chunks, ready to publish retained.
+
+    ``variants`` (other builds, their chunks published by the caller) and ``prefer``
+    (device class -> builds fastest first) are covered by the signature too.
+    """
     count = max(1, math.ceil(len(data) / chunk_size))
     manifest = ReleaseManifest.model_validate({
         "model": model, "version": version, "format": fmt, "size_bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(), "chunk_size": chunk_size,
         "chunk_count": count, "created_at": now(), "targeting": targeting or Targeting(),
         "key_id": key_id, "input_shape": input_shape, "metadata": metadata or {},
+        "variants": variants or [], "prefer": prefer or {},
     })
     chunks = [data[i * chunk_size:(i + 1) * chunk_size] for i in range(count)]
     return sign_manifest(manifest, key), chunks

@@ -111,6 +111,7 @@ class EdgeAgent:
                 formats=frozenset(self.formats), runtimes=frozenset(self.runtimes),
                 gpu=self.hardware.gpu,
                 available_memory_mb=lambda: self.sampler().memory_available_mb,
+                device_class=self.hardware.device_class(),
             ),
             publish_status=self._publish_status, chunk_subscriptions=self._chunk_subscriptions,
             counters=self.counters, threads=settings.agent_threads,

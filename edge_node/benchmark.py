@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 
 from schemas.base import ModelFormat
+from schemas.device import device_class as class_of
 
 MiB = 1024 * 1024
 
@@ -75,9 +77,7 @@ class BenchmarkResult:
 
 def device_class() -> str:
     """This machine, as the registry groups benchmark figures: ``arch/Ncpu``."""
-    import os
-
-    return f"{platform.machine() or 'unknown'}/{os.cpu_count() or 0}cpu"
+    return class_of(platform.machine(), psutil.cpu_count(logical=True))
 
 
 def _rss_mb() -> float:

@@ -146,7 +146,8 @@ def fleet(
     prefix: Annotated[str, typer.Option(help="Device ids are {prefix}{i:03d}")] = "sim-",
     first_index: Annotated[int, typer.Option(min=0, help="Index of the first device")] = 0,
     state_dir: Annotated[Path, typer.Option(help="One sub-folder per device")] = Path("var/fleet"),
-    interval: Annotated[float, typer.Option(help="Telemetry interval, s")] = 10.0,
+    interval: Annotated[float | None, typer.Option(
+        help="Telemetry interval, s [from --config, else 10]")] = None,
     protocol: Annotated[int, typer.Option(help="5 (MQTT 5) or 4 (3.1.1)")] = 5,
     topic_root: Annotated[str, typer.Option(help="Topic root")] = DEFAULT_ROOT,
     per_process: Annotated[int, typer.Option(
@@ -187,7 +188,8 @@ def fleet(
         _run_processes(devices, per_process, first_index, stop, [
             *(["--broker", broker] if broker else []),
             "--prefix", prefix, "--state-dir", str(state_dir),
-            "--interval", str(interval), "--protocol", str(protocol),
+            *(["--interval", str(interval)] if interval is not None else []),
+            "--protocol", str(protocol),
             "--topic-root", topic_root,
             "--partitions", str(partitions or first_index + devices),
             *(["--secrets-dir", str(secrets_dir)] if secrets_dir else []),

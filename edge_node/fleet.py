@@ -65,7 +65,8 @@ class JitteredSampler:
 
 def fleet_settings(
     count: int, *, prefix: str, state_root: Path, mqtt: MqttSettings,
-    secrets_dir: Path | None = None, interval_s: float = 10.0, topic_root: str | None = None,
+    secrets_dir: Path | None = None, interval_s: float | None = None,
+    topic_root: str | None = None,
     first_index: int = 0, base: EdgeSettings | None = None,
     fl_tasks: dict[str, str] | None = None, partitions: int | None = None,
 ) -> list[EdgeSettings]:
@@ -73,7 +74,8 @@ def fleet_settings(
 
     Each device's password is read from ``secrets_dir/{id}.password`` (the files
     ``edgefl broker add-device`` writes) when a folder is given. ``base`` (a settings
-    file) gives everything else; ``fl_tasks`` (name -> import path) makes every
+    file) gives everything else, the telemetry interval too unless ``interval_s``
+    overrides it; ``fl_tasks`` (name -> import path) makes every
     device a member of those tasks, device ``i`` holding partition ``i`` of
     ``partitions`` (the fleet's size by default). The outbox is not fsynced on
     every write (it survives a crash of the process, not of the machine).
@@ -91,7 +93,8 @@ def fleet_settings(
             tasks[name] = FLTaskSettings(path=path, partition=i % total, partitions=total)
         update: dict[str, object] = {
             "device_id": device_id, "state_dir": state_root / device_id, "mqtt": device_mqtt,
-            "telemetry": template.telemetry.model_copy(update={"interval_s": interval_s}),
+            "telemetry": template.telemetry if interval_s is None
+            else template.telemetry.model_copy(update={"interval_s": interval_s}),
             "buffer": template.buffer.model_copy(update={"durable": False}),
             "fl": template.fl.model_copy(update={"tasks": tasks}),
         }

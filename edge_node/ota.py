@@ -50,6 +50,8 @@ class Capabilities:
     runtimes: frozenset[RuntimeName]
     gpu: bool
     available_memory_mb: Callable[[], float]
+    device_class: str = ""
+    """``machine/Ncpu`` (:func:`schemas.device.device_class`): picks a release's build."""
 
 
 def compatibility_problems(manifest: ReleaseManifest, caps: Capabilities) -> list[str]:
@@ -71,6 +73,30 @@ def compatibility_problems(manifest: ReleaseManifest, caps: Capabilities) -> lis
     if reqs.gpu and not caps.gpu:
         problems.append("needs a GPU")
     return problems
+
+
+def choose_build(manifest: ReleaseManifest, caps: Capabilities, device_class: str,
+                 skip: Callable[[ReleaseManifest], bool] = lambda _: False,
+                 ) -> tuple[ReleaseManifest | None, list[str]]:
+    """The build of a release this device takes, or None and why none fits.
+
+    The candidates are the release's own build and its variants, in the order
+    ``prefer`` gives for ``device_class`` (then the manifest's order); the first
+    one this device can run and that ``skip`` does not exclude is taken.
+    """
+    builds = manifest.builds()
+    preferred = manifest.prefer.get(device_class, [])
+    rank = {version: i for i, version in enumerate(preferred)}
+    builds.sort(key=lambda b: rank.get(b.version, len(rank)))  # stable: manifest order
+    reasons: list[str] = []
+    for build in builds:
+        if skip(build):
+            continue
+        problems = compatibility_problems(build, caps)
+        if not problems:
+            return build, []
+        reasons += problems if len(builds) == 1 else [f"{build.version}: {p}" for p in problems]
+    return None, reasons
 
 
 @dataclass
@@ -271,7 +297,7 @@ class OtaManager:
 
     # -- release --------------------------------------------------------------
 
-    def _on_release(self, model: str, payload: bytes) -> None:  # noqa: PLR0911 - one step each
+    def _on_release(self, model: str, payload: bytes) -> None:
         if not payload:  # release withdrawn (retained message cleared)
             self._drop_download(model)
             return
@@ -288,28 +314,10 @@ class OtaManager:
             logger.debug("%s: release %s %s not for this device", self.device_id, model,
                          manifest.version)
             return
-        active = self.store.active(model)
-        if active is not None and (active.version, active.sha256) == (manifest.version,
-                                                                      manifest.sha256):
-            self._status(model, DeploymentState.INSTALLED, manifest=manifest)
+        picked = self._pick(model, manifest)
+        if picked is None:
             return
-        if (model, manifest.version, manifest.sha256) in self._failed:
-            return
-        current = self.downloads.get(model)
-        if current is not None and current.manifest == manifest:
-            return  # the retained manifest again (after a reconnect): keep downloading
-        try:
-            verify_manifest(manifest, self.keys)
-        except InstallError as exc:
-            self._fail(model, manifest, exc.reason, exc.detail)
-            return
-        problems = compatibility_problems(manifest, self.caps)
-        if problems:
-            self.counters.add("install_incompatible")
-            self._failed.add((model, manifest.version, manifest.sha256))
-            self._status(model, DeploymentState.INCOMPATIBLE, manifest=manifest,
-                         reasons=problems)
-            return
+        manifest = picked
         if manifest.size_bytes > self.settings.max_model_bytes:
             self._fail(model, manifest, "too_large",
                        f"{manifest.size_bytes} bytes > {self.settings.max_model_bytes}")
@@ -325,6 +333,35 @@ class OtaManager:
                           for i in sorted(download.missing)], True)
         else:
             self._finish(model, download)
+
+    def _pick(self, model: str, release: ReleaseManifest) -> ReleaseManifest | None:
+        """The build of a verified release to install; None when there is nothing to do."""
+        active = self.store.active(model)
+        for own in release.builds():
+            if active is not None and (active.version, active.sha256) == (own.version,
+                                                                          own.sha256):
+                self._status(model, DeploymentState.INSTALLED, manifest=own)
+                return None
+        build, problems = choose_build(
+            release, self.caps, self.caps.device_class,
+            lambda b: (model, b.version, b.sha256) in self._failed)
+        if build is None and not problems:
+            return None  # every build this device could take failed here before
+        current = self.downloads.get(model)
+        if build is not None and current is not None and current.manifest == build:
+            return None  # the retained manifest again (after a reconnect): keep downloading
+        try:
+            verify_manifest(release, self.keys)
+        except InstallError as exc:
+            self._fail(model, build or release, exc.reason, exc.detail)
+            return None
+        if build is None:
+            self.counters.add("install_incompatible")
+            self._failed.add((model, release.version, release.sha256))
+            self._status(model, DeploymentState.INCOMPATIBLE, manifest=release,
+                         reasons=problems)
+            return None
+        return build
 
     def _drop_download(self, model: str) -> None:
         download = self.downloads.pop(model, None)

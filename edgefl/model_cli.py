@@ -377,6 +377,10 @@ def release(
                      "version (B) goes to --split of the devices")] = None,
     split: Annotated[str, typer.Option(help="Share of the devices that take B, e.g. 50%")]
     = "50%",
+    variants: Annotated[str | None, typer.Option(
+        help="Other builds devices may take instead, each the fastest it loads: `auto` "
+             "(the optimizer's deployable siblings within tolerance) or versions, "
+             "comma-separated (`auto,V` adds V)")] = None,
     follow: Annotated[bool, typer.Option(
         "--follow", help="Print the stages until the rollout ends (or an A/B experiment "
                          "serves both versions); exit 1 if it aborts")] = False,
@@ -417,6 +421,10 @@ def release(
     if ab is not None:
         body["ab_version"] = ab
         body["split_percent"] = parse_percent(split, "--split")
+    if variants is not None:
+        named = [v.strip() for v in variants.split(",") if v.strip()]
+        body["auto_variants"] = "auto" in named
+        body["variants"] = [v for v in named if v != "auto"]
     try:
         spec = RolloutSpec.model_validate(body, strict=False)
     except ValidationError as exc:
@@ -488,7 +496,9 @@ def rollout_status(
                   f"{rollout.stage + 1} of {rollout.last_stage + 1} "
                   f"({len(rollout.targets())} of {len(rollout.order)} device(s)), probation "
                   f"until {deadline}; previous {rollout.previous_version or '-'}; retained "
-                  f"{published or '-'}" + (f"; {rollout.reason}" if rollout.reason else ""))
+                  f"{published or '-'}"
+                  + (f"; variants {', '.join(rollout.variants)}" if rollout.variants else "")
+                  + (f"; {rollout.reason}" if rollout.reason else ""))
     table = Table(title="devices")
     for column in ("device", "state", "stage", "detail", "updated"):
         table.add_column(column)
@@ -510,8 +520,16 @@ def rollout_status(
 def compare(
     name: Annotated[str, typer.Argument(help="Model name")],
     config: Config = None, data_dir: DataDir = None, as_json: AsJson = False,
+    min_windows: Annotated[int, typer.Option(
+        min=0, help="Wait until each version has this many metrics windows "
+        "(ModelMetrics) from its group")] = 0,
+    wait: Annotated[str, typer.Option(
+        help="Longest wait for --min-windows (10s, 5m); then exit 1")] = "2m",
 ) -> None:
     """The A/B experiment's two versions side by side, as the fleet measured them."""
+    import threading
+    import time
+
     from cloud.models.experiments import compare as compare_figures
     from cloud.models.experiments import fleet_figures
     rollouts = open_rollouts(load_settings(config, data_dir))
@@ -519,15 +537,28 @@ def compare(
     rollout = next((r for r in rollouts.history(name) if r.spec.get("ab_version")), None)
     if rollout is None or rollout.previous_version is None:
         raise fail(f"{name} has had no A/B experiment")
+    control = rollout.previous_version
     until = rollout.finished_at
     group_b = rollout.canary
     group_a = rollout.order[len(group_b):]
-    a = fleet_figures(store, name, rollout.previous_version, rollout.created_at, group_a)
-    b = fleet_figures(store, name, rollout.version, rollout.created_at, group_b)
+    deadline = time.monotonic() + parse_duration(wait)
+    pause = threading.Event()
+    while True:
+        a = fleet_figures(store, name, control, rollout.created_at, group_a)
+        b = fleet_figures(store, name, rollout.version, rollout.created_at, group_b)
+        enough = min(a.windows, b.windows) >= min_windows
+        if enough or until is not None or time.monotonic() >= deadline:
+            break
+        pause.wait(0.5)
     result = compare_figures(a, b)
+    short = "" if enough or until is not None else (
+        f"fewer than {min_windows} metrics windows per version after {wait} "
+        f"(A {a.windows}, B {b.windows})")
     if as_json:
         typer.echo(json.dumps({"rollout": rollout.id, "state": rollout.state,
                                **result.as_json()}, indent=2))
+        if short:
+            raise fail(short, 1)
         return
 
     def f(value: float | None, digits: int = 4) -> str:
@@ -553,6 +584,8 @@ def compare(
                   f"{f(b.accuracy)} ({b.accuracy_windows})", f(result.accuracy_p_value, 4),
                   "Mann-Whitney U, per-window accuracy")
     console.print(table)
+    if short:
+        raise fail(short, 1)
 
 
 @model_app.command("promote")
@@ -787,13 +820,13 @@ def _fleet_benchmark(name: str, version: str, devices: list[str], *, runs: int, 
         raise fail(str(exc)) from None
     if found.format.deployable is None:
         raise fail(f"{name} {version} is {found.format.value}: benchmark a deployable format")
-    published, _ = RolloutStore(registry.store).publication(name)
+    retained = RolloutStore(registry.store).retained_builds(name)
     try:
         with Console(stderr=True).status(f"{name} {version} on {len(devices)} device(s)"):
             answers = fleet_benchmark(
                 settings, registry, found, devices,
                 Options(runs=runs, warmup=warmup, threads=threads, batch=batch,
-                        timeout_s=timeout), keep_chunks=published == version)
+                        timeout_s=timeout), keep_chunks=version in retained)
     except FleetBenchmarkError as exc:
         raise fail(str(exc), 1) from None
     if as_json:

@@ -54,6 +54,15 @@ class HardwareInfo(WireModel):
         default_factory=list, max_length=16, description="Names of accelerators, if any"
     )
 
+    def device_class(self) -> str:
+        """How benchmark figures and release preferences group devices."""
+        return device_class(self.machine, self.cpu_count)
+
+
+def device_class(machine: str | None, cpu_count: int | None) -> str:
+    """``machine/Ncpu``, for example ``aarch64/4cpu``."""
+    return f"{machine or 'unknown'}/{cpu_count or 0}cpu"
+
 
 class DeviceState(WireModel):
     """Birth (``online``) and death (``offline``, usually the LWT) of a device.

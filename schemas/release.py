@@ -56,6 +56,35 @@ class Targeting(WireModel):
         return self.devices is None or device_id in self.devices or device_id in self.canary
 
 
+MAX_VARIANTS = 8
+
+
+class ReleaseVariant(WireModel):
+    """Another build of the same release (another format or precision) a device may take.
+
+    Its chunks are on ``models/{m}/chunks/{variant version}/{i}``, like a release's.
+    """
+
+    version: Version
+    format: ModelFormat
+    size_bytes: Annotated[int, Field(ge=1, le=INT64_MAX, description="Model file size, bytes")]
+    sha256: Sha256Hex
+    chunk_size: Annotated[int, Field(ge=1, le=MAX_CHUNK_BYTES)]
+    chunk_count: Annotated[int, Field(ge=1, le=MAX_CHUNKS)]
+    input_shape: list[Annotated[int, Field(ge=-1, le=INT64_MAX)]] | None = Field(
+        default=None, max_length=8)
+    requirements: Requirements = Field(default_factory=Requirements)
+
+    @model_validator(mode="after")
+    def _chunks_cover_size(self) -> Self:
+        expected = math.ceil(self.size_bytes / self.chunk_size)
+        if self.chunk_count != expected:
+            raise ValueError(
+                f"chunk_count {self.chunk_count} != ceil(size_bytes / chunk_size) = {expected}"
+            )
+        return self
+
+
 class ReleaseManifest(WireModel):
     """Retained on ``models/{m}/release``; signed with Ed25519 by the cloud's release key.
 
@@ -86,6 +115,16 @@ class ReleaseManifest(WireModel):
     metadata: dict[Annotated[str, Field(max_length=64)], JsonValue] = Field(
         default_factory=dict, description="Lineage: task, rounds, metrics, source version"
     )
+    variants: list[ReleaseVariant] = Field(
+        default_factory=list, max_length=MAX_VARIANTS,
+        description="Other builds of this release; a device takes the first of the "
+        "candidates (this manifest's own build, then the variants, or the order `prefer` "
+        "gives for its device class) that it can load")
+    prefer: dict[Annotated[str, Field(max_length=64)],
+                 list[Version]] = Field(
+        default_factory=dict, max_length=64,
+        description="Device class (`machine/Ncpu`) -> versions fastest first, as the fleet "
+        "benchmark measured them on that class")
 
     @model_validator(mode="after")
     def _chunks_cover_size(self) -> Self:
@@ -94,11 +133,49 @@ class ReleaseManifest(WireModel):
             raise ValueError(
                 f"chunk_count {self.chunk_count} != ceil(size_bytes / chunk_size) = {expected}"
             )
+        versions = [self.version, *(v.version for v in self.variants)]
+        if len(set(versions)) != len(versions):
+            raise ValueError("the variants' versions must differ from each other and from "
+                             "the release's")
+        for order in self.prefer.values():
+            if not set(order) <= set(versions):
+                raise ValueError("prefer names a version that is not a build of the release")
         return self
 
+    def builds(self) -> list[ReleaseManifest]:
+        """This release as one manifest per build (the own one first), without variants.
+
+        Each has the release's targeting, key and metadata; only the first carries
+        the signature (the others are derived from signed content, not signed).
+        """
+        own = self.model_copy(update={"variants": [], "prefer": {}})
+        out = [own]
+        for variant in self.variants:
+            out.append(self.model_copy(update={
+                "version": variant.version, "format": variant.format,
+                "size_bytes": variant.size_bytes, "sha256": variant.sha256,
+                "chunk_size": variant.chunk_size, "chunk_count": variant.chunk_count,
+                "input_shape": variant.input_shape, "variants": [], "prefer": {},
+                "targeting": self.targeting.model_copy(
+                    update={"requirements": variant.requirements}),
+                "signature": None}))
+        return out
+
+    def _omitted(self) -> set[str]:
+        """Members left out of the published form: an empty ``variants`` and ``prefer``.
+
+        A release without variants is then byte for byte what devices before them read.
+        """
+        return {name for name in ("variants", "prefer") if not getattr(self, name)}
+
+    def to_json(self) -> bytes:
+        """The published form (compact JSON)."""
+        return self.model_dump_json(exclude=self._omitted()).encode()
+
     def signing_bytes(self) -> bytes:
-        """The bytes the signature covers: RFC 8785 canonical JSON, ``signature`` left out."""
-        body: dict[str, Any] = self.model_dump(mode="json", exclude={"signature"})
+        """The bytes the signature covers: RFC 8785 JSON of the published form, unsigned."""
+        body: dict[str, Any] = self.model_dump(mode="json",
+                                               exclude={"signature", *self._omitted()})
         return rfc8785.dumps(body)
 
     def chunk_length(self, index: int) -> int:

@@ -125,13 +125,13 @@ def test_fleet_devices_join_a_task_from_the_command_line(
     mosquitto: RunningBroker, topics: Topics, cloud: SyncClient, tmp_path: Path,
 ) -> None:
     config = tmp_path / "fleet.yaml"
-    config.write_text("telemetry:\n  interval_s: 0.5\nmqtt:\n  reconnect_min_s: 0.1\n")
+    config.write_text("telemetry:\n  interval_s: 0.7\nmqtt:\n  reconnect_min_s: 0.1\n")
     proc = subprocess.Popen(
         [sys.executable, "-m", "edgefl", "fleet", "--devices", "1", "--first-index", "9",
          "--config", str(config), "--fl-task", "digits=fl_tasks.digits:DigitsTask",
          "--broker", f"{mosquitto.host}:{mosquitto.port}",
          "--secrets-dir", str(mosquitto.settings.layout.secrets), "--topic-root", topics.root,
-         "--state-dir", str(tmp_path / "state"), "--interval", "0.5"],
+         "--state-dir", str(tmp_path / "state")],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
@@ -142,6 +142,9 @@ def test_fleet_devices_join_a_task_from_the_command_line(
             proc.kill()
             raise AssertionError(proc.communicate()[0]) from None
         assert birth.fl_tasks == ["digits"]
+        telemetry = decode_message(DeviceTelemetry, cloud.wait_topic(
+            topics.telemetry("sim-009"), timeout=30).payload)
+        assert telemetry.interval_s == 0.7  # the settings file's cadence, not a default
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     finally:

@@ -91,6 +91,7 @@ def test_the_manual_path_of_the_readme_runs_as_written(tmp_path: Path) -> None:
         here, on_devices = runs["edgefl model benchmark"]
         assert "p99" in here and "peak RSS" in here, here
         assert "sim-001" in on_devices and "onnxruntime" in on_devices, on_devices
+        assert "variants 0.3.0-" in runs["edgefl model release"][0]
         released = runs["edgefl model release"][1]
         assert "completed, stage 2 of 2 (20 device(s))" in released, released
         assert "rolled back to 0.3.0-onnx on" in outputs["edgefl model rollback"]

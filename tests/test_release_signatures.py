@@ -18,7 +18,7 @@ import rfc8785
 
 from cloud.releases import build_release, public_key_b64
 from schemas.base import ModelFormat, decode_message
-from schemas.release import ReleaseManifest, Targeting
+from schemas.release import ReleaseManifest, ReleaseVariant, Requirements, Targeting
 from tests.releases import OTHER_KEY, SIGNING_KEY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,6 +53,19 @@ def manifest() -> ReleaseManifest:
 def test_node_verifies_a_signed_manifest_as_published() -> None:
     published = manifest().to_json()
     assert node_verifies(published, public_key_b64(SIGNING_KEY))
+
+
+def test_node_verifies_a_release_with_variants() -> None:
+    variant = ReleaseVariant(version="1.2.0-tflite", format=ModelFormat.TFLITE,
+                             size_bytes=300_000, sha256="ab" * 32, chunk_size=262_144,
+                             chunk_count=2, requirements=Requirements(min_memory_mb=2.5))
+    built, _ = build_release("digits", "1.2.0", os.urandom(1000), fmt=ModelFormat.ONNX,
+                             key=SIGNING_KEY, key_id="release-2026", variants=[variant],
+                             prefer={"aarch64/4cpu": ["1.2.0-tflite", "1.2.0"]})
+    assert node_verifies(built.to_json(), public_key_b64(SIGNING_KEY))
+    body = json.loads(built.to_json())
+    body["prefer"]["aarch64/4cpu"].reverse()
+    assert not node_verifies(json.dumps(body).encode(), public_key_b64(SIGNING_KEY))
 
 
 def test_node_refuses_a_tampered_manifest_or_another_key() -> None:

@@ -26,14 +26,14 @@ from cloud.models.fleet_benchmark import fleet_benchmark
 from cloud.models.formats import ArtifactFormat
 from cloud.models.registry import ModelRegistry, VersionState
 from cloud.models.rollout import RolloutSpec, device_state, plan_rollout, stable_order
-from cloud.models.rollout_store import RolloutStore
+from cloud.models.rollout_store import Action, ModelRequest, RolloutStore
 from cloud.registry import DeviceRecord
 from cloud.releases import save_signing_key
 from cloud.storage.sqlite_store import SqliteStore
 from edge_node.agent import EdgeAgent
 from edge_node.system_metrics import sample
 from edgefl.cli import build_app
-from schemas.base import ModelFormat, now
+from schemas.base import ModelFormat, decode_message, now
 from schemas.device import DeploymentState, DeploymentStatus
 from schemas.release import ReleaseManifest, Requirements
 from schemas.topics import Topics
@@ -41,7 +41,7 @@ from tests.agent_fixtures import AgentFactory, wait_until
 from tests.cloud_fixtures import CloudFactory, RunningCloud
 from tests.cloud_process import CloudProcess
 from tests.conftest import RunningBroker
-from tests.releases import KEY_ID, SIGNING_KEY, export_onnx, mlp
+from tests.releases import KEY_ID, SIGNING_KEY, export_onnx, export_torchscript, mlp
 
 MODEL = "digits"
 pytestmark = pytest.mark.filterwarnings(
@@ -496,6 +496,14 @@ def test_an_ab_experiment_serves_both_versions_and_promoting_b_widens_it(
     result = CliRunner().invoke(build_app("model"), ["model", "compare", MODEL, *folder],
                                 env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "Mann-Whitney U" in result.output, result.output
+    # --min-windows waits for enough figures; bounded by --wait, then exit 1 and say so.
+    result = CliRunner().invoke(build_app("model"), [
+        "model", "compare", MODEL, "--min-windows", "1", "--wait", "5s", *folder])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(build_app("model"), [
+        "model", "compare", MODEL, "--min-windows", "100000", "--wait", "1s", *folder])
+    assert result.exit_code == 1 and "fewer than 100000 metrics windows" in result.output, \
+        result.output
 
     requests = RolloutStore(cloud.service.store)
     request_id = requests.request("promote", {"model": MODEL})
@@ -636,3 +644,80 @@ def test_a_device_offline_during_a_rollout_is_left_pending_and_installs_when_it_
     # It comes back: the retained release reaches it, and it installs.
     back = make_agent(away.device_id, state_dir=tmp_path / away.device_id)
     wait_until(lambda: _active(back) == "1.0.0", timeout=30, what="the returning device installed")
+
+
+def _ask(cloud: RunningCloud, action: Action, body: dict[str, Any]) -> ModelRequest:
+    """A request to the service's rollout manager, answered (done or refused)."""
+    requests = RolloutStore(cloud.service.store)
+    request_id = requests.request(action, body)
+    wait_until(lambda: requests.get_request(request_id).state != "pending",  # type: ignore[union-attr]
+               timeout=15, what=f"{action} answered")
+    answer = requests.get_request(request_id)
+    assert answer is not None
+    return answer
+
+
+def test_a_release_with_variants_gives_each_device_the_build_it_runs_fastest(
+    make_cloud: CloudFactory, make_agent: AgentFactory, onnx_files: dict[str, bytes],
+    mosquitto: RunningBroker, topics: Topics, tmp_path: Path,
+) -> None:
+    cloud = _cloud(make_cloud, tmp_path)
+    models = cloud.service.models
+    scripted = export_torchscript(mlp(1), tmp_path / "a.pt")
+    # What the optimizer leaves: a parent and its deployable children.
+    models.register(MODEL, "1.0.0", onnx_files["1.0.0"], ArtifactFormat.ONNX, input_shape=[-1, 64])
+    for version, data, fmt in (("1.0.0-onnx", onnx_files["1.0.0"], ArtifactFormat.ONNX),
+                               ("1.0.0-torchscript", scripted, ArtifactFormat.TORCHSCRIPT)):
+        models.register(MODEL, version, data, fmt, parent_version="1.0.0", input_shape=[-1, 64])
+    agents = _fleet(make_agent, cloud, 3)
+    device_class = agents[0].hardware.device_class()
+    # The fleet benchmark measured TorchScript faster on this class of device.
+    for version, p50 in (("1.0.0-torchscript", 0.01), ("1.0.0-onnx", 0.02)):
+        models.add_metrics(MODEL, version, "fleet-benchmark", {"latency_ms_p50": p50},
+                           device_class=device_class)
+    # One device cannot load TorchScript: it takes the ONNX build of the same release.
+    agents[2].ota.caps = dataclasses.replace(agents[2].ota.caps,
+                                             formats=frozenset({ModelFormat.ONNX}))
+    detail = _release(cloud, version="1.0.0-onnx", auto_variants=True,
+                      canary_devices=[agents[0].device_id], probation_s=0.2)
+    assert "variants 1.0.0-torchscript" in detail, detail
+    _wait_rollout(cloud, "completed")
+    builds = ["1.0.0-torchscript", "1.0.0-torchscript", "1.0.0-onnx"]
+    wait_until(lambda: [_active(a) for a in agents] == builds, timeout=30,
+               what="each device on its build")
+    retained = _retained(mosquitto, topics, topics.root + "/models/#")
+    manifest = decode_message(ReleaseManifest, retained[topics.release(MODEL)])
+    assert [v.version for v in manifest.variants] == ["1.0.0-torchscript"]
+    assert manifest.prefer == {device_class: ["1.0.0-torchscript", "1.0.0-onnx"]}
+    assert {topics.chunk(MODEL, v, 0) for v in ("1.0.0-onnx", "1.0.0-torchscript")} <= set(
+        retained)
+    devices = _rollout(cloud)["devices"]
+    assert [devices[a.device_id]["detail"] for a in agents] == [f"build {b}" for b in builds]
+    assert models.get(MODEL, "1.0.0-onnx").state is VersionState.ACTIVE
+    assert models.get(MODEL, "1.0.0-torchscript").state is VersionState.ACTIVE
+    refused = _ask(cloud, "retire", {"model": MODEL, "version": "1.0.0-torchscript"})
+    assert refused.state == "refused" and "variant of the retained release" in (
+        refused.detail or ""), refused
+
+    # The next release clears every build of the one it replaces.
+    _register(cloud, onnx_files, ("1.1.0", "1.1.0"))
+    _release(cloud, version="1.1.0", canary_devices=[agents[0].device_id], probation_s=0.2)
+    _wait_rollout(cloud, "completed")
+    wait_until(lambda: all(_active(a) == "1.1.0" for a in agents), timeout=30,
+               what="1.1.0 everywhere")
+    retained = _retained(mosquitto, topics, topics.root + "/models/#")
+    assert not [t for t in retained if "/1.0.0-" in t], sorted(retained)
+    assert models.get(MODEL, "1.0.0-torchscript").state is VersionState.RELEASED
+
+    # Rolled back: each device returns to its own build, and the release with its variant
+    # is retained again for the devices that come later.
+    answer = _ask(cloud, "rollback", {"model": MODEL, "reason": "test"})
+    assert answer.state == "done", answer
+    wait_until(lambda: [_active(a) for a in agents] == builds, timeout=30,
+               what="each device back on its build")
+    retained = _retained(mosquitto, topics, topics.root + "/models/#")
+    manifest = decode_message(ReleaseManifest, retained[topics.release(MODEL)])
+    assert (manifest.version, [v.version for v in manifest.variants]) == (
+        "1.0.0-onnx", ["1.0.0-torchscript"])
+    assert topics.chunk(MODEL, "1.0.0-torchscript", 0) in retained
+    assert not [t for t in retained if "/1.1.0/" in t]

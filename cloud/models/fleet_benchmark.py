@@ -9,7 +9,7 @@ size and sha256, loads the model in its own runtime, times it (the same code as
 figures and its device class. The figures go into the registry per device class
 (source ``fleet-benchmark``). When every device has answered (or the time is up)
 the chunks are cleared again, unless the version is the one released for the
-model, whose chunks stay for the devices that install it.
+model (or one of its variants), whose chunks stay for the devices that install it.
 
 It connects with the cloud's identity on the service listener under a client id
 of its own, like ``edgefl cmd``: the running service's session is never taken.

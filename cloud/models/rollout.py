@@ -37,7 +37,7 @@ import math
 import secrets
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Self, cast, get_args
@@ -61,6 +61,8 @@ from cloud.models.rollout_store import (
     Rollout,
     RolloutStore,
 )
+from cloud.models.variants import VariantError
+from cloud.models.variants import resolve as resolve_builds
 from cloud.offload import off_loop
 from cloud.registry import DeviceRecord, DeviceRegistry
 from cloud.releases import build_release, load_signing_key
@@ -68,7 +70,7 @@ from cloud.storage.sink import AlertEvent, RolloutEvent, RolloutEventKind, Telem
 from cloud.storage.sqlite_store import SqliteStore
 from schemas.base import Id, ModelFormat, RuntimeName, Severity, now
 from schemas.device import Command, DeploymentState, DeploymentStatus
-from schemas.release import MAX_CHUNK_BYTES, Requirements, Targeting
+from schemas.release import MAX_CHUNK_BYTES, MAX_VARIANTS, ReleaseVariant, Requirements, Targeting
 from schemas.topics import Topics
 
 logger = logging.getLogger(__name__)
@@ -112,6 +114,13 @@ class RolloutSpec(BaseModel):
         default=None, description="A/B experiment: `version` (A, the one the fleet runs) "
         "stays on part of the fleet, this version (B) goes to `split_percent` of it")
     split_percent: Annotated[float, Field(gt=0, lt=100)] = 50.0
+    variants: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=list, max_length=MAX_VARIANTS,
+        description="Other builds of the release (versions of the same model) that devices "
+        "may take instead, each the fastest it can load")
+    auto_variants: bool = Field(
+        default=False, description="Add the optimizer's deployable siblings of the version "
+        "(same parent, not rejected) as variants")
 
     @model_validator(mode="after")
     def _steps_rise_to_all(self) -> Self:
@@ -126,6 +135,8 @@ class RolloutSpec(BaseModel):
                 raise ValueError("an A/B experiment needs two different versions")
             if self.canary_percent is not None or self.canary_devices or self.steps != [100]:
                 raise ValueError("an A/B experiment has its own split: no canary or steps")
+            if self.variants or self.auto_variants:
+                raise ValueError("an A/B experiment compares two builds: no variants")
         return self
 
 
@@ -177,28 +188,33 @@ def stable_order(key: str, device_ids: Sequence[str]) -> list[str]:
                   key=lambda d: hashlib.sha256(f"{key}\x00{d}".encode()).hexdigest())
 
 
-def _eligible(fmt: ModelFormat, need_mb: float, requirements: Requirements,
-              devices: Sequence[DeviceRecord]) -> tuple[list[DeviceRecord], dict[str, str]]:
-    """The devices that can take the version, and why each of the others cannot."""
+Needs = tuple[ModelFormat, float, Requirements]
+"""What one build of a release needs: format, memory (MiB), requirements."""
+
+
+def _eligible(builds: Sequence[Needs], devices: Sequence[DeviceRecord],
+              ) -> tuple[list[DeviceRecord], dict[str, str]]:
+    """The devices that can take one of the builds, and why each of the others cannot."""
     skipped: dict[str, str] = {}
     eligible: list[DeviceRecord] = []
     for record in devices:
-        problems = device_problems(record, fmt, need_mb, requirements)
-        if problems:
-            skipped[record.device_id] = "; ".join(problems)
+        problems = [device_problems(record, fmt, need, reqs) for fmt, need, reqs in builds]
+        if all(problems):
+            skipped[record.device_id] = " | ".join("; ".join(p) for p in problems)
         else:
             eligible.append(record)
     return eligible, skipped
 
 
 def plan_rollout(spec: RolloutSpec, fmt: ModelFormat, need_mb: float,
-                 requirements: Requirements, devices: Sequence[DeviceRecord]) -> Plan:
-    """The canary set and the stages over the compatible devices.
+                 requirements: Requirements, devices: Sequence[DeviceRecord],
+                 variants: Sequence[Needs] = ()) -> Plan:
+    """The canary set and the stages over the devices that can take a build.
 
     Raises:
         RolloutRefused: no compatible device, or a named canary device unknown or unfit.
     """
-    eligible, skipped = _eligible(fmt, need_mb, requirements, devices)
+    eligible, skipped = _eligible([(fmt, need_mb, requirements), *variants], devices)
     if not eligible:
         raise RolloutRefused("no known device can take it"
                              + (f" ({len(skipped)} skipped)" if skipped else ""))
@@ -241,21 +257,26 @@ def _as_state(value: str) -> DeviceState:
     return cast("DeviceState", value)
 
 
-def device_state(status: DeploymentStatus, version: str, current: str | None,
+def device_state(status: DeploymentStatus, version: str | Collection[str], current: str | None,
                  ) -> tuple[DeviceState, str | None] | None:
-    """What a device's status says about its part in the rollout of ``version``."""
+    """What a device's status says about its part in the rollout of ``version``.
+
+    ``version`` may be every build of the release (the version and its variants);
+    an installed variant is named in the detail.
+    """
+    builds = {version} if isinstance(version, str) else set(version)
     state = status.state
     if state in (DeploymentState.DOWNLOADING, DeploymentState.VERIFYING,
-                 DeploymentState.INSTALLING) and status.target_version == version:
+                 DeploymentState.INSTALLING) and status.target_version in builds:
         return "downloading", None
-    if state is DeploymentState.INSTALLED and status.active_version == version:
-        return "installed", None
-    if state is DeploymentState.FAILED and status.target_version == version:
+    if state is DeploymentState.INSTALLED and status.active_version in builds:
+        return "installed", None if len(builds) == 1 else status.active_version
+    if state is DeploymentState.FAILED and status.target_version in builds:
         return "failed", status.error
-    if state is DeploymentState.INCOMPATIBLE and status.target_version == version:
+    if state is DeploymentState.INCOMPATIBLE and status.target_version in builds:
         return "incompatible", "; ".join(status.reasons)
     if state is DeploymentState.ROLLED_BACK and current in ("installed", "downloading") \
-            and status.active_version != version:
+            and status.active_version not in builds:
         return "rolled_back", status.error
     return None
 
@@ -412,6 +433,12 @@ class RolloutManager:
         requirements = Requirements.model_validate(version.requirements or {})
         measured = {m.name: m.value for m in await off_loop(
             self.models.metrics, spec.model, candidate)}
+        try:
+            builds = await off_loop(resolve_builds, self.models, version, spec.variants,
+                                    auto=spec.auto_variants)
+        except VariantError as exc:
+            raise RolloutRefused(f"variant refused: {exc}") from None
+        variant_needs = [await off_loop(self._needs, v) for v in builds.variants]
         published, _ = await off_loop(self.rollouts.publication, spec.model)
         previous = published if published != candidate else None
         if previous is None:
@@ -425,12 +452,13 @@ class RolloutManager:
                 f"{spec.model} runs {previous or 'no release'}, not {spec.version}; "
                 f"release {spec.version} first")
         plan = plan_rollout(spec, fmt, memory_needed_mb(version, measured), requirements,
-                            self.devices.devices())
+                            self.devices.devices(), variant_needs)
         rollout = Rollout(
             id=0, model=spec.model, version=candidate, state="running",
             spec=spec.model_dump(mode="json"), previous_version=previous, order=plan.order,
             canary=plan.canary, stage_sizes=plan.stage_sizes, skipped=plan.skipped,
-            created_at=now())
+            created_at=now(), variants=[v.version for v in builds.variants],
+            prefer=builds.prefer)
         states: dict[str, tuple[DeviceState, str | None]] = dict.fromkeys(
             plan.order, ("pending", None))
         states.update({d: ("skipped", why) for d, why in plan.skipped.items()})
@@ -438,6 +466,10 @@ class RolloutManager:
                        f"A/B experiment against {spec.version} on {len(plan.canary)} device(s)"
                        if spec.ab_version else
                        f"rollout to {len(plan.canary)} canary device(s)")
+        for variant in builds.variants:
+            if variant.state is not VersionState.ACTIVE:  # an active one serves already
+                await off_loop(self.models.set_state, spec.model, variant.version,
+                               VersionState.RELEASED, f"variant of {candidate}")
         rollout = await off_loop(self.rollouts.create, rollout, states)
         await self._adopt(rollout)
         await self._event(rollout, "started")
@@ -452,7 +484,17 @@ class RolloutManager:
                     + (f"; {len(plan.skipped)} skipped" if plan.skipped else ""))
         return (f"rollout {rollout.id}: canary {', '.join(plan.canary)}; stages "
                 f"{'/'.join(str(s) for s in plan.stage_sizes)} of {len(plan.order)} device(s)"
+                + (f"; variants {', '.join(rollout.variants)}" if rollout.variants else "")
                 + (f"; {len(plan.skipped)} skipped" if plan.skipped else ""))
+
+    def _needs(self, version: ModelVersion) -> Needs:
+        """What a device needs to take ``version`` (worker thread)."""
+        fmt = version.format.deployable
+        assert fmt is not None  # noqa: S101 - variants are deployable (resolve_builds)
+        measured = {m.name: m.value for m in self.models.metrics(version.model,
+                                                                 version.version)}
+        return (fmt, memory_needed_mb(version, measured),
+                Requirements.model_validate(version.requirements or {}))
 
     async def _promote(self, model: str, winner: str | None) -> str:
         """End an A/B experiment: B widens to every device, or A is kept and B rolled back."""
@@ -501,18 +543,22 @@ class RolloutManager:
         active = [v for v in versions if v.state is VersionState.ACTIVE]
         if not active:
             raise RolloutRefused(f"{model} has no active version to roll back")
-        current = active[-1].version
         done = await off_loop(self.rollouts.completed, model)
-        previous = next((r.previous_version for r in done if r.version == current), None)
-        if previous is None:
-            raise RolloutRefused(f"{model} {current} has no previous version to return to")
+        last = next((r for r in done if r.version in {v.version for v in active}), None)
+        previous = last.previous_version if last is not None else None
+        if last is None or previous is None:
+            raise RolloutRefused(f"{model} {active[-1].version} has no previous version to "
+                                 "return to")
+        current = last.version
+        builds = set(last.builds())
         running = [r.device_id for r in self.devices.devices()
-                   if r.models.get(model) == current]
+                   if r.models.get(model) in builds]
         rollout = Rollout(
             id=0, model=model, version=current, state="aborting",
             spec={"rollback_of": current}, previous_version=previous, order=running,
             canary=[], stage_sizes=[len(running)], reason=f"operator: {reason}",
-            created_at=now(), published_stage=0, chunks_published=True)
+            created_at=now(), published_stage=0, chunks_published=True,
+            variants=list(last.variants), prefer=dict(last.prefer))
         rollout = await off_loop(self.rollouts.create, rollout,
                                  dict.fromkeys(running, ("installed", None)))
         await self._adopt(rollout)
@@ -521,16 +567,19 @@ class RolloutManager:
 
     async def _retire(self, model: str, version: str) -> str:
         for rollout in self.active.values():
-            if rollout.model == model and rollout.version == version:
-                raise RolloutRefused(f"rollout {rollout.id} of {model} {version} is running: "
-                                     "roll it back first")
+            if rollout.model == model and version in rollout.builds():
+                raise RolloutRefused(f"rollout {rollout.id} of {model} {rollout.version} is "
+                                     f"running with {version}: roll it back first")
         current = await off_loop(self.models.get, model, version)
         if current.state is VersionState.RETIRED:
             raise RolloutRefused(f"{model} {version} is retired already")
         published, count = await off_loop(self.rollouts.publication, model)
+        if version in await off_loop(self.rollouts.published_variants, model):
+            raise RolloutRefused(f"{model} {version} is a variant of the retained release "
+                                 f"{published}: release another version first")
         if published == version:  # offline: CloudOffline, the request is tried again
             await self.publish(self.topics.release(model), b"", True)
-            await self._clear_chunks(model, version, count)
+            await self._clear_retained(model, ())
             await off_loop(self.rollouts.set_publication, model, None, 0)
         await off_loop(self.models.set_state, model, version, VersionState.RETIRED, "operator")
         if published != version:
@@ -558,10 +607,12 @@ class RolloutManager:
         current = states.get(status.device_id)
         if current is None or current == "skipped":
             return
-        seen = device_state(status, rollout.version, current)
+        seen = device_state(status, rollout.builds(), current)
         if seen is None or seen[0] == current:
             return
         state, detail = seen
+        if detail is not None and rollout.variants and state == "installed":
+            detail = f"build {detail}"
         states[status.device_id] = state
         await off_loop(self.rollouts.set_devices, rollout.id,
                        {status.device_id: (state, None, detail)})
@@ -605,7 +656,8 @@ class RolloutManager:
             return
         version = await off_loop(self.models.get, rollout.model, rollout.version)
         if not rollout.chunks_published:
-            await self._publish_chunks(version)
+            for build in await off_loop(self._builds, rollout.model, rollout.builds()):
+                await self._publish_chunks(build)
             rollout.chunks_published = True
             await off_loop(self.rollouts.save, rollout)
         if rollout.published_stage < rollout.stage:
@@ -658,20 +710,48 @@ class RolloutManager:
                                data[index * size:(index + 1) * size], True)
         return count
 
+    def _builds(self, model: str, versions: Sequence[str]) -> list[ModelVersion]:
+        """Registry records of a release's builds (worker thread)."""
+        return [self.models.get(model, v) for v in versions]
+
+    def _chunk_count(self, version: ModelVersion) -> int:
+        return max(1, math.ceil(version.size_bytes / self.chunk_bytes))
+
     def _manifest(self, version: ModelVersion, targeting: Targeting, rollout_id: int,
-                  ) -> tuple[bytes, int]:
-        """The signed manifest (the file is read to compute it: worker thread)."""
+                  variants: Sequence[str] = (), prefer: dict[str, list[str]] | None = None,
+                  ) -> tuple[bytes, int, dict[str, int]]:
+        """The signed manifest, its chunk count and its variants' (worker thread)."""
         fmt = version.format.deployable
         assert fmt is not None  # noqa: S101 - checked at release
         data = self.models.read(version)
+        extra: list[ReleaseVariant] = []
+        for other in self._builds(version.model, variants):
+            other_fmt = other.format.deployable
+            assert other_fmt is not None  # noqa: S101 - checked at release
+            extra.append(ReleaseVariant(
+                version=other.version, format=other_fmt, size_bytes=other.size_bytes,
+                sha256=other.sha256, chunk_size=self.chunk_bytes,
+                chunk_count=self._chunk_count(other), input_shape=other.input_shape,
+                requirements=Requirements.model_validate(other.requirements or {})))
         manifest, chunks = build_release(
             version.model, version.version, data, fmt=fmt, key=self._signing_key(),
             key_id=self.key_id, chunk_size=self.chunk_bytes, targeting=targeting,
             input_shape=version.input_shape,
             metadata={"rollout": rollout_id, "parent": version.parent_version,
                       "task": version.task, "fl_task": version.fl_task,
-                      "fl_round": version.fl_round})
-        return manifest.to_json(), len(chunks)
+                      "fl_round": version.fl_round},
+            variants=extra, prefer=prefer)
+        return manifest.to_json(), len(chunks), {v.version: v.chunk_count for v in extra}
+
+    async def _clear_retained(self, model: str, keep: Collection[str]) -> None:
+        """Clear the chunks of the retained builds that are not in ``keep``."""
+        published, count = await off_loop(self.rollouts.publication, model)
+        retained = dict(await off_loop(self.rollouts.published_variants, model))
+        if published is not None:
+            retained[published] = count
+        for old, old_count in retained.items():
+            if old not in keep:
+                await self._clear_chunks(model, old, old_count)
 
     async def _publish_stage(self, rollout: Rollout, version: ModelVersion) -> None:
         requirements = Requirements.model_validate(version.requirements or {})
@@ -684,12 +764,12 @@ class RolloutManager:
         else:
             targeting = Targeting(stage="fleet", devices=rollout.targets(),
                                   canary=rollout.canary, requirements=requirements)
-        payload, count = await off_loop(self._manifest, version, targeting, rollout.id)
+        payload, count, variants = await off_loop(self._manifest, version, targeting,
+                                                  rollout.id, rollout.variants, rollout.prefer)
         await self.publish(self.topics.release(rollout.model), payload, True)
-        old, old_count = await off_loop(self.rollouts.publication, rollout.model)
-        if old is not None and old != rollout.version:
-            await self._clear_chunks(rollout.model, old, old_count)
-        await off_loop(self.rollouts.set_publication, rollout.model, rollout.version, count)
+        await self._clear_retained(rollout.model, rollout.builds())
+        await off_loop(self.rollouts.set_publication, rollout.model, rollout.version, count,
+                       variants)
         rollout.published_stage = rollout.stage
         rollout.stage_started_at = time.time()
         rollout.deadline = rollout.stage_started_at + float(rollout.spec.get("probation_s", 0))
@@ -713,8 +793,10 @@ class RolloutManager:
 
     async def _complete(self, rollout: Rollout) -> None:
         states = self.states[rollout.id]
+        details = await off_loop(self.rollouts.devices, rollout.id)
         active: dict[str, tuple[DeviceState, int | None, str | None]] = {
-            d: ("active", None, None) for d, s in states.items() if s == "installed"}
+            d: ("active", details.get(d, {}).get("stage"), details.get(d, {}).get("detail"))
+            for d, s in states.items() if s == "installed"}
         await off_loop(self.rollouts.set_devices, rollout.id, active)
         for device in active:
             states[device] = "active"
@@ -729,13 +811,22 @@ class RolloutManager:
                     rollout.version, len(active))
 
     def _supersede(self, rollout: Rollout) -> None:
-        """Registry: the version active, the one it replaces released (worker thread)."""
+        """Registry: the builds devices run active, the ones they replace released.
+
+        Runs on a worker thread.
+        """
+        running = {rollout.version}
+        if rollout.variants:
+            running |= {str(d["detail"]).removeprefix("build ")
+                        for d in self.rollouts.devices(rollout.id).values()
+                        if d["state"] == "active" and d["detail"]}
         for version in self.models.versions(rollout.model):
-            if version.state is VersionState.ACTIVE and version.version != rollout.version:
+            if version.state is VersionState.ACTIVE and version.version not in running:
                 self.models.set_state(rollout.model, version.version, VersionState.RELEASED,
                                       f"superseded by {rollout.version}")
-        self.models.set_state(rollout.model, rollout.version, VersionState.ACTIVE,
-                              f"rollout {rollout.id} completed")
+        for build in sorted(running & set(rollout.builds())):
+            self.models.set_state(rollout.model, build, VersionState.ACTIVE,
+                                  f"rollout {rollout.id} completed")
 
     async def _abort(self, rollout: Rollout, reason: str, *, counted: bool = True) -> None:
         if rollout.state not in WATCHED:
@@ -762,27 +853,32 @@ class RolloutManager:
             rollout.rollback_sent.append(device)
         if to_roll:
             await off_loop(self.rollouts.save, rollout)
-        published, count = await off_loop(self.rollouts.publication, rollout.model)
+        published, _ = await off_loop(self.rollouts.publication, rollout.model)
+        kept: list[str] = []
         if rollout.previous_version is not None:
             previous = await off_loop(self.models.get, rollout.model, rollout.previous_version)
+            variants, prefer = await off_loop(self._release_of, rollout.model, previous.version,
+                                              rollout.builds())
+            kept = [previous.version, *variants]
             if published != previous.version:
-                new_count = await self._publish_chunks(previous)
-                payload, _ = await off_loop(self._manifest, previous, Targeting(stage="fleet"),
-                                            rollout.id)
+                for build in await off_loop(self._builds, rollout.model, kept):
+                    await self._publish_chunks(build)
+                payload, count, counts = await off_loop(
+                    self._manifest, previous, Targeting(stage="fleet"), rollout.id, variants,
+                    prefer)
                 await self.publish(self.topics.release(rollout.model), payload, True)
+                await self._clear_retained(rollout.model, kept)
                 await off_loop(self.rollouts.set_publication, rollout.model,
-                               previous.version, new_count)
+                               previous.version, count, counts)
         elif published is not None:
             await self.publish(self.topics.release(rollout.model), b"", True)
+            await self._clear_retained(rollout.model, ())
             await off_loop(self.rollouts.set_publication, rollout.model, None, 0)
-        if published is not None and published not in (rollout.previous_version,
-                                                       rollout.version):
-            await self._clear_chunks(rollout.model, published, count)
-        if rollout.chunks_published and rollout.version != rollout.previous_version:
-            version = await off_loop(self.models.get, rollout.model, rollout.version)
-            own = count if published == rollout.version \
-                else max(1, math.ceil(version.size_bytes / self.chunk_bytes))
-            await self._clear_chunks(rollout.model, rollout.version, own)
+        if rollout.chunks_published and published != rollout.version:
+            for build in await off_loop(self._builds, rollout.model, rollout.builds()):
+                if build.version not in kept:
+                    await self._clear_chunks(rollout.model, build.version,
+                                             self._chunk_count(build))
         await off_loop(self.rollouts.set_devices, rollout.id, dict.fromkeys(
             rollout.rollback_sent, ("rolled_back", None, "rollback sent")))
         await off_loop(self._rolled_back, rollout)
@@ -795,12 +891,35 @@ class RolloutManager:
                        rollout.id, rollout.model, rollout.previous_version or "no release",
                        len(rollout.rollback_sent))
 
+    def _release_of(self, model: str, version: str, leave_out: Collection[str] = (),
+                    ) -> tuple[list[str], dict[str, list[str]]]:
+        """The variants and preferences ``version`` was last released with.
+
+        Retired variants, and those in ``leave_out`` (the builds of a rollout rolled
+        back), are left out. Runs on a worker thread.
+        """
+        done = next((r for r in self.rollouts.completed(model) if r.version == version), None)
+        if done is None:
+            return [], {}
+        usable = [v for v in done.variants if v not in leave_out
+                  and self.models.get(model, v).state is not VersionState.RETIRED]
+        return usable, {c: [v for v in order if v in usable or v == version]
+                        for c, order in done.prefer.items()}
+
     def _rolled_back(self, rollout: Rollout) -> None:
         """Registry: the version rolled back, the previous one active (worker thread)."""
         version = self.models.get(rollout.model, rollout.version)
         if version.state is not VersionState.ROLLED_BACK:
             self.models.set_state(rollout.model, rollout.version, VersionState.ROLLED_BACK,
                                   rollout.reason or "rolled back")
+        kept = set(self._release_of(rollout.model, rollout.previous_version,
+                                    rollout.builds())[0]) if rollout.previous_version else set()
+        for variant in self._builds(rollout.model, rollout.variants):
+            if variant.version not in kept and variant.state in (VersionState.RELEASED,
+                                                                 VersionState.ACTIVE):
+                self.models.set_state(rollout.model, variant.version, VersionState.ROLLED_BACK,
+                                      f"variant of {rollout.version}: "
+                                      f"{rollout.reason or 'rolled back'}")
         if rollout.previous_version is not None:
             previous = self.models.get(rollout.model, rollout.previous_version)
             if previous.state is not VersionState.ACTIVE:

@@ -33,6 +33,9 @@ _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS model_publications (
         model TEXT PRIMARY KEY, version TEXT, chunk_count INTEGER NOT NULL DEFAULT 0,
         published_at REAL NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS model_publication_variants (
+        model TEXT NOT NULL, version TEXT NOT NULL, chunk_count INTEGER NOT NULL,
+        PRIMARY KEY (model, version)) WITHOUT ROWID""",
 )
 
 Action = Literal["release", "rollback", "retire", "promote"]
@@ -82,6 +85,14 @@ class Rollout:
     created_at: float = 0.0
     finished_at: float | None = None
     rollback_sent: list[str] = field(default_factory=list)
+    variants: list[str] = field(default_factory=list)
+    """Other builds of the release that devices may take instead of ``version``."""
+    prefer: dict[str, list[str]] = field(default_factory=dict)
+    """Device class -> builds, fastest first (the manifest's ``prefer``)."""
+
+    def builds(self) -> list[str]:
+        """The release's version and its variants."""
+        return [self.version, *self.variants]
 
     @property
     def last_stage(self) -> int:
@@ -236,11 +247,26 @@ class RolloutStore:
                                 "WHERE model=?", (model,))
         return (rows[0]["version"], rows[0]["chunk_count"]) if rows else (None, 0)
 
-    def set_publication(self, model: str, version: str | None, chunk_count: int) -> None:
-        """Record what is retained (None: nothing)."""
+    def published_variants(self, model: str) -> dict[str, int]:
+        """The variants retained with the release of ``model``: version -> chunk count."""
+        return {r["version"]: r["chunk_count"] for r in self.store.query(
+            "SELECT version, chunk_count FROM model_publication_variants WHERE model=?",
+            (model,))}
+
+    def retained_builds(self, model: str) -> set[str]:
+        """Every version whose chunks are retained for ``model`` (the release, its variants)."""
+        published, _ = self.publication(model)
+        return set(self.published_variants(model)) | ({published} if published else set())
+
+    def set_publication(self, model: str, version: str | None, chunk_count: int,
+                        variants: dict[str, int] | None = None) -> None:
+        """Record what is retained (None: nothing), with the release's variants."""
         with self.store.transaction() as db:
             db.execute("INSERT INTO model_publications(model, version, chunk_count, "
                        "published_at) VALUES (?,?,?,?) ON CONFLICT(model) DO UPDATE SET "
                        "version=excluded.version, chunk_count=excluded.chunk_count, "
                        "published_at=excluded.published_at",
                        (model, version, chunk_count, now()))
+            db.execute("DELETE FROM model_publication_variants WHERE model=?", (model,))
+            db.executemany("INSERT INTO model_publication_variants(model, version, chunk_count)"
+                           " VALUES (?,?,?)", [(model, v, n) for v, n in (variants or {}).items()])
