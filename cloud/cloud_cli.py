@@ -26,6 +26,7 @@ from cloud.settings import CloudSettings
 from cloud.storage.sqlite_store import SqliteStore
 from schemas.base import now
 from schemas.errors import SchemaError
+from schemas.settings_files import ConfigFileError, read_config_file
 from schemas.topics import validate_id
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,9 @@ def fl_start(
         min=0.0, help="Devices' SGD learning rate [0.01]")] = None,
     batch_size: Annotated[int | None, typer.Option(
         min=1, help="Devices' batch size [32]")] = None,
+    task_file: Annotated[Path | None, typer.Option(
+        help="The task's settings (YAML/TOML/JSON, the keys of a settings file's "
+        "fl.<name> section, privacy included); options given here override them")] = None,
     config: Config = None,
     data_dir: DataDir = None,
     detach: Annotated[bool, typer.Option(
@@ -88,6 +92,7 @@ def fl_start(
     starts it. Prints a summary; exits 1 when the task failed (or no service took it).
     """
     from cloud.fl.errors import StrategyError
+    from cloud.fl.privacy import DPMean
     from cloud.fl.registry import make_strategy
     from cloud.fl.submissions import Submissions
     from fl_tasks.base import load_task
@@ -98,6 +103,12 @@ def fl_start(
                               else {"task": "fl_tasks.digits:DigitsTask", "rounds": 10,
                                     "strategy": "fedavg", "min_fit_clients": 2,
                                     "min_available_clients": 2})
+    if task_file is not None:
+        try:
+            values |= read_config_file(task_file)
+        except ConfigFileError as exc:
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
     explicit = {"task": task, "rounds": rounds, "strategy": strategy,
                 "min_fit_clients": min_clients, "min_available_clients": min_clients}
     values |= {k: v for k, v in explicit.items() if v is not None}
@@ -109,7 +120,9 @@ def fl_start(
         validate_id(name, "task name")
         task_config = FLTaskConfig.model_validate(values)
         load_task(task_config.task, **task_config.task_kwargs)
-        make_strategy(task_config.strategy, task_config.strategy_params)
+        strategy_made = make_strategy(task_config.strategy, task_config.strategy_params)
+        if task_config.privacy is not None:
+            DPMean(strategy_made, task_config.privacy.mode)  # refuses a robust strategy
     except (SchemaError, ValueError, TaskError, StrategyError, ImportError, AttributeError,
             TypeError) as exc:
         typer.secho(f"error: {' '.join(str(exc).split())[:400]}", fg=typer.colors.RED,
@@ -174,9 +187,10 @@ def print_task_summary(name: str, state: dict[str, Any], history: list[dict[str,
     console.print(f"task {name}: {state.get('state', 'unknown')}, round {state.get('round', 0)}"
                   f", global version {state.get('global_version', '-')}"
                   + (f" ({state['message']})" if state.get("message") else ""))
+    private = any(h.get("epsilon_spent") is not None for h in history)
     table = Table(title="rounds")
     for column in ("round", "participants", "rejected", "train loss", "central acc",
-                   "eval acc", "bytes", "s"):
+                   "eval acc", "bytes", "s", *(["epsilon"] if private else [])):
         table.add_column(column)
 
     def f(value: float | None) -> str:
@@ -187,8 +201,11 @@ def print_task_summary(name: str, state: dict[str, Any], history: list[dict[str,
                       str(sum(h.get("rejected_counts", {}).values())),
                       f(h.get("train_loss")), f(h.get("central_accuracy")),
                       f(h.get("eval_accuracy")), str(h.get("bytes_received", 0)),
-                      f"{h.get('duration_s') or 0:.1f}")
+                      f"{h.get('duration_s') or 0:.1f}",
+                      *([f(h.get("epsilon_spent"))] if private else []))
     console.print(table)
+    if private and history:
+        console.print(f"privacy: epsilon {history[-1]['epsilon_spent']:.4f} spent")
 
 
 def fl_status(

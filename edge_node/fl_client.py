@@ -12,6 +12,8 @@ global weights (batch-norm layers) are taken from the device's own last weights.
 from __future__ import annotations
 
 import logging
+import math
+import secrets
 import time
 import zlib
 from collections.abc import Callable
@@ -28,7 +30,7 @@ from schemas.base import decode_message, now
 from schemas.codec import DecodeLimits, decode, encode
 from schemas.compression import compress
 from schemas.errors import DecodeError
-from schemas.fl import EvalResult, GlobalModelEnvelope, RoundPlan, UpdateEnvelope
+from schemas.fl import EvalResult, GlobalModelEnvelope, PrivacySpec, RoundPlan, UpdateEnvelope
 from schemas.topics import TopicKind, Topics
 
 logger = logging.getLogger(__name__)
@@ -183,8 +185,9 @@ class FLClient:
         state.local_weights = dict(result.weights)
         delta = {name: (result.weights[name] - shared[name]).astype(np.float32)
                  for name in shared}
+        clip_bit = None
         if plan.privacy is not None:
-            delta = _clip_and_noise(delta, plan.privacy.clip_norm, plan.privacy.noise_multiplier)
+            delta, clip_bit = privatize(delta, plan.privacy)
         packed = compress(delta, plan.compression.kind,
                           topk_fraction=plan.compression.topk_fraction,
                           residual=state.residual or None)
@@ -199,7 +202,8 @@ class FLClient:
             base_version=plan.global_version, num_examples=max(1, result.num_examples),
             train_loss=max(0.0, result.loss), train_accuracy=result.accuracy,
             train_time_s=time.monotonic() - started, compression=plan.compression.kind,
-            clip_norm=plan.privacy.clip_norm if plan.privacy else None, sent_at=now(),
+            clip_norm=plan.privacy.clip_norm if plan.privacy else None, clip_bit=clip_bit,
+            sent_at=now(),
         )
         try:
             self._publish(self.topics.update(task, plan.round, self.device_id),
@@ -218,12 +222,25 @@ def _initial(task: FLTask) -> Weights:
     return get_weights(task.build_model())
 
 
-def _clip_and_noise(delta: dict[str, np.ndarray], clip_norm: float,
-                    noise_multiplier: float) -> dict[str, np.ndarray]:
-    """Client-side DP: clip the whole update to ``clip_norm``, add N(0, (z*C)^2) noise."""
-    norm = float(np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in delta.values())))
-    scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
-    rng = np.random.default_rng()
-    sigma = noise_multiplier * clip_norm
-    return {k: (v * scale + rng.normal(0.0, sigma, v.shape)).astype(np.float32)
-            for k, v in delta.items()}
+def privatize(delta: Weights, spec: PrivacySpec, rng: np.random.Generator | None = None,
+              ) -> tuple[Weights, float | None]:
+    """Clip the whole update to ``spec.clip_norm`` (L2), add the round's noise.
+
+    Returns the update to send and, with adaptive clipping, the noised clip bit.
+    ``rng`` (tests only) replaces the generator seeded by the operating system.
+    """
+    rng = rng or np.random.default_rng(secrets.randbits(128))
+    norm = math.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in delta.values()))
+    scale = min(1.0, spec.clip_norm / norm) if norm > 0 else 1.0
+    out = {}
+    for name, value in delta.items():
+        clipped = value.astype(np.float64) * scale
+        if spec.noise_stddev > 0:
+            clipped += rng.normal(0.0, spec.noise_stddev, value.shape)
+        out[name] = clipped.astype(np.float32)
+    bit = None
+    if spec.clip_count_stddev is not None:
+        bit = float(norm <= spec.clip_norm)
+        if spec.clip_count_stddev > 0:
+            bit += float(rng.normal(0.0, spec.clip_count_stddev))
+    return out, bit

@@ -7,7 +7,7 @@ the header of safetensors updates and global weights.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Self
+from typing import Annotated, Literal, Self
 
 from pydantic import Field, model_validator
 
@@ -55,10 +55,31 @@ class CompressionSpec(WireModel):
 
 
 class PrivacySpec(WireModel):
-    """Client-side differential privacy: clip each update, then add Gaussian noise."""
+    """Differential privacy of the round: what each selected device does to its update.
 
-    clip_norm: Annotated[float, Field(gt=0.0, description="L2 clipping bound")]
-    noise_multiplier: Annotated[float, Field(ge=0.0, description="sigma / clip_norm")]
+    The device clips its whole update (every tensor together) to ``clip_norm`` in L2,
+    then adds Gaussian noise of standard deviation ``noise_stddev`` to every
+    coordinate, drawn from a generator seeded by the operating system. With
+    ``clip_count_stddev`` set (adaptive clipping), it also reports whether its update
+    was within the bound, as ``clip_bit`` (1 or 0) plus Gaussian noise of that
+    standard deviation.
+    """
+
+    mode: Literal["client", "central", "distributed"] = Field(
+        default="client", description="Where the noise is added: `client` (each device, "
+        "all of it), `central` (the server, after summing), `distributed` (each device "
+        "a share, the sum carries all of it)")
+    clip_norm: Annotated[float, Field(gt=0.0, le=1e9, description="L2 clipping bound")]
+    noise_multiplier: Annotated[float, Field(
+        ge=0.0, le=1e6, description="Standard deviation of the noise on the sum of the "
+        "round's updates, in units of clip_norm (of the updates' share of it with "
+        "adaptive clipping)")]
+    noise_stddev: Annotated[float, Field(
+        ge=0.0, le=1e9, description="Standard deviation of the noise this device adds to "
+        "each coordinate of its clipped update")] = 0.0
+    clip_count_stddev: Annotated[float, Field(ge=0.0, le=1e9)] | None = Field(
+        default=None, description="Adaptive clipping: noise on the device's clip_bit; "
+        "null: no clip_bit is sent")
 
 
 class SecAggSpec(WireModel):
@@ -135,6 +156,9 @@ class UpdateEnvelope(WireModel):
     clip_norm: Annotated[float, Field(gt=0.0)] | None = Field(
         default=None, description="DP clipping bound applied on the device"
     )
+    clip_bit: Annotated[float, Field(ge=-1e9, le=1e9)] | None = Field(
+        default=None, description="Adaptive clipping: 1 if the update's norm was within "
+        "clip_norm else 0, plus the plan's clip_count_stddev noise")
     sent_at: UnixTime
 
 
@@ -220,7 +244,13 @@ class TaskStatus(WireModel):
         default=None, description="Longest local training time reported in the round, s"
     )
     epsilon_spent: NonNegFloat | None = Field(
-        default=None, description="Differential-privacy epsilon spent so far"
+        default=None, description="Differential-privacy epsilon spent so far (at the "
+        "task's delta)"
     )
+    dp_clip_norm: Annotated[float, Field(gt=0.0)] | None = Field(
+        default=None, description="Differential privacy: the L2 bound of the last round")
+    dp_noise_multiplier: NonNegFloat | None = Field(
+        default=None, description="Differential privacy: noise on the sum of a round's "
+        "updates, in units of the bound")
     message: ShortText | None = Field(default=None, description="Why the task failed or stopped")
     ts: UnixTime

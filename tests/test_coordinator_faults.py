@@ -264,9 +264,16 @@ def test_fl_start_refuses_bad_input_in_one_line_and_needs_a_running_service(
 
     data = tmp_path / "cloud"
     SqliteStore(data / "edgefl.sqlite3").close()
+    robust_dp = tmp_path / "robust-dp.yaml"
+    robust_dp.write_text("strategy: median\nprivacy: {clip_norm: 1.0, noise_multiplier: 1.0}\n")
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("privacy: {clip_norm: 1.0, noise_multiplier: 1.0, epsilon: 3}\n")
     for options, expected in ((["--task", "nowhere.module:Task"], "nowhere"),
                               (["--strategy", "fedmagic"], "fedmagic"),
-                              (["--name", "bad name"], "task name")):
+                              (["--name", "bad name"], "task name"),
+                              (["--task-file", str(robust_dp)], "needs every update"),
+                              (["--task-file", str(typo)], "epsilon"),
+                              (["--task-file", str(tmp_path / "none.yaml")], "none.yaml")):
         result = _fl(["start", "--data-dir", str(data), *options])
         assert result.returncode == 2, result.stdout + result.stderr
         assert result.stderr.count("\n") == 1 and expected in result.stderr, result.stderr

@@ -44,6 +44,11 @@ def test_the_manual_path_of_the_readme_runs_as_written(tmp_path: Path) -> None:
     assert set(files) == {"cloud.yaml", "edge.yaml"}
     (commands,) = re.findall(r"```console\n(.*?)```", text, re.DOTALL)
     (model_ops,) = re.findall(r"```console\n(.*?)```", section("Model operations"), re.DOTALL)
+    private = section("Differential privacy")
+    (privacy_ops,) = re.findall(r"```console\n(.*?)```", private, re.DOTALL)
+    ((task_file, task_file_name),) = re.findall(r"```yaml\n(# (\S+):.*?)```", private,
+                                                re.DOTALL)
+    files[task_file_name] = task_file
     for file_name, body in files.items():
         (tmp_path / file_name).write_text(body)
     ports = {"device": free_port(), "service": free_port(), "observer": free_port()}
@@ -57,7 +62,8 @@ def test_the_manual_path_of_the_readme_runs_as_written(tmp_path: Path) -> None:
     outputs: dict[str, str] = {}
     runs: dict[str, list[str]] = {}  # every run of a command, in order
     try:
-        for line in [*commands.strip().splitlines(), *model_ops.strip().splitlines()]:
+        for line in [*commands.strip().splitlines(), *model_ops.strip().splitlines(),
+                     *privacy_ops.strip().splitlines()]:
             command = line.split("  #")[0].strip()
             words = shlex.split(command.removesuffix("&"))
             assert words[0] == "edgefl"
@@ -73,7 +79,7 @@ def test_the_manual_path_of_the_readme_runs_as_written(tmp_path: Path) -> None:
             key = " ".join(words[:3]) if words[1] == "model" else " ".join(words[:2])
             outputs[key] = result.stdout
             runs.setdefault(key, []).append(result.stdout)
-        summary = " ".join(outputs["edgefl fl"].split())
+        summary = " ".join(runs["edgefl fl"][0].split())
         assert "task digits: finished" in summary
         final = re.findall(r"round 3: \d+ update\(s\), accuracy ([0-9.]+)", summary)
         assert final and float(final[0]) >= 0.5, summary  # the hyperparameters shown do train
@@ -99,6 +105,12 @@ def test_the_manual_path_of_the_readme_runs_as_written(tmp_path: Path) -> None:
         assert (tmp_path / "digits.aar").stat().st_size > 0
         status = outputs["edgefl model status"]
         assert "0.3.0-torchscript completed" in " ".join(status.split()), status
+        # The private task: finished within its budget, the epsilon it spent shown.
+        private_run = " ".join(runs["edgefl fl"][1].split())
+        assert "task digits-dp: finished" in private_run, private_run
+        spent = re.findall(r"privacy: epsilon ([0-9.]+) spent", private_run)
+        assert spent and 0 < float(spent[0]) <= 8, private_run
+        assert "privacy: epsilon" in runs["edgefl fl"][2]
     finally:
         for proc in reversed(background):
             if proc.poll() is None:

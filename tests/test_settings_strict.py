@@ -14,7 +14,8 @@ from edge_node.settings import EdgeSettings
 
 @pytest.mark.parametrize("values", [
     {"fl": {"digits": {"task": "fl_tasks.digits:DigitsTask", "rounnds": 3}}},
-    {"fl": {"digits": {"task": "fl_tasks.digits:DigitsTask", "privacy": {"clip_norm": 1}}}},
+    {"fl": {"digits": {"task": "fl_tasks.digits:DigitsTask",
+                       "privacy": {"clip_norm": 1, "noise_multiplier": 1, "epsilon": 3}}}},
     {"fl": {"digits": {"task": "fl_tasks.digits:DigitsTask", "selection": {"polcy": "fair"}}}},
     {"ingest": {"rate_limit": {"messages_per_second": 5}}},
     {"mqtt": {"hots": "broker"}},

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from schemas.base import Id
 from schemas.client_settings import SettingsSection
@@ -21,6 +21,58 @@ class SelectionSettings(SettingsSection):
     max_latency_ms: float = 500.0
     runtime: str = Field(default="torchscript", description="Runtime the task trains with")
     min_memory_mb: float = 0.0
+
+
+class AdaptiveClipConfig(SettingsSection):
+    """Adaptive clipping (Andrew et al. 2021): the bound follows a quantile of the norms."""
+
+    target_quantile: float = Field(default=0.5, gt=0, lt=1, description="Share of updates "
+                                   "that should fall within the bound")
+    learning_rate: float = Field(default=0.2, gt=0, le=10,
+                                 description="Geometric step: C <- C * exp(-lr * (b - q))")
+    initial_clip: float = Field(default=0.1, gt=0, description="Bound of the first round")
+    count_stddev: float | None = Field(
+        default=None, ge=0, description="Noise on the sum of the clipped bits (privatizes "
+        "them); default max(expected devices / 20, noise_multiplier)")
+
+
+class PrivacyConfig(SettingsSection):
+    """Differential privacy of the task's updates (user-level DP-FedAvg).
+
+    Each selected device clips its whole update to the L2 bound; Gaussian noise of
+    standard deviation ``noise_multiplier * clip_norm`` on the sum of a round's
+    updates is added on the devices (``client``: each adds all of it, a local
+    guarantee that needs no trusted server), by the server after summing
+    (``central``: the server is trusted), or split over the devices so that the sum
+    carries it (``distributed``: for secure aggregation). The privacy spent is
+    accounted with Google's dp-accounting.
+    """
+
+    mode: Literal["client", "central", "distributed"] = "central"
+    clip_norm: float | None = Field(default=None, gt=0, description="Fixed L2 bound")
+    adaptive_clip: AdaptiveClipConfig | None = None
+    noise_multiplier: float | None = Field(
+        default=None, ge=0, le=1000, description="Noise on the sum of a round's updates, "
+        "in units of the clipping bound; calibrated from target_epsilon when not given")
+    target_epsilon: float | None = Field(
+        default=None, gt=0, le=1000, description="The budget: a round that would take the "
+        "task past it is not opened (the task finishes, `privacy_budget`); without "
+        "noise_multiplier, the multiplier is calibrated so that all rounds fit")
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    accountant: Literal["rdp", "pld"] = "rdp"
+
+    @model_validator(mode="after")
+    def _one_of_each(self) -> Self:
+        if (self.clip_norm is None) == (self.adaptive_clip is None):
+            raise ValueError("give clip_norm or adaptive_clip (one of them)")
+        if self.noise_multiplier is None and self.target_epsilon is None:
+            raise ValueError("give noise_multiplier, target_epsilon, or both")
+        if self.mode == "client" and self.adaptive_clip is not None:
+            raise ValueError("adaptive clipping privatizes the sum of the devices' clip bits "
+                             "once (central or distributed mode); in client mode every bit "
+                             "would carry the whole noise and the bound would wander: give "
+                             "clip_norm")
+        return self
 
 
 class FLTaskConfig(SettingsSection):
@@ -42,6 +94,7 @@ class FLTaskConfig(SettingsSection):
     strategy: Id = "fedavg"
     strategy_params: dict[str, Any] = Field(default_factory=dict)
     compression: CompressionSpec = Field(default_factory=CompressionSpec)
+    privacy: PrivacyConfig | None = None
     max_update_norm: float | None = Field(default=None, gt=0)
     selection: SelectionSettings = Field(default_factory=SelectionSettings)
     target_accuracy: float | None = Field(default=None, gt=0, le=1,

@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import logging
 import random
+import secrets
 import shutil
 import statistics
 import time
@@ -41,6 +42,16 @@ from cloud.errors import CloudOffline
 from cloud.files import write_atomic
 from cloud.fl.config import FLTaskConfig
 from cloud.fl.fl_store import FLStore
+from cloud.fl.privacy import (
+    DPMean,
+    LedgerRound,
+    PrivacyState,
+    count_stddev,
+    initial_state,
+    release_round,
+    round_spec,
+    spent,
+)
 from cloud.fl.registry import make_strategy
 from cloud.fl.strategy import Strategy
 from cloud.fl.validation import validate_update
@@ -61,6 +72,7 @@ from schemas.fl import (
     EvalResult,
     Fairness,
     GlobalModelEnvelope,
+    PrivacySpec,
     Rejection,
     RoundPlan,
     TaskState,
@@ -93,6 +105,8 @@ class RoundRecord(BaseModel):
     evaluate: list[str]
     issued_at: float
     deadline: float
+    sampling_q: float | None = Field(
+        default=None, description="Selected / eligible devices (privacy accounting)")
 
 
 class CoordinatorState(BaseModel):
@@ -113,6 +127,8 @@ class CoordinatorState(BaseModel):
     message: str | None = None
     uncleared: list[str] = Field(default_factory=list,
                                  description="Global versions whose retained copy is to clear")
+    privacy: PrivacyState | None = Field(
+        default=None, description="Differential privacy: multiplier, bound, rounds accounted")
 
 
 @dataclass
@@ -154,6 +170,13 @@ class Coordinator:
         self.counters = health.flat
         self.task: FLTask = load_task(config.task, **config.task_kwargs)
         self.strategy: Strategy = make_strategy(config.strategy, config.strategy_params)
+        self.strategy_name = config.strategy
+        self.dp: DPMean | None = None
+        if config.privacy is not None:
+            self.dp = DPMean(self.strategy, config.privacy.mode)
+            self.strategy = self.dp
+        self.bits_rng = np.random.default_rng(secrets.randbits(128))
+        """Noise of the clip bits' sum (central adaptive clipping)."""
         self.rng = random.Random(config.seed)  # noqa: S311 - client sampling, not crypto
         self.fl_store = FLStore(store, name)
         self.state = CoordinatorState()
@@ -308,6 +331,9 @@ class Coordinator:
             "fairness": last.get("fairness"), "bytes_received": last.get("bytes_received", 0),
             "duration_s": last.get("duration_s"),
             "slowest_client_s": last.get("slowest_client_s"), "message": self.state.message,
+            "epsilon_spent": self.state.privacy.epsilon if self.state.privacy else None,
+            "dp_clip_norm": last.get("clip_norm"),
+            "dp_noise_multiplier": last.get("noise_multiplier"),
             "ts": now(), **extra,
         })
 
@@ -385,17 +411,9 @@ class Coordinator:
             decoded = decode(payload, UpdateEnvelope,
                              DecodeLimits(max_bytes=max(1 << 20, 8 * size)))
             envelope = decoded.envelope
-            if (envelope.device_id, envelope.round, envelope.task) != (
-                    device_id, current.round, self.name):
-                return _rejection(device_id, "envelope_mismatch",
-                                  "envelope names another device, round or task")
-            if envelope.sent_at > now() + MAX_FUTURE_SKEW_S:
-                return _rejection(device_id, "future_timestamp",
-                                  f"sent_at {envelope.sent_at:.0f} is ahead of the cloud's clock")
-            if envelope.base_version != current.global_version:
-                return _rejection(device_id, "stale_base",
-                                  f"trained from {envelope.base_version}, round uses "
-                                  f"{current.global_version}")
+            refused = self._envelope_problem(current, device_id, envelope)
+            if refused is not None:
+                return refused
             delta = decompress(decoded.tensors, envelope.compression, max_elements=size)
         except (DecodeError, CompressionError) as exc:
             return _rejection(device_id, getattr(exc, "reason", "bad_payload"), str(exc))
@@ -412,10 +430,32 @@ class Coordinator:
             "train_loss": envelope.train_loss, "train_accuracy": envelope.train_accuracy,
             "bytes": float(len(payload)), "train_time_s": float(envelope.train_time_s or 0.0),
             "attempt": envelope.attempt, "sha256": hashlib.sha256(payload).hexdigest(),
+            "clip_bit": envelope.clip_bit,
         }
         self.fl_store.add_update(current.round, device_id, envelope.attempt, meta)
         self.strategy.add(delta, envelope.num_examples)
         return meta
+
+    def _envelope_problem(self, current: RoundRecord, device_id: str,
+                          envelope: UpdateEnvelope) -> Rejection | None:
+        """Why an update's envelope does not answer the open round (None: it does)."""
+        if (envelope.device_id, envelope.round, envelope.task) != (
+                device_id, current.round, self.name):
+            return _rejection(device_id, "envelope_mismatch",
+                              "envelope names another device, round or task")
+        if envelope.sent_at > now() + MAX_FUTURE_SKEW_S:
+            return _rejection(device_id, "future_timestamp",
+                              f"sent_at {envelope.sent_at:.0f} is ahead of the cloud's clock")
+        if envelope.base_version != current.global_version:
+            return _rejection(device_id, "stale_base",
+                              f"trained from {envelope.base_version}, round uses "
+                              f"{current.global_version}")
+        privacy = self.config.privacy
+        if privacy is not None and privacy.adaptive_clip is not None \
+                and envelope.clip_bit is None:
+            return _rejection(device_id, "missing_clip_bit",
+                              "adaptive clipping: the update carries no clip_bit")
+        return None
 
     async def _reject(self, round_: int, device_id: str, reason: str, detail: str) -> None:
         """Count a refused update under the round it names (never another one)."""
@@ -534,8 +574,32 @@ class Coordinator:
         record = RoundRecord(round=self.state.round + 1, attempt=0,
                              global_version=self.state.global_version, selected=selected,
                              asked=selected, evaluate=evaluate, issued_at=issued,
-                             deadline=issued + self.config.round_timeout_s)
+                             deadline=issued + self.config.round_timeout_s,
+                             sampling_q=min(1.0, len(selected) / len(devices)))
+        if not await self._within_budget(record):
+            return
         await self._open(record, _Round())
+
+    async def _within_budget(self, record: RoundRecord) -> bool:
+        """Differential privacy: calibrate before the first round; finish at the budget."""
+        config = self.config.privacy
+        if config is None:
+            return True
+        q = record.sampling_q or 1.0
+        if self.state.privacy is None:
+            self.state.privacy = await off_loop(initial_state, config, q, self.config.rounds)
+        state = self.state.privacy
+        if config.target_epsilon is None:
+            return True
+        planned = LedgerRound(round=record.round, q=q, z=state.noise_multiplier,
+                              received=len(record.asked), clip_norm=state.clip_norm)
+        would = await off_loop(spent, config, state, planned, record.asked)
+        if would <= config.target_epsilon * (1 + 1e-9):
+            return True
+        await self._finish(f"privacy_budget: round {record.round} would take epsilon to "
+                           f"{would:.3f}, past the target {config.target_epsilon:g} "
+                           f"(spent {state.epsilon:.3f} at delta {config.delta:g})")
+        return False
 
     async def _retry(self, current: RoundRecord) -> bool:
         """Open the next attempt of the same round, keeping what was accepted."""
@@ -547,11 +611,12 @@ class Coordinator:
         count = max(needed, round(self.config.fraction_fit * len(devices)))
         selected, evaluate = self.select(devices, count)
         issued = now()
+        asked = sorted(set(current.asked) | set(selected))
         record = RoundRecord(round=current.round, attempt=current.attempt + 1,
                              global_version=current.global_version, selected=selected,
-                             asked=sorted(set(current.asked) | set(selected)),
-                             evaluate=evaluate, issued_at=issued,
-                             deadline=issued + self.config.round_timeout_s)
+                             asked=asked, evaluate=evaluate, issued_at=issued,
+                             deadline=issued + self.config.round_timeout_s,
+                             sampling_q=min(1.0, len(asked) / (len(devices) + len(accepted))))
         kept = _Round(accepted=self.round.accepted, evals=self.round.evals,
                       counts=self.round.counts, examples=self.round.examples)
         await self._open(record, kept)
@@ -584,14 +649,26 @@ class Coordinator:
         return RoundPlan(task=self.name, round=record.round, attempt=record.attempt,
                          global_version=record.global_version, selected=record.selected,
                          evaluate=record.evaluate, issued_at=record.issued_at,
-                         deadline=record.deadline, strategy=self.strategy.name,
+                         deadline=record.deadline, strategy=self.strategy_name,
                          hyperparams=hp, compression=self.config.compression,
-                         max_update_norm=self.config.max_update_norm)
+                         max_update_norm=self.config.max_update_norm,
+                         privacy=self._round_privacy(record))
+
+    def _round_privacy(self, record: RoundRecord) -> PrivacySpec | None:
+        """The round's privacy parameters; the noisy mean set up for them."""
+        config, state = self.config.privacy, self.state.privacy
+        if config is None or state is None or self.dp is None:
+            return None
+        spec = round_spec(config, state, len(record.asked or record.selected))
+        self.dp.configure_round(spec.clip_norm, spec.noise_multiplier * spec.clip_norm
+                                if config.mode == "central" else 0.0)
+        return spec
 
     def _resume_round(self, record: RoundRecord) -> None:
         """After a restart (worker thread): the same round, deadline and accepted updates."""
         if not record.asked:
             record.asked = list(record.selected)
+        self._round_privacy(record)
         self.strategy.begin_round(self.global_weights)
         accepted = self.fl_store.updates(record.round)
         for device_id in sorted(accepted):
@@ -658,6 +735,7 @@ class Coordinator:
         weights = self.strategy.finalize()
         self._write_global(version, weights, current.round)
         record = self._record(current, weights)
+        self._account(current, record)
         logger.info("%s: round %d aggregated and evaluated in %.3f s", self.name, current.round,
                     time.monotonic() - started)
         return weights, record
@@ -699,6 +777,28 @@ class Coordinator:
             "slowest_client_s": max((a.get("train_time_s", 0.0) for a in accepted.values()),
                                     default=0.0),
         }
+
+    def _account(self, current: RoundRecord, record: dict[str, Any]) -> None:
+        """Differential privacy: the released round into the ledger (worker thread)."""
+        config, state = self.config.privacy, self.state.privacy
+        if config is None or state is None:
+            return
+        accepted = self.round.accepted
+        bits_noise = 0.0
+        if config.mode == "central":  # the devices sent their bits as they are
+            sigma_b = count_stddev(config, state.noise_multiplier, len(current.asked))
+            if sigma_b:
+                bits_noise = float(self.bits_rng.normal(0.0, sigma_b))
+        bits = [float(a["clip_bit"]) for a in accepted.values() if a.get("clip_bit") is not None]
+        record["clip_norm"] = state.clip_norm
+        record["noise_multiplier"] = state.noise_multiplier
+        release_round(config, state, round_=current.round, q=current.sampling_q or 1.0,
+                      selected=len(current.asked), participants=sorted(accepted),
+                      clip_bits=bits, server_bits_noise=bits_noise)
+        record["epsilon"] = state.epsilon
+        logger.info("%s: round %d: epsilon %.4f at delta %g (%s, z %.3f, C %.4g -> %.4g)",
+                    self.name, current.round, state.epsilon, config.delta, config.mode,
+                    state.noise_multiplier, record["clip_norm"], state.clip_norm)
 
     def _early_stop(self, record: dict[str, Any]) -> str | None:
         accuracy = record.get("central_accuracy") or record.get("eval_accuracy")
@@ -765,7 +865,7 @@ class Coordinator:
             rounds.append((best, f"best ({self.state.best_round_accuracy:.4f})"))
         elif best is not None:
             rounds[0] = (self.state.round, "final, best")
-        recipe = {"strategy": self.strategy.name, "strategy_params": self.config.strategy_params,
+        recipe = {"strategy": self.strategy_name, "strategy_params": self.config.strategy_params,
                   "rounds": self.state.round, "hyperparams": self.config.hyperparams.model_dump(),
                   "task_kwargs": self.config.task_kwargs}
         names: list[str] = []
