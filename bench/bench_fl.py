@@ -13,6 +13,9 @@ coordinator aggregates and evaluates on the held-out digits test split. Prints J
   top-k 10 % + int8 (FedAvg, alpha 0.5).
 * overhead: wall time of a round minus the slowest client's training time, 10 devices,
   a 112k-parameter MLP, every device each round.
+* robustness: FedAvg, median, trimmed mean (beta 0.3) and Krum with 0, 1, 2 and 3 of
+  the 10 devices attacking (updates scaled by 10, or sign-flipped and scaled by 4),
+  alpha 0.5, every device each round; final and best accuracy.
 * privacy: privacy against utility, FedAvg alpha 0.5: final accuracy without
   differential privacy and at epsilon 1, 3 and 8 (delta 1e-5; the noise multiplier
   calibrated by dp-accounting for the rounds at 50 % participation), in central and
@@ -29,6 +32,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +56,8 @@ def run(broker: LocalBroker, folder: Path, ids: list[str], *, rounds: int, alpha
         strategy: str = "fedavg", params: dict[str, Any] | None = None,
         compression: dict[str, Any] | None = None, fraction: float = 0.5,
         task_kwargs: dict[str, Any] | None = None,
-        privacy: dict[str, Any] | None = None) -> dict[str, Any]:
+        privacy: dict[str, Any] | None = None,
+        attack: dict[str, Any] | None = None, attackers: int = 0) -> dict[str, Any]:
     """One federated task on the real system; returns the coordinator's history."""
     # The broker's ACL covers the default root; each run has a task name of its own.
     root = "edgefl/v1"
@@ -80,7 +85,9 @@ def run(broker: LocalBroker, folder: Path, ids: list[str], *, rounds: int, alpha
             "telemetry": {"interval_s": 1.0},
             "fl": {"tasks": {name: {"path": "fl_tasks.digits:DigitsTask", "options": kwargs,
                                         "partition": i, "partitions": len(ids),
-                                        "scheme": "dirichlet", "alpha": alpha}}},
+                                        "scheme": "dirichlet", "alpha": alpha,
+                                        "attack": attack if i >= len(ids) - attackers
+                                        else None}}},
         })
         agent = EdgeAgent(settings)
         agent.start()
@@ -133,11 +140,12 @@ def main() -> None:
     """Run and print JSON."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--only", choices=["quality", "compression", "overhead", "privacy"])
+    parser.add_argument("--only", choices=["quality", "compression", "overhead", "privacy",
+                                                   "robustness"])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-fl-") as tmp:
         folder = Path(tmp)
-        ids = [f"fl-{i:03d}" for i in range(DEVICES * 16)]
+        ids = [f"fl-{i:03d}" for i in range(DEVICES * 45)]
         broker = start_local_broker(folder / "broker", device_ids=ids, kind="mosquitto")
         pools = iter([ids[i:i + DEVICES] for i in range(0, len(ids), DEVICES)])
         result: dict[str, Any] = {"benchmark": "federated_learning", "devices": DEVICES,
@@ -154,6 +162,8 @@ def main() -> None:
                     result["compression"][label] = value
             if args.only in (None, "overhead"):
                 result["round_overhead"] = overhead(broker, folder, next(pools))
+            if args.only in (None, "robustness"):
+                result["robustness"] = robustness_pools(broker, folder, pools, args.rounds)
             if args.only in (None, "privacy"):
                 result["privacy"] = privacy_pools(broker, folder, pools, args.rounds)
         finally:
@@ -201,6 +211,35 @@ def compression_pools(broker: LocalBroker, folder: Path, pools: Any,
             "final_accuracy": curve(result)[-1] if history else None,
         }
         print(json.dumps({label: out[label]}), file=sys.stderr, flush=True)
+    return out
+
+
+def robustness_pools(broker: LocalBroker, folder: Path, pools: Any, rounds: int,
+                     ) -> dict[str, Any]:
+    """Final accuracy per strategy, attack and number of attackers (of 10)."""
+    strategies: list[tuple[str, str, Callable[[int], dict[str, Any]]]] = [
+        ("fedavg", "fedavg", lambda f: {}),
+        ("median", "median", lambda f: {}),
+        ("trimmed_mean", "trimmed_mean", lambda f: {"beta": 0.3}),
+        ("krum", "krum", lambda f: {"num_byzantine": f}),
+    ]
+    attacks = {"scale10": {"kind": "scale", "factor": 10.0},
+               "sign_flip4": {"kind": "sign_flip", "factor": 4.0}}
+    out: dict[str, Any] = {}
+    for label, strategy, params in strategies:
+        runs = [("clean", None, 0)] + [(f"{name}_{k}of{DEVICES}", spec, k)
+                                       for k in (1, 2, 3) for name, spec in attacks.items()]
+        for case, attack, count in runs:
+            result = run(broker, folder, next(pools), rounds=rounds, alpha=0.5,
+                         strategy=strategy, params=params(max(count, 1) if label == "krum"
+                                                          else count),
+                         fraction=1.0, attack=attack, attackers=count)
+            accs = curve(result)
+            key = f"{label}/{case}"
+            out[key] = {"final_accuracy": accs[-1] if accs else None,
+                        "best_accuracy": max(accs) if accs else None,
+                        "state": result["state"], "seconds": round(result["seconds"], 1)}
+            print(json.dumps({key: out[key]}), file=sys.stderr, flush=True)
     return out
 
 

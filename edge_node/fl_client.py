@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edge_node.attacks import AttackSettings, poison, tamper
 from edge_node.counters import Counters
 from edge_node.errors import EdgeError, PacketTooLargeError
 from edge_node.job_thread import JobThread
@@ -52,6 +53,7 @@ class TaskState:
     evaluated_rounds: set[int] = field(default_factory=set)
     plan: RoundPlan | None = None
     weights: dict[str, Weights] = field(default_factory=dict)
+    attack: AttackSettings | None = None
 
 
 class FLClient:
@@ -71,7 +73,12 @@ class FLClient:
             partition = Partition(index=config.partition, count=config.partitions,
                                   scheme=config.scheme, alpha=config.alpha,
                                   seed=config.seed)
-            self.tasks[name] = TaskState(task, task.local_data(partition))
+            data = task.local_data(partition)
+            if config.attack is not None:
+                logger.warning("%s: simulated attacker of %s (%s)", device_id, name,
+                               config.attack.kind)
+                data = poison(data, config.attack)
+            self.tasks[name] = TaskState(task, data, attack=config.attack)
         self._jobs = JobThread(f"fl-{device_id}", "fl", counters,
                                (EdgeError, DecodeError, ValueError, RuntimeError, OSError))
         self.updates_sent = 0
@@ -185,6 +192,8 @@ class FLClient:
         state.local_weights = dict(result.weights)
         delta = {name: (result.weights[name] - shared[name]).astype(np.float32)
                  for name in shared}
+        if state.attack is not None:
+            delta = tamper(delta, state.attack, np.random.default_rng(seed))
         clip_bit = None
         if plan.privacy is not None:
             delta, clip_bit = privatize(delta, plan.privacy)

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from edge_node.attacks import AttackSettings
 from schemas.base import Id
 from schemas.client_settings import MqttClientSettings, SettingsSection
 from schemas.settings_files import FileSettings
@@ -82,6 +83,9 @@ class FLTaskSettings(SettingsSection):
     scheme: Literal["iid", "dirichlet", "shards"] = "dirichlet"
     alpha: float = 0.5
     seed: int = 0
+    attack: AttackSettings | None = Field(
+        default=None, description="Simulation only: this device poisons the task "
+        "(edge_node/attacks.py), for tests and benchmarks of robust aggregation")
 
 
 class FLSettings(SettingsSection):
