@@ -122,7 +122,8 @@ class EdgeAgent:
 
             self.fl = FLClient(self.device_id, self.topics, settings.fl,
                                publish=self.session.publish,
-                               subscribe=self._fl_subscription, counters=self.counters)
+                               subscribe=self._fl_subscription, counters=self.counters,
+                               state_dir=self.state_dir / "fl")
         self.commands = CommandRouter(self.device_id, self.counters, self._send_reply)
         self._register_commands()
         self._events: queue.Queue[tuple[str, Any]] = queue.Queue()

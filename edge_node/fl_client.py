@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import secrets
 import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+import safetensors
+import safetensors.numpy
 
 from edge_node.attacks import AttackSettings, poison, tamper
 from edge_node.counters import Counters
@@ -31,7 +35,15 @@ from schemas.base import decode_message, now
 from schemas.codec import DecodeLimits, decode, encode
 from schemas.compression import compress
 from schemas.errors import DecodeError
-from schemas.fl import EvalResult, GlobalModelEnvelope, PrivacySpec, RoundPlan, UpdateEnvelope
+from schemas.fl import (
+    EvalResult,
+    GlobalModelEnvelope,
+    PrivacySpec,
+    RoundPlan,
+    UpdateEnvelope,
+    split_control,
+    with_control,
+)
 from schemas.topics import TopicKind, Topics
 
 logger = logging.getLogger(__name__)
@@ -54,14 +66,20 @@ class TaskState:
     plan: RoundPlan | None = None
     weights: dict[str, Weights] = field(default_factory=dict)
     attack: AttackSettings | None = None
+    server_control: dict[str, Weights] = field(default_factory=dict)
+    """SCAFFOLD: the server's control variate sent with each global version."""
+    control: Weights | None = None
+    """SCAFFOLD: this device's control variate c_i (loaded from its file when needed)."""
 
 
 class FLClient:
     """Federated rounds for the tasks in ``settings``."""
 
     def __init__(self, device_id: str, topics: Topics, settings: FLSettings, *,
-                 publish: Publish, subscribe: Subscribe, counters: Counters) -> None:
+                 publish: Publish, subscribe: Subscribe, counters: Counters,
+                 state_dir: Path | None = None) -> None:
         self.device_id = device_id
+        self.state_dir = state_dir
         self.topics = topics
         self.settings = settings
         self._publish = publish
@@ -151,8 +169,11 @@ class FLClient:
                            version, exc)
             return
         self._subscribe(self.topics.global_model(task, version), False)
+        weights, control = split_control(decoded.tensors)
         state.weights = {version: {k: np.asarray(v, dtype=np.float32)
-                                   for k, v in decoded.tensors.items()}}
+                                   for k, v in weights.items()}}
+        state.server_control = {version: {k: np.asarray(v, dtype=np.float32)
+                                          for k, v in control.items()}}
         if state.plan is not None and state.plan.global_version == version:
             self._work(task, state)
 
@@ -188,10 +209,18 @@ class FLClient:
                merged: Weights) -> None:
         started = time.monotonic()
         seed = zlib.crc32(f"{self.device_id}/{task}/{plan.round}".encode())
-        result = state.task.train(merged, state.data, plan.hyperparams, seed=seed)
+        scaffold = plan.strategy == "scaffold"
+        correction = self._correction(task, state, plan, shared) if scaffold else None
+        result = state.task.train(merged, state.data, plan.hyperparams, seed=seed,
+                                  correction=correction)
         state.local_weights = dict(result.weights)
         delta = {name: (result.weights[name] - shared[name]).astype(np.float32)
                  for name in shared}
+        new_control: Weights | None = None
+        if correction is not None:
+            new_control, control_delta = self._next_control(state, plan, delta, correction,
+                                                            result.num_examples)
+            delta = with_control(delta, control_delta)
         if state.attack is not None:
             delta = tamper(delta, state.attack, np.random.default_rng(seed))
         clip_bit = None
@@ -222,7 +251,66 @@ class FLClient:
             logger.warning("%s: round %d of %s: update not sent: %s (compress it: "
                            "int8 or top-k)", self.device_id, plan.round, task, exc)
             return
+        if new_control is not None:
+            self._save_control(task, state, new_control)
         self.updates_sent += 1
+
+    # -- SCAFFOLD ----------------------------------------------------------------
+
+    def _control_path(self, task: str) -> Path | None:
+        return None if self.state_dir is None else self.state_dir / task / "control.safetensors"
+
+    def _correction(self, task: str, state: TaskState, plan: RoundPlan,
+                    shared: Weights) -> Weights:
+        """``c - c_i`` for every shared name (zeros where either was never set)."""
+        if state.control is None:
+            state.control = self._load_control(task)
+        server = state.server_control.get(plan.global_version, {})
+        return {name: (server.get(name, zero) - state.control.get(name, zero)).astype(np.float32)
+                for name, value in shared.items()
+                for zero in (np.zeros(value.shape, np.float32),)}
+
+    def _next_control(self, state: TaskState, plan: RoundPlan, delta: Weights,
+                      correction: Weights, examples: int) -> tuple[Weights, Weights]:
+        """Option II: ``c_i+ = c_i - c + (x - y_i) / (K lr)``; (c_i+, c_i+ - c_i)."""
+        hp = plan.hyperparams
+        steps = hp.local_epochs * math.ceil(examples / hp.batch_size)
+        own = state.control or {}
+        new: Weights = {}
+        change: Weights = {}
+        for name, value in delta.items():
+            c_i = own.get(name, np.zeros(value.shape, np.float32)).astype(np.float64)
+            c = correction[name].astype(np.float64) + c_i
+            updated = c_i - c - value.astype(np.float64) / (steps * hp.learning_rate)
+            new[name] = updated.astype(np.float32)
+            change[name] = (updated - c_i).astype(np.float32)
+        return new, change
+
+    def _load_control(self, task: str) -> Weights:
+        path = self._control_path(task)
+        if path is None or not path.exists():
+            return {}
+        try:
+            return {k: np.asarray(v, np.float32)
+                    for k, v in safetensors.numpy.load(path.read_bytes()).items()}
+        except (OSError, ValueError, safetensors.SafetensorError) as exc:
+            self.counters.add("fl_control_unreadable")
+            logger.warning("%s: SCAFFOLD control variate of %s unreadable, starting from "
+                           "zero: %s", self.device_id, task, exc)
+            return {}
+
+    def _save_control(self, task: str, state: TaskState, control: Weights) -> None:
+        state.control = control
+        path = self._control_path(task)
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("wb") as handle:
+            handle.write(safetensors.numpy.save(control))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
 
 
 def _initial(task: FLTask) -> Weights:

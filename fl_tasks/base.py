@@ -29,7 +29,7 @@ import math
 import re
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar, Final
@@ -230,14 +230,17 @@ class FLTask(ABC):
         return nn.functional.cross_entropy(output, target)
 
     def train(
-        self, weights: Weights, data: LocalData, hp: HyperParams, *, seed: int
+        self, weights: Weights, data: LocalData, hp: HyperParams, *, seed: int,
+        correction: Mapping[str, np.ndarray] | None = None,
     ) -> TrainResult:
         """Train locally from ``weights`` on ``data.x_train``/``data.y_train``.
 
         ``hp.local_epochs`` epochs of mini-batch SGD (``learning_rate``, ``momentum``,
         ``weight_decay``), batches shuffled from ``seed``. When ``hp.proximal_mu`` > 0
         the FedProx term ``mu/2 * ||w - w_global||^2`` over the trainable parameters is
-        added to the loss, ``w_global`` being ``weights``.
+        added to the loss, ``w_global`` being ``weights``. ``correction`` (SCAFFOLD's
+        ``c - c_i``, by parameter name) is added to every step's gradient of the
+        parameters it names.
 
         Raises:
             WeightsMismatchError: ``weights`` do not fit the model.
@@ -252,6 +255,9 @@ class FLTask(ABC):
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         anchors = [p.detach().clone() for p in params] if hp.proximal_mu > 0 else []
+        corrections = [(p, torch.as_tensor(np.asarray(correction[name], dtype=np.float32)))
+                       for name, p in model.named_parameters()
+                       if p.requires_grad and correction and name in correction]
         optimizer = torch.optim.SGD(params, lr=hp.learning_rate, momentum=hp.momentum,
                                     weight_decay=hp.weight_decay)
         x = torch.tensor(np.asarray(data.x_train), dtype=torch.float32)  # copies: arrays may
@@ -271,6 +277,9 @@ class FLTask(ABC):
                 if not math.isfinite(value):
                     raise TrainingError("diverged", f"non-finite loss {value}")
                 loss.backward()  # type: ignore[no-untyped-call]
+                for param, term in corrections:
+                    if param.grad is not None:
+                        param.grad.add_(term.reshape(param.shape))
                 optimizer.step()
                 loss_sum += value * len(batch)
                 correct += _correct(output, y[batch])

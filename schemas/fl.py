@@ -6,9 +6,11 @@ the header of safetensors updates and global weights.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated, Literal, Self
 
+import numpy as np
 from pydantic import Field, model_validator
 
 from schemas.base import (
@@ -24,6 +26,8 @@ from schemas.base import (
     WireModel,
 )
 
+CONTROL_PREFIX = "cv:"
+"""Name prefix of SCAFFOLD control-variate tensors in global-weights and update payloads."""
 MAX_SELECTED = 10_000
 MAX_REJECTION_EXAMPLES = 20
 """Refused updates kept as examples per round; every refusal is counted by reason."""
@@ -254,3 +258,18 @@ class TaskStatus(WireModel):
         "updates, in units of the bound")
     message: ShortText | None = Field(default=None, description="Why the task failed or stopped")
     ts: UnixTime
+
+
+def split_control(tensors: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
+                                                              dict[str, np.ndarray]]:
+    """(weights or delta, SCAFFOLD control variate) from a payload's tensors."""
+    plain = {k: v for k, v in tensors.items() if not k.startswith(CONTROL_PREFIX)}
+    control = {k[len(CONTROL_PREFIX):]: v for k, v in tensors.items()
+               if k.startswith(CONTROL_PREFIX)}
+    return plain, control
+
+
+def with_control(tensors: Mapping[str, np.ndarray], control: Mapping[str, np.ndarray],
+                 ) -> dict[str, np.ndarray]:
+    """``tensors`` and ``control`` in one payload (the control's names prefixed)."""
+    return {**tensors, **{CONTROL_PREFIX + k: v for k, v in control.items()}}

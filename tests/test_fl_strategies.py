@@ -27,7 +27,7 @@ from cloud.fl.fedbn import FedBN, is_batch_norm
 from cloud.fl.fedprox import FedProx
 from cloud.fl.robust import CoordinateMedian, Krum, MultiKrum, TrimmedMean
 from cloud.fl.server_opt import FedAdagrad, FedAdam, FedAvgM, FedYogi
-from schemas.fl import HyperParams
+from schemas.fl import HyperParams, with_control
 
 Arrays = dict[str, np.ndarray]
 
@@ -440,7 +440,9 @@ def test_finalize_does_not_modify_inputs() -> None:
     delta = {"w": f32(0.5, 0.5)}
     for name in STRATEGIES:
         strategy = make_strategy(name, {"proximal_mu": 0.1} if name == "fedprox" else {})
-        result = run_round(strategy, model, [(delta, 1.0)])
+        # SCAFFOLD's update carries the device's control-variate change too.
+        sent = with_control(delta, {"w": f32(0.0, 0.0)}) if name == "scaffold" else delta
+        result = run_round(strategy, model, [(sent, 1.0)])
         assert result["w"] is not model["w"]
         np.testing.assert_array_equal(model["w"], f32(1.0, 2.0))
         np.testing.assert_array_equal(delta["w"], f32(0.5, 0.5))
@@ -489,7 +491,7 @@ def test_validation_rejections(delta: dict[str, object], reason: RejectReason) -
 def test_registry_names_and_round_trip() -> None:
     assert set(STRATEGIES) == {"fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
                                "fedprox", "fedbn", "median", "trimmed_mean", "krum",
-                               "multikrum"}
+                               "multikrum", "scaffold"}
     for name, cls in STRATEGIES.items():
         params: dict[str, object] = {"proximal_mu": 0.1} if name == "fedprox" else {}
         strategy = make_strategy(name, params)

@@ -53,6 +53,7 @@ from cloud.fl.privacy import (
     spent,
 )
 from cloud.fl.registry import make_strategy
+from cloud.fl.scaffold import Scaffold
 from cloud.fl.strategy import Strategy
 from cloud.fl.validation import validate_update
 from cloud.health import HealthCounters
@@ -78,6 +79,8 @@ from schemas.fl import (
     TaskState,
     TaskStatus,
     UpdateEnvelope,
+    split_control,
+    with_control,
 )
 from schemas.topics import TopicKind, Topics
 
@@ -107,6 +110,7 @@ class RoundRecord(BaseModel):
     deadline: float
     sampling_q: float | None = Field(
         default=None, description="Selected / eligible devices (privacy accounting)")
+    eligible: int | None = Field(default=None, description="Eligible devices at the opening")
 
 
 class CoordinatorState(BaseModel):
@@ -288,7 +292,8 @@ class Coordinator:
         path = self._weights_path(self.state.global_version)
         if path.exists():
             decoded = decode(path.read_bytes(), GlobalModelEnvelope)
-            return {k: np.asarray(v, dtype=np.float32) for k, v in decoded.tensors.items()}
+            weights, _ = split_control(decoded.tensors)  # SCAFFOLD's c is strategy state
+            return {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}
         weights = {k: v.astype(np.float32) for k, v in get_weights(self.task.build_model()).items()}
         self._write_global(self.state.global_version, weights, 0)
         return weights
@@ -302,7 +307,7 @@ class Coordinator:
         envelope = GlobalModelEnvelope(task=self.name, version=version, round=round_,
                                        created_at=now())
         shared = {k: weights[k] for k in self.strategy.shared_names(weights)}
-        payload = encode(shared, envelope)
+        payload = encode(with_control(shared, self.strategy.broadcast_arrays(shared)), envelope)
         write_atomic(self._weights_path(version), payload)
         arrays = self.strategy.state_arrays()
         if arrays:
@@ -406,7 +411,7 @@ class Coordinator:
     def _accept_update(self, current: RoundRecord, device_id: str, payload: bytes,
                        ) -> dict[str, Any] | Rejection:
         """Decode, validate, store and aggregate one update (worker thread)."""
-        size = sum(v.size for v in self.global_weights.values())
+        size = self._update_elements()
         try:
             decoded = decode(payload, UpdateEnvelope,
                              DecodeLimits(max_bytes=max(1 << 20, 8 * size)))
@@ -417,11 +422,19 @@ class Coordinator:
             delta = decompress(decoded.tensors, envelope.compression, max_elements=size)
         except (DecodeError, CompressionError) as exc:
             return _rejection(device_id, getattr(exc, "reason", "bad_payload"), str(exc))
-        problem = validate_update(delta, self.global_weights,
-                                  names=self.strategy.shared_names(self.global_weights),
+        delta, control = split_control(delta)
+        names = self.strategy.shared_names(self.global_weights)
+        problem = validate_update(delta, self.global_weights, names=names,
                                   max_norm=self.config.max_update_norm)
+        if problem is None and isinstance(self.strategy, Scaffold):
+            problem = validate_update(control, self.global_weights, names=names,
+                                      max_norm=None)
+        elif problem is None and control:
+            return _rejection(device_id, "extra_tensor",
+                              f"control variates sent to a {self.strategy_name} task")
         if problem is not None:
             return problem.to_wire(device_id)
+        delta = with_control(delta, control)
         directory = self._update_dir(current.round)
         directory.mkdir(parents=True, exist_ok=True)
         write_atomic(directory / f"{device_id}.safetensors", payload)
@@ -575,7 +588,8 @@ class Coordinator:
                              global_version=self.state.global_version, selected=selected,
                              asked=selected, evaluate=evaluate, issued_at=issued,
                              deadline=issued + self.config.round_timeout_s,
-                             sampling_q=min(1.0, len(selected) / len(devices)))
+                             sampling_q=min(1.0, len(selected) / len(devices)),
+                             eligible=len(devices))
         if not await self._within_budget(record):
             return
         await self._open(record, _Round())
@@ -630,6 +644,7 @@ class Coordinator:
         self.state.state = TaskState.COLLECTING
         self.round = round_state
         if fresh:
+            self.strategy.configure_population(record.eligible or len(record.asked))
             self.strategy.begin_round(self.global_weights)
         await off_loop(self._save)  # what a restart resumes
         self.state.state = TaskState.ROUND_OPEN
@@ -669,6 +684,7 @@ class Coordinator:
         if not record.asked:
             record.asked = list(record.selected)
         self._round_privacy(record)
+        self.strategy.configure_population(record.eligible or len(record.asked))
         self.strategy.begin_round(self.global_weights)
         accepted = self.fl_store.updates(record.round)
         for device_id in sorted(accepted):
@@ -681,8 +697,13 @@ class Coordinator:
         logger.info("%s: round %d resumed with %d update(s)", self.name, record.round,
                     len(accepted))
 
-    def _delta(self, payload: bytes) -> Weights:
+    def _update_elements(self) -> int:
+        """Elements an update may carry: the model's (twice with SCAFFOLD's variates)."""
         size = sum(v.size for v in self.global_weights.values())
+        return 2 * size if isinstance(self.strategy, Scaffold) else size
+
+    def _delta(self, payload: bytes) -> Weights:
+        size = self._update_elements()
         decoded = decode(payload, UpdateEnvelope, DecodeLimits(max_bytes=max(1 << 20, size * 8)))
         return decompress(decoded.tensors, decoded.envelope.compression, max_elements=size)
 

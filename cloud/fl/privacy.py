@@ -244,7 +244,7 @@ class DPMean(Strategy):
     name = "dp-mean"
 
     def __init__(self, inner: Strategy, mode: Mode, *, seed: int | None = None) -> None:
-        if inner.buffers:
+        if inner.buffers or not inner.dp_compatible:
             raise StrategyConfigError(
                 inner.name, "differential privacy averages clipped updates with noise; "
                 f"{inner.name} needs every update as sent: use fedavg, fedprox, fedadam, "

@@ -12,6 +12,7 @@ from cloud.fl.fedavg import FedAvg
 from cloud.fl.fedbn import FedBN
 from cloud.fl.fedprox import FedProx
 from cloud.fl.robust import CoordinateMedian, Krum, MultiKrum, TrimmedMean
+from cloud.fl.scaffold import Scaffold
 from cloud.fl.server_opt import FedAdagrad, FedAdam, FedAvgM, FedYogi
 from cloud.fl.strategy import Strategy
 
@@ -21,7 +22,7 @@ STRATEGIES: Final[dict[str, type[Strategy]]] = {
     cls.name: cls
     for cls in (
         FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad, FedProx, FedBN,
-        CoordinateMedian, TrimmedMean, Krum, MultiKrum,
+        CoordinateMedian, TrimmedMean, Krum, MultiKrum, Scaffold,
     )
 }
 """Registered strategies by name."""

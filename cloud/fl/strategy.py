@@ -56,6 +56,8 @@ class Strategy(ABC):
 
     name: ClassVar[str]
     buffers: ClassVar[bool] = False
+    dp_compatible: ClassVar[bool] = True
+    """Whether the noisy mean of differential privacy can stand for its updates."""
 
     def __init__(self) -> None:
         self._global: Weights = {}
@@ -147,6 +149,13 @@ class Strategy(ABC):
 
     def client_config(self) -> dict[str, float]:
         """Hyper-parameters the round plan must send to clients (e.g. ``proximal_mu``)."""
+        return {}
+
+    def configure_population(self, eligible: int) -> None:  # noqa: B027 - optional hook
+        """The number of devices eligible in the round about to begin (SCAFFOLD)."""
+
+    def broadcast_arrays(self, weights: Mapping[str, np.ndarray]) -> Weights:
+        """Arrays sent to the devices with the global ``weights`` (names prefixed ``cv:``)."""
         return {}
 
     # ------------------------------------------------------ for subclasses

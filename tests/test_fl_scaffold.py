@@ -1,0 +1,90 @@
+"""SCAFFOLD over the real broker equals an in-process replay of the same updates; the
+devices' control variates persist in their state folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from cloud.fl.errors import StrategyConfigError
+from cloud.fl.privacy import DPMean
+from cloud.fl.registry import make_strategy
+from edge_node.counters import Counters
+from edge_node.fl_client import FLClient
+from edge_node.settings import FLSettings
+from schemas.codec import decode
+from schemas.compression import decompress
+from schemas.fl import GlobalModelEnvelope, TaskState, UpdateEnvelope, split_control
+from schemas.topics import Topics
+from tests.agent_fixtures import AgentFactory, wait_until
+from tests.cloud_fixtures import CloudFactory
+from tests.test_fl_rounds import device_fl, fl_config
+
+pytestmark = pytest.mark.integration
+TASK = "digits"
+
+
+def _global(folder: Path, version: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    decoded = decode((folder / f"global-{version}.safetensors").read_bytes(),
+                     GlobalModelEnvelope)
+    weights, control = split_control(decoded.tensors)
+    return ({k: np.asarray(v, np.float64) for k, v in weights.items()},
+            {k: np.asarray(v, np.float64) for k, v in control.items()})
+
+
+def test_scaffold_over_the_broker_equals_its_replay_and_keeps_the_device_variates(
+    make_cloud: CloudFactory, make_agent: AgentFactory,
+) -> None:
+    cloud = make_cloud(fl={TASK: fl_config(strategy="scaffold")})
+    agents = [make_agent(fl=device_fl(i, 3)) for i in range(3)]
+    coordinator = cloud.service.coordinators[TASK]
+    wait_until(lambda: coordinator.state.state is TaskState.FINISHED, timeout=120,
+               what="3 SCAFFOLD rounds")
+    folder = cloud.settings.data_dir / "fl" / TASK
+    x, c = _global(folder, "0")
+    assert c and all(not v.any() for v in c.values())  # c starts at zero, and is sent
+    sent: dict[str, dict[str, np.ndarray]] = {}
+    for round_ in (1, 2, 3):
+        updates = sorted((folder / f"round-{round_}").glob("*.safetensors"))
+        assert len(updates) == 3
+        dy = {k: np.zeros_like(v) for k, v in x.items()}
+        dc = {k: np.zeros_like(v) for k, v in x.items()}
+        for path in updates:
+            decoded = decode(path.read_bytes(), UpdateEnvelope)
+            delta, control = split_control(decompress(decoded.tensors,
+                                                      decoded.envelope.compression))
+            own = sent.setdefault(decoded.envelope.device_id,
+                                  {k: np.zeros_like(v) for k, v in x.items()})
+            for k in x:
+                dy[k] += delta[k].astype(np.float64) / 3
+                dc[k] += control[k].astype(np.float64) / 3
+                own[k] += control[k]
+        x = {k: x[k] + dy[k] for k in x}  # server_lr 1
+        c = {k: c[k] + 3 / 3 * dc[k] for k in c}  # |S| / N = 3 / 3
+        got_x, got_c = _global(folder, str(round_))
+        for k in x:
+            np.testing.assert_allclose(got_x[k], x[k], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(got_c[k], c[k], rtol=1e-5, atol=1e-6)
+        assert any(np.abs(v).max() > 0 for v in got_c.values())
+    # Each device's c_i is the sum of the changes it sent, on disk, and read back after a
+    # restart of its FL client.
+    for agent in agents:
+        path = agent.state_dir / "fl" / TASK / "control.safetensors"
+        stored = safetensors.numpy.load(path.read_bytes())
+        for k, total in sent[agent.device_id].items():
+            np.testing.assert_allclose(stored[k], total, rtol=1e-5, atol=1e-6)
+        restarted = FLClient(agent.device_id, Topics(), FLSettings.model_validate(
+            device_fl(0, 3)), publish=lambda *a: None, subscribe=lambda *a: None,
+            counters=Counters(), state_dir=agent.state_dir / "fl")
+        reloaded = restarted._load_control(TASK)
+        assert reloaded.keys() == stored.keys()
+        for k, value in stored.items():
+            np.testing.assert_array_equal(reloaded[k], value)
+
+
+def test_scaffold_refuses_differential_privacy() -> None:
+    with pytest.raises(StrategyConfigError, match="scaffold"):
+        DPMean(make_strategy("scaffold"), "central")
