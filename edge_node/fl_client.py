@@ -241,6 +241,8 @@ class FLClient:
             train_loss=max(0.0, result.loss), train_accuracy=result.accuracy,
             train_time_s=time.monotonic() - started, compression=plan.compression.kind,
             clip_norm=plan.privacy.clip_norm if plan.privacy else None, clip_bit=clip_bit,
+            local_steps=plan.hyperparams.local_epochs * math.ceil(
+                max(1, result.num_examples) / plan.hyperparams.batch_size),
             sent_at=now(),
         )
         try:

@@ -339,6 +339,11 @@ class MqttSession:
             for start in range(0, len(filters), 100):
                 self.client.subscribe([(f, qos) for f in filters[start:start + 100]])
 
+    def subscriptions(self) -> set[str]:
+        """The filters this session holds (and subscribes again after a reconnect)."""
+        with self._lock:
+            return set(self._subscriptions)
+
     def unsubscribe(self, topic_filter: str) -> None:
         """Stop receiving ``topic_filter``."""
         with self._lock:

@@ -14,6 +14,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from schemas.base import (
+    INT64_MAX,
     Fraction,
     Id,
     NonNegFloat,
@@ -160,6 +161,9 @@ class UpdateEnvelope(WireModel):
     clip_norm: Annotated[float, Field(gt=0.0)] | None = Field(
         default=None, description="DP clipping bound applied on the device"
     )
+    local_steps: Annotated[int, Field(ge=1, le=INT64_MAX)] | None = Field(
+        default=None, description="Local SGD steps taken (epochs x batches; FedNova "
+        "normalizes by them)")
     clip_bit: Annotated[float, Field(ge=-1e9, le=1e9)] | None = Field(
         default=None, description="Adaptive clipping: 1 if the update's norm was within "
         "clip_norm else 0, plus the plan's clip_count_stddev noise")

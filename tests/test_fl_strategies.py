@@ -442,7 +442,9 @@ def test_finalize_does_not_modify_inputs() -> None:
         strategy = make_strategy(name, {"proximal_mu": 0.1} if name == "fedprox" else {})
         # SCAFFOLD's update carries the device's control-variate change too.
         sent = with_control(delta, {"w": f32(0.0, 0.0)}) if name == "scaffold" else delta
-        result = run_round(strategy, model, [(sent, 1.0)])
+        strategy.begin_round(model)
+        strategy.add(sent, 1.0, local_steps=3)
+        result = strategy.finalize()
         assert result["w"] is not model["w"]
         np.testing.assert_array_equal(model["w"], f32(1.0, 2.0))
         np.testing.assert_array_equal(delta["w"], f32(0.5, 0.5))
@@ -491,7 +493,7 @@ def test_validation_rejections(delta: dict[str, object], reason: RejectReason) -
 def test_registry_names_and_round_trip() -> None:
     assert set(STRATEGIES) == {"fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
                                "fedprox", "fedbn", "median", "trimmed_mean", "krum",
-                               "multikrum", "scaffold"}
+                               "multikrum", "scaffold", "fednova"}
     for name, cls in STRATEGIES.items():
         params: dict[str, object] = {"proximal_mu": 0.1} if name == "fedprox" else {}
         strategy = make_strategy(name, params)

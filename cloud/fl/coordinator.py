@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from cloud.errors import CloudOffline
 from cloud.files import write_atomic
 from cloud.fl.config import FLTaskConfig
+from cloud.fl.fednova import FedNova
 from cloud.fl.fl_store import FLStore
 from cloud.fl.privacy import (
     DPMean,
@@ -443,10 +444,10 @@ class Coordinator:
             "train_loss": envelope.train_loss, "train_accuracy": envelope.train_accuracy,
             "bytes": float(len(payload)), "train_time_s": float(envelope.train_time_s or 0.0),
             "attempt": envelope.attempt, "sha256": hashlib.sha256(payload).hexdigest(),
-            "clip_bit": envelope.clip_bit,
+            "clip_bit": envelope.clip_bit, "local_steps": envelope.local_steps,
         }
         self.fl_store.add_update(current.round, device_id, envelope.attempt, meta)
-        self.strategy.add(delta, envelope.num_examples)
+        self.strategy.add(delta, envelope.num_examples, local_steps=envelope.local_steps)
         return meta
 
     def _envelope_problem(self, current: RoundRecord, device_id: str,
@@ -463,6 +464,9 @@ class Coordinator:
             return _rejection(device_id, "stale_base",
                               f"trained from {envelope.base_version}, round uses "
                               f"{current.global_version}")
+        if isinstance(self.strategy, FedNova) and envelope.local_steps is None:
+            return _rejection(device_id, "missing_local_steps",
+                              "fednova: the update does not say how many local steps it took")
         privacy = self.config.privacy
         if privacy is not None and privacy.adaptive_clip is not None \
                 and envelope.clip_bit is None:
@@ -645,6 +649,7 @@ class Coordinator:
         self.round = round_state
         if fresh:
             self.strategy.configure_population(record.eligible or len(record.asked))
+            self.strategy.configure_training(self.config.hyperparams.momentum)
             self.strategy.begin_round(self.global_weights)
         await off_loop(self._save)  # what a restart resumes
         self.state.state = TaskState.ROUND_OPEN
@@ -685,12 +690,14 @@ class Coordinator:
             record.asked = list(record.selected)
         self._round_privacy(record)
         self.strategy.configure_population(record.eligible or len(record.asked))
+        self.strategy.configure_training(self.config.hyperparams.momentum)
         self.strategy.begin_round(self.global_weights)
         accepted = self.fl_store.updates(record.round)
         for device_id in sorted(accepted):
             path = self._update_dir(record.round) / f"{device_id}.safetensors"
             delta = self._delta(path.read_bytes())
-            self.strategy.add(delta, accepted[device_id]["num_examples"])
+            self.strategy.add(delta, accepted[device_id]["num_examples"],
+                              local_steps=accepted[device_id].get("local_steps"))
         rejections = self.fl_store.rejections(record.round)
         self.round = _Round(accepted=accepted, evals=self.fl_store.evals(record.round),
                             counts=Counter(rejections.counts), examples=rejections.examples)

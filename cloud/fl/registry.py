@@ -10,6 +10,7 @@ from typing import Final
 from cloud.fl.errors import StrategyConfigError, UnknownStrategyError
 from cloud.fl.fedavg import FedAvg
 from cloud.fl.fedbn import FedBN
+from cloud.fl.fednova import FedNova
 from cloud.fl.fedprox import FedProx
 from cloud.fl.robust import CoordinateMedian, Krum, MultiKrum, TrimmedMean
 from cloud.fl.scaffold import Scaffold
@@ -22,7 +23,7 @@ STRATEGIES: Final[dict[str, type[Strategy]]] = {
     cls.name: cls
     for cls in (
         FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad, FedProx, FedBN,
-        CoordinateMedian, TrimmedMean, Krum, MultiKrum, Scaffold,
+        CoordinateMedian, TrimmedMean, Krum, MultiKrum, Scaffold, FedNova,
     )
 }
 """Registered strategies by name."""

@@ -64,6 +64,8 @@ class Strategy(ABC):
         self._shared: list[str] = []
         self._count = 0
         self._open = False
+        self.local_steps: int | None = None
+        """The local steps of the update being added (for :meth:`_accumulate`)."""
 
     # ----------------------------------------------------------- public API
 
@@ -86,13 +88,15 @@ class Strategy(ABC):
         self._on_begin()
         self._open = True
 
-    def add(self, delta: Mapping[str, np.ndarray], weight: float) -> None:
+    def add(self, delta: Mapping[str, np.ndarray], weight: float, *,
+            local_steps: int | None = None) -> None:
         """Fold in one client's delta (client weights - global weights).
 
         Args:
             delta: float32 arrays for every shared name; names of the global model
                 that are not shared (FedBN's batch-norm) are ignored if present.
             weight: the client's number of examples, > 0.
+            local_steps: the local SGD steps the client took (FedNova needs them).
 
         Raises:
             RoundStateError: no round is open.
@@ -109,6 +113,7 @@ class Strategy(ABC):
         ):
             raise IncompatibleUpdateError("bad_weight", f"weight {weight!r} is not finite and > 0")
         self._check(delta)
+        self.local_steps = local_steps
         self._accumulate(delta, float(weight))
         self._count += 1
 
@@ -153,6 +158,9 @@ class Strategy(ABC):
 
     def configure_population(self, eligible: int) -> None:  # noqa: B027 - optional hook
         """The number of devices eligible in the round about to begin (SCAFFOLD)."""
+
+    def configure_training(self, momentum: float) -> None:  # noqa: B027 - optional hook
+        """The devices' SGD momentum in the round about to begin (FedNova)."""
 
     def broadcast_arrays(self, weights: Mapping[str, np.ndarray]) -> Weights:
         """Arrays sent to the devices with the global ``weights`` (names prefixed ``cv:``)."""

@@ -1,5 +1,6 @@
-"""SCAFFOLD over the real broker equals an in-process replay of the same updates; the
-devices' control variates persist in their state folders."""
+"""Drift correction over the real broker: SCAFFOLD and FedNova each equal an in-process
+replay of the updates that crossed the broker; SCAFFOLD's device control variates persist
+in their state folders."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import safetensors.numpy
 
 from cloud.fl.errors import StrategyConfigError
+from cloud.fl.fednova import normalizer
 from cloud.fl.privacy import DPMean
 from cloud.fl.registry import make_strategy
 from edge_node.counters import Counters
@@ -88,3 +90,42 @@ def test_scaffold_over_the_broker_equals_its_replay_and_keeps_the_device_variate
 def test_scaffold_refuses_differential_privacy() -> None:
     with pytest.raises(StrategyConfigError, match="scaffold"):
         DPMean(make_strategy("scaffold"), "central")
+
+
+def test_fednova_over_the_broker_equals_normalized_averaging(
+    make_cloud: CloudFactory, make_agent: AgentFactory,
+) -> None:
+    cloud = make_cloud(fl={TASK: fl_config(strategy="fednova", rounds=2)})
+    for i in range(3):
+        make_agent(fl=device_fl(i, 3))  # Dirichlet shares: different data, different steps
+    coordinator = cloud.service.coordinators[TASK]
+    wait_until(lambda: coordinator.state.state is TaskState.FINISHED, timeout=120,
+               what="2 FedNova rounds")
+    folder = cloud.settings.data_dir / "fl" / TASK
+    x, _ = _global(folder, "0")
+    steps_seen: set[int] = set()
+    for round_ in (1, 2):
+        total = tau = 0.0
+        acc = {k: np.zeros_like(v) for k, v in x.items()}
+        for path in sorted((folder / f"round-{round_}").glob("*.safetensors")):
+            decoded = decode(path.read_bytes(), UpdateEnvelope)
+            delta = decompress(decoded.tensors, decoded.envelope.compression)
+            n, steps = decoded.envelope.num_examples, decoded.envelope.local_steps
+            assert steps is not None
+            steps_seen.add(steps)
+            total += n
+            tau += n * steps
+            for k in acc:
+                acc[k] += n / steps * delta[k].astype(np.float64)
+        x = {k: x[k] + (tau / total) * acc[k] / total for k in x}
+        got, _ = _global(folder, str(round_))
+        for k in x:
+            np.testing.assert_allclose(got[k], x[k], rtol=1e-5, atol=1e-6)
+    assert len(steps_seen) > 1, steps_seen  # the devices did different amounts of work
+
+
+def test_fednova_normalizer_is_the_sum_of_the_momentum_weights() -> None:
+    assert normalizer(7, 0.0) == 7
+    for steps, rho in ((1, 0.9), (5, 0.5), (40, 0.9)):
+        direct = sum((1 - rho ** k) / (1 - rho) for k in range(1, steps + 1))
+        assert normalizer(steps, rho) == pytest.approx(direct)
