@@ -6,7 +6,8 @@ coordinator aggregates and evaluates on the held-out digits test split. Prints J
 
     .venv/bin/python bench/bench_fl.py [--rounds 30] [--only quality|compression|overhead]
 
-* quality: FedAvg and FedAdam on digits (MLP), 10 devices, Dirichlet alpha 0.5 and 0.1,
+* quality: FedAvg, FedAdam, SCAFFOLD and FedNova on digits (MLP), 10 devices,
+  Dirichlet alpha 0.5 and 0.1,
   50 % participation; curves, and the round at which 95 % of the centralized baseline
   (same model, same data union, same epochs budget) is reached.
 * compression: bytes on wire per update and final accuracy for fp32, fp16, int8 and
@@ -177,7 +178,8 @@ def quality_pools(broker: LocalBroker, folder: Path, pools: Any, rounds: int,
     out: dict[str, Any] = {}
     for alpha in (0.5, 0.1):
         base = baseline(alpha, rounds)
-        for strategy, params in (("fedavg", {}), ("fedadam", {"eta": 0.01})):
+        for strategy, params in (("fedavg", {}), ("fedadam", {"eta": 0.01}),
+                                 ("scaffold", {}), ("fednova", {})):
             result = run(broker, folder, next(pools), rounds=rounds, alpha=alpha,
                          strategy=strategy, params=params)
             accs = curve(result)
