@@ -198,7 +198,11 @@ def add_observer_cmd(
 
 @app.command("remove-device")
 def remove_device_cmd(device_id: str, data_dir: DataDir = None) -> None:
-    """Remove a device's password entry (its certificate should be revoked separately)."""
+    """Remove a device's password entry and its certificate files.
+
+    A certificate already issued stays valid for the mTLS listener until it expires:
+    Mosquitto 2.0 reads a CRL only when it starts (see the README's broker section).
+    """
     settings = _settings(data_dir)
     existed = remove_identity(settings, device_id)
     typer.echo(f"device {device_id}: {'removed' if existed else 'was not provisioned'}")

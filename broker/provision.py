@@ -239,6 +239,10 @@ def remove_identity(settings: BrokerSettings, username: str) -> bool:
         write_private(layout.observers, json.dumps(known, indent=1) + "\n")
         layout.observer_acl.write_text(render_observer_acl(settings.topic_root, known))
     layout.secret_file(username).unlink(missing_ok=True)
+    for suffix in (".crt", ".key"):  # the CA's copy of a client certificate and its key
+        path = layout.pki / "clients" / f"{username}{suffix}"
+        existed = path.exists() or existed
+        path.unlink(missing_ok=True)
     return existed
 
 

@@ -143,6 +143,10 @@ def fleet(
         help="HOST:PORT of the broker [from --config, else 127.0.0.1:1883]")] = None,
     secrets_dir: Annotated[Path | None, typer.Option(
         help="Folder of {id}.password files (the broker's secrets folder)")] = None,
+    tls_dir: Annotated[Path | None, typer.Option(
+        help="mTLS instead of passwords: the broker's pki folder (ca.crt, clients/{id}.crt "
+        "and .key from `edgefl broker add-device --tls`); point --broker at its TLS "
+        "listener")] = None,
     prefix: Annotated[str, typer.Option(help="Device ids are {prefix}{i:03d}")] = "sim-",
     first_index: Annotated[int, typer.Option(min=0, help="Index of the first device")] = 0,
     state_dir: Annotated[Path, typer.Option(help="One sub-folder per device")] = Path("var/fleet"),
@@ -183,6 +187,15 @@ def fleet(
                         f"add-device --range {prefix}{first_index:03d}..{last}",
                         fg=typer.colors.RED, err=True)
             raise typer.Exit(2)
+    if tls_dir is not None:
+        ids = [f"{prefix}{i:03d}" for i in range(first_index, first_index + devices)]
+        no_cert = [d for d in ids if not (tls_dir / "clients" / f"{d}.crt").exists()]
+        if no_cert or not (tls_dir / "ca.crt").exists():
+            typer.secho(f"error: {len(no_cert)} of {devices} devices have no certificate in "
+                        f"{tls_dir / 'clients'} (first: {(no_cert or ['ca.crt'])[0]}); "
+                        f"provision them: edgefl broker add-device --tls --range "
+                        f"{ids[0]}..{ids[-1]}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2)
     stop = _stop_on_signals()
     if devices > per_process:
         _run_processes(devices, per_process, first_index, stop, [
@@ -193,6 +206,7 @@ def fleet(
             "--topic-root", topic_root,
             "--partitions", str(partitions or first_index + devices),
             *(["--secrets-dir", str(secrets_dir)] if secrets_dir else []),
+            *(["--tls-dir", str(tls_dir)] if tls_dir else []),
             *(["--config", str(config)] if config else []),
             *[x for item in (fl_task or []) for x in ("--fl-task", item)],
             *(["--serve", serve, "--serve-rate", str(serve_rate)] if serve else []),
@@ -207,7 +221,7 @@ def fleet(
     settings = fleet_settings(devices, prefix=prefix, state_root=state_dir, mqtt=mqtt,
                               secrets_dir=secrets_dir, interval_s=interval,
                               first_index=first_index, topic_root=topic_root, base=base,
-                              fl_tasks=tasks, partitions=partitions)
+                              fl_tasks=tasks, partitions=partitions, tls_dir=tls_dir)
     sim = Fleet(settings, state_dir, traffic)
     sim.start()
     connected = sim.wait_connected(60)

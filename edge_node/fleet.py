@@ -20,6 +20,7 @@ from edge_node.agent import EdgeAgent
 from edge_node.errors import EdgeError
 from edge_node.settings import EdgeSettings, FLTaskSettings, MqttSettings
 from edge_node.system_metrics import SystemSample, sample
+from schemas.client_settings import TlsClientSettings
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +70,15 @@ def fleet_settings(
     topic_root: str | None = None,
     first_index: int = 0, base: EdgeSettings | None = None,
     fl_tasks: dict[str, str] | None = None, partitions: int | None = None,
+    tls_dir: Path | None = None,
 ) -> list[EdgeSettings]:
     """Settings for ``count`` devices named ``{prefix}{i:03d}``.
 
     Each device's password is read from ``secrets_dir/{id}.password`` (the files
-    ``edgefl broker add-device`` writes) when a folder is given. ``base`` (a settings
+    ``edgefl broker add-device`` writes) when a folder is given; with ``tls_dir`` (the
+    broker's ``pki`` folder: ``ca.crt``, ``clients/{id}.crt`` and ``.key``, from
+    ``edgefl broker add-device --tls``) each device connects with its certificate
+    instead, its identity the certificate's CN. ``base`` (a settings
     file) gives everything else, the telemetry interval too unless ``interval_s``
     overrides it; ``fl_tasks`` (name -> import path) makes every
     device a member of those tasks, device ``i`` holding partition ``i`` of
@@ -88,6 +93,12 @@ def fleet_settings(
         password_file = secrets_dir / f"{device_id}.password" if secrets_dir else None
         device_mqtt = mqtt.model_copy(update={"password_file": password_file, "username": None,
                                               "password": None})
+        if tls_dir is not None:
+            device_mqtt = device_mqtt.model_copy(update={
+                "password_file": None, "tls": TlsClientSettings(
+                    ca_file=tls_dir / "ca.crt",
+                    cert_file=tls_dir / "clients" / f"{device_id}.crt",
+                    key_file=tls_dir / "clients" / f"{device_id}.key")})
         tasks = dict(template.fl.tasks)
         for name, path in (fl_tasks or {}).items():
             tasks[name] = FLTaskSettings(path=path, partition=i % total, partitions=total)

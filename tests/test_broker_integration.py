@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import os
+import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from broker.pki import DevCA
 from schemas.base import decode_message, now
 from schemas.device import DeviceState, HardwareInfo
 from schemas.topics import TopicKind, Topics
 from tests.conftest import RunningBroker
-from tests.mqtt_client import SyncClient
+from tests.mqtt_client import SyncClient, TlsFiles
 
 pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[1]
 
 NOT_AUTHORIZED = 0x87
 BAD_CREDENTIALS = 0x86
@@ -271,3 +281,78 @@ def test_an_observer_reads_what_it_was_given_and_writes_nothing(
         assert watcher.publish(topic, b"{}") == 0x87, topic
     watcher.close()
     device.close()
+
+
+def _refused_over_tls(mosquitto: RunningBroker, files: TlsFiles) -> bool:
+    client = SyncClient(mosquitto.host, mosquitto.tls_port, client_id="rogue", tls=files)
+    try:
+        return client.connect(timeout=5).is_failure or not client.client.is_connected()
+    finally:
+        client.close()
+
+
+def test_tls_listener_refuses_a_certificate_of_another_ca(mosquitto: RunningBroker,
+                                                          tmp_path: Path) -> None:
+    other = DevCA(tmp_path / "other-pki")
+    other.create("someone else's CA")
+    pair = other.issue_client("dev-tls")  # the same CN as a provisioned device
+    assert _refused_over_tls(mosquitto, TlsFiles(mosquitto.tls_files("dev-tls").ca,
+                                                 pair.cert, pair.key))
+
+
+def test_tls_listener_refuses_an_expired_certificate(mosquitto: RunningBroker,
+                                                     tmp_path: Path) -> None:
+    pki = mosquitto.settings.layout.pki
+    ca_cert = x509.load_pem_x509_certificate((pki / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dev-tls")]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(past - dt.timedelta(days=1)).not_valid_after(past)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "expired.crt", tmp_path / "expired.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    assert _refused_over_tls(mosquitto, TlsFiles(pki / "ca.crt", cert_path, key_path))
+    # The same CA and CN with a valid certificate is let in: it was the date.
+    assert not _refused_over_tls(mosquitto, mosquitto.tls_files("dev-tls"))
+
+
+def test_a_fleet_connects_with_certificates(mosquitto: RunningBroker, topics: Topics,
+                                            tmp_path: Path) -> None:
+    pki = mosquitto.settings.layout.pki
+    ids = ["tlsfleet-000", "tlsfleet-001"]
+    for device_id in ids:
+        DevCA(pki).issue_client(device_id)
+    watcher = mosquitto.connected(mosquitto.cloud_username)
+    watcher.subscribe(topics.all())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgefl", "fleet", "--devices", "2", "--prefix", "tlsfleet-",
+         "--broker", f"{mosquitto.host}:{mosquitto.tls_port}", "--tls-dir", str(pki),
+         "--topic-root", topics.root, "--state-dir", str(tmp_path / "state"),
+         "--interval", "0.5"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for device_id in ids:  # born, and publishing as the identity of its certificate
+            watcher.wait_topic(topics.telemetry(device_id), timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        watcher.close()
+    assert proc.returncode == 0, out
+    missing = subprocess.run(
+        [sys.executable, "-m", "edgefl", "fleet", "--devices", "3", "--prefix", "tlsfleet-",
+         "--tls-dir", str(pki), "--state-dir", str(tmp_path / "s2")],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert missing.returncode == 2 and "tlsfleet-002" in missing.stderr, missing.stderr
+    assert missing.stderr.count("\n") == 1

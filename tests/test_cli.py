@@ -118,6 +118,11 @@ def test_add_device_with_chosen_password_and_tls(tmp_path: Path) -> None:
     bad = _run("broker", "add-device", "bad/id", "--data-dir", str(data))
     assert bad.returncode == 2
     assert "invalid" in bad.stderr
+    removed = _run("broker", "remove-device", "pi-9", "--data-dir", str(data))
+    assert removed.returncode == 0 and "removed" in removed.stdout, removed.stderr
+    assert not PasswordFile(data / "passwd").check("pi-9", "chosen-secret")
+    assert not (data / "pki" / "clients" / "pi-9.crt").exists()
+    assert not (data / "pki" / "clients" / "pi-9.key").exists()
 
 
 @pytest.mark.integration
