@@ -21,8 +21,10 @@ from edge_node.fleet import (
     fleet_settings,
     missing_passwords,
 )
+from edge_node.heterogeneity import HeterogeneityProfile, device_profiles
 from edge_node.settings import EdgeSettings, FLTaskSettings
 from schemas.errors import SchemaError
+from schemas.settings_files import read_config_file
 from schemas.topics import DEFAULT_ROOT, validate_id
 
 logger = logging.getLogger(__name__)
@@ -168,12 +170,22 @@ def fleet(
         "(examples and labels from the task's test split; labelled feedback)")] = None,
     serve_rate: Annotated[float, typer.Option(
         min=0.01, max=1000.0, help="Requests per second per device, with --serve")] = 2.0,
+    profile: Annotated[Path | None, typer.Option(
+        help="Heterogeneity profile (YAML/TOML): slow devices, availability schedules, "
+        "failures, all from its seed")] = None,
+    profile_fleet: Annotated[str | None, typer.Option(
+        hidden=True, help="FIRST:COUNT of the whole fleet the profile is drawn over")] = None,
 ) -> None:
     """Run N agents until Ctrl-C (in several processes when N > --per-process)."""
     try:
         tasks = parse_fl_tasks(fl_task)
         base = EdgeSettings.load(config, device_id="fleet-template") if config else None
         traffic = _traffic(serve, serve_rate) if serve else None
+        first, count = (map(int, profile_fleet.split(":")) if profile_fleet
+                        else (first_index, devices))
+        profiles = device_profiles(
+            HeterogeneityProfile.model_validate(read_config_file(profile)),
+            [f"{prefix}{i:03d}" for i in range(first, first + count)]) if profile else None
     except (SchemaError, ValueError, ImportError, AttributeError) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from exc
@@ -207,6 +219,8 @@ def fleet(
             "--partitions", str(partitions or first_index + devices),
             *(["--secrets-dir", str(secrets_dir)] if secrets_dir else []),
             *(["--tls-dir", str(tls_dir)] if tls_dir else []),
+            *(["--profile", str(profile), "--profile-fleet", f"{first_index}:{devices}"]
+              if profile else []),
             *(["--config", str(config)] if config else []),
             *[x for item in (fl_task or []) for x in ("--fl-task", item)],
             *(["--serve", serve, "--serve-rate", str(serve_rate)] if serve else []),
@@ -221,8 +235,9 @@ def fleet(
     settings = fleet_settings(devices, prefix=prefix, state_root=state_dir, mqtt=mqtt,
                               secrets_dir=secrets_dir, interval_s=interval,
                               first_index=first_index, topic_root=topic_root, base=base,
-                              fl_tasks=tasks, partitions=partitions, tls_dir=tls_dir)
-    sim = Fleet(settings, state_dir, traffic)
+                              fl_tasks=tasks, partitions=partitions, tls_dir=tls_dir,
+                              profiles=profiles)
+    sim = Fleet(settings, state_dir, traffic, profiles)
     sim.start()
     connected = sim.wait_connected(60)
     typer.echo(f"{connected}/{devices} agents connected to {host}:{port}; Ctrl-C stops them")

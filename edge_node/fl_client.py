@@ -14,7 +14,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import secrets
+import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -100,6 +102,7 @@ class FLClient:
         self._jobs = JobThread(f"fl-{device_id}", "fl", counters,
                                (EdgeError, DecodeError, ValueError, RuntimeError, OSError))
         self.updates_sent = 0
+        self._halt = threading.Event()
 
     def filters(self) -> list[str]:
         """Round plans of the configured tasks."""
@@ -111,6 +114,7 @@ class FLClient:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the current step, end the thread."""
+        self._halt.set()
         self._jobs.stop(timeout)
 
     # -- messages (network thread) -------------------------------------------------
@@ -213,6 +217,8 @@ class FLClient:
         correction = self._correction(task, state, plan, shared) if scaffold else None
         result = state.task.train(merged, state.data, plan.hyperparams, seed=seed,
                                   correction=correction)
+        if not self._simulate(task, plan, result.seconds):
+            return
         state.local_weights = dict(result.weights)
         delta = {name: (result.weights[name] - shared[name]).astype(np.float32)
                  for name in shared}
@@ -256,6 +262,21 @@ class FLClient:
         if new_control is not None:
             self._save_control(task, state, new_control)
         self.updates_sent += 1
+
+    def _simulate(self, task: str, plan: RoundPlan, seconds: float) -> bool:
+        """A simulated slow or unreliable device (``fleet --profile``); False: drop it."""
+        sim = self.settings.simulation
+        if sim is None:
+            return True
+        draw = random.Random(f"{sim.seed}/{task}/{plan.round}/{plan.attempt}")  # noqa: S311
+        if draw.random() < sim.failure_rate:
+            self.counters.add("fl_simulated_failure")
+            logger.info("%s: round %d of %s: simulated failure, no update", self.device_id,
+                        plan.round, task)
+            return False
+        if sim.speed_factor > 1:  # the rest of the time a slower processor would take
+            self._halt.wait((sim.speed_factor - 1) * seconds)
+        return not self._halt.is_set()
 
     # -- SCAFFOLD ----------------------------------------------------------------
 

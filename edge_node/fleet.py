@@ -18,7 +18,8 @@ import numpy as np
 
 from edge_node.agent import EdgeAgent
 from edge_node.errors import EdgeError
-from edge_node.settings import EdgeSettings, FLTaskSettings, MqttSettings
+from edge_node.heterogeneity import DeviceProfile
+from edge_node.settings import EdgeSettings, FLTaskSettings, MqttSettings, SimulatedDevice
 from edge_node.system_metrics import SystemSample, sample
 from schemas.client_settings import TlsClientSettings
 
@@ -70,7 +71,7 @@ def fleet_settings(
     topic_root: str | None = None,
     first_index: int = 0, base: EdgeSettings | None = None,
     fl_tasks: dict[str, str] | None = None, partitions: int | None = None,
-    tls_dir: Path | None = None,
+    tls_dir: Path | None = None, profiles: dict[str, DeviceProfile] | None = None,
 ) -> list[EdgeSettings]:
     """Settings for ``count`` devices named ``{prefix}{i:03d}``.
 
@@ -109,6 +110,12 @@ def fleet_settings(
             "buffer": template.buffer.model_copy(update={"durable": False}),
             "fl": template.fl.model_copy(update={"tasks": tasks}),
         }
+        profile = (profiles or {}).get(device_id)
+        if profile is not None:
+            update["fl"] = template.fl.model_copy(update={
+                "tasks": tasks, "simulation": SimulatedDevice(
+                    speed_factor=profile.speed_factor, failure_rate=profile.failure_rate,
+                    seed=profile.seed)})
         if topic_root:
             update["topic_root"] = topic_root
         result.append(EdgeSettings.model_validate(
@@ -189,32 +196,85 @@ class TrafficLoop:
 
 
 class Fleet:
-    """Start and stop many agents together (at most MAX_AGENTS_PER_PROCESS)."""
+    """Start and stop many agents together (at most MAX_AGENTS_PER_PROCESS).
+
+    With ``profiles`` whose devices have offline periods, a scheduler thread stops a
+    device's agent when one begins and starts a new agent on its settings (its state
+    folder) when it ends.
+    """
 
     def __init__(self, settings: list[EdgeSettings], data_path: Path,
-                 traffic: Traffic | None = None) -> None:
-        shared = SharedSampler(data_path)
-        self.agents = [EdgeAgent(s, sampler=JitteredSampler(shared, s.device_id))
-                       for s in settings]
+                 traffic: Traffic | None = None,
+                 profiles: dict[str, DeviceProfile] | None = None) -> None:
+        self.shared = SharedSampler(data_path)
+        self.settings = settings
+        self.agents = [self._agent(s) for s in settings]
         self.traffic = TrafficLoop(self.agents, traffic) if traffic is not None else None
+        self.profiles = {d: p for d, p in (profiles or {}).items() if p.offline}
+        self.power_cycles = 0
+        self.running: dict[str, bool] = {}
+        """Whether each device's agent runs now (the scheduler's to change)."""
+        self._halt = threading.Event()
+        self._scheduler: threading.Thread | None = None
+        self._started = 0.0
+
+    def _agent(self, settings: EdgeSettings) -> EdgeAgent:
+        return EdgeAgent(settings, sampler=JitteredSampler(self.shared, settings.device_id))
 
     def start(self) -> None:
         """Start every agent (each connects in the background)."""
+        self._started = time.monotonic()
         for agent in self.agents:
-            agent.start()
+            self.running[agent.device_id] = self._online(agent.device_id, 0.0)
+            if self.running[agent.device_id]:
+                agent.start()
         if self.traffic is not None:
             self.traffic.start()
+        if self.profiles:
+            self._scheduler = threading.Thread(target=self._schedule, name="fleet-schedule",
+                                               daemon=True)
+            self._scheduler.start()
+
+    def _online(self, device_id: str, t: float) -> bool:
+        profile = self.profiles.get(device_id)
+        return profile is None or profile.online_at(t)
+
+    def _schedule(self) -> None:
+        """Power devices off and on along their availability schedules."""
+        running = self.running
+        while not self._halt.wait(0.2):
+            t = time.monotonic() - self._started
+            for index, settings in enumerate(self.settings):
+                device_id = settings.device_id
+                wanted = self._online(device_id, t)
+                if wanted == running[device_id] or self._halt.is_set():
+                    continue
+                if wanted:
+                    agent = self._agent(settings)
+                    self.agents[index] = agent
+                    agent.start()
+                    self.power_cycles += 1
+                else:
+                    self.agents[index].stop()
+                logger.info("%s: %s (availability schedule, t=%.1f s)", device_id,
+                            "back online" if wanted else "offline", t)
+                running[device_id] = wanted
 
     def wait_connected(self, timeout: float) -> int:
         """Wait (bounded) until every agent is connected; returns how many are."""
         deadline = time.monotonic() + timeout
-        for agent in self.agents:
+        online = [a for a in self.agents if self.running.get(a.device_id, True)]
+        for agent in online:
             agent.session.connected.wait(max(0.0, deadline - time.monotonic()))
-        return sum(a.session.connected.is_set() for a in self.agents)
+        return sum(a.session.connected.is_set() for a in online)
 
     def stop(self) -> None:
         """Stop every agent cleanly (offline state, disconnect)."""
+        self._halt.set()
+        if self._scheduler is not None:
+            self._scheduler.join(60)
         if self.traffic is not None:
             self.traffic.stop()
         for agent in self.agents:
-            agent.stop()
+            if self.running.get(agent.device_id, True):
+                agent.stop()

@@ -88,10 +88,21 @@ class FLTaskSettings(SettingsSection):
         "(edge_node/attacks.py), for tests and benchmarks of robust aggregation")
 
 
+class SimulatedDevice(SettingsSection):
+    """Simulation only (``edgefl fleet --profile``): how this device is slow or unreliable."""
+
+    speed_factor: float = Field(default=1.0, ge=1, le=1000,
+                                description="Training takes this many times as long")
+    failure_rate: float = Field(default=0.0, ge=0, le=1,
+                                description="Chance of dropping a round it was selected for")
+    seed: int = 0
+
+
 class FLSettings(SettingsSection):
     """Federated-learning tasks of the device."""
 
     tasks: dict[Id, FLTaskSettings] = Field(default_factory=dict)
+    simulation: SimulatedDevice | None = None
     max_weights_bytes: int = 64 * 1024 * 1024
     max_clock_skew_s: Annotated[float, Field(ge=0)] = Field(
         default=300.0, description="A round plan issued further in the future is logged as "

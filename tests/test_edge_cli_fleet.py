@@ -161,3 +161,14 @@ def test_a_bad_fl_task_option_is_one_line_and_exit_2(tmp_path: Path) -> None:
             cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
         assert result.returncode == 2, result.stdout + result.stderr
         assert result.stderr.strip().count("\n") == 0 and "NAME=package" in result.stderr
+
+
+def test_a_bad_heterogeneity_profile_is_refused(tmp_path: Path) -> None:
+    profile = tmp_path / "profile.yaml"
+    profile.write_text("seed: 1\nslow_fraction: 2.0\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "edgefl", "fleet", "--devices", "2", "--profile", str(profile),
+         "--state-dir", str(tmp_path / "s")],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "slow_fraction" in result.stderr
