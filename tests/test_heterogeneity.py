@@ -74,7 +74,7 @@ def test_an_intermittent_device_goes_offline_and_comes_back_on_its_state(
         assert births[1].bd_seq > births[0].bd_seq  # the same device, a new connection
         assert all(s.reason == "shutdown" for s in seen if s.state == "offline")
         assert fleet.power_cycles >= 1
-        steady = [d for d in ids if d != cycling][0]
+        steady = next(d for d in ids if d != cycling)
         assert [m for m in cloud.received_on(topics.device_state(steady))
                 if b'"offline"' in m.payload] == []
     finally:
