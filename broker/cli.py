@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,6 +16,7 @@ from broker.config import OBSERVER_TOPICS, render_acl, render_config
 from broker.errors import BrokerError
 from broker.launcher import MosquittoProcess
 from broker.provision import (
+    LAUNCHER_PID,
     add_identities,
     add_identity,
     add_observer,
@@ -21,6 +24,7 @@ from broker.provision import (
     parse_id_range,
     reload_running_broker,
     remove_identity,
+    restart_running_broker,
     write_config_files,
 )
 from broker.settings import BrokerSettings
@@ -97,13 +101,34 @@ def run(
     def _terminate(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
+    restart = threading.Event()
+
+    def _restart(signum: int, frame: object) -> None:  # remove-device revoked a certificate
+        restart.set()
+
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGUSR1, _restart)
+    launcher_pid = settings.layout.root / LAUNCHER_PID
+    launcher_pid.write_text(f"{os.getpid()}\n")
     try:
-        code = process.wait()
+        while True:
+            while process.running and not restart.wait(0.5):
+                pass
+            if not restart.is_set():
+                code = process.wait()
+                break
+            restart.clear()
+            process.stop()
+            process.start()
+            typer.echo(f"mosquitto restarted (pid {process.pid}) to load the CRL")
     except KeyboardInterrupt:
         code = process.stop() or 0
         typer.echo("mosquitto stopped")
         raise typer.Exit(0) from None
+    except BrokerError as exc:
+        raise _fail(exc) from exc
+    finally:
+        launcher_pid.unlink(missing_ok=True)
     raise typer.Exit(code)
 
 
@@ -198,15 +223,26 @@ def add_observer_cmd(
 
 @app.command("remove-device")
 def remove_device_cmd(device_id: str, data_dir: DataDir = None) -> None:
-    """Remove a device's password entry and its certificate files.
+    """Remove a device's password entry, revoke its certificate (CRL), delete its files.
 
-    A certificate already issued stays valid for the mTLS listener until it expires:
-    Mosquitto 2.0 reads a CRL only when it starts (see the README's broker section).
+    A connected device is disconnected: the broker reloads its passwords (SIGHUP),
+    and, when a certificate was revoked, restarts (a SIGHUP makes Mosquitto 2.0
+    refuse new connections with it but leaves an open TLS session connected).
     """
     settings = _settings(data_dir)
+    had_cert = (settings.layout.pki / "clients" / f"{device_id}.crt").exists()
     existed = remove_identity(settings, device_id)
-    typer.echo(f"device {device_id}: {'removed' if existed else 'was not provisioned'}")
-    if reload_running_broker(settings):
+    typer.echo(f"device {device_id}: {'removed' if existed else 'was not provisioned'}"
+               + ("; certificate revoked" if had_cert else ""))
+    if had_cert:
+        if restart_running_broker(settings):
+            typer.echo("running broker restarting to load the CRL and close its session")
+        elif reload_running_broker(settings):
+            typer.echo("running broker reloaded (the CRL refuses new connections); restart "
+                       "it to close an open session of the device")
+        else:
+            typer.echo("restart the broker to load the CRL")
+    elif reload_running_broker(settings):
         typer.echo("running broker reloaded")
 
 

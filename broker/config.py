@@ -215,6 +215,8 @@ def render_config(settings: BrokerSettings, *, log_to_file: bool = False) -> str
             f"cafile {_path('cafile', tls.cafile or pki / 'ca.crt')}",
             f"certfile {_path('certfile', tls.certfile or pki / 'server.crt')}",
             f"keyfile {_path('keyfile', tls.keyfile or pki / 'server.key')}",
+            *([f"crlfile {_path('crlfile', tls.crlfile or pki / 'crl.pem')}"]
+              if tls.crlfile is not None or tls.cafile is None else []),
             f"tls_version {tls.tls_version}",
             f"require_certificate {'true' if tls.require_certificate else 'false'}",
             f"use_identity_as_username {'true' if tls.use_identity_as_username else 'false'}",

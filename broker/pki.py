@@ -99,6 +99,46 @@ class DevCA:
         _write_pair(self.pair, cert, key)
         return self.pair
 
+    @property
+    def crl_path(self) -> Path:
+        """The certificate revocation list the TLS listener reads (``crl.pem``)."""
+        return self.folder / "crl.pem"
+
+    def revoked(self) -> list[int]:
+        """Serial numbers on the CRL (none when there is no CRL yet)."""
+        if not self.crl_path.exists():
+            return []
+        crl = x509.load_pem_x509_crl(self.crl_path.read_bytes())
+        return [entry.serial_number for entry in crl]
+
+    def write_crl(self, add: list[int] | None = None) -> Path:
+        """Sign and write the CRL with every serial revoked so far (and ``add``).
+
+        Its next update is ``CA_DAYS`` away: OpenSSL refuses every certificate once a
+        CRL it checks has expired, so a development CRL must not lapse.
+        """
+        ca_cert, ca_key = self._load()
+        now = dt.datetime.now(dt.UTC)
+        builder = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
+                   .last_update(now - dt.timedelta(minutes=5))
+                   .next_update(now + dt.timedelta(days=CA_DAYS)))
+        for serial in sorted({*self.revoked(), *(add or [])}):
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial)
+                .revocation_date(now - dt.timedelta(minutes=5)).build())
+        crl = builder.sign(ca_key, hashes.SHA256())
+        self.crl_path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+        return self.crl_path
+
+    def revoke(self, identity: str) -> int | None:
+        """Put the client certificate of ``identity`` on the CRL; its serial (None: none)."""
+        cert_path = self.folder / "clients" / f"{identity}.crt"
+        if not cert_path.exists():
+            return None
+        serial = x509.load_pem_x509_certificate(cert_path.read_bytes()).serial_number
+        self.write_crl([serial])
+        return int(serial)
+
     def _load(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         if not self.exists():
             raise CredentialError("CA", f"no CA in {self.folder}; run `edgefl broker init --tls`")

@@ -111,6 +111,8 @@ def init_broker(settings: BrokerSettings, *, log_to_file: bool = False) -> Ident
         ca.create()
         if not (layout.pki / "server.crt").exists():
             ca.issue_server(settings.server_hostnames)
+        if not ca.crl_path.exists():  # the TLS listener reads it (empty at first)
+            ca.write_crl()
     cloud = add_identity(settings, settings.cloud_username, tls=settings.tls.enabled,
                          allow_cloud=True)
     write_config_files(settings, log_to_file=log_to_file)
@@ -239,6 +241,10 @@ def remove_identity(settings: BrokerSettings, username: str) -> bool:
         write_private(layout.observers, json.dumps(known, indent=1) + "\n")
         layout.observer_acl.write_text(render_observer_acl(settings.topic_root, known))
     layout.secret_file(username).unlink(missing_ok=True)
+    ca = DevCA(layout.pki)
+    if ca.exists() and ca.revoke(username) is not None:
+        existed = True
+        logger.info("%s: certificate revoked (%s)", username, ca.crl_path)
     for suffix in (".crt", ".key"):  # the CA's copy of a client certificate and its key
         path = layout.pki / "clients" / f"{username}{suffix}"
         existed = path.exists() or existed
@@ -261,5 +267,34 @@ def reload_running_broker(settings: BrokerSettings) -> bool:
             return False
         os.kill(pid, signal.SIGHUP)
     except (ValueError, ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+LAUNCHER_PID = "launcher.pid"
+"""Written by ``edgefl broker`` (the process that runs Mosquitto in the foreground)."""
+
+
+def restart_running_broker(settings: BrokerSettings) -> bool:
+    """Ask the ``edgefl broker`` launcher to restart Mosquitto (SIGUSR1).
+
+    Measured with Mosquitto 2.0.11: after a SIGHUP a new connection with a revoked
+    certificate fails, but an open TLS session stays connected; a restart closes it
+    (every client reconnects; sessions and retained messages are persisted) and the
+    revoked certificate is refused from then on.
+
+    Returns:
+        Whether a launcher was signalled.
+    """
+    pid_file = settings.layout.root / LAUNCHER_PID
+    if not pid_file.exists():
+        return False
+    try:
+        pid = int(pid_file.read_text().strip())
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            if b"broker" not in handle.read():
+                return False
+        os.kill(pid, signal.SIGUSR1)
+    except (ValueError, OSError):
         return False
     return True

@@ -32,6 +32,9 @@ class TlsListenerSettings(SettingsSection):
     cafile: Path | None = Field(default=None, description="Defaults to the data folder's CA")
     certfile: Path | None = None
     keyfile: Path | None = None
+    crlfile: Path | None = Field(
+        default=None, description="Revoked client certificates; defaults to the data "
+        "folder CA's crl.pem (kept by remove-device) when that CA is used")
 
 
 class BrokerSettings(BaseSettings):

@@ -18,10 +18,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from broker.launcher import free_port, port_accepts
 from broker.pki import DevCA
 from schemas.base import decode_message, now
 from schemas.device import DeviceState, HardwareInfo
 from schemas.topics import TopicKind, Topics
+from tests.agent_fixtures import wait_until
 from tests.conftest import RunningBroker
 from tests.mqtt_client import SyncClient, TlsFiles
 
@@ -356,3 +358,72 @@ def test_a_fleet_connects_with_certificates(mosquitto: RunningBroker, topics: To
         cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
     assert missing.returncode == 2 and "tlsfleet-002" in missing.stderr, missing.stderr
     assert missing.stderr.count("\n") == 1
+
+
+def test_a_removed_device_s_certificate_is_revoked_and_its_session_closed(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "broker"
+    ports = {name: free_port() for name in ("device", "tls", "service", "observer")}
+    base = [sys.executable, "-m", "edgefl", "broker"]
+    launcher = subprocess.Popen(
+        [*base, "--data-dir", str(data), "--tls", "--port", str(ports["device"]),
+         "--tls-port", str(ports["tls"]), "--service-port", str(ports["service"]),
+         "--observer-port", str(ports["observer"])],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    clients: list[SyncClient] = []
+
+    def connect(device_id: str) -> SyncClient:
+        pki = data / "pki"
+        client = SyncClient("127.0.0.1", ports["tls"], client_id=device_id, tls=TlsFiles(
+            pki / "ca.crt", pki / "clients" / f"{device_id}.crt",
+            pki / "clients" / f"{device_id}.key"))
+        clients.append(client)
+        return client
+
+    try:
+        wait_until(lambda: port_accepts("127.0.0.1", ports["tls"]), timeout=30,
+                   what="the TLS listener")
+        for device_id in ("keep-1", "gone-1"):
+            added = subprocess.run([*base, "add-device", device_id, "--tls", "--data-dir",
+                                    str(data)], cwd=REPO, capture_output=True, text=True,
+                                   timeout=60, check=False)
+            assert added.returncode == 0, added.stderr
+        kept, gone = connect("keep-1"), connect("gone-1")
+        assert not kept.connect().is_failure and not gone.connect().is_failure
+        # What the device holds (remove-device deletes the CA's copy of its key).
+        revoked_cert = (data / "pki" / "clients" / "gone-1.crt").read_bytes()
+        held = TlsFiles(data / "pki" / "ca.crt", tmp_path / "gone.crt", tmp_path / "gone.key")
+        held.cert.write_bytes(revoked_cert)
+        held.key.write_bytes((data / "pki" / "clients" / "gone-1.key").read_bytes())
+        removed = subprocess.run([*base, "remove-device", "gone-1", "--data-dir", str(data)],
+                                 cwd=REPO, capture_output=True, text=True, timeout=60,
+                                 check=False)
+        assert removed.returncode == 0, removed.stderr
+        assert "certificate revoked" in removed.stdout
+        assert "restarting to load the CRL" in removed.stdout, removed.stdout
+        # The open session is closed (the broker restarts with the CRL) ...
+        wait_until(lambda: not gone.client.is_connected(), timeout=30,
+                   what="the revoked device disconnected")
+        wait_until(lambda: port_accepts("127.0.0.1", ports["tls"]), timeout=30,
+                   what="the TLS listener back")
+        # ... the revoked certificate is refused from then on, another device's is not.
+        keep_again = connect("keep-1")
+        assert not keep_again.connect().is_failure
+        retry = SyncClient("127.0.0.1", ports["tls"], client_id="gone-1", tls=held)
+        clients.append(retry)
+        assert retry.connect(timeout=5).is_failure or not retry.client.is_connected()
+        assert not (data / "pki" / "clients" / "gone-1.key").exists()
+        serial = x509.load_pem_x509_certificate(revoked_cert).serial_number
+        assert serial in DevCA(data / "pki").revoked()
+    finally:
+        for client in clients:
+            client.close()
+        launcher.send_signal(signal.SIGTERM)
+        try:
+            out, _ = launcher.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            launcher.kill()
+            out, _ = launcher.communicate()
+    assert launcher.returncode == 0, out
+    assert "restarted" in out and "to load the CRL" in out, out
