@@ -115,6 +115,43 @@ def test_bad_updates_are_rejected_with_reasons_and_the_round_completes(
         device.client.close()
 
 
+def test_an_update_replayed_into_a_later_round_is_refused(
+    make_cloud: CloudFactory, mosquitto: RunningBroker, topics: Topics,
+    new_device_id: Callable[[], str],
+) -> None:
+    cloud = make_cloud(fl={TASK: fl_config(rounds=2, min_fit_clients=2,
+                                           min_available_clients=2)})
+    a = HandDevice(mosquitto, topics, new_device_id())
+    b = HandDevice(mosquitto, topics, new_device_id())
+    first = a.plan(1)
+    good = zeros(a.global_weights(first.global_version))
+    envelope = UpdateEnvelope(task=TASK, round=1, device_id=a.id,
+                              base_version=first.global_version, num_examples=10,
+                              train_loss=1.0, sent_at=now())
+    sent = encode(good, envelope)  # what crossed the broker in round 1
+    assert a.client.publish(topics.update(TASK, 1, a.id), sent) in (0, 0x10)
+    b.send(first, good)
+    second = a.plan(2)
+    # The same bytes again, now on round 2's topic; and a copy relabelled round 2 that
+    # still trained from round 1's weights.
+    assert a.client.publish(topics.update(TASK, 2, a.id), sent) in (0, 0x10)
+    relabelled = envelope.model_copy(update={"round": 2})
+    assert a.client.publish(topics.update(TASK, 2, a.id), encode(good, relabelled)) in (0, 0x10)
+    coordinator = cloud.service.coordinators[TASK]
+    wait_until(lambda: sum(coordinator.round.counts.values()) >= 2, timeout=30,
+               what="both replays refused")
+    a.send(second, good)
+    b.send(second, good)
+    wait_until(lambda: coordinator.state.state is TaskState.FINISHED, timeout=30,
+               what="round 2 closed")
+    record = coordinator.history()[-1]
+    assert record.round == 2
+    assert record.rejected_counts == {"envelope_mismatch": 1, "stale_base": 1}
+    assert sorted(record.participants) == sorted([a.id, b.id])
+    for device in (a, b):
+        device.client.close()
+
+
 def test_a_device_that_disconnects_mid_round_closes_at_the_deadline(
     make_cloud: CloudFactory, make_agent: AgentFactory, mosquitto: RunningBroker,
     topics: Topics, new_device_id: Callable[[], str],
