@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import random
 import secrets
 import threading
 import time
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 
@@ -125,6 +126,24 @@ class CloudService:
                            folder=self.settings.data_dir / "fl" / name, publish=self.publish,
                            ack=self.link.ack, health=self.health, models=self.models)
 
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop,
+                        context: dict[str, Any]) -> None:
+        """The event loop's handler: one known aiomqtt race counted, the rest as usual.
+
+        aiomqtt registers the socket for writing with ``call_soon_threadsafe(add_writer,
+        fd)``; when the connection closes before that callback runs (a broker restart),
+        ``add_writer`` fails with EBADF on the closed descriptor. Nothing is lost: the
+        connection is gone and the service reconnects. It is counted
+        (``mqtt_stale_socket``), not logged as an error.
+        """
+        exc = context.get("exception")
+        handle = repr(context.get("handle", ""))
+        if isinstance(exc, OSError) and exc.errno == errno.EBADF and "add_writer" in handle:
+            self.health.error("mqtt_stale_socket")
+            logger.debug("write registration on a closed MQTT socket ignored: %s", exc)
+            return
+        loop.default_exception_handler(context)
+
     # -- publishing ---------------------------------------------------------------
 
     async def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
@@ -145,6 +164,7 @@ class CloudService:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set, reconnecting with jittered backoff."""
+        asyncio.get_running_loop().set_exception_handler(self._loop_exception)
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group

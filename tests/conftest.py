@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from broker.errors import BrokerStartError
 from broker.launcher import MosquittoProcess, find_mosquitto, free_port
 from broker.provision import Identity, add_identity, init_broker, write_config_files
 from broker.settings import BrokerSettings, TlsListenerSettings
@@ -119,17 +120,28 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningBroke
 
 @contextmanager
 def own_mosquitto(folder: Path, device_ids: tuple[str, ...]) -> Iterator[RunningBroker]:
-    """A Mosquitto of a test's own (persistence on) that the test may stop and restart."""
-    settings = BrokerSettings(data_dir=folder, port=free_port(), service_port=free_port(),
-                              observer_port=free_port(),
-                              topic_root=TEST_ROOT_FILTER, autosave_interval_s=1)
-    cloud = init_broker(settings, log_to_file=True)
-    identities = {cloud.username: cloud}
-    for device_id in device_ids:
-        identities[device_id] = add_identity(settings, device_id)
-    config = write_config_files(settings, log_to_file=True)
-    process = MosquittoProcess(config, settings.host, settings.port,
-                               log_file=settings.layout.log).start()
+    """A Mosquitto of a test's own (persistence on) that the test may stop and restart.
+
+    Free ports are picked, then bound by Mosquitto a moment later; a client connection of
+    another test may take one in between (an ephemeral port): then new ports are picked.
+    """
+    for attempt in range(3):
+        settings = BrokerSettings(data_dir=folder, port=free_port(), service_port=free_port(),
+                                  observer_port=free_port(),
+                                  topic_root=TEST_ROOT_FILTER, autosave_interval_s=1)
+        cloud = init_broker(settings, log_to_file=True)
+        identities = {cloud.username: cloud}
+        for device_id in device_ids:
+            identities[device_id] = add_identity(settings, device_id)
+        config = write_config_files(settings, log_to_file=True)
+        try:
+            process = MosquittoProcess(config, settings.host, settings.port,
+                                       log_file=settings.layout.log).start()
+            break
+        except BrokerStartError as exc:
+            if "Address already in use" not in str(exc) or attempt == 2:
+                raise
+            settings.layout.log.unlink(missing_ok=True)
     broker = RunningBroker(settings.host, settings.port, 0, settings, process, identities)
     try:
         yield broker

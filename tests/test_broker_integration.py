@@ -364,13 +364,8 @@ def test_a_removed_device_s_certificate_is_revoked_and_its_session_closed(
     tmp_path: Path,
 ) -> None:
     data = tmp_path / "broker"
-    ports = {name: free_port() for name in ("device", "tls", "service", "observer")}
     base = [sys.executable, "-m", "edgefl", "broker"]
-    launcher = subprocess.Popen(
-        [*base, "--data-dir", str(data), "--tls", "--port", str(ports["device"]),
-         "--tls-port", str(ports["tls"]), "--service-port", str(ports["service"]),
-         "--observer-port", str(ports["observer"])],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    launcher, ports = _launch(base, data)
     clients: list[SyncClient] = []
 
     def connect(device_id: str) -> SyncClient:
@@ -382,8 +377,6 @@ def test_a_removed_device_s_certificate_is_revoked_and_its_session_closed(
         return client
 
     try:
-        wait_until(lambda: port_accepts("127.0.0.1", ports["tls"]), timeout=30,
-                   what="the TLS listener")
         for device_id in ("keep-1", "gone-1"):
             added = subprocess.run([*base, "add-device", device_id, "--tls", "--data-dir",
                                     str(data)], cwd=REPO, capture_output=True, text=True,
@@ -427,3 +420,23 @@ def test_a_removed_device_s_certificate_is_revoked_and_its_session_closed(
             out, _ = launcher.communicate()
     assert launcher.returncode == 0, out
     assert "restarted" in out and "to load the CRL" in out, out
+
+
+def _launch(base: list[str], data: Path) -> tuple[subprocess.Popen[str], dict[str, int]]:
+    """``edgefl broker --tls`` on free ports, listening; new ports if one was taken meanwhile
+    (a client connection of another test may hold a port picked free a moment before)."""
+    for _ in range(3):
+        ports = {name: free_port() for name in ("device", "tls", "service", "observer")}
+        launcher = subprocess.Popen(
+            [*base, "--data-dir", str(data), "--tls", "--port", str(ports["device"]),
+             "--tls-port", str(ports["tls"]), "--service-port", str(ports["service"]),
+             "--observer-port", str(ports["observer"])],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_until(lambda: launcher.poll() is not None  # noqa: B023 - polled in this loop
+                   or port_accepts("127.0.0.1", ports["tls"]), timeout=30,  # noqa: B023
+                   what="the TLS listener")
+        if launcher.poll() is None:
+            return launcher, ports
+        out, _ = launcher.communicate()
+        assert "already in use" in out, out
+    raise AssertionError("no free ports for the broker after 3 attempts")

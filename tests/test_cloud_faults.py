@@ -24,7 +24,7 @@ from cloud.settings import CloudSettings
 from schemas.base import now
 from schemas.topics import TopicKind, Topics
 from tests.agent_fixtures import AgentFactory, wait_until
-from tests.cloud_fixtures import TEST_RULES
+from tests.cloud_fixtures import TEST_RULES, CloudFactory
 from tests.cloud_process import CloudProcess
 from tests.conftest import RunningBroker
 from tests.test_cloud_service import Device
@@ -391,3 +391,24 @@ def test_two_cloud_processes_with_one_instance_name_say_so_and_back_off(
     finally:
         first.close()
         second.close()
+
+
+@pytest.mark.allow_logged_exceptions  # the second case goes to asyncio's own handler
+def test_a_write_registration_on_a_closed_socket_is_counted_not_logged(
+    make_cloud: CloudFactory, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # aiomqtt schedules add_writer(fd) from paho's callback; a broker restart may close
+    # the socket before it runs: EBADF inside the event loop, nothing lost.
+    service = make_cloud().service
+    loop = asyncio.new_event_loop()
+    try:
+        stale = {"message": "Exception in callback", "exception": OSError(9, "Bad file "
+                 "descriptor"), "handle": "<Handle BaseSelectorEventLoop.add_writer(14)>"}
+        service._loop_exception(loop, stale)
+        assert service.health.errors["mqtt_stale_socket"] == 1
+        assert not [r for r in caplog.records if r.levelname == "ERROR"]
+        other = {"message": "Exception in callback", "exception": ValueError("boom")}
+        service._loop_exception(loop, other)  # anything else: the loop's default handler
+        assert [r for r in caplog.records if r.name == "asyncio" and r.levelname == "ERROR"]
+    finally:
+        loop.close()

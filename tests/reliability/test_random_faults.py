@@ -204,6 +204,11 @@ def test_a_task_and_the_fleet_survive_random_kills_of_broker_cloud_and_device(
         state = task_state(cloud)
         assert state is not None and state["state"] == "finished", state
 
+        # A fault may have been the last thing that happened: an agent still waiting to
+        # reconnect would keep its last message in its outbox (not lost: sent at its next
+        # start), so the agents stop once they are connected and can flush it.
+        wait_until(lambda: all(a.session.connected.is_set() for a in agents), timeout=90,
+                   what="every agent reconnected")
         for agent in agents:
             agent.stop()
         device.stop()
