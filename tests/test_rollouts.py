@@ -226,9 +226,13 @@ def test_a_canary_rollout_widens_step_by_step_to_the_whole_fleet(
     assert cloud.service.models.get(MODEL, "1.0.0").state is VersionState.ACTIVE
     events = [e.event for e in cloud.service.models.events(MODEL, "1.0.0")]
     assert events == ["registered", "canary", "active"]
-    # Every step went to the sinks (here SQLite; InfluxDB for Grafana the same way).
-    steps = cloud.rows("SELECT event, stage, targets, installed FROM rollout_events "
-                       "WHERE rollout=? ORDER BY ts", (done["rollout"],))
+    # Every step went to the sinks (here SQLite; InfluxDB for Grafana the same way). The
+    # state is saved before the step's event is written: wait for the last one.
+    query = ("SELECT event, stage, targets, installed FROM rollout_events WHERE rollout=? "
+             "ORDER BY ts", (done["rollout"],))
+    wait_until(lambda: any(r["event"] == "completed" for r in cloud.rows(*query)),
+               timeout=15, what="the completed event stored")
+    steps = cloud.rows(*query)
     assert [(r["event"], r["stage"], r["targets"]) for r in steps] == [
         ("started", 0, 2), ("stage", 0, 2), ("stage", 1, 3), ("stage", 2, 6),
         ("completed", 2, 6)]
