@@ -59,6 +59,14 @@ class Targeting(WireModel):
 MAX_VARIANTS = 8
 
 
+def check_chunks(size_bytes: int, chunk_size: int, chunk_count: int) -> None:
+    """Raise ValueError unless ``chunk_count == ceil(size_bytes / chunk_size)``."""
+    expected = math.ceil(size_bytes / chunk_size)
+    if chunk_count != expected:
+        raise ValueError(f"chunk_count {chunk_count} != ceil(size_bytes / chunk_size) = "
+                         f"{expected}")
+
+
 class ReleaseVariant(WireModel):
     """Another build of the same release (another format or precision) a device may take.
 
@@ -77,11 +85,7 @@ class ReleaseVariant(WireModel):
 
     @model_validator(mode="after")
     def _chunks_cover_size(self) -> Self:
-        expected = math.ceil(self.size_bytes / self.chunk_size)
-        if self.chunk_count != expected:
-            raise ValueError(
-                f"chunk_count {self.chunk_count} != ceil(size_bytes / chunk_size) = {expected}"
-            )
+        check_chunks(self.size_bytes, self.chunk_size, self.chunk_count)
         return self
 
 
@@ -128,11 +132,7 @@ class ReleaseManifest(WireModel):
 
     @model_validator(mode="after")
     def _chunks_cover_size(self) -> Self:
-        expected = math.ceil(self.size_bytes / self.chunk_size)
-        if self.chunk_count != expected:
-            raise ValueError(
-                f"chunk_count {self.chunk_count} != ceil(size_bytes / chunk_size) = {expected}"
-            )
+        check_chunks(self.size_bytes, self.chunk_size, self.chunk_count)
         versions = [self.version, *(v.version for v in self.variants)]
         if len(set(versions)) != len(versions):
             raise ValueError("the variants' versions must differ from each other and from "
