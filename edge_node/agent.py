@@ -102,7 +102,8 @@ class EdgeAgent:
         self.store = ModelStore(self.state_dir / "models")
         self.session = MqttSession(settings, self.topics, birth=self._birth,
                                    on_message=self._on_message,
-                                   on_connected=lambda: self._events.put(("connected", None)))
+                                   on_connected=lambda: self._events.put(("connected", None)),
+                                   counters=self.counters)
         self.ota = OtaManager(
             device_id=self.device_id, topics=self.topics, store=self.store,
             inference=self.inference, settings=settings.ota,
@@ -121,7 +122,7 @@ class EdgeAgent:
             from edge_node.fl_client import FLClient  # torch only on devices that train
 
             self.fl = FLClient(self.device_id, self.topics, settings.fl,
-                               publish=self.session.publish,
+                               publish=self.send,
                                subscribe=self._fl_subscription, counters=self.counters,
                                state_dir=self.state_dir / "fl")
         self.commands = CommandRouter(self.device_id, self.counters, self._send_reply)
@@ -157,10 +158,11 @@ class EdgeAgent:
         self._events.put(("stop", None))
         if self._thread is not None:
             self._thread.join(10)
-        self._flush_outbox(self.settings.mqtt.publish_timeout_s)
         self.ota.stop()
         if self.fl is not None:
             self.fl.stop()
+        self._take_sends()  # what the job threads sent last goes to the outbox too
+        self._flush_outbox(self.settings.mqtt.publish_timeout_s)
         offline = None
         if self.session.bd_seq >= 0:  # never connected: there is nothing to say offline
             offline = DeviceState(device_id=self.device_id, state="offline",
@@ -253,6 +255,8 @@ class EdgeAgent:
                     self.commands.dispatch(*data)
                 elif kind == "report":
                     self.report()
+                elif kind == "send":
+                    self._store_and_forward(*data)
                 self._sweep_acks()
                 self._drain()
                 if time.monotonic() >= next_report:
@@ -332,20 +336,53 @@ class EdgeAgent:
         except PacketTooLargeError:
             self.counters.add("refused_packet_too_large")
             raise
+        self._store_and_forward(topic, payload, retain=False)
+
+    def send(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """Publish through the outbox, from any thread (replies, deployment status, FL).
+
+        The size is checked at once (PacketTooLargeError to the caller); the agent
+        thread, the outbox's one owner, writes it and hands it to paho, so what is not
+        yet acknowledged survives a broker outage, a disconnect and a restart.
+        """
+        self.session.check_size(topic, payload)
+        if threading.current_thread() is self._thread:
+            self._store_and_forward(topic, payload, retain=retain)
+        else:
+            self._events.put(("send", (topic, payload, retain)))
+
+    def _take_sends(self) -> None:
+        """At stop, once the agent thread has ended: move queued sends to the outbox."""
+        while True:
+            try:
+                kind, data = self._events.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "send":
+                try:
+                    self._store_and_forward(*data)
+                except sqlite3.Error as exc:
+                    logger.warning("%s: a message sent at stop was not stored: %s",
+                                   self.device_id, exc)
+
+    def _store_and_forward(self, topic: str, payload: bytes, retain: bool) -> None:
+        """Append to the outbox and hand it to paho when nothing waits before it."""
+        connected = self.session.connected.is_set()
         try:
-            message_id, _ = self.buffer.append(topic, payload)
-        except sqlite3.Error as exc:
-            self.counters.add("buffer_disk_error")
+            message_id, _ = self.buffer.append(topic, payload, retain=retain)
+        except (sqlite3.Error, ValueError) as exc:  # the disk, or larger than the whole cap
+            self.counters.add("buffer_disk_error" if isinstance(exc, sqlite3.Error)
+                              else "buffer_message_over_cap")
             logger.warning("%s: outbox write failed (%s); %s", self.device_id, exc,
                            "publishing without it" if connected else "message lost")
             if connected:
-                self.session.publish(topic, payload)
+                self.session.publish(topic, payload, retain=retain)
             else:
                 self.counters.add("buffer_lost_disk_error")
             return
         if connected and self._handed_upto == message_id - 1 \
                 and self._inflight < MAX_INFLIGHT:
-            self._hand(message_id, topic, payload, retain=False)
+            self._hand(message_id, topic, payload, retain=retain)
 
     def _hand(self, message_id: int, topic: str, payload: bytes, *, retain: bool) -> None:
         """Give one outbox message to paho (which re-sends it after a reconnect)."""
@@ -425,8 +462,8 @@ class EdgeAgent:
     # -- deployment status -------------------------------------------------------
 
     def _publish_status(self, status: DeploymentStatus) -> None:
-        self.session.publish(self.topics.deployment_status(self.device_id, status.model),
-                             status.to_json(), retain=True)
+        self.send(self.topics.deployment_status(self.device_id, status.model),
+                  status.to_json(), retain=True)
 
     # -- inference API -------------------------------------------------------------
 
@@ -439,14 +476,14 @@ class EdgeAgent:
     def _send_reply(self, name: str, result: CommandResult) -> None:
         topic = self.topics.command_reply(self.device_id, name)
         try:
-            self.session.publish(topic, result.to_json())
+            self.send(topic, result.to_json())
         except PacketTooLargeError as exc:  # refused here, never sent to wedge the session
             self.counters.add("refused_packet_too_large")
             logger.warning("%s: reply to %s not sent: %s", self.device_id, name, exc)
             error = CommandResult(correlation_id=result.correlation_id,
                                   device_id=self.device_id, command=name, ts=now(),
                                   status=CommandStatus.ERROR, error=f"result too large: {exc}")
-            self.session.publish(topic, error.to_json())
+            self.send(topic, error.to_json())
 
     def _register_commands(self) -> None:
         router = self.commands

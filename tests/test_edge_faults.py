@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,13 @@ from edge_node.inference_service import InferenceService
 from edge_node.model_store import InstalledModel
 from edge_node.offline_buffer import OfflineBuffer
 from schemas.base import ModelFormat, decode_message
-from schemas.device import CommandResult, CommandStatus, DeviceTelemetry
+from schemas.device import (
+    CommandResult,
+    CommandStatus,
+    DeploymentState,
+    DeploymentStatus,
+    DeviceTelemetry,
+)
 from schemas.topics import Topics
 from tests.agent_fixtures import AgentFactory, agent_settings, send_command, telemetry, wait_until
 from tests.conftest import RunningBroker
@@ -131,6 +138,68 @@ def test_a_full_disk_is_counted_reported_and_the_agent_keeps_going(
         assert agent._thread is not None and agent._thread.is_alive()
     finally:
         agent.stop()
+        observer.close()
+
+
+@pytest.mark.integration
+def test_replies_status_and_updates_wait_in_the_outbox_across_an_outage_and_a_restart(
+    restartable_mosquitto: RunningBroker, topics: Topics, tmp_path: Path,
+) -> None:
+    """Issue 9 item 8: the outbox, not paho's memory, holds every unacknowledged message.
+
+    A command reply, a deployment status and an FL update produced on other threads while
+    the broker is away survive the agent's stop and are delivered by the next start.
+    """
+    broker = restartable_mosquitto
+    reply_topic = topics.command_reply("dev-a", "ping")
+    status_topic = topics.deployment_status("dev-a", "digits")
+    update_topic = topics.update("digits", 3, "dev-a")
+    observer = SyncClient(broker.host, broker.service_port, client_id="observer-outbox",
+                          username=broker.cloud_username,
+                          password=broker.password(broker.cloud_username), session_expiry=600)
+    assert not observer.connect().is_failure
+    for topic in (reply_topic, status_topic, update_topic):
+        observer.subscribe(topic)
+    settings = agent_settings(broker, topics, "dev-a", tmp_path / "dev-a", interval_s=30)
+    agent = EdgeAgent(settings)
+    agent.start()
+    second: EdgeAgent | None = None
+    try:
+        assert agent.session.connected.wait(10)
+        broker.process.stop()
+        wait_until(lambda: not agent.session.connected.is_set(), what="agent offline")
+        reply = CommandResult(correlation_id="c0ffee", device_id="dev-a", command="ping",
+                              ts=time.time(), status=CommandStatus.OK, result={"pong": 1})
+        status = DeploymentStatus(device_id="dev-a", model="digits", ts=time.time(),
+                                  state=DeploymentState.INSTALLED, active_version="1.0.0",
+                                  slot="A")
+        update = b"\x00update bytes of round 3" * 100
+
+        def job_thread() -> None:  # as the command, OTA and FL threads do
+            agent._send_reply("ping", reply)
+            agent._publish_status(status)
+            agent.send(update_topic, update)
+
+        worker = threading.Thread(target=job_thread)
+        worker.start()
+        worker.join(10)
+        agent.stop()
+        assert rows_on_disk(tmp_path / "dev-a" / "outbox.sqlite3") >= 3
+        broker.process.start()
+        second = EdgeAgent(settings)
+        second.start()
+        got = {}
+        for topic in (reply_topic, status_topic, update_topic):
+            got[topic] = observer.wait_for(partial(lambda t, m: m.topic == t, topic),
+                                           timeout=20)
+        assert decode_message(CommandResult, got[reply_topic].payload) == reply
+        assert decode_message(DeploymentStatus, got[status_topic].payload) == status
+        assert got[update_topic].payload == update
+        wait_until(lambda: rows_on_disk(tmp_path / "dev-a" / "outbox.sqlite3") == 0,
+                   what="the outbox emptied by the acknowledgements")
+    finally:
+        if second is not None:
+            second.stop()
         observer.close()
 
 

@@ -46,3 +46,15 @@ def test_bad_settings_fail_at_start(tmp_path: Path) -> None:
                                                       "reconnect_max_s": 1})
     with pytest.raises(ConfigFileError):
         EdgeSettings.load(tmp_path / "missing.toml", device_id="x")
+
+
+def test_the_agents_packet_limit_is_the_project_brokers() -> None:
+    """Under MQTT 3.1.1 the broker advertises no maximum: the agent's default must be the
+    limit the project's Mosquitto config sets, or oversized packets wedge the session."""
+    from broker.config import render_config
+    from broker.settings import BrokerSettings
+    from edge_node.settings import MqttSettings
+
+    broker = BrokerSettings()
+    assert MqttSettings().max_packet_bytes == broker.max_packet_size
+    assert f"max_packet_size {broker.max_packet_size}" in render_config(broker)
