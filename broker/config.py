@@ -79,6 +79,7 @@ def cloud_write_topics() -> list[str]:
         _template(TopicKind.COMMAND_REPLY, device_id="+", command="+"),
         _template(TopicKind.UPDATE, task="+", round="+", device_id="+"),
         _template(TopicKind.EVAL, task="+", round="+", device_id="+"),
+        _template(TopicKind.SECAGG_DEVICE, task="+", round="+", stage="+", device_id="+"),
         _template(TopicKind.COMMAND, device_id="+", command="+"),
         _template(TopicKind.ROUND_PLAN, task="+"),
         "fl/+/global/#",

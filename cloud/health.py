@@ -3,9 +3,9 @@
 Every message is accepted or refused (with a reason), duplicates and
 rate-limited ones are counted apart, and so is whatever failed inside the
 service. The counts are persisted with each committed batch (so they survive a
-restart and match what was acknowledged), published retained on
-``cloud/health/{instance}``, written to the sinks and shown by
-``edgefl cloud status``.
+restart and match what was acknowledged), on the health interval when they
+changed and at a stop, published retained on ``cloud/health/{instance}``,
+written to the sinks and shown by ``edgefl cloud status``.
 """
 
 from __future__ import annotations
@@ -13,10 +13,30 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
+
 from schemas.alerts import CloudHealth
 from schemas.base import now
 
 STATE_KEY = "cloud_health"
+
+_Counts = dict[str, NonNegativeInt]
+
+
+class SavedHealth(BaseModel):
+    """The persisted counts (strict: a corrupt record is refused whole, never half-restored).
+
+    Unknown keys are ignored, so a record written by a newer version still loads.
+    """
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="ignore")
+
+    accepted: _Counts = Field(default_factory=dict)
+    duplicates: _Counts = Field(default_factory=dict)
+    rate_limited: _Counts = Field(default_factory=dict)
+    stored: _Counts = Field(default_factory=dict)
+    refused: dict[str, _Counts] = Field(default_factory=dict)
+    errors: _Counts = Field(default_factory=dict)
 
 
 class HealthCounters:
@@ -72,15 +92,23 @@ class HealthCounters:
                 "refused": {k: dict(v) for k, v in self.refused.items() if v},
                 "errors": dict(self.errors)}
 
-    def restore(self, saved: dict[str, Any]) -> None:
-        """Continue from the counts saved before a restart."""
-        self.accepted.update(saved.get("accepted", {}))
-        self.duplicates.update(saved.get("duplicates", {}))
-        self.rate_limited.update(saved.get("rate_limited", {}))
-        self.stored.update(saved.get("stored", {}))
-        for kind, reasons in saved.get("refused", {}).items():
+    def restore(self, saved: object) -> None:
+        """Continue from the counts saved before a restart (``None``: nothing saved).
+
+        Raises:
+            pydantic.ValidationError: the record is not a snapshot of counts; nothing
+                is restored then.
+        """
+        if saved is None:
+            return
+        counts = SavedHealth.model_validate(saved)
+        self.accepted.update(counts.accepted)
+        self.duplicates.update(counts.duplicates)
+        self.rate_limited.update(counts.rate_limited)
+        self.stored.update(counts.stored)
+        for kind, reasons in counts.refused.items():
             self.refused[kind].update(reasons)
-        self.errors.update(saved.get("errors", {}))
+        self.errors.update(counts.errors)
 
     def message(self, *, instance: str, started_at: float, connected: bool,
                 queues: dict[str, int]) -> CloudHealth:

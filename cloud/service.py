@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import math
 import random
 import secrets
 import threading
@@ -55,7 +56,7 @@ from schemas.alerts import CloudHealth, CloudState
 from schemas.base import decode_message, now
 from schemas.catalog import content_type
 from schemas.errors import DecodeError, TopicError
-from schemas.topics import TopicKind, Topics
+from schemas.topics import ParsedTopic, TopicKind, Topics
 
 if TYPE_CHECKING:
     from cloud.fl.coordinator import Coordinator
@@ -67,10 +68,12 @@ HOUSEKEEPING_S = 1.0
 TASK_REQUESTS_S = 0.5
 TWIN_MEMORY_S = 60.0
 """How long another process with this instance name is remembered (for the backoff)."""
+FL_DEVICE_KINDS = (TopicKind.UPDATE, TopicKind.EVAL, TopicKind.SECAGG_DEVICE)
+"""What a device publishes for a federated task (subscribed for every task, ``fl/+/...``)."""
 NOT_RETAINED = frozenset({TopicKind.TELEMETRY, TopicKind.MODEL_METRICS, TopicKind.COMMAND_REPLY,
-                          TopicKind.UPDATE, TopicKind.EVAL})
+                          *FL_DEVICE_KINDS})
 """Device topics that are never retained by design: a retained message there is refused."""
-DEVICE_KINDS = INGESTED_KINDS | {TopicKind.UPDATE, TopicKind.EVAL}
+DEVICE_KINDS = INGESTED_KINDS | set(FL_DEVICE_KINDS)
 """What a device publishes: each message is charged to its budget."""
 YIELD_EVERY = 64
 """The dispatcher yields to the other tasks at least every this many messages."""
@@ -90,7 +93,7 @@ class CloudService:
         self.twin_seen_at: float | None = None
         self.retained_to_clear: set[str] = set()
         self.store = SqliteStore(settings.sqlite_path)
-        self.health.restore(self.store.get(HEALTH_KEY) or {})
+        self._restore_health()
         self.influx = InfluxSink(settings.influx) if settings.influx else None
         self.sinks: list[TelemetrySink] = [self.store]
         if self.influx is not None:
@@ -117,6 +120,25 @@ class CloudService:
         self._fl_tasks: list[asyncio.Task[None]] = []
         self.connected = asyncio.Event()
         self.connections = 0
+
+    def _restore_health(self) -> None:
+        """Continue from the saved counters; a corrupt record is counted, never fatal."""
+        try:
+            self.health.restore(self.store.get(HEALTH_KEY))
+        except ValueError as exc:  # not JSON, or not counts (pydantic's ValidationError)
+            logger.warning("saved health counters unreadable, starting from zero: %s",
+                           str(exc)[:300])
+            self.health.error("health_restore_failed")
+
+    def _persist_health(self, snapshot: dict[str, Any]) -> None:
+        """Save the counters when the store holds others (worker thread).
+
+        Read and compared in one transaction: a batch of the ingest writer may have
+        saved an older snapshot after ours, so the store, not memory, says what is there.
+        """
+        with self.store.transaction():
+            if self.store.get(HEALTH_KEY) != snapshot:
+                self.store.put(HEALTH_KEY, snapshot)
 
     def _coordinator(self, name: str, config: FLTaskConfig) -> Coordinator:
         from cloud.fl.coordinator import Coordinator  # torch only where FL runs
@@ -245,12 +267,14 @@ class CloudService:
     async def _serve(self, stop: asyncio.Event) -> None:
         """One connection: announce, subscribe, resynchronise, dispatch until stop."""
         await self.publish(self.topics.cloud_state(), self._state("online"), True)
-        filters = [self.topics.cloud_state(), *self.ingest.filters()]
-        for name in self.coordinators:
-            filters += [self.topics.filter(TopicKind.UPDATE, task=name),
-                        self.topics.filter(TopicKind.EVAL, task=name)]
+        # Every task's updates, evaluations and secure-aggregation inputs, run here or not:
+        # a device may write them for any task, so whatever it leaves retained is seen
+        # (and cleared), and whatever it sends for a task not run here is counted.
+        filters = [self.topics.cloud_state(), *self.ingest.filters(),
+                   *(self.topics.filter(kind) for kind in FL_DEVICE_KINDS)]
         watched = frozenset(f for f in filters if self._not_retained(f))
         await self.link.subscribe(filters, retain_as_published=watched)
+        await self._drop_task_filters()
         self.connections += 1
         self.alerts.resume()
         self.alerts.on_connected()
@@ -271,6 +295,24 @@ class CloudService:
         if not stop.is_set():
             dispatcher.result()  # raises the MqttError that ended the connection
             raise aiomqtt.MqttError("dispatcher ended")
+
+    async def _drop_task_filters(self) -> None:
+        """Unsubscribe the per-task filters an older version left in the persistent session.
+
+        They overlap the ``fl/+/...`` filters, and the broker delivers a message once per
+        matching subscription. Done after subscribing the generic filters: a message in
+        between arrives twice (handled idempotently) rather than not at all.
+        """
+        legacy = [self.topics.filter(kind, task=name) for name in sorted(self.coordinators)
+                  for kind in (TopicKind.UPDATE, TopicKind.EVAL)]
+        if not legacy:
+            return
+        try:
+            async with asyncio.timeout(self.settings.mqtt.publish_timeout_s):
+                await self.link.client.unsubscribe(legacy, timeout=math.inf)
+        except TimeoutError:
+            raise aiomqtt.MqttError("no UNSUBACK within "
+                                    f"{self.settings.mqtt.publish_timeout_s} s") from None
 
     def _on_cloud_state(self, message: Inbound) -> None:
         """Another process announcing this instance name: say so (it takes our session)."""
@@ -314,6 +356,7 @@ class CloudService:
                 if fl or not writer.done():
                     await asyncio.wait([*fl, writer])
                 await self.ingest.flush()
+                await off_loop(self._persist_health, self.health.snapshot())
                 if connected:
                     await self.publish(self.topics.cloud_state(), self._state("offline"), True)
         except TimeoutError:
@@ -335,32 +378,27 @@ class CloudService:
         try:
             parsed = self.topics.parse(topic)
             kind = parsed.kind
-            if message.retain and kind in NOT_RETAINED:
-                if message.payload:  # data left retained where nothing is retained by design
-                    self.ingest.refuse(message, kind.value, "retained_not_allowed",
-                                       "the topic is not retained by design; clearing it")
-                    self.retained_to_clear.add(topic)
-                else:  # an empty retained message: a clear (ours coming back, or a device's)
-                    self.ingest.acknowledge_later(message)
+            retained = message.retain and kind in NOT_RETAINED
+            if retained and not message.payload:
+                # An empty retained message: a clear (ours coming back, or a device's).
+                # Not charged: it costs what a refusal costs, and our own clears coming
+                # back must not count against the device that left the data.
+                self.ingest.acknowledge_later(message)
                 return
             if parsed.device_id is not None and kind in DEVICE_KINDS \
                     and not self.budget.allow(parsed.device_id, len(message.payload)):
-                first = self.health.rate_limited[kind.value] == 0
-                self.health.limit(kind.value)
-                if first:
-                    logger.warning("%s is over its budget: refusing its messages (counted as "
-                                   "rate_limited)", parsed.device_id)
-                self.ingest.acknowledge_later(message)
+                self._rate_limited(parsed.device_id, kind, message, clear=retained)
                 return
-            if kind is TopicKind.CLOUD_STATE:
+            if retained:  # data left retained where nothing is retained by design
+                self.ingest.refuse(message, kind.value, "retained_not_allowed",
+                                   "the topic is not retained by design; clearing it")
+                self.retained_to_clear.add(topic)
+            elif kind is TopicKind.CLOUD_STATE:
                 self._on_cloud_state(message)
             elif kind in INGESTED_KINDS:
                 await self.ingest.handle(parsed, message)
-            elif kind in (TopicKind.UPDATE, TopicKind.EVAL) \
-                    and parsed.task in self.coordinators \
-                    and parsed.device_id is not None and parsed.round is not None:
-                self.coordinators[parsed.task].submit(kind, parsed.device_id,
-                                                      parsed.round, message)
+            elif kind in FL_DEVICE_KINDS:
+                self._on_fl_device(parsed, message)
             else:
                 self.ingest.refuse(message, kind.value, "unexpected_topic",
                                    "no component owns it")
@@ -370,6 +408,32 @@ class CloudService:
             self.health.error("dispatch_error")
             logger.exception("handling %s failed", topic)
             self.ingest.acknowledge_later(message)
+
+    def _rate_limited(self, device_id: str, kind: TopicKind, message: Inbound, *,
+                      clear: bool) -> None:
+        """Over its budget: counted as rate_limited whatever it is (retained data is cleared)."""
+        first = self.health.rate_limited[kind.value] == 0
+        self.health.limit(kind.value)
+        if first:
+            logger.warning("%s is over its budget: refusing its messages (counted as "
+                           "rate_limited)", device_id)
+        if clear:
+            self.retained_to_clear.add(message.topic)
+        self.ingest.acknowledge_later(message)
+
+    def _on_fl_device(self, parsed: ParsedTopic, message: Inbound) -> None:
+        """A live update, evaluation or secure-aggregation input: to its task's coordinator."""
+        kind = parsed.kind
+        coordinator = self.coordinators.get(parsed.task or "")
+        if coordinator is None:  # a task this service does not run: counted, quietly
+            self.health.refuse(kind.value, "unknown_task")
+            logger.debug("refused message on %s: unknown_task", message.topic)
+            self.ingest.acknowledge_later(message)
+        elif kind in (TopicKind.UPDATE, TopicKind.EVAL) and parsed.device_id is not None \
+                and parsed.round is not None:
+            coordinator.submit(kind, parsed.device_id, parsed.round, message)
+        else:  # secure aggregation does not go over these topics
+            self.ingest.refuse(message, kind.value, "unexpected_topic", "no component owns it")
 
     async def _flusher(self) -> None:
         """Push buffered sinks (InfluxDB) and alert on the cloud's own health."""
@@ -390,16 +454,23 @@ class CloudService:
             self.alerts.health("influx_sink", problem, float(stats.dropped))
 
     async def _housekeeping(self) -> None:
-        """Clear data retained where it must not be; publish and store the health."""
+        """Clear data retained where it must not be; store and publish the health.
+
+        The counters are saved on the health interval when they changed (connected or
+        not), so refusals counted after the ingest writer's last batch survive a restart.
+        """
         last_health = 0.0
         while True:
             await asyncio.sleep(HOUSEKEEPING_S)
             try:
+                report = time.monotonic() - last_health >= self.settings.health_interval_s
+                if report:
+                    last_health = time.monotonic()
+                    await off_loop(self._persist_health, self.health.snapshot())
                 for topic in sorted(self.retained_to_clear):
                     await self.publish(topic, b"", True)
                     self.retained_to_clear.discard(topic)
-                if time.monotonic() - last_health >= self.settings.health_interval_s:
-                    last_health = time.monotonic()
+                if report:
                     await self._report_health()
             except CloudOffline as exc:
                 logger.debug("housekeeping deferred: %s", exc)
@@ -452,13 +523,7 @@ class CloudService:
         self.coordinators[name] = coordinator
         assert self._group is not None  # noqa: S101 - set while the service runs
         self._fl_tasks.append(self._group.create_task(coordinator.run(), name=f"fl-{name}"))
-        if self.connected.is_set():
-            try:
-                await self.link.subscribe([self.topics.filter(TopicKind.UPDATE, task=name),
-                                           self.topics.filter(TopicKind.EVAL, task=name)],
-                                          retain_as_published=frozenset())
-            except (aiomqtt.MqttError, CloudOffline) as exc:
-                logger.info("subscription of %s deferred to the next connection: %s", name, exc)
+        if self.connected.is_set():  # its topics are subscribed already (fl/+/...)
             coordinator.connected()
         await off_loop(self.submissions.answer, request.id, "started")
         logger.info("federated task %s started (requested by edgefl fl start)", name)

@@ -58,6 +58,8 @@ class Channel:
     summary: str
     cleared: str | None = None
     """When an empty retained message clears the topic (None: never by design)."""
+    note: str | None = None
+    """What else a consumer must know (ordering against other channels)."""
 
 
 CHANNELS: Final[dict[TopicKind, Channel]] = {
@@ -93,13 +95,24 @@ CHANNELS: Final[dict[TopicKind, Channel]] = {
         Channel(TopicKind.SECAGG_BROADCAST, "cloud", 1, False, OCTET_STREAM, None,
                 "Secure aggregation: cloud to the round's devices (keys, shares, unmask requests)"),
         Channel(TopicKind.SECAGG_DEVICE, "device", 1, False, OCTET_STREAM, None,
-                "Secure aggregation: one device's keys, encrypted shares, masked input"),
+                "Secure aggregation: one device's keys, encrypted shares, masked input",
+                cleared=CLEARED_BY_CLOUD),
         Channel(TopicKind.TASK_STATUS, "cloud", 1, True, JSON, TaskStatus,
                 "Progress and metrics of a federated task"),
         Channel(TopicKind.RELEASE, "cloud", 1, True, JSON, ReleaseManifest,
-                "Signed release manifest of a model version; its chunks are published first"),
+                "Signed release manifest of a model version; its chunks are published first",
+                cleared="when the release is retired, or a rollout is aborted with no earlier "
+                "release to restore",
+                note="Chunks before the manifest: every chunk the manifest lists is published "
+                "retained (QoS 1, acknowledged) on `models/{model}/versions/{version}/chunks/"
+                "{chunk}` before the manifest itself, so a device that receives the manifest "
+                "finds all of its chunks retained."),
         Channel(TopicKind.CHUNK, "cloud", 1, True, OCTET_STREAM, None,
-                "Raw bytes of one chunk of a released model file"),
+                "Raw bytes of one chunk of a released model file",
+                cleared="when the version is no longer released (retired or replaced), and "
+                "after a fleet benchmark of a version that is not released",
+                note="Published before the release manifest that lists it (see the release "
+                "channel); a manifest never names a chunk that is not yet retained."),
         Channel(TopicKind.CLOUD_STATE, "cloud", 1, True, JSON, CloudState,
                 "Cloud online/offline (LWT), like Sparkplug's primary-host STATE"),
         Channel(TopicKind.CLOUD_HEALTH, "cloud", 1, True, JSON, CloudHealth,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import stat
 import time
 from collections.abc import Callable
@@ -20,10 +21,10 @@ from edge_node.inference import load_runtime
 from edge_node.model_store import InstalledModel
 from schemas.alerts import CloudHealth
 from schemas.base import ModelFormat, decode_message, now
-from schemas.codec import encode
+from schemas.codec import decode, encode
 from schemas.device import CommandStatus, DeviceState, DeviceTelemetry
-from schemas.fl import UpdateEnvelope
-from schemas.topics import Topics
+from schemas.fl import GlobalModelEnvelope, RoundPlan, TaskState, UpdateEnvelope
+from schemas.topics import TopicKind, Topics
 from tests.agent_fixtures import AgentFactory, agent_settings, send_command, wait_until
 from tests.cloud_fixtures import CloudFactory, RunningCloud
 from tests.cloud_process import CloudProcess
@@ -36,6 +37,7 @@ from tests.test_fl_rounds import TASK, fl_config
 
 pytestmark = pytest.mark.integration
 NO_BUDGET = {"rate_limit": {"enabled": False}}
+FL_DEVICE_KINDS = ("update", "eval", "secagg_device")
 
 
 def flood(client: SyncClient, topic: str, payloads: list[bytes], *, retain: bool = False,
@@ -52,6 +54,40 @@ def flood(client: SyncClient, topic: str, payloads: list[bytes], *, retain: bool
 
 def health_counts(cloud: RunningCloud) -> dict[str, Any]:
     return cloud.service.health.snapshot()
+
+
+def refused(cloud: RunningCloud, kind: str, reason: str) -> int:
+    return int(health_counts(cloud)["refused"].get(kind, {}).get(reason, 0))
+
+
+def retained_left(mosquitto: RunningBroker, topics: Topics, device_id: str,
+                  filters: list[str]) -> list[str]:
+    """Topics under ``filters`` where a late subscriber still finds retained data."""
+    late = mosquitto.connected(mosquitto.cloud_username)
+    for topic_filter in filters:
+        late.subscribe(topic_filter)
+    marker = topics.command(device_id, "marker")
+    late.subscribe(marker)
+    assert late.publish(marker, b"{}") in (0, 0x10)
+    late.wait_topic(marker)  # retained copies come before the marker
+    found = [m.topic for m in late.messages if m.retain and m.payload]
+    late.close()
+    return found
+
+
+def wait_cleared(mosquitto: RunningBroker, topics: Topics, device_id: str,
+                 filters: list[str], timeout: float = 10.0) -> None:
+    """Wait (bounded) until no retained data is left under ``filters``."""
+    left: list[str] = []
+
+    def cleared() -> bool:
+        left[:] = retained_left(mosquitto, topics, device_id, filters)
+        return not left
+
+    try:
+        wait_until(cleared, timeout=timeout, what="the retained copies cleared")
+    except TimeoutError:
+        pytest.fail(f"retained data left on {len(left)} topic(s): {sorted(left)[:5]}")
 
 
 # -- 1. one device cannot stop the cloud ------------------------------------------------
@@ -113,6 +149,88 @@ def test_an_unreadable_saved_task_state_is_moved_aside_and_the_task_marked_faile
     wait_until(lambda: coordinator.state.state.value == "failed", what="marked failed")
     assert "moved to" in (coordinator.state.message or "")
     assert cloud.rows("SELECT key FROM kv WHERE key LIKE ?", (f"fl:{TASK}:unreadable:%",))
+
+
+BROKEN = "broken"
+
+
+def send_update(device: HandDevice, task: str, plan: RoundPlan,
+                delta: dict[str, np.ndarray]) -> None:
+    envelope = UpdateEnvelope(task=task, round=plan.round, device_id=device.id,
+                              base_version=plan.global_version, num_examples=10,
+                              train_loss=1.0, sent_at=now())
+    topic = device.topics.update(task, plan.round, device.id)
+    assert device.client.publish(topic, encode(delta, envelope)) in (0, 0x10)
+
+
+@pytest.mark.allow_logged_exceptions
+def test_a_failure_inside_one_task_fails_that_task_and_nothing_else(
+    make_cloud: CloudFactory, mosquitto: RunningBroker, topics: Topics,
+    new_device_id: Callable[[], str],
+) -> None:
+    from tests.fixtures.failing_task import FAILURE
+
+    one = {"rounds": 3, "min_fit_clients": 1, "min_available_clients": 1}
+    cloud = make_cloud(fl={
+        TASK: fl_config(**one),
+        BROKEN: fl_config(**one, task="tests.fixtures.failing_task:CentralEvalFailsTask",
+                          task_kwargs={"fail_at_round": 2})})
+    device = HandDevice(mosquitto, topics, new_device_id(), born=False)
+    client = device.client
+    for task in (TASK, BROKEN):
+        if task != TASK:  # HandDevice follows TASK already
+            client.subscribe(topics.round_plan(task))
+            client.subscribe(f"{topics.root}/fl/{task}/global/+")
+        client.subscribe(topics.task_status(task))
+    birth = DeviceState.model_validate({
+        "device_id": device.id, "state": "online", "bd_seq": 0, "ts": now(),
+        "agent_version": "t", "hardware": HW, "memory_available_mb": 1024.0,
+        "runtimes": {"torchscript": "2.13"}, "model_formats": ["torchscript"],
+        "fl_tasks": [TASK, BROKEN]})
+    assert client.publish(topics.device_state(device.id), birth.to_json(),
+                          retain=True) in (0, 0x10)
+    reporter = Device(mosquitto, topics, new_device_id())
+
+    def plan(task: str, round_: int) -> RoundPlan:
+        msg = client.wait_for(lambda m: m.topic == topics.round_plan(task) and bool(m.payload)
+                              and json.loads(m.payload)["round"] == round_, timeout=60)
+        return decode_message(RoundPlan, msg.payload)
+
+    def status(task: str, state: TaskState) -> dict[str, Any]:
+        msg = client.wait_for(lambda m: m.topic == topics.task_status(task) and bool(m.payload)
+                              and json.loads(m.payload)["state"] == state.value, timeout=60)
+        return dict(json.loads(msg.payload))
+
+    deltas: dict[str, dict[str, np.ndarray]] = {}
+    sent = 0
+    for round_ in (1, 2, 3):
+        for task in (TASK, BROKEN) if round_ <= 2 else (TASK,):
+            current = plan(task, round_)
+            if task not in deltas:
+                msg = client.wait_topic(topics.global_model(task, current.global_version))
+                deltas[task] = zeros(dict(decode(msg.payload, GlobalModelEnvelope).tensors))
+            send_update(device, task, current, deltas[task])
+            sent += 1
+            reporter.telemetry()
+    failed = status(BROKEN, TaskState.FAILED)
+    assert failed["round"] == 2
+    assert "RuntimeError" in failed["message"] and FAILURE in failed["message"], failed
+    finished = status(TASK, TaskState.FINISHED)
+    assert finished["round"] == 3
+    assert cloud.service.coordinators[BROKEN].state.state is TaskState.FAILED
+    # The service kept running: same connection, telemetry stored all along and after.
+    reporter.telemetry()
+    wait_until(lambda: stored(cloud, reporter.id) == list(range(sent + 1)),
+               what="telemetry stored")
+    assert cloud._thread.is_alive() and cloud.service.connected.is_set()
+    assert cloud.service.connections == 1
+    counts = health_counts(cloud)
+    assert counts["errors"].get("fl_coordinator_error") == 1, counts["errors"]
+    # Each update arrived once (the fl/+/... filters do not overlap): none a duplicate.
+    assert counts["accepted"].get("update") == sent, counts
+    assert "update" not in counts["duplicates"], counts
+    reporter.client.close()
+    client.close()
 
 
 # -- 2. one message cannot crash it ------------------------------------------------------
@@ -194,6 +312,34 @@ def test_a_flooding_device_is_rate_limited_and_the_others_are_not(
         device.client.close()
 
 
+def test_a_retained_flood_is_rate_limited_and_still_cleared(
+    make_cloud: CloudFactory, mosquitto: RunningBroker, topics: Topics,
+    new_device_id: Callable[[], str],
+) -> None:
+    cloud = make_cloud(ingest={"rate_limit": {"messages_per_s": 5, "message_burst": 20}})
+    device = Device(mosquitto, topics, new_device_id())
+    started = time.monotonic()
+    for i in range(100):  # one retained message on each of 100 topics
+        info = device.client.client.publish(topics.model_metrics(device.id, f"m{i}"),
+                                            b"x" * 1024, qos=1, retain=True)
+    info.wait_for_publish(30)
+
+    def handled() -> int:
+        c = health_counts(cloud)
+        return (int(c["rate_limited"].get("model_metrics", 0))
+                + refused(cloud, "model_metrics", "retained_not_allowed"))
+
+    wait_until(lambda: handled() == 100, what="every message counted once")
+    elapsed = time.monotonic() - started
+    limited = health_counts(cloud)["rate_limited"]["model_metrics"]
+    # A burst of 20, then 5 a second while the flood was handled.
+    assert 100 - 20 - 5 * (elapsed + 1) <= limited <= 80, (limited, elapsed)
+    everything = [topics.filter(TopicKind.MODEL_METRICS, device_id=device.id)]
+    wait_cleared(mosquitto, topics, device.id, everything, timeout=60)
+    assert handled() == 100, "a clear coming back was counted"
+    device.client.close()
+
+
 # -- 5. client ids are tied to identities ---------------------------------------------------
 
 
@@ -210,26 +356,40 @@ def test_impersonating_client_ids_for_thirty_seconds_disconnects_nobody(
                what="victim online")
     attackers = [(new_device_id(), cloud.settings.client_id), (new_device_id(), victim.device_id)]
     clients: list[mqtt.Client] = []
-    kicked = [0]
-    for username, client_id in attackers:
+    connects = [0] * len(attackers)
+    kicked = [0] * len(attackers)
+    for i, (username, client_id) in enumerate(attackers):
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                              protocol=mqtt.MQTTv5)
         client.username_pw_set(username, mosquitto.password(username))
 
-        def on_disconnect(*_args: Any) -> None:
-            kicked[0] += 1
+        def on_connect(_c: Any, _u: Any, _f: Any, rc: Any, _p: Any, i: int = i) -> None:
+            if not rc.is_failure:
+                connects[i] += 1
 
+        def on_disconnect(*_args: Any, i: int = i) -> None:
+            kicked[i] += 1
+
+        client.on_connect = on_connect
         client.on_disconnect = on_disconnect
         client.reconnect_delay_set(1, 1)  # reconnects whenever it is kicked
         client.connect(mosquitto.host, mosquitto.port)
         client.loop_start()
         clients.append(client)
+    wait_until(lambda: all(connects), what="every impostor connected")
     seqs_before = victim.telemetry_seq
     deadline = time.monotonic() + 30
     wait_until(lambda: time.monotonic() >= deadline, timeout=35, what="30 s of attempts")
+    # Each impostor really was on the broker the whole time, under its own identity: the
+    # broker gives it its username as client id, so it takes nobody's session and nobody
+    # takes its own (it connected once and was never kicked).
+    held = [client.is_connected() for client in clients]
+    kicked_during = list(kicked)
     for client in clients:
         client.disconnect()
         client.loop_stop()
+    assert connects == [1, 1], connects
+    assert held == [True, True] and kicked_during == [0, 0], (held, kicked_during)
     assert cloud.service.connections == 1, "the cloud was disconnected"
     assert victim.session.connect_count == 1, "the victim was disconnected"
     assert registry.counters["stale_death"] == 0
@@ -283,6 +443,30 @@ def test_retained_data_on_device_topics_is_refused_and_cleared(
     fresh = make_cloud(data_dir=tmp_path / "fresh")
     device.telemetry()
     wait_until(lambda: stored(fresh, device.id) == [0], what="fresh cloud stores live only")
+    device.client.close()
+
+
+def test_retained_fl_data_of_any_task_is_cleared_and_unknown_tasks_are_counted(
+    make_cloud: CloudFactory, mosquitto: RunningBroker, topics: Topics,
+    new_device_id: Callable[[], str],
+) -> None:
+    cloud = make_cloud()  # runs no task at all
+    device = Device(mosquitto, topics, new_device_id())
+    published = {topics.update("ghost", 3, device.id): b"u" * 4096,
+                 topics.eval_result("phantom", 1, device.id): b'{"loss": 1.0}',
+                 topics.secagg_device("ghost", 3, "keys", device.id): b"k" * 512}
+    for topic, payload in published.items():
+        assert device.client.publish(topic, payload, retain=True) in (0, 0x10)
+    wait_until(lambda: [refused(cloud, k, "retained_not_allowed") for k in FL_DEVICE_KINDS]
+               == [1, 1, 1], what="each refused as retained")
+    wait_cleared(mosquitto, topics, device.id, list(published))
+    assert [refused(cloud, k, "retained_not_allowed") for k in FL_DEVICE_KINDS] == [1, 1, 1]
+    before = refused(cloud, "update", "unknown_task")
+    assert device.client.publish(topics.update("ghost", 4, device.id), b"junk") in (0, 0x10)
+    wait_until(lambda: refused(cloud, "update", "unknown_task") == before + 1,
+               what="a live update for an unknown task counted")
+    counts = health_counts(cloud)["refused"]
+    assert not any("unexpected_topic" in counts.get(k, {}) for k in FL_DEVICE_KINDS), counts
     device.client.close()
 
 
@@ -461,6 +645,63 @@ def test_each_kind_of_bad_message_moves_its_counter_by_one_and_counts_survive_a_
         d.client.close()
 
 
+def test_refusals_counted_after_the_last_batch_survive_a_restart(
+    make_cloud: CloudFactory, mosquitto: RunningBroker, topics: Topics, tmp_path: Path,
+    new_device_id: Callable[[], str],
+) -> None:
+    from cloud.health import STATE_KEY
+
+    data = tmp_path / "cloud"
+    fl = {TASK: fl_config(rounds=1, min_fit_clients=1, min_available_clients=1)}
+    cloud = make_cloud(data_dir=data, health_interval_s=3600, fl=fl)
+    device = HandDevice(mosquitto, topics, new_device_id())
+    plan = device.plan()
+    junk = topics.update(TASK, plan.round, device.id)
+    # Refused by the coordinator, which acknowledges it itself: no ingest batch saves it.
+    assert device.client.publish(junk, b"junk") in (0, 0x10)
+    wait_until(lambda: refused(cloud, "update", "truncated") == 1, what="refused")
+    cloud.stop()  # saved at the stop
+    again = make_cloud(data_dir=data, health_interval_s=0.2, fl=fl)
+    assert refused(again, "update", "truncated") == 1
+    assert device.client.publish(junk, b"junk") in (0, 0x10)
+
+    def saved() -> int:
+        record = again.service.store.get(STATE_KEY) or {}
+        return int(record.get("refused", {}).get("update", {}).get("truncated", 0))
+
+    wait_until(lambda: saved() == 2, what="saved on the health interval")
+    device.client.close()
+
+
+@pytest.mark.parametrize("garbage", ["not json {", '{"accepted": {"telemetry": "many"}}',
+                                     "[1, 2]", '{"refused": {"telemetry": {"x": -1}}}'])
+def test_a_corrupt_saved_health_record_is_counted_and_the_cloud_starts(
+    make_cloud: CloudFactory, tmp_path: Path, garbage: str,
+) -> None:
+    from cloud.health import STATE_KEY
+    from cloud.storage.sqlite_store import SqliteStore
+
+    data = tmp_path / "cloud"
+    store = SqliteStore(data / "edgefl.sqlite3")
+    with store.transaction() as db:
+        db.execute("INSERT INTO kv(key, value) VALUES (?, ?)", (STATE_KEY, garbage))
+    store.close()
+    cloud = make_cloud(data_dir=data, health_interval_s=0.2)
+    counts = health_counts(cloud)
+    assert counts["errors"].get("health_restore_failed") == 1, counts
+    assert not counts["refused"], counts  # nothing of the garbage was taken
+
+    def saved_errors() -> object:
+        rows = cloud.rows("SELECT value FROM kv WHERE key=?", (STATE_KEY,))
+        try:
+            record = json.loads(rows[0]["value"])
+        except ValueError:
+            return None
+        return record.get("errors") if isinstance(record, dict) else None
+
+    wait_until(lambda: saved_errors() == counts["errors"], what="counts saved over the garbage")
+
+
 # -- 10. the store is private -----------------------------------------------------------
 
 
@@ -468,6 +709,28 @@ def test_the_cloud_store_is_created_owner_only(make_cloud: CloudFactory) -> None
     cloud = make_cloud()
     mode = stat.S_IMODE(cloud.settings.sqlite_path.stat().st_mode)
     assert mode == 0o600, oct(mode)
+
+
+def test_an_existing_store_readable_by_others_is_tightened(tmp_path: Path) -> None:
+    from cloud.storage.sqlite_store import SqliteStore
+
+    path = tmp_path / "edgefl.sqlite3"
+    other = sqlite3.connect(path)  # left open: its -wal and -shm stay
+    other.execute("PRAGMA journal_mode=WAL")
+    other.execute("CREATE TABLE t(x)")
+    other.execute("INSERT INTO t VALUES (1)")
+    other.commit()
+    files = [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")]
+    for file in files:
+        file.chmod(0o644)
+    store = SqliteStore(path)
+    try:
+        modes = [oct(stat.S_IMODE(f.stat().st_mode)) for f in files]
+        assert modes == [oct(0o600)] * 3, modes
+        assert store.query("SELECT x FROM t")[0]["x"] == 1
+    finally:
+        store.close()
+        other.close()
 
 
 def test_health_counters_build_a_valid_message() -> None:

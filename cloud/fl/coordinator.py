@@ -496,16 +496,20 @@ class Coordinator:
         try:
             result = decode_message(EvalResult, payload)
         except DecodeError as exc:
+            # Counted; only the first refusal of each reason is a warning (as in ingest).
+            first = self.health.refused[TopicKind.EVAL.value][exc.reason] == 0
             self.health.refuse(TopicKind.EVAL.value, exc.reason,
                                flat=f"fl_refused_eval_{exc.reason}")
-            logger.info("%s: evaluation from %s refused: %s", self.name, device_id, exc)
+            (logger.warning if first else logger.debug)(
+                "%s: evaluation from %s refused: %s", self.name, device_id, exc)
             return
         if current is None or round_ != current.round or device_id not in current.evaluate \
                 or result.device_id != device_id or result.round != round_:
+            first = self.health.refused[TopicKind.EVAL.value]["unexpected"] == 0
             self.health.refuse(TopicKind.EVAL.value, "unexpected",
                                flat="fl_refused_eval_unexpected")
-            logger.info("%s: unexpected evaluation from %s for round %d", self.name, device_id,
-                        round_)
+            (logger.warning if first else logger.debug)(
+                "%s: unexpected evaluation from %s for round %d", self.name, device_id, round_)
             return
         if device_id in self.round.evals:
             self.health.duplicate(TopicKind.EVAL.value, flat="fl_duplicate_eval")

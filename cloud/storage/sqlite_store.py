@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sqlite3
+import stat
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -94,6 +95,9 @@ CREATE TABLE IF NOT EXISTS alert_acks (
 """
 
 HEALTH_KEPT_S = 7 * 86_400
+OWNER_ONLY = 0o600
+SIDE_FILES = ("-wal", "-shm", "-journal")
+"""SQLite's files next to the database (created with the database file's mode)."""
 
 _ADDED_COLUMNS: dict[str, list[tuple[str, str]]] = {
     "model_metrics": [("interval_count", "INTEGER"), ("interval_errors", "INTEGER")],
@@ -113,6 +117,22 @@ _METRICS_COLUMNS = (
 )
 
 
+def _owner_only(path: Path) -> None:
+    """Tighten an existing database (and its WAL, shared-memory and journal files) to 0600.
+
+    SQLite creates its side files with the database file's mode, so a store made
+    readable by others before (0644) is tightened before it is opened.
+    """
+    for file in (path, *(path.with_name(path.name + suffix) for suffix in SIDE_FILES)):
+        try:
+            mode = stat.S_IMODE(file.stat().st_mode)
+        except FileNotFoundError:
+            continue
+        if mode & ~OWNER_ONLY:
+            file.chmod(mode & OWNER_ONLY)
+            logger.info("%s was mode %o: tightened to owner-only", file, mode)
+
+
 def _insert(table: str, columns: Sequence[str]) -> str:
     marks = ",".join("?" * len(columns))
     return f"INSERT OR IGNORE INTO {table}({','.join(columns)}) VALUES ({marks})"  # noqa: S608
@@ -128,7 +148,8 @@ class SqliteStore:
         self._depth = 0
         # The store holds the fleet's data and the coordinators' state: owner-only.
         if not path.exists():
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, OWNER_ONLY))
+        _owner_only(path)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
