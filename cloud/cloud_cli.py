@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import threading
 import time
@@ -20,10 +21,12 @@ from rich.console import Console
 from rich.table import Table
 
 from cloud.cmd_cli import cmd
+from cloud.errors import CloudError
 from cloud.fl.config import FLTaskConfig
 from cloud.reports import device_report
 from cloud.settings import CloudSettings
 from cloud.storage.sqlite_store import SqliteStore
+from fl_tasks.errors import TaskError
 from schemas.base import now
 from schemas.errors import SchemaError
 from schemas.settings_files import ConfigFileError, read_config_file
@@ -317,11 +320,17 @@ def cloud(
         typer.secho(f"error: no password file {password} (`edgefl broker init` writes the "
                     "cloud's)", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
+    created = _first_missing(settings.data_dir)
     try:
         service = CloudService(settings)
-    except (SchemaError, ValueError, OSError, ImportError) as exc:
+    except (SchemaError, ValueError, OSError, ImportError, TaskError, CloudError) as exc:
         typer.secho(f"error: {' '.join(str(exc).split())[:400]}", fg=typer.colors.RED,
                     err=True)
+        if created is not None:  # leave nothing behind that this attempt made
+            try:
+                shutil.rmtree(created)
+            except OSError as cleanup:
+                logger.warning("could not remove %s: %s", created, cleanup)
         raise typer.Exit(2) from exc
 
     async def main() -> None:
@@ -346,6 +355,16 @@ def cloud(
     asyncio.run(main())
     typer.echo("cloud stopped")
     return settings
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (None: it all exists)."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            return missing
+        missing = folder
+    return missing
 
 
 def devices(config: Config = None, data_dir: DataDir = None,

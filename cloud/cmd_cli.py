@@ -22,6 +22,7 @@ from cloud.settings import CloudSettings
 from schemas.base import decode_message, now
 from schemas.device import Command, CommandResult, CommandStatus
 from schemas.errors import DecodeError, SchemaError
+from schemas.mqtt_properties import topic_properties
 from schemas.topics import Topics, validate_id
 
 
@@ -73,15 +74,15 @@ def cmd(
         raise typer.Exit(2) from None
     topics = Topics(settings.topic_root)
     reply_topic = topics.command_reply(device_id, name)
-    result = _exchange(settings, topics.command(device_id, name), reply_topic, command,
+    result = _exchange(settings, topics, topics.command(device_id, name), reply_topic, command,
                        timeout)
     typer.echo(result.model_dump_json(indent=2))
     if result.status is not CommandStatus.OK:
         raise typer.Exit(1)
 
 
-def _exchange(settings: CloudSettings, topic: str, reply_topic: str, command: Command,
-              timeout: float) -> CommandResult:
+def _exchange(settings: CloudSettings, topics: Topics, topic: str, reply_topic: str,
+              command: Command, timeout: float) -> CommandResult:
     got: list[CommandResult] = []
     answered = threading.Event()
 
@@ -104,7 +105,10 @@ def _exchange(settings: CloudSettings, topic: str, reply_topic: str, command: Co
     client.on_message = on_message
     try:
         tool_client.subscribe(client, [reply_topic], timeout)
-        client.publish(topic, command.to_json(), qos=1).wait_for_publish(timeout)
+        payload = command.to_json()
+        properties = topic_properties(topics, topic, protocol=settings.mqtt.protocol,
+                                      payload=payload)
+        client.publish(topic, payload, qos=1, properties=properties).wait_for_publish(timeout)
         if not answered.wait(timeout) or not got:
             _fail(f"no reply within {timeout:.0f} s (is the device online?)")
         return got[0]

@@ -32,10 +32,9 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from cloud.errors import CloudOffline
 from cloud.settings import CloudSettings
+from schemas.mqtt_properties import payload_properties
 
 logger = logging.getLogger(__name__)
-
-CONTENT_JSON = "application/json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,11 +197,8 @@ class MqttLink:
             CloudOffline: not connected, or the connection failed meanwhile.
         """
         client = self.client
-        properties = None
-        if self.settings.mqtt.protocol == 5 and content_type is not None and payload:
-            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            properties.ContentType = content_type
-            properties.PayloadFormatIndicator = 1 if content_type == CONTENT_JSON else 0
+        properties = payload_properties(content_type if payload else None,
+                                        protocol=self.settings.mqtt.protocol)
         try:
             async with asyncio.timeout(self.settings.mqtt.publish_timeout_s):
                 await client.publish(topic, payload, qos=1, retain=retain,

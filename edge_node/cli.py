@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from edge_node.agent import EdgeAgent
+from edge_node.errors import EdgeError
 from edge_node.fleet import (
     MAX_AGENTS_PER_PROCESS,
     Fleet,
@@ -23,6 +25,7 @@ from edge_node.fleet import (
 )
 from edge_node.heterogeneity import HeterogeneityProfile, device_profiles
 from edge_node.settings import EdgeSettings, FLTaskSettings
+from fl_tasks.errors import TaskError
 from schemas.errors import SchemaError
 from schemas.settings_files import read_config_file
 from schemas.topics import DEFAULT_ROOT, validate_id
@@ -126,7 +129,19 @@ def node(
         # default layout: one sub-folder per device under var/edge
         settings = settings.model_copy(
             update={"state_dir": settings.state_dir / settings.device_id})
-    agent = EdgeAgent(settings)
+    created = next((f for f in (settings.state_dir, *settings.state_dir.parents)
+                    if f.parent.exists()), None) if not settings.state_dir.exists() else None
+    try:
+        agent = EdgeAgent(settings)
+    except (TaskError, EdgeError, OSError, ImportError) as exc:
+        typer.secho(f"error: {' '.join(str(exc).split())[:400]}", fg=typer.colors.RED,
+                    err=True)
+        if created is not None:  # leave nothing behind that this attempt made
+            try:
+                shutil.rmtree(created)
+            except OSError as cleanup:
+                logger.warning("could not remove %s: %s", created, cleanup)
+        raise typer.Exit(2) from exc
     typer.echo(f"{settings.device_id}: connecting to {settings.mqtt.host}:{settings.mqtt.port}")
 
     def say_connected() -> None:

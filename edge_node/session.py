@@ -26,11 +26,12 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from edge_node.counters import Counters
 from edge_node.errors import NotConnectedError, PacketTooLargeError
 from edge_node.settings import EdgeSettings
 from schemas.base import now
-from schemas.catalog import JSON, content_type
 from schemas.device import DeviceState
+from schemas.mqtt_properties import topic_properties, will_properties
 from schemas.topics import Topics
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ logger = logging.getLogger(__name__)
 AckCallback = Callable[[int], None]
 """Called with the PUBACK reason code (0 or 0x10 = accepted) in the network thread."""
 ACCEPTED = frozenset({0x00, 0x10})
+SESSION_TAKEN_OVER = 0x8E
+"""DISCONNECT reason: another client connected with this client id (MQTT 5)."""
 _PUBLISH_OVERHEAD = 64  # fixed header, lengths, packet id, properties (content type)
 MAX_CACHED_TOPICS = 256
 
@@ -51,6 +54,8 @@ class MqttSession:
         birth: makes the ``online`` DeviceState for a bd_seq.
         on_message: called in the network thread for every message.
         on_connected: called in the network thread after the birth was queued.
+        counters: where the session counts what happened to it (``session_taken_over``);
+            a private one when not given.
     """
 
     def __init__(
@@ -61,6 +66,7 @@ class MqttSession:
         birth: Callable[[int], DeviceState],
         on_message: Callable[[mqtt.MQTTMessage], None],
         on_connected: Callable[[], None] = lambda: None,
+        counters: Counters | None = None,
     ) -> None:
         self.settings = settings
         self.topics = topics
@@ -68,6 +74,7 @@ class MqttSession:
         self._birth = birth
         self._on_message_cb = on_message
         self._on_connected_cb = on_connected
+        self.counters = counters if counters is not None else Counters()
         self._bd_seq_file = settings.state_dir / "bd_seq"
         self.bd_seq = self._load_bd_seq()
         self.connected = threading.Event()
@@ -126,8 +133,10 @@ class MqttSession:
         os.replace(tmp, self._bd_seq_file)
         will = DeviceState(device_id=self.device_id, state="offline", bd_seq=self.bd_seq,
                            ts=now(), reason="lwt")
-        self.client.will_set(self.topics.device_state(self.device_id), will.to_json(),
-                             qos=1, retain=True)
+        topic = self.topics.device_state(self.device_id)
+        self.client.will_set(topic, will.to_json(), qos=1, retain=True,
+                             properties=will_properties(self.topics, topic,
+                                                        protocol=self.settings.mqtt.protocol))
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -226,8 +235,9 @@ class MqttSession:
 
     def _ready(self) -> None:
         birth = self._birth(self.bd_seq)
-        self.client.publish(self.topics.device_state(self.device_id), birth.to_json(), qos=1,
-                            retain=True)
+        topic = self.topics.device_state(self.device_id)
+        self.client.publish(topic, birth.to_json(), qos=1, retain=True,
+                            properties=self._properties(topic))
         self.connected.set()
         logger.info("%s: connected (bd_seq %d, max packet %s)", self.device_id, self.bd_seq,
                     self.max_packet_size)
@@ -239,7 +249,12 @@ class MqttSession:
             self._transport_up = False
         was = self.connected.is_set()
         self.connected.clear()
-        if was:
+        if rc.value == SESSION_TAKEN_OVER:
+            self.counters.add("session_taken_over")
+            logger.warning("%s: session taken over: the broker disconnected this agent because "
+                           "another client connected with the same client id (is the device "
+                           "running twice?); reconnecting", self.device_id)
+        elif was:
             logger.info("%s: disconnected: %s", self.device_id, rc)
 
     def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, rc: ReasonCode,
@@ -314,12 +329,7 @@ class MqttSession:
         if self.settings.mqtt.protocol != 5:
             return None
         if topic not in self._publish_properties:
-            kind = content_type(self.topics, topic)
-            properties = None
-            if kind is not None:
-                properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-                properties.ContentType = kind
-                properties.PayloadFormatIndicator = 1 if kind == JSON else 0
+            properties = topic_properties(self.topics, topic, protocol=5)
             if len(self._publish_properties) < MAX_CACHED_TOPICS:
                 self._publish_properties[topic] = properties
             return properties

@@ -53,6 +53,7 @@ from schemas.base import decode_message, now
 from schemas.catalog import CHANNELS
 from schemas.device import DeploymentState, DeploymentStatus, DeviceState, ModelMetrics
 from schemas.errors import DecodeError, TopicError
+from schemas.mqtt_properties import topic_properties
 from schemas.topics import Topics
 
 logger = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ class Observer:
 
     def __init__(self, broker: LocalBroker, topics: Topics) -> None:
         self.topics = topics
+        self.protocol = 5 if broker.mqtt5 else 4
         self.kinds: Counter[str] = Counter()
         self.refused: Counter[str] = Counter()
         self.valid = 0
@@ -146,7 +148,10 @@ class Observer:
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         """Publish as the cloud, QoS 1, and wait until it is sent."""
-        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(WAIT_S)
+        properties = topic_properties(self.topics, topic, protocol=self.protocol,
+                                      payload=payload)
+        self.client.publish(topic, payload, qos=1, retain=retain,
+                            properties=properties).wait_for_publish(WAIT_S)
 
     def close(self) -> None:
         """Disconnect."""

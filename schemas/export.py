@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from schemas.base import SCHEMA_VERSION
-from schemas.catalog import CHANNELS, JSON_MESSAGES, Channel
+from schemas.catalog import CHANNELS, JSON, JSON_MESSAGES, OCTET_STREAM, Channel
 from schemas.device import COMMAND_ARGS
 from schemas.topics import DEFAULT_ROOT, TOPIC_TEMPLATES, TopicKind
 
@@ -54,6 +54,29 @@ def _message_name(channel: Channel) -> str:
     return _camel(channel.kind)[0].upper() + _camel(channel.kind)[1:] + "Payload"
 
 
+def _pascal(name: str) -> str:
+    return "".join(part[:1].upper() + part[1:] for part in name.split("_"))
+
+
+def command_message_name(command: str) -> str:
+    """Name of the message (and payload schema) of one command, e.g. ``RollbackCommand``."""
+    return f"{_pascal(command)}Command"
+
+
+def clear_message_name(channel: Channel) -> str:
+    """Name of the empty retained message that clears ``channel``'s topic."""
+    return _pascal(channel.kind.value) + "Clear"
+
+
+def _mqtt_message_binding(content_type: str | None) -> dict[str, Any]:
+    """What the MQTT 5 publisher sets: content type and payload format indicator."""
+    binding: dict[str, Any] = {"bindingVersion": MQTT_BINDING_VERSION}
+    if content_type is not None:
+        binding["contentType"] = content_type
+        binding["payloadFormatIndicator"] = 1 if content_type == JSON else 0
+    return {"mqtt": binding}
+
+
 def model_json_schema(model: type[BaseModel]) -> dict[str, Any]:
     """Standalone JSON Schema (draft 2020-12) of one message model."""
     schema = model.model_json_schema(mode="validation")
@@ -66,7 +89,33 @@ def _component_schemas() -> dict[str, Any]:
         ref_template="#/components/schemas/{model}",
     )
     defs: dict[str, Any] = top.get("$defs", {})
+    defs |= _command_schemas()
     return dict(sorted(defs.items()))
+
+
+def _command_schemas() -> dict[str, Any]:
+    """One payload schema per command: a ``Command`` whose ``args`` follow its own model."""
+    schemas: dict[str, Any] = {}
+    for name, model in COMMAND_ARGS.items():
+        schema: dict[str, Any] = {
+            "title": command_message_name(name),
+            "description": (f"A `Command` published on `devices/{{device_id}}/cmd/{name}`; "
+                            f"`args` follows `{model.__name__}`."),
+            "allOf": [{"$ref": "#/components/schemas/Command"}],
+            "type": "object",
+            "properties": {"args": {"$ref": f"#/components/schemas/{model.__name__}"}},
+            "x-edgefl-command": name,
+        }
+        if model.model_json_schema().get("required"):
+            schema["required"] = ["args"]
+        schemas[command_message_name(name)] = schema
+    return schemas
+
+
+def _content_type_text(content_type: str) -> str:
+    indicator = 1 if content_type == JSON else 0
+    return (f"MQTT 5 publishers set the content type `{content_type}` and the payload "
+            f"format indicator {indicator} (MQTT 3.1.1 has no properties).")
 
 
 def _message(channel: Channel) -> dict[str, Any]:
@@ -76,35 +125,77 @@ def _message(channel: Channel) -> dict[str, Any]:
         "summary": channel.summary,
         "contentType": channel.content_type,
     }
-    if channel.message is not None and channel.content_type == "application/json":
+    if channel.message is not None and channel.content_type == JSON:
         msg["payload"] = {"$ref": f"#/components/schemas/{channel.message.__name__}"}
+        msg["description"] = "JSON, UTF-8. " + _content_type_text(channel.content_type)
     else:
         msg["payload"] = {"type": "string", "format": "binary"}
+        description = ""
         if channel.message is not None:
-            msg["description"] = (
+            description = (
                 "safetensors bytes; the JSON envelope in `__metadata__.envelope` follows "
-                f"`{channel.message.__name__}` (see `x-edgefl-envelope`)."
-            )
+                f"`{channel.message.__name__}` (see `x-edgefl-envelope`). ")
             msg["x-edgefl-envelope"] = {"$ref": f"#/components/schemas/{channel.message.__name__}"}
-    if channel.content_type == "application/json":
-        msg["description"] = ("JSON, UTF-8. MQTT 5 publishers set the content type "
-                              "`application/json` and the payload format indicator 1.")
-    else:
-        msg["description"] = (msg.get("description", "") + " MQTT 5 publishers set the content "
-                              f"type `{channel.content_type}` and the payload format "
-                              "indicator 0.").strip()
-    if channel.kind is TopicKind.COMMAND:
-        msg["description"] += (
-            " `args` depends on the command (the last topic level): "
-            + "; ".join(f"`{name}`: `{model.__name__}`" for name, model in COMMAND_ARGS.items())
-            + ". Unknown arguments are refused; the reply says why.")
-        msg["x-edgefl-command-args"] = {
-            name: {"$ref": f"#/components/schemas/{model.__name__}"}
-            for name, model in COMMAND_ARGS.items()}
+        msg["description"] = description + _content_type_text(channel.content_type)
+    if channel.note is not None:
+        msg["description"] += " " + channel.note
     if channel.cleared is not None:
         msg["description"] += (" An empty retained message on this topic clears it: "
                                f"{channel.cleared}.")
+    msg["bindings"] = _mqtt_message_binding(channel.content_type)
     return msg
+
+
+def _command_message(name: str) -> dict[str, Any]:
+    model = COMMAND_ARGS[name]
+    summary = (model.__doc__ or name).strip().splitlines()[0].replace("``", "`")
+    return {
+        "name": name,
+        "title": command_message_name(name),
+        "summary": summary,
+        "contentType": JSON,
+        "payload": {"$ref": f"#/components/schemas/{command_message_name(name)}"},
+        "description": (
+            f"JSON, UTF-8, published on `devices/{{device_id}}/cmd/{name}` (the command is "
+            f"the last topic level). `args` follows `{model.__name__}`; unknown arguments "
+            "are refused and the reply says why. " + _content_type_text(JSON)),
+        "bindings": _mqtt_message_binding(JSON),
+        "x-edgefl-command": name,
+    }
+
+
+def _clear_message(channel: Channel, cleared: str) -> dict[str, Any]:
+    return {
+        "name": "clear",
+        "title": clear_message_name(channel),
+        "summary": f"Empty retained message: clears the topic {cleared}",
+        "contentType": OCTET_STREAM,
+        "payload": {"type": "string", "maxLength": 0, "description": "Zero bytes"},
+        "description": (
+            "Zero bytes, retained: the broker drops the retained message of the topic, and "
+            "a subscriber receives an empty payload (the topic no longer holds a "
+            f"`{_message_name(channel)}`). Sent {cleared}. It carries no MQTT 5 "
+            "content type or payload format indicator."),
+        "bindings": _mqtt_message_binding(None),
+    }
+
+
+def _channel_messages(channel: Channel) -> dict[str, dict[str, Any]]:
+    """The messages of one channel by name: the payload(s), then the clear if retained."""
+    if channel.kind is TopicKind.COMMAND:
+        messages = {command_message_name(n): _command_message(n) for n in COMMAND_ARGS}
+    else:
+        messages = {_message_name(channel): _message(channel)}
+    if channel.retain and channel.cleared is not None:
+        messages[clear_message_name(channel)] = _clear_message(channel, channel.cleared)
+    return messages
+
+
+def _parameter(kind: TopicKind, name: str) -> dict[str, Any]:
+    parameter: dict[str, Any] = {"description": _PARAMETER_DOCS[name]}
+    if kind is TopicKind.COMMAND and name == "command":
+        parameter["enum"] = list(COMMAND_ARGS)  # a reply may also answer an unknown one
+    return parameter
 
 
 def asyncapi_document(root: str = DEFAULT_ROOT) -> dict[str, Any]:
@@ -115,17 +206,17 @@ def asyncapi_document(root: str = DEFAULT_ROOT) -> dict[str, Any]:
     for kind, template in TOPIC_TEMPLATES.items():
         channel = CHANNELS[kind]
         name = _camel(kind)
-        msg_name = _message_name(channel)
-        messages[msg_name] = _message(channel)
+        own = _channel_messages(channel)
+        messages |= own
         params = re.findall(r"\{(\w+)\}", template)
         entry: dict[str, Any] = {
             "address": f"{root}/{template}",
             "title": name,
             "summary": channel.summary,
-            "messages": {msg_name: {"$ref": f"#/components/messages/{msg_name}"}},
+            "messages": {m: {"$ref": f"#/components/messages/{m}"} for m in own},
         }
         if params:
-            entry["parameters"] = {p: {"description": _PARAMETER_DOCS[p]} for p in params}
+            entry["parameters"] = {p: _parameter(kind, p) for p in params}
         channels[name] = entry
         action = "send" if channel.sender == "cloud" else "receive"
         operations[f"{action}{name[0].upper()}{name[1:]}"] = {
@@ -133,7 +224,7 @@ def asyncapi_document(root: str = DEFAULT_ROOT) -> dict[str, Any]:
             "channel": {"$ref": f"#/channels/{name}"},
             "summary": f"{'Published by the cloud' if action == 'send' else 'Published by devices'}"
             f"; QoS {channel.qos}{', retained' if channel.retain else ''}",
-            "messages": [{"$ref": f"#/channels/{name}/messages/{msg_name}"}],
+            "messages": [{"$ref": f"#/channels/{name}/messages/{m}"} for m in own],
             "bindings": {
                 "mqtt": {
                     "qos": channel.qos,

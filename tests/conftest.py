@@ -136,7 +136,8 @@ def own_mosquitto(folder: Path, device_ids: tuple[str, ...]) -> Iterator[Running
         config = write_config_files(settings, log_to_file=True)
         try:
             process = MosquittoProcess(config, settings.host, settings.port,
-                                       log_file=settings.layout.log).start()
+                                       log_file=settings.layout.log,
+                                       pid_file=settings.layout.root / "mosquitto.pid").start()
             break
         except BrokerStartError as exc:
             if "Address already in use" not in str(exc) or attempt == 2:

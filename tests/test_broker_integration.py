@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -237,6 +238,53 @@ def test_a_hundred_devices_are_provisioned_in_one_go(tmp_path: Path) -> None:
          "sim-010..dev-020", "--data-dir", str(data)],
         cwd=repo, capture_output=True, text=True, timeout=120, check=False)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+def test_bulk_provisioning_reloads_the_running_broker_once(
+        restartable_mosquitto: RunningBroker) -> None:
+    """`add-device --range`: twenty identities, one SIGHUP (Mosquitto logs each reload)."""
+    broker = restartable_mosquitto
+    log = broker.settings.layout.log
+
+    def reloads() -> int:
+        return log.read_text(errors="replace").count("Reloading config")
+
+    before = reloads()
+    result = subprocess.run(
+        [sys.executable, "-m", "edgefl", "broker", "add-device", "--range", "bulk-000..bulk-019",
+         "--data-dir", str(broker.settings.data_dir)],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    wait_until(lambda: reloads() > before, what="the broker reloaded")
+    time.sleep(1.0)  # a second reload would be logged within this second
+    assert reloads() == before + 1
+
+
+def test_add_observer_from_the_command_line_reads_the_default_groups_only(
+        tmp_path: Path) -> None:
+    """`edgefl broker add-observer NAME`: its default groups, read lines only, 0600."""
+    edgefl = [sys.executable, "-m", "edgefl", "broker"]
+    data = str(tmp_path / "broker")
+    for args in (["init", "--data-dir", data],
+                 ["add-observer", "telegraf", "--data-dir", data]):
+        result = subprocess.run([*edgefl, *args], capture_output=True, text=True, timeout=60,
+                                check=False)
+        assert result.returncode == 0, result.stderr
+    acl = [line.split() for line in (tmp_path / "broker" / "acl-observers").read_text()
+           .splitlines() if line.strip() and not line.startswith("#")]
+    assert acl[0] == ["user", "telegraf"]
+    assert all(line[:2] == ["topic", "read"] for line in acl[1:])
+    root = Topics().root
+    assert sorted(line[2] for line in acl[1:]) == sorted(
+        f"{root}/{suffix}" for suffix in (
+            "alerts/+/+", "devices/+/models/+/metrics", "devices/+/state",
+            "devices/+/models/+/status", "fl/+/status", "devices/+/telemetry"))
+    secret = tmp_path / "broker" / "secrets" / "telegraf.password"
+    assert secret.stat().st_mode & 0o777 == 0o600
+    bad = subprocess.run([*edgefl, "add-observer", "scada", "--data-dir", data, "--topics",
+                          "telemetry,commands"], capture_output=True, text=True, timeout=60,
+                         check=False)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
 
 
 def test_an_observer_reads_what_it_was_given_and_writes_nothing(

@@ -152,3 +152,31 @@ def test_demo_finishes_and_reports(tmp_path: Path, broker: str) -> None:
         assert device["installed_version"] == "1.0.0"
         assert device["accuracy"] > 0.8
         assert 0 < device["latency_ms_p50"] <= device["latency_ms_p95"]
+
+
+@pytest.mark.parametrize(("task", "strategy", "named"), [
+    ("nowhere.module:Task", "fedavg", "nowhere"),
+    ("fl_tasks.digits:DigitsTask", "no-such-strategy", "no-such-strategy"),
+])
+def test_cloud_with_a_bad_task_or_strategy_is_one_line_and_leaves_nothing(
+        tmp_path: Path, task: str, strategy: str, named: str) -> None:
+    """Issue 10: a bad --task or strategy is one line on stderr, exit 2, no folder left."""
+    config = tmp_path / "cloud.yaml"
+    config.write_text(f"fl:\n  digits:\n    task: {task}\n    strategy: {strategy}\n")
+    data_dir = tmp_path / "new" / "cloud"
+    result = _run("cloud", "--config", str(config), "--data-dir", str(data_dir),
+                  "--broker", f"127.0.0.1:{free_port()}")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], lines
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_missing_cloud_password_file_is_one_line(tmp_path: Path) -> None:
+    result = _run("cloud", "--data-dir", str(tmp_path / "cloud"), "--password-file",
+                  str(tmp_path / "nothing.password"), "--broker", f"127.0.0.1:{free_port()}")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no password file" in lines[0], lines
+    assert not (tmp_path / "cloud").exists()

@@ -177,8 +177,9 @@ def test_start_and_stop_fifty_times_under_load_every_stop_within_five_seconds(
     final.stop()
 
 
-def test_a_second_sigint_exits_at_once(
-    restartable_mosquitto: RunningBroker, topics: Topics, tmp_path: Path,
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_signal_exits_at_once(
+    restartable_mosquitto: RunningBroker, topics: Topics, tmp_path: Path, signum: int,
 ) -> None:
     broker = restartable_mosquitto
     cloud = CloudProcess(broker, topics, tmp_path / "cloud", instance="sigint2",
@@ -189,12 +190,12 @@ def test_a_second_sigint_exits_at_once(
     try:
         os.kill(pid, signal.SIGSTOP)  # a broker that no longer answers: the stop hangs on it
         assert cloud.proc is not None
-        cloud.proc.send_signal(signal.SIGINT)
+        cloud.proc.send_signal(signum)
         with pytest.raises(subprocess.TimeoutExpired):
             cloud.proc.wait(1.0)  # the graceful stop waits for the broker
         started = time.monotonic()
-        cloud.proc.send_signal(signal.SIGINT)
-        assert cloud.proc.wait(5) == 128 + signal.SIGINT
+        cloud.proc.send_signal(signum)
+        assert cloud.proc.wait(5) == 128 + signum
         assert time.monotonic() - started < 3.0
     finally:
         os.kill(pid, signal.SIGCONT)
@@ -341,6 +342,18 @@ def test_no_sqlite_files_aggregation_or_evaluation_on_the_event_loop(
     for cls, name in ((SqliteStore, "transaction"), (SqliteStore, "query"),
                       (FedAvg, "add"), (FedAvg, "finalize"), (DigitsTask, "evaluate")):
         watch(cls, name)
+    # Decoding, validating and writing files, as the coordinator's module calls them.
+    import cloud.fl.coordinator as coordinator_module
+
+    for function in ("decode", "validate_update", "write_atomic", "encode"):
+        original_function = getattr(coordinator_module, function)
+
+        def watched(*args: Any, _f: Any = original_function, _n: str = function,
+                    **kwargs: Any) -> Any:
+            calls.append((f"coordinator.{_n}", threading.get_ident()))
+            return _f(*args, **kwargs)
+
+        monkeypatch.setattr(coordinator_module, function, watched)
     settings = cloud_settings(mosquitto, topics, tmp_path / "c", rules,
                               fl={TASK: fl_config(rounds=2, min_fit_clients=2,
                                                   min_available_clients=2)})
@@ -360,8 +373,10 @@ def test_no_sqlite_files_aggregation_or_evaluation_on_the_event_loop(
     wait_until(lambda: not service.service.store.query("SELECT 1 FROM alert_acks"),
                what="ack consumed")
     on_loop = sorted({name for name, ident in calls if ident == loop_thread})
-    assert {name for name, _ in calls} >= {"SqliteStore.transaction", "FedAvg.add",
-                                            "FedAvg.finalize", "DigitsTask.evaluate"}
+    assert {name for name, _ in calls} >= {
+        "SqliteStore.transaction", "FedAvg.add", "FedAvg.finalize", "DigitsTask.evaluate",
+        "coordinator.decode", "coordinator.validate_update", "coordinator.write_atomic",
+        "coordinator.encode"}
     assert on_loop == [], f"blocking work on the event loop: {on_loop}"
 
 

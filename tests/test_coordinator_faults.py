@@ -65,8 +65,9 @@ def test_a_retried_round_keeps_earlier_updates_and_retrains_on_a_new_attempt(
     silent.client.close()
 
 
+@pytest.mark.parametrize("outage", ["hang", "restart"])
 def test_a_broker_outage_while_the_round_closes_does_not_leave_it_aggregating(
-    restartable_mosquitto: RunningBroker, topics: Topics, tmp_path: Path,
+    restartable_mosquitto: RunningBroker, topics: Topics, tmp_path: Path, outage: str,
 ) -> None:
     broker = restartable_mosquitto
     rules = tmp_path / "rules.yaml"
@@ -83,14 +84,23 @@ def test_a_broker_outage_while_the_round_closes_does_not_leave_it_aggregating(
         a.send(plan, delta)
         coordinator = service.service.coordinators[TASK]
         wait_until(lambda: a.id in coordinator.accepted, what="a's update stored")
-        pid = broker.process.pid
-        assert pid is not None
-        os.kill(pid, signal.SIGSTOP)  # the broker hangs as the deadline passes
-        try:
-            wait_until(lambda: now() > plan.deadline + 12, timeout=30,
-                       what="the deadline passed while the broker hung")
-        finally:
-            os.kill(pid, signal.SIGCONT)
+        connections = service.service.connections
+        if outage == "hang":
+            pid = broker.process.pid
+            assert pid is not None
+            os.kill(pid, signal.SIGSTOP)  # the broker hangs as the deadline passes
+            try:
+                wait_until(lambda: now() > plan.deadline + 12, timeout=30,
+                           what="the deadline passed while the broker hung")
+            finally:
+                os.kill(pid, signal.SIGCONT)
+        else:  # the broker goes away as the deadline passes, and comes back
+            broker.process.stop()
+            wait_until(lambda: now() > plan.deadline + 2, timeout=30,
+                       what="the deadline passed while the broker was away")
+            broker.process.start()
+            wait_until(lambda: service.service.connections > connections, timeout=30,
+                       what="the cloud reconnected")
         wait_until(lambda: coordinator.state.state is TaskState.FINISHED, timeout=60,
                    what="the round completed after the outage")
         for device in (a, b):
@@ -187,17 +197,28 @@ def test_a_device_does_not_train_on_an_expired_retained_plan(
     cloud.close()
 
 
-def test_a_failed_task_clears_its_retained_plan(
+@pytest.mark.parametrize("ending", [TaskState.FAILED, TaskState.FINISHED])
+def test_an_ended_task_clears_its_retained_plan(
     make_cloud: CloudFactory, mosquitto: RunningBroker, topics: Topics,
-    new_device_id: Callable[[], str],
+    new_device_id: Callable[[], str], ending: TaskState,
 ) -> None:
-    cloud = make_cloud(fl={TASK: fl_config(rounds=1, min_fit_clients=2, min_available_clients=2,
-                                           round_timeout_s=1.5, accept_failures=False)})
+    cloud = make_cloud(fl={TASK: fl_config(
+        rounds=1, min_fit_clients=2, min_available_clients=2,
+        round_timeout_s=1.5 if ending is TaskState.FAILED else 30, accept_failures=False)})
     devices = [HandDevice(mosquitto, topics, new_device_id()) for _ in range(2)]
-    devices[0].plan()
+    plan = devices[0].plan()
+    if ending is TaskState.FINISHED:
+        weights = devices[0].global_weights(plan.global_version)
+        for device in devices:
+            device.send(plan, zeros(weights))
     coordinator = cloud.service.coordinators[TASK]
-    wait_until(lambda: coordinator.state.state is TaskState.FAILED, timeout=20,
-               what="failed: nobody answered")
+    wait_until(lambda: coordinator.state.state is ending, timeout=20,
+               what=f"the task {ending.value}")
+    status = mosquitto.connected(mosquitto.cloud_username)
+    status.subscribe(topics.task_status(TASK))
+    # The clear is published before the final status: once that is retained, so is the clear.
+    status.wait_for(lambda m: decode_message(TaskStatus, m.payload).state is ending, timeout=20)
+    status.close()
     late = mosquitto.connected(mosquitto.cloud_username)
     late.subscribe(topics.round_plan(TASK))
     marker = f"{topics.root}/devices/{devices[0].id}/cmd/marker"
@@ -285,3 +306,37 @@ def test_fl_start_refuses_bad_input_in_one_line_and_needs_a_running_service(
 def _fl(args: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "edgefl", "fl", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_a_device_trains_again_on_a_new_attempt_of_the_same_round(tmp_path: Path) -> None:
+    """Item 4, the device's side: a round retried as attempt 1 is trained again (the
+    update of attempt 0 never arrived), while a repeated plan of one attempt is not."""
+    from edge_node.counters import Counters
+    from edge_node.fl_client import FLClient
+    from edge_node.settings import FLSettings
+    from fl_tasks.base import get_weights, load_task
+    from schemas.codec import decode, encode
+    from schemas.fl import GlobalModelEnvelope, UpdateEnvelope
+
+    topics = Topics()
+    sent: list[tuple[str, bytes]] = []
+    client = FLClient("dev-a", topics, FLSettings.model_validate(device_fl(0, 3)),
+                      publish=lambda topic, payload: sent.append((topic, payload)),
+                      subscribe=lambda *a: None, counters=Counters(),
+                      state_dir=tmp_path / "fl")
+    task = load_task("fl_tasks.digits:DigitsTask")
+    weights = {k: np.asarray(v, np.float32) for k, v in get_weights(task.build_model()).items()}
+    client._weights(TASK, "v0", encode(weights, GlobalModelEnvelope(
+        task=TASK, version="v0", round=0, created_at=now())))
+
+    def plan(attempt: int) -> bytes:
+        return RoundPlan(task=TASK, round=1, attempt=attempt, global_version="v0",
+                         selected=["dev-a"], issued_at=now(), deadline=now() + 60,
+                         strategy="fedavg").to_json()
+
+    client._plan(TASK, plan(0))
+    client._plan(TASK, plan(0))  # the same retained plan again (a reconnect)
+    client._plan(TASK, plan(1))
+    updates = [decode(payload, UpdateEnvelope).envelope for topic, payload in sent
+               if topic == topics.update(TASK, 1, "dev-a")]
+    assert [u.attempt for u in updates] == [0, 1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -154,3 +155,88 @@ def test_edgefl_cmd_sends_a_command_and_prints_the_reply(
     assert failed.returncode == 1 and json.loads(failed.stdout)["status"] == "error"
     silent = run("dev-599", "ping", "--timeout", "2")  # provisioned, never connected
     assert silent.returncode == 1 and "no reply" in silent.stderr
+
+
+def test_birth_will_and_edgefl_cmd_say_what_their_payload_is(
+    make_agent: AgentFactory, mosquitto: RunningBroker, cloud: SyncClient, topics: Topics,
+    tmp_path: Path,
+) -> None:
+    import subprocess
+    import sys
+
+    json_5 = ("application/json", 1)
+    agent = make_agent()
+    d = agent.device_id
+    birth = cloud.wait_for(is_state(topics, d, "online"))
+    assert (birth.content_type, birth.payload_format) == json_5
+    first = agent.session.bd_seq
+    agent.session.drop()  # abrupt: the broker publishes the will with its properties
+    will = cloud.wait_for(is_state(topics, d, "offline", first))
+    assert (will.content_type, will.payload_format) == json_5
+    cloud.wait_for(is_state(topics, d, "online", first + 1))
+
+    password = tmp_path / "cloud.password"
+    password.write_text(mosquitto.password(mosquitto.cloud_username))
+    sent = subprocess.run(
+        [sys.executable, "-m", "edgefl", "cmd", d, "ping", "--broker",
+         f"{mosquitto.host}:{mosquitto.service_port}", "--password-file", str(password)],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=60,
+        env={"EDGEFL_CLOUD_TOPIC_ROOT": topics.root, "PATH": "/usr/bin:/bin"}, check=False)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    command = cloud.wait_for(lambda m: m.topic == topics.command(d, "ping"))
+    assert (command.content_type, command.payload_format) == json_5
+
+
+def test_an_mqtt_311_agent_sends_no_properties(make_agent: AgentFactory, cloud: SyncClient,
+                                               topics: Topics) -> None:
+    agent = make_agent(mqtt={"protocol": 4})
+    birth = cloud.wait_for(is_state(topics, agent.device_id, "online"))
+    first = agent.session.bd_seq
+    agent.session.drop()
+    will = cloud.wait_for(is_state(topics, agent.device_id, "offline", first))
+    assert (birth.content_type, birth.payload_format) == (None, None)
+    assert (will.content_type, will.payload_format) == (None, None)
+
+
+def test_a_session_taken_over_is_one_warning_and_a_count(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The DISCONNECT reason 0x8E, injected: Mosquitto sends it from 2.0.15 on only."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from edge_node.counters import Counters
+    from edge_node.session import MqttSession
+    from edge_node.settings import EdgeSettings
+
+    counters = Counters()
+    session = MqttSession(EdgeSettings(device_id="dev-x", state_dir=tmp_path),
+                          Topics("edgefl/v1"), birth=lambda _s: pytest.fail("no birth"),
+                          on_message=lambda _m: None, counters=counters)
+    taken = ReasonCode(PacketTypes.DISCONNECT, identifier=0x8E)
+    other = ReasonCode(PacketTypes.DISCONNECT, identifier=0x8D)
+    with caplog.at_level(logging.INFO, logger="edge_node.session"):
+        session._on_disconnect(session.client, None, None, taken, None)
+        session._on_disconnect(session.client, None, None, other, None)
+    assert counters["session_taken_over"] == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "session taken over" in warnings[0]
+
+
+def test_edgefl_cmd_with_no_broker_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from broker.launcher import free_port
+
+    password = tmp_path / "cloud.password"
+    password.write_text("x")
+    result = subprocess.run(
+        [sys.executable, "-m", "edgefl", "cmd", "dev-1", "ping", "--broker",
+         f"127.0.0.1:{free_port()}", "--password-file", str(password), "--timeout", "5"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=60,
+        env={"PATH": "/usr/bin:/bin"}, check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot reach the broker" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""

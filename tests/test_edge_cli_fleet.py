@@ -153,6 +153,49 @@ def test_fleet_devices_join_a_task_from_the_command_line(
     assert proc.returncode == 0, out
 
 
+def test_a_node_joins_a_task_from_its_settings_file_and_says_what_it_does(
+    mosquitto: RunningBroker, topics: Topics, cloud: SyncClient, tmp_path: Path,
+    new_device_id: Callable[[], str],
+) -> None:
+    """`edgefl node --config F --fl-task N=P`: the file's root and cadence, the task in the
+    birth; it prints when connected and, at INFO, one line per telemetry interval."""
+    device_id = new_device_id()
+    password = tmp_path / "password"
+    password.write_text(mosquitto.password(device_id))
+    config = tmp_path / "edge.yaml"
+    config.write_text(f"topic_root: {topics.root}\ntelemetry:\n  interval_s: 0.7\n"
+                      f"mqtt:\n  host: {mosquitto.host}\n  port: {mosquitto.port}\n"
+                      f"  password_file: {password}\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgefl", "--log-level", "INFO", "node", "--device-id",
+         device_id, "--config", str(config), "--fl-task", "digits=fl_tasks.digits:DigitsTask",
+         "--state-dir", str(tmp_path / "state")],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        try:
+            birth = decode_message(DeviceState, cloud.wait_for(
+                is_state(topics, device_id, "online"), timeout=60).payload)
+        except TimeoutError:
+            proc.kill()
+            raise AssertionError(proc.communicate()) from None
+        assert birth.fl_tasks == ["digits"]
+        first = decode_message(DeviceTelemetry, cloud.wait_topic(
+            topics.telemetry(device_id), timeout=30).payload)
+        assert first.interval_s == 0.7
+        cloud.wait_for(lambda m: m.topic == topics.telemetry(device_id) and decode_message(
+            DeviceTelemetry, m.payload).seq >= first.seq + 2, timeout=30)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert f"{device_id}: connected" in out.splitlines()
+    lines = [line for line in err.splitlines() if f"{device_id}: telemetry " in line]
+    assert len(lines) >= 3 and all(" INFO " in line for line in lines), err[-2000:]
+
+
 def test_a_bad_fl_task_option_is_one_line_and_exit_2(tmp_path: Path) -> None:
     for command in (["fleet", "--devices", "1"], ["node", "--device-id", "pi-1"]):
         result = subprocess.run(
@@ -161,6 +204,23 @@ def test_a_bad_fl_task_option_is_one_line_and_exit_2(tmp_path: Path) -> None:
             cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
         assert result.returncode == 2, result.stdout + result.stderr
         assert result.stderr.strip().count("\n") == 0 and "NAME=package" in result.stderr
+
+
+def test_a_task_that_does_not_load_is_one_line_exit_2_and_leaves_no_folder(
+        tmp_path: Path) -> None:
+    """A well-formed --fl-task naming nothing importable: refused before anything stays."""
+    password = tmp_path / "pi-1.password"
+    password.write_text("secret\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "edgefl", "node", "--device-id", "pi-1", "--fl-task",
+         "digits=nowhere.module:Task", "--password-file", str(password),
+         "--state-dir", str(tmp_path / "new" / "pi-1")],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nowhere" in lines[0], lines
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_bad_heterogeneity_profile_is_refused(tmp_path: Path) -> None:
@@ -172,3 +232,35 @@ def test_a_bad_heterogeneity_profile_is_refused(tmp_path: Path) -> None:
         cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "slow_fraction" in result.stderr
+
+
+@pytest.mark.parametrize("refusal", ["unreachable", "bad_password"])
+def test_a_refused_connection_is_one_line_at_the_default_level(
+        tmp_path: Path, mosquitto: RunningBroker, new_device_id: Callable[[], str],
+        refusal: str) -> None:
+    """A node that cannot connect says why at the default log level, keeps retrying (a
+    device outlives a broker outage), and stops cleanly on Ctrl-C."""
+    from broker.launcher import free_port
+
+    device_id = new_device_id()
+    password = tmp_path / "password"
+    if refusal == "unreachable":
+        password.write_text(mosquitto.password(device_id))
+        where = f"127.0.0.1:{free_port()}"
+    else:
+        password.write_text("not-the-password\n")
+        where = f"{mosquitto.host}:{mosquitto.port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgefl", "node", "--device-id", device_id, "--broker", where,
+         "--password-file", str(password), "--state-dir", str(tmp_path / "state")],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()  # the first line at the default level says why
+        assert "WARNING" in line and device_id in line, line
+        assert ("cannot reach" in line) if refusal == "unreachable" else ("refused" in line)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in out + err

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from broker.settings import BrokerSettings
+from cloud.fl.config import FLTaskConfig
 from cloud.settings import CloudSettings
 from edge_node.settings import EdgeSettings
+from schemas.fl import Compression
 
 
 @pytest.mark.parametrize("values", [
@@ -51,3 +56,32 @@ def test_edge_and_cloud_variables_do_not_mix(monkeypatch: pytest.MonkeyPatch) ->
     assert cloud.fl == {} and cloud.mqtt.port == 2888
     edge = EdgeSettings(device_id="d")
     assert list(edge.fl.tasks) == ["digits"] and edge.mqtt.port == 1999
+
+
+@pytest.mark.parametrize(("section", "unknown"), [
+    ({"hyperparams": {"local_epoch": 5}}, "hyperparams.local_epoch"),
+    ({"compression": {"kin": "topk_int8"}}, "compression.kin"),
+])
+def test_a_typo_in_a_wire_model_of_a_task_is_an_error(
+    section: dict[str, Any], unknown: str, tmp_path: Path,
+) -> None:
+    """Wire models ignore unknown keys on the wire; in a settings file it is a typo."""
+    task = {"task": "fl_tasks.digits:DigitsTask", **section}
+    with pytest.raises(ValidationError, match=rf"FLTaskConfig: {re.escape(unknown)}\b"):
+        FLTaskConfig.model_validate(task)
+    config = tmp_path / "cloud.yaml"
+    config.write_text(yaml.safe_dump({"fl": {"digits": task}}))
+    with pytest.raises(ValidationError, match=re.escape(unknown)):
+        CloudSettings.load(config)
+
+
+def test_the_valid_wire_models_of_a_task_still_load(tmp_path: Path) -> None:
+    task = {"task": "fl_tasks.digits:DigitsTask",
+            "hyperparams": {"local_epochs": 5, "schema_version": 1},
+            "compression": {"kind": "topk_int8", "topk_fraction": 0.1}}
+    config = tmp_path / "cloud.yaml"
+    config.write_text(yaml.safe_dump({"fl": {"digits": task}}))
+    loaded = CloudSettings.load(config).fl["digits"]
+    assert loaded.hyperparams.local_epochs == 5
+    assert loaded.compression.kind is Compression.TOPK_INT8
+    assert FLTaskConfig.model_validate_json(loaded.model_dump_json()) == loaded

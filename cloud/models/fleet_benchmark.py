@@ -33,6 +33,7 @@ from cloud.settings import CloudSettings
 from schemas.base import decode_message, now
 from schemas.device import Command, CommandResult, CommandStatus
 from schemas.errors import DecodeError
+from schemas.mqtt_properties import topic_properties
 from schemas.release import MAX_CHUNK_BYTES, Targeting
 from schemas.topics import Topics
 
@@ -136,15 +137,22 @@ def fleet_benchmark(settings: CloudSettings, registry: ModelRegistry, version: M
                 done.set()
 
     client.on_message = on_message
+    protocol = settings.mqtt.protocol
     chunk_topics = [topics.chunk(version.model, version.version, i) for i in range(len(chunks))]
     try:
         tool_client.subscribe(client, [topics.command_reply(d, "benchmark") for d in devices],
                               options.timeout_s)
         for topic, data in zip(chunk_topics, chunks, strict=True):
-            client.publish(topic, data, qos=1, retain=True).wait_for_publish(options.timeout_s)
+            client.publish(topic, data, qos=1, retain=True,
+                           properties=topic_properties(topics, topic, protocol=protocol,
+                                                       payload=data),
+                           ).wait_for_publish(options.timeout_s)
         for device, command in commands.items():
-            client.publish(topics.command(device, "benchmark"), command.to_json(),
-                           qos=1).wait_for_publish(options.timeout_s)
+            topic, payload = topics.command(device, "benchmark"), command.to_json()
+            client.publish(topic, payload, qos=1,
+                           properties=topic_properties(topics, topic, protocol=protocol,
+                                                       payload=payload),
+                           ).wait_for_publish(options.timeout_s)
         done.wait(options.timeout_s)
     except tool_client.ToolClientError as exc:
         raise FleetBenchmarkError(str(exc)) from None
