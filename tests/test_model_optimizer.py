@@ -107,6 +107,35 @@ def test_every_recipe_of_the_digits_model_loads_and_agrees(
                       for o in report.outputs]))
     assert report.parent_accuracy > 0.9
     _check_every_format(registry, report)
+    _check_litert_integer_io(registry.get("digits", _by_recipe(report)["tflite-int8"].version)
+                             .path, task)
+
+
+def _check_litert_integer_io(path: Path, task: DigitsTask) -> None:
+    """The full-integer LiteRT model takes int8 in and gives int8 out; the runtime quantizes
+    the float32 batch and dequantizes the result exactly as the tensors' parameters say."""
+    from edge_node.inference.litert_runtime import LiteRtRuntime, _interpreter_class
+
+    interpreter = _interpreter_class()(model_path=str(path), num_threads=1)
+    interpreter.allocate_tensors()
+    given, produced = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    assert given["dtype"] == produced["dtype"] == np.int8
+    (in_scale, in_zero), (out_scale, out_zero) = given["quantization"], produced["quantization"]
+    assert in_scale > 0 and out_scale > 0
+    examples = task.server_data()[0][:16].astype(np.float32)
+    runtime = LiteRtRuntime.load(path)
+    try:
+        assert runtime.inputs[0].dtype == "float32"  # what a caller hands it
+        for example in examples:  # one at a time: the model's own batch of one
+            x = example.reshape(tuple(given["shape"]))
+            quantized = np.clip(np.rint(x / in_scale) + in_zero, -128, 127).astype(np.int8)
+            interpreter.set_tensor(given["index"], quantized)
+            interpreter.invoke()
+            raw = interpreter.get_tensor(produced["index"]).astype(np.float32)
+            expected = ((raw - out_zero) * np.float32(out_scale)).astype(np.float32)
+            np.testing.assert_array_equal(runtime.run(x), expected)
+    finally:
+        runtime.close()
 
 
 def test_int8_onnx_is_at_most_a_third_of_fp32_on_a_model_with_real_weight_mass(
