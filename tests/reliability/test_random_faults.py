@@ -7,6 +7,10 @@ each device produced is stored exactly once.
 The broker is stopped with SIGTERM (Mosquitto saves its persistence then; a SIGKILLed
 broker loses what it acknowledged since its last autosave, which no client can recover);
 the cloud and the device are SIGKILLed.
+
+A process is struck at a random moment of its life, not again while it is still starting:
+the cloud takes about 3 s to start (torch), and killing it every second would starve the
+task of any progress, which tests the dice, not the recovery.
 """
 
 from __future__ import annotations
@@ -65,11 +69,18 @@ class DeviceProcess:
         self.config = folder / "node.yaml"
         self.config.write_text(yaml.safe_dump(body))
         self.proc: subprocess.Popen[bytes] | None = None
+        self.log_offset = 0
         self.outbox_tails: dict[str, int] = {}
         """Per killed session: the highest telemetry seq left in its outbox at the kill."""
 
+    def up(self) -> bool:
+        """Whether the process started last has connected (it printed so)."""
+        return came_up(self.folder / "node.log", self.log_offset, f"{KILLED}: connected")
+
     def start(self) -> None:
-        with (self.folder / "node.log").open("ab") as log:
+        log_file = self.folder / "node.log"
+        self.log_offset = log_file.stat().st_size if log_file.exists() else 0
+        with log_file.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "edge_node", "node", "--config", str(self.config)],
                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -140,6 +151,15 @@ def task_state(cloud: CloudProcess) -> dict[str, Any] | None:
     return json.loads(rows[0][0]) if rows else None
 
 
+def came_up(log: Path, offset: int, marker: str) -> bool:
+    """Whether ``marker`` was written to ``log`` after ``offset`` (this start's output)."""
+    if not log.exists():
+        return False
+    with log.open("rb") as handle:
+        handle.seek(offset)
+        return marker.encode() in handle.read()
+
+
 def inject_faults(rng: random.Random, broker: RunningBroker, cloud: CloudProcess,
                   device: DeviceProcess) -> list[str]:
     """Kill and restart the broker, the cloud or the device until the task is over."""
@@ -150,6 +170,7 @@ def inject_faults(rng: random.Random, broker: RunningBroker, cloud: CloudProcess
         return state is not None and state["state"] in ("finished", "failed")
 
     deadline = time.monotonic() + 240
+    cloud_offset = 0  # the cloud's log before its last start: it started with the test
     kinds = ["broker", "cloud", "device"]
     rng.shuffle(kinds)  # every kind strikes within the first three faults
     while not finished():
@@ -160,12 +181,17 @@ def inject_faults(rng: random.Random, broker: RunningBroker, cloud: CloudProcess
         if finished():
             break
         fault = kinds[len(faults)] if len(faults) < len(kinds) else rng.choice(kinds)
+        ready = {"broker": True, "cloud": came_up(cloud.log, cloud_offset, "serving on"),
+                 "device": device.up()}
+        if not ready[fault]:
+            continue  # still starting: strike it at a later moment
         faults.append(fault)
         if fault == "broker":
             broker.process.stop()
             broker.process.start()
         elif fault == "cloud":
             cloud.kill()
+            cloud_offset = cloud.log.stat().st_size
             cloud.start(wait_online=False)
         else:
             device.kill()
