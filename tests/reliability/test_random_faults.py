@@ -180,11 +180,14 @@ def inject_faults(rng: random.Random, broker: RunningBroker, cloud: CloudProcess
                    what="a random moment")
         if finished():
             break
-        fault = kinds[len(faults)] if len(faults) < len(kinds) else rng.choice(kinds)
-        ready = {"broker": True, "cloud": came_up(cloud.log, cloud_offset, "serving on"),
-                 "device": device.up()}
-        if not ready[fault]:
-            continue  # still starting: strike it at a later moment
+        ready = [kind for kind in kinds if kind == "broker"
+                 or (kind == "cloud" and came_up(cloud.log, cloud_offset, "serving on"))
+                 or (kind == "device" and device.up())]
+        pending = [kind for kind in kinds if kind not in faults]  # the first strike of each
+        choices = [kind for kind in pending if kind in ready][:1] if pending else ready
+        if not choices:
+            continue  # the next kind to strike first is still starting
+        fault = rng.choice(choices)
         faults.append(fault)
         if fault == "broker":
             broker.process.stop()
@@ -227,6 +230,7 @@ def test_a_task_and_the_fleet_survive_random_kills_of_broker_cloud_and_device(
 
         faults = inject_faults(rng, broker, cloud, device)
         print(f"faults: {faults}")
+        assert {"broker", "cloud", "device"} <= set(faults), "every kind struck"
         state = task_state(cloud)
         assert state is not None and state["state"] == "finished", state
 
