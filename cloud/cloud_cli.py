@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import threading
 import time
@@ -29,7 +28,12 @@ from cloud.storage.sqlite_store import SqliteStore
 from fl_tasks.errors import TaskError
 from schemas.base import now
 from schemas.errors import SchemaError
-from schemas.settings_files import ConfigFileError, read_config_file
+from schemas.settings_files import (
+    ConfigFileError,
+    first_missing,
+    read_config_file,
+    remove_made,
+)
 from schemas.topics import validate_id
 
 logger = logging.getLogger(__name__)
@@ -320,7 +324,7 @@ def cloud(
         typer.secho(f"error: no password file {password} (`edgefl broker init` writes the "
                     "cloud's)", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
-    created = _first_missing(settings.data_dir)
+    created = first_missing(settings.data_dir)
     try:
         service = CloudService(settings)
     except (SchemaError, ValueError, OSError, ImportError, TaskError, CloudError) as exc:
@@ -328,9 +332,9 @@ def cloud(
                     err=True)
         if created is not None:  # leave nothing behind that this attempt made
             try:
-                shutil.rmtree(created)
+                remove_made(settings.data_dir, created)
             except OSError as cleanup:
-                logger.warning("could not remove %s: %s", created, cleanup)
+                logger.warning("could not remove %s: %s", settings.data_dir, cleanup)
         raise typer.Exit(2) from exc
 
     async def main() -> None:
@@ -355,16 +359,6 @@ def cloud(
     asyncio.run(main())
     typer.echo("cloud stopped")
     return settings
-
-
-def _first_missing(path: Path) -> Path | None:
-    """The outermost folder of ``path`` that does not exist yet (None: it all exists)."""
-    missing = None
-    for folder in (path, *path.parents):
-        if folder.exists():
-            return missing
-        missing = folder
-    return missing
 
 
 def devices(config: Config = None, data_dir: DataDir = None,

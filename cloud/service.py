@@ -133,12 +133,15 @@ class CloudService:
     def _persist_health(self, snapshot: dict[str, Any]) -> None:
         """Save the counters when the store holds others (worker thread).
 
-        Read and compared in one transaction: a batch of the ingest writer may have
-        saved an older snapshot after ours, so the store, not memory, says what is there.
+        Read, merged and written in one transaction. The ingest writer saves snapshots
+        with its batches from another thread, so the stored one may be newer than ours:
+        counters only grow, and the larger of each pair is kept.
         """
         with self.store.transaction():
-            if self.store.get(HEALTH_KEY) != snapshot:
-                self.store.put(HEALTH_KEY, snapshot)
+            stored = self.store.get(HEALTH_KEY)
+            merged = _larger_counts(stored, snapshot) if isinstance(stored, dict) else snapshot
+            if stored != merged:
+                self.store.put(HEALTH_KEY, merged)
 
     def _coordinator(self, name: str, config: FLTaskConfig) -> Coordinator:
         from cloud.fl.coordinator import Coordinator  # torch only where FL runs
@@ -579,3 +582,18 @@ class ServiceThread:
                 raise TimeoutError(f"cloud service did not stop within {timeout} s")
         if self.error is not None:
             raise self.error
+
+
+def _larger_counts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two snapshots of growing counters merged: the larger count of each (nested) key."""
+    merged: dict[str, Any] = {}
+    for key in a.keys() | b.keys():
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            merged[key] = _larger_counts(x, y)
+        elif isinstance(x, int) and isinstance(y, int) and not isinstance(x, bool) \
+                and not isinstance(y, bool):
+            merged[key] = max(x, y)
+        else:
+            merged[key] = y if key in b else x
+    return merged

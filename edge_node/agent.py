@@ -94,6 +94,8 @@ class EdgeAgent:
         """Outbox ids up to this one were handed to paho in this process (paho re-sends
         them after a reconnect); newer ones wait for the drain."""
         self._inflight = 0
+        self._handed_early: set[int] = set()
+        """Outbox ids above ``_handed_upto`` handed ahead of the paced backlog."""
         self._draining = False
         self._drain_tokens = float(DRAIN_BATCH)
         self._drain_at = time.monotonic()
@@ -251,6 +253,7 @@ class EdgeAgent:
                     break
                 if kind == "connected":
                     self._draining = True
+                    self._hand_urgent()
                 elif kind == "command":
                     self.commands.dispatch(*data)
                 elif kind == "report":
@@ -361,18 +364,23 @@ class EdgeAgent:
             if kind == "send":
                 try:
                     self._store_and_forward(*data)
-                except sqlite3.Error as exc:
+                except (sqlite3.Error, EdgeError, ValueError, OSError) as exc:
+                    self.counters.add("send_lost_at_stop")
                     logger.warning("%s: a message sent at stop was not stored: %s",
                                    self.device_id, exc)
 
     def _store_and_forward(self, topic: str, payload: bytes, retain: bool) -> None:
-        """Append to the outbox and hand it to paho when nothing waits before it."""
+        """Append to the outbox and hand it to paho when nothing waits before it.
+
+        A reply, a deployment status or an FL update does not wait behind a telemetry
+        backlog: it is handed at once (out of order; its topic is its own) and the
+        paced drain skips it later.
+        """
         connected = self.session.connected.is_set()
         try:
             message_id, _ = self.buffer.append(topic, payload, retain=retain)
-        except (sqlite3.Error, ValueError) as exc:  # the disk, or larger than the whole cap
-            self.counters.add("buffer_disk_error" if isinstance(exc, sqlite3.Error)
-                              else "buffer_message_over_cap")
+        except sqlite3.Error as exc:
+            self.counters.add("buffer_disk_error")
             logger.warning("%s: outbox write failed (%s); %s", self.device_id, exc,
                            "publishing without it" if connected else "message lost")
             if connected:
@@ -380,13 +388,32 @@ class EdgeAgent:
             else:
                 self.counters.add("buffer_lost_disk_error")
             return
-        if connected and self._handed_upto == message_id - 1 \
-                and self._inflight < MAX_INFLIGHT:
+        except ValueError as exc:  # larger than the whole outbox: paho's queue holds it
+            self.counters.add("buffer_message_over_cap")
+            logger.warning("%s: %s; handed to the MQTT client without the outbox",
+                           self.device_id, exc)
+            self.session.publish(topic, payload, retain=retain)
+            return
+        if not connected or self._inflight >= MAX_INFLIGHT:
+            return
+        if self._handed_upto == message_id - 1:
             self._hand(message_id, topic, payload, retain=retain)
+        elif _urgent(topic):
+            self._hand(message_id, topic, payload, retain=retain, early=True)
 
-    def _hand(self, message_id: int, topic: str, payload: bytes, *, retain: bool) -> None:
+    def _hand_urgent(self) -> None:
+        """After a (re)connection: what is not telemetry goes before the paced backlog."""
+        for item in self.buffer.peek_urgent(after=self._handed_upto, limit=MAX_INFLIGHT):
+            if item.id not in self._handed_early and self._inflight < MAX_INFLIGHT:
+                self._hand(item.id, item.topic, item.payload, retain=item.retain, early=True)
+
+    def _hand(self, message_id: int, topic: str, payload: bytes, *, retain: bool,
+              early: bool = False) -> None:
         """Give one outbox message to paho (which re-sends it after a reconnect)."""
-        self._handed_upto = message_id
+        if early:
+            self._handed_early.add(message_id)
+        else:
+            self._handed_upto = message_id
         with self._ack_lock:
             self._inflight += 1
         self.session.publish(topic, payload, retain=retain,
@@ -452,9 +479,16 @@ class EdgeAgent:
             if not batch:
                 self._handed_upto = self.buffer.last_id
                 break
+            handed = 0
             for item in batch:
+                if item.id in self._handed_early:  # went ahead of the backlog already
+                    self._handed_early.discard(item.id)
+                    self._handed_upto = item.id
+                    continue
                 self._hand(item.id, item.topic, item.payload, retain=item.retain)
-            self._drain_tokens -= len(batch)
+                handed += 1
+            self._drain_tokens -= handed
+            self._handed_early = {i for i in self._handed_early if i > self._handed_upto}
         if self._handed_upto >= self.buffer.last_id and self._draining:
             self._draining = False
             logger.info("%s: outbox handed over", self.device_id)
@@ -552,6 +586,11 @@ class EdgeAgent:
             raise InferenceError(f"inputs are not a {dtype} array: {exc}") from None
         out = self.infer(model, batch)
         return {"outputs": out.tolist(), "version": active.installed.version}
+
+
+def _urgent(topic: str) -> bool:
+    """Whether a message goes ahead of a telemetry backlog (all but telemetry, metrics)."""
+    return not topic.endswith(("/telemetry", "/metrics"))
 
 
 def _is_id(text: str) -> bool:

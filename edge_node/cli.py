@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from edge_node.heterogeneity import HeterogeneityProfile, device_profiles
 from edge_node.settings import EdgeSettings, FLTaskSettings
 from fl_tasks.errors import TaskError
 from schemas.errors import SchemaError
-from schemas.settings_files import read_config_file
+from schemas.settings_files import first_missing, read_config_file, remove_made
 from schemas.topics import DEFAULT_ROOT, validate_id
 
 logger = logging.getLogger(__name__)
@@ -129,8 +128,7 @@ def node(
         # default layout: one sub-folder per device under var/edge
         settings = settings.model_copy(
             update={"state_dir": settings.state_dir / settings.device_id})
-    created = next((f for f in (settings.state_dir, *settings.state_dir.parents)
-                    if f.parent.exists()), None) if not settings.state_dir.exists() else None
+    created = first_missing(settings.state_dir)
     try:
         agent = EdgeAgent(settings)
     except (TaskError, EdgeError, OSError, ImportError) as exc:
@@ -138,9 +136,9 @@ def node(
                     err=True)
         if created is not None:  # leave nothing behind that this attempt made
             try:
-                shutil.rmtree(created)
+                remove_made(settings.state_dir, created)
             except OSError as cleanup:
-                logger.warning("could not remove %s: %s", created, cleanup)
+                logger.warning("could not remove %s: %s", settings.state_dir, cleanup)
         raise typer.Exit(2) from exc
     typer.echo(f"{settings.device_id}: connecting to {settings.mqtt.host}:{settings.mqtt.port}")
 

@@ -164,6 +164,22 @@ class OfflineBuffer:
         return [BufferedMessage(int(r[0]), r[1], bytes(r[2]), int(r[3]), bool(r[4]))
                 for r in rows]
 
+    def peek_urgent(self, *, after: int, limit: int = 100) -> list[BufferedMessage]:
+        """Like :meth:`peek`, but without telemetry and model metrics.
+
+        What is left (replies, deployment status, FL updates) goes ahead of a paced
+        telemetry backlog.
+        """
+        with self._lock:
+            if self._count == 0:
+                return []
+            rows = self._open().execute(
+                "SELECT id, topic, payload, qos, retain FROM outbox WHERE id > ? "
+                "AND topic NOT LIKE '%/telemetry' AND topic NOT LIKE '%/metrics' "
+                "ORDER BY id LIMIT ?", (after, limit)).fetchall()
+        return [BufferedMessage(int(r[0]), r[1], bytes(r[2]), int(r[3]), bool(r[4]))
+                for r in rows]
+
     def remove(self, ids: list[int]) -> None:
         """Delete messages once the broker acknowledged them (unknown ids are ignored).
 

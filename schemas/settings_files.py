@@ -8,6 +8,7 @@ the optional config file, defaults. Shared by EdgeSettings and CloudSettings.
 from __future__ import annotations
 
 import json
+import shutil
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
@@ -93,3 +94,35 @@ class FileSettings(BaseSettings):
             return cls(**{k: v for k, v in explicit.items() if v is not None})
         finally:
             _CONFIG_FILE.reset(token)
+
+
+def first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (None: it all exists)."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            return missing
+        missing = folder
+    return missing
+
+
+def remove_made(leaf: Path, outermost: Path) -> None:
+    """Undo a failed start: remove ``leaf``, then its empty parents up to ``outermost``.
+
+    ``leaf`` is this process's own folder, which it made.
+
+    A parent that is not empty is kept: another process (a second agent starting in the
+    same layout) may have put its own folder there meanwhile.
+
+    Raises:
+        OSError: ``leaf`` could not be removed.
+    """
+    if leaf.is_dir() and not leaf.is_symlink():
+        shutil.rmtree(leaf)
+    folder = leaf.parent
+    while folder == outermost or outermost in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (in use by another process) or already gone
+            return
+        folder = folder.parent

@@ -70,10 +70,11 @@ def _connect_when_ready(port: int, username: str, password: str, timeout: float 
 
 @pytest.mark.integration
 def test_broker_runs_in_foreground_reloads_devices_and_stops_on_ctrl_c(tmp_path: Path) -> None:
-    port, service_port = free_port(), free_port()
+    port, service_port, observer_port = free_port(), free_port(), free_port()
     data = tmp_path / "broker"
     proc = subprocess.Popen([*EDGEFL, "broker", "--port", str(port), "--service-port",
-                             str(service_port), "--data-dir", str(data)],
+                             str(service_port), "--observer-port", str(observer_port),
+                             "--data-dir", str(data)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     try:
         _wait_port("127.0.0.1", port, proc)
@@ -94,9 +95,13 @@ def test_broker_runs_in_foreground_reloads_devices_and_stops_on_ctrl_c(tmp_path:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=20)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        if proc.poll() is None:  # stopped as the launcher stops, so Mosquitto goes with it
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
     assert proc.returncode == 0, out
     assert "mosquitto stopped" in out
     assert not port_accepts("127.0.0.1", port)
@@ -180,3 +185,19 @@ def test_a_missing_cloud_password_file_is_one_line(tmp_path: Path) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "no password file" in lines[0], lines
     assert not (tmp_path / "cloud").exists()
+
+
+def test_a_failed_start_removes_its_own_folders_and_no_one_elses(tmp_path: Path) -> None:
+    from schemas.settings_files import first_missing, remove_made
+
+    mine = tmp_path / "var" / "edge" / "dev-1"
+    assert first_missing(mine) == tmp_path / "var"
+    mine.mkdir(parents=True)
+    (mine / "outbox.sqlite3").write_bytes(b"x")
+    other = tmp_path / "var" / "edge" / "dev-2"  # a second agent started meanwhile
+    other.mkdir()
+    remove_made(mine, tmp_path / "var")
+    assert not mine.exists() and other.is_dir()
+    remove_made(other, tmp_path / "var")
+    assert not (tmp_path / "var").exists() and tmp_path.is_dir()
+    assert first_missing(tmp_path) is None

@@ -203,6 +203,62 @@ def test_replies_status_and_updates_wait_in_the_outbox_across_an_outage_and_a_re
         observer.close()
 
 
+@pytest.mark.integration
+def test_replies_status_and_updates_go_ahead_of_a_telemetry_backlog(
+    restartable_mosquitto: RunningBroker, topics: Topics, tmp_path: Path,
+) -> None:
+    """After an outage the telemetry backlog drains at its pace (here 5 a second); a
+    status kept in the outbox and an update sent meanwhile do not wait behind it."""
+    from edge_node.settings import BufferSettings
+
+    broker = restartable_mosquitto
+    status_topic = topics.deployment_status("dev-a", "digits")
+    update_topic = topics.update("digits", 4, "dev-a")
+    observer = SyncClient(broker.host, broker.service_port, client_id="observer-lane",
+                          username=broker.cloud_username,
+                          password=broker.password(broker.cloud_username), session_expiry=600)
+    assert not observer.connect().is_failure
+    for topic in (status_topic, update_topic, topics.telemetry("dev-a")):
+        observer.subscribe(topic)
+    agent = EdgeAgent(agent_settings(broker, topics, "dev-a", tmp_path / "dev-a",
+                                     interval_s=0.05,
+                                     buffer=BufferSettings(drain_rate_per_s=5.0)))
+    agent.start()
+    try:
+        assert agent.session.connected.wait(10)
+        broker.process.stop()
+        wait_until(lambda: not agent.session.connected.is_set(), what="agent offline")
+        wait_until(lambda: len(agent.buffer) >= 180, timeout=30, what="a telemetry backlog")
+        status = DeploymentStatus(device_id="dev-a", model="digits", ts=time.time(),
+                                  state=DeploymentState.INSTALLED, active_version="2.0.0",
+                                  slot="B")
+        worker = threading.Thread(target=agent._publish_status, args=(status,))
+        worker.start()
+        worker.join(10)
+        last_of_backlog = agent.telemetry_seq - 1  # produced while offline
+
+        def newest_telemetry() -> int:
+            return max(decode_message(DeviceTelemetry, m.payload).seq
+                       for m in observer.received_on(topics.telemetry("dev-a")))
+
+        broker.process.start()
+        got = observer.wait_for(lambda m: m.topic == status_topic, timeout=20)
+        assert decode_message(DeploymentStatus, got.payload) == status
+        update = b"\x01update of round 4" * 64
+        agent.send(update_topic, update)
+        assert observer.wait_for(lambda m: m.topic == update_topic, timeout=20).payload == update
+        assert newest_telemetry() < last_of_backlog, "they waited for the backlog"
+        agent.interval_s = 3600.0  # stop producing: the backlog can drain
+        wait_until(lambda: newest_telemetry() >= last_of_backlog, timeout=120,
+                   what="the backlog drained too")
+        seqs = [decode_message(DeviceTelemetry, m.payload).seq
+                for m in observer.received_on(topics.telemetry("dev-a"))]
+        assert len(seqs) == len(set(seqs))
+    finally:
+        agent.stop()
+        observer.close()
+
+
 # -- 12. threads -------------------------------------------------------------------------
 
 

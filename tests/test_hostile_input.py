@@ -742,3 +742,17 @@ def test_health_counters_build_a_valid_message() -> None:
     message = health.message(instance="c", started_at=now(), connected=True, queues={"a": 1})
     assert message.refused == {"telemetry": {"validation": 1}}
     assert message.accepted == {"telemetry": 1}
+
+
+def test_saved_health_keeps_the_larger_of_two_snapshots() -> None:
+    """The ingest writer and the health interval save from two threads: whichever commits
+    last, the store keeps the larger of every count (counters only grow)."""
+    from cloud.service import _larger_counts
+
+    older = {"accepted": {"telemetry": 5}, "refused": {"update": {"stale_round": 1}},
+             "errors": {}}
+    newer = {"accepted": {"telemetry": 9}, "refused": {"update": {"stale_round": 1,
+                                                                  "norm_bound": 2}},
+             "errors": {"dispatch_error": 1}}
+    assert _larger_counts(newer, older) == newer
+    assert _larger_counts(older, newer) == newer
