@@ -106,6 +106,9 @@ def run(
     def _restart(signum: int, frame: object) -> None:  # remove-device revoked a certificate
         restart.set()
 
+    # SIGINT explicitly too: a launcher started from a background job or a service
+    # manager may inherit SIGINT ignored, and Ctrl-C must still stop it.
+    signal.signal(signal.SIGINT, _terminate)
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGUSR1, _restart)
     launcher_pid = settings.layout.root / LAUNCHER_PID

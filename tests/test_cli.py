@@ -72,9 +72,13 @@ def _connect_when_ready(port: int, username: str, password: str, timeout: float 
 def test_broker_runs_in_foreground_reloads_devices_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     port, service_port, observer_port = free_port(), free_port(), free_port()
     data = tmp_path / "broker"
+
+    def ignore_sigint() -> None:  # as a background job inherits it: Ctrl-C must still work
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     proc = subprocess.Popen([*EDGEFL, "broker", "--port", str(port), "--service-port",
                              str(service_port), "--observer-port", str(observer_port),
-                             "--data-dir", str(data)],
+                             "--data-dir", str(data)], preexec_fn=ignore_sigint,  # noqa: PLW1509
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     try:
         _wait_port("127.0.0.1", port, proc)
