@@ -26,10 +26,11 @@ _Counts = dict[str, NonNegativeInt]
 class SavedHealth(BaseModel):
     """The persisted counts (strict: a corrupt record is refused whole, never half-restored).
 
-    Unknown keys are ignored, so a record written by a newer version still loads.
+    An unknown key is refused too (a misspelt category would otherwise load as zero counts);
+    the refusal is counted as ``health_restore_failed`` and the cloud starts from zero.
     """
 
-    model_config = ConfigDict(strict=True, frozen=True, extra="ignore")
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
 
     accepted: _Counts = Field(default_factory=dict)
     duplicates: _Counts = Field(default_factory=dict)

@@ -674,7 +674,8 @@ def test_refusals_counted_after_the_last_batch_survive_a_restart(
 
 
 @pytest.mark.parametrize("garbage", ["not json {", '{"accepted": {"telemetry": "many"}}',
-                                     "[1, 2]", '{"refused": {"telemetry": {"x": -1}}}'])
+                                     "[1, 2]", '{"refused": {"telemetry": {"x": -1}}}',
+                                     '{"acepted": {"telemetry": 3}}'])
 def test_a_corrupt_saved_health_record_is_counted_and_the_cloud_starts(
     make_cloud: CloudFactory, tmp_path: Path, garbage: str,
 ) -> None:
