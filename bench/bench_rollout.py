@@ -17,6 +17,11 @@ QoS 1, retained) to 100 plain paho subscribers (with the devices' identities,
 before the fleet starts); the time from the first publish to the last byte at
 the last subscriber. The ratio fan-out / reference is the figure (goal: <= 1.5).
 
+Both report the CPU seconds each process spent (the broker; the subscribers or the
+fleet, the cloud): the simulated fleet shares this machine's cores, so its installs
+(write, sha256, onnxruntime load, smoke test, statuses) queue behind each other,
+while on a real fleet each device spends its own.
+
 Abort latency: a canary release (`--abort-on-alert critical`, a long probation)
 to one more device, an agent of the bench's own whose sampler then reports 90 °C:
 the cloud's `temperature_high` rule (critical) opens an alert, the rollout
@@ -48,6 +53,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import paho.mqtt.client as mqtt
+import psutil
 import torch
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
@@ -153,8 +159,31 @@ class Watcher:
         self.client.loop_stop()
 
 
-def reference(broker: LocalBroker, password: str, ids: list[str], data: bytes) -> float:
-    """Seconds for the broker to deliver ``data`` in chunks to one paho subscriber per id."""
+def cpu_seconds(*pids: int) -> float:
+    """User + system CPU seconds of these processes and their children so far."""
+    total = 0.0
+    for pid in pids:
+        root = psutil.Process(pid)
+        for proc in (root, *root.children(recursive=True)):
+            try:
+                times = proc.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += times.user + times.system
+    return total
+
+
+def broker_pid(broker: LocalBroker) -> int:
+    """Mosquitto's pid, from its pid file."""
+    return int((broker.settings.layout.root / "mosquitto.pid").read_text().split()[0])
+
+
+def reference(broker: LocalBroker, password: str, ids: list[str], data: bytes,
+              cpu: dict[str, list[float]]) -> float:
+    """Seconds for the broker to deliver ``data`` in chunks to one paho subscriber per id.
+
+    Appends the CPU seconds the broker and the subscribers spent on it to ``cpu``.
+    """
     chunks = TOPICS.filter(TopicKind.CHUNK, model="benchref", version="1.0.0")
     subs = subprocess.Popen(
         [sys.executable, "-c", SUBSCRIBERS, "127.0.0.1", str(broker.port),
@@ -169,6 +198,7 @@ def reference(broker: LocalBroker, password: str, ids: list[str], data: bytes) -
     client.connect("127.0.0.1", broker.service_port)
     client.loop_start()
     count = (len(data) + CHUNK_BYTES - 1) // CHUNK_BYTES
+    before = cpu_seconds(broker_pid(broker)), cpu_seconds(subs.pid)
     t0 = time.time()
     infos = [client.publish(TOPICS.chunk("benchref", "1.0.0", i),
                             data[i * CHUNK_BYTES:(i + 1) * CHUNK_BYTES],
@@ -176,6 +206,8 @@ def reference(broker: LocalBroker, password: str, ids: list[str], data: bytes) -
     for info in infos:
         info.wait_for_publish(60)
     result = json.loads(subs.stdout.readline())
+    cpu.setdefault("broker", []).append(cpu_seconds(broker_pid(broker)) - before[0])
+    cpu.setdefault("subscribers", []).append(cpu_seconds(subs.pid) - before[1])
     subs.wait(60)
     for i in range(count):  # leave nothing retained
         client.publish(TOPICS.chunk("benchref", "1.0.0", i), b"", qos=1,
@@ -356,8 +388,13 @@ def abort_latency(settings: CloudSettings, registry: ModelRegistry, watcher: Wat
 
 def fanout(settings: CloudSettings, registry: ModelRegistry, watcher: Watcher,
            ids: list[str], models: dict[float, bytes], refs: dict[float, list[float]],
+           ref_cpu: dict[float, dict[str, list[float]]], pids: dict[str, int],
            repeats: int) -> list[dict[str, Any]]:
-    """Release each model ``repeats`` times to the whole fleet; figures per size."""
+    """Release each model ``repeats`` times to the whole fleet; figures per size.
+
+    Also the CPU seconds each process (with its children) spent from the request to
+    the last install, beside what the broker and the subscribers spent on the reference.
+    """
     out = []
     serial = 0
     for size, data in models.items():
@@ -367,6 +404,7 @@ def fanout(settings: CloudSettings, registry: ModelRegistry, watcher: Watcher,
             "cloud_publishes_chunks_s": [], "chunks_to_manifest_s": [],
             "manifest_to_first_installed_s": [], "manifest_to_all_installed_s": [],
             "device_download_s": [], "device_verify_s": [], "device_load_and_install_s": []}
+        cpu: dict[str, list[float]] = {name: [] for name in pids}
         for _ in range(repeats):
             serial += 1
             version = f"{serial}.0.0"
@@ -374,8 +412,11 @@ def fanout(settings: CloudSettings, registry: ModelRegistry, watcher: Watcher,
                               input_shape=[-1, 64])
             spec = RolloutSpec(model="bench", version=version, canary_percent=100.0,
                                probation_s=0.0, abort_alert_severity=None)
+            before = {name: cpu_seconds(pid) for name, pid in pids.items()}
             t0 = release(settings, spec)
             seen = installed_at(watcher, t0, version, ids, 300)
+            for name, pid in pids.items():
+                cpu[name].append(cpu_seconds(pid) - before[name])
             if len(seen) < len(ids):
                 raise RuntimeError(f"{len(seen)} of {len(ids)} installed {version}")
             seen_now = watcher.since(t0)
@@ -413,6 +454,13 @@ def fanout(settings: CloudSettings, registry: ModelRegistry, watcher: Watcher,
             "reference_s_median": round(ref, 3),
             "ratio": round(fan / ref, 2),
             "ratio_from_request": round(statistics.median(times) / ref, 2),
+            "cpu_s_median": {name: round(statistics.median(v), 3) for name, v in cpu.items()},
+            "reference_cpu_s_median": {name: round(statistics.median(v), 3)
+                                       for name, v in ref_cpu[size].items()},
+            "fleet_cpu_ms_per_install": round(
+                statistics.median(cpu["fleet"]) / len(ids) * 1000, 1),
+            "reference_subscriber_cpu_ms_per_device": round(
+                statistics.median(ref_cpu[size]["subscribers"]) / len(ids) * 1000, 1),
             "phases_median": {k: round(statistics.median(v), 3) for k, v in phases.items()
                               if v}})
         print(json.dumps(out[-1]), file=sys.stderr, flush=True)
@@ -425,8 +473,9 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=100)
     parser.add_argument("--sizes-mb", type=float, nargs="+", default=[1.0, 10.0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--per-process", type=int, default=MAX_AGENTS_PER_PROCESS,
-                        help="Simulated devices per fleet process (each one Python process)")
+    parser.add_argument("--per-process", type=int, default=MAX_AGENTS_PER_PROCESS // 2,
+                        help="Simulated devices per fleet process (each one Python process; "
+                        "the default spreads 100 devices over two, one per core here)")
     args = parser.parse_args()
     ids = [f"sim-{i:03d}" for i in range(args.devices)]
     results: dict[str, Any] = {"benchmark": "rollout", "devices": args.devices,
@@ -439,7 +488,8 @@ def main() -> None:
         cloud_password = broker.credentials("edgefl-cloud")
         assert cloud_password is not None
         models = {size: mlp_onnx(size, folder / f"m{size}.onnx") for size in args.sizes_mb}
-        refs = {size: [reference(broker, cloud_password[1], ids, data)
+        ref_cpu: dict[float, dict[str, list[float]]] = {size: {} for size in models}
+        refs = {size: [reference(broker, cloud_password[1], ids, data, ref_cpu[size])
                        for _ in range(args.repeats)] for size, data in models.items()}
         cloud, config = start_cloud(folder, broker)
         settings = CloudSettings.load(config)
@@ -449,8 +499,9 @@ def main() -> None:
         try:
             wait_devices(settings, args.devices, fleet)
             registry = ModelRegistry(SqliteStore(settings.sqlite_path), settings.artifacts_dir)
+            pids = {"broker": broker_pid(broker), "fleet": fleet.pid, "cloud": cloud.pid}
             results["fanout"] = fanout(settings, registry, watcher, ids, models, refs,
-                                       args.repeats)
+                                       ref_cpu, pids, args.repeats)
             serial = len(models) * args.repeats
             canary = HotCanary(folder, broker, settings)
             try:

@@ -5,19 +5,29 @@ Layout under ``state_dir/models``::
     {model}/state.json          active + previous install, written atomically
     {model}/A/model.{ext}       slot A
     {model}/B/model.{ext}       slot B
-    {model}/staging/{version}-{sha}/chunk-{i}   chunks downloaded so far
+    {model}/staging/{version}-{sha}/download.{ext}   the release, preallocated; each
+                                                     chunk written at its offset
+    {model}/staging/{version}-{sha}/chunks.log       indexes of the chunks written
 
 A new version always goes into the slot that is not active, so the previous
 model stays on disk for a rollback. ``state.json`` is the commit point.
+
+A download is one file, not a file per chunk: the chunks land at their offsets and
+the verified file is renamed into its slot, so the bytes are written once and synced
+once (on an SD card, a sync per chunk and a second copy to assemble cost more than
+the transfer). Neither the file nor the log is synced per chunk: a process that dies
+leaves both in the page cache, and after a power loss a chunk the log lists may be
+torn, which the release's sha256 catches (the download then starts over).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
+import struct
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -34,6 +44,8 @@ EXTENSIONS: dict[ModelFormat, str] = {
     ModelFormat.TFLITE: "tflite",
     ModelFormat.TORCHSCRIPT: "pt",
 }
+_LOG_RECORD = struct.Struct("<I")
+"""One written chunk's index in ``chunks.log`` (a torn last record is ignored)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,16 +93,24 @@ class ModelStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
+        self._states: dict[str, dict[str, dict[str, object] | None]] = {}
+        self._lock = threading.Lock()  # the OTA thread writes; any thread may read
 
     def _folder(self, model: str) -> Path:
         return self.root / validate_id(model, "model")
 
     def _state(self, model: str) -> dict[str, dict[str, object] | None]:
-        path = self._folder(model) / "state.json"
-        if not path.exists():
-            return {"active": None, "previous": None}
-        data: dict[str, dict[str, object] | None] = json.loads(path.read_text())
-        return data
+        """The install record, read from disk once (this store is its only writer)."""
+        with self._lock:
+            cached = self._states.get(model)
+            if cached is not None:
+                return cached
+            path = self._folder(model) / "state.json"
+            if not path.exists():
+                return {"active": None, "previous": None}
+            data: dict[str, dict[str, object] | None] = json.loads(path.read_text())
+            self._states[model] = data
+            return data
 
     @staticmethod
     def _installed(record: dict[str, object] | None) -> InstalledModel | None:
@@ -127,8 +147,10 @@ class ModelStore:
                      previous: InstalledModel | None) -> None:
         body = {"active": asdict(active) if active else None,
                 "previous": asdict(previous) if previous else None}
-        write_atomic(self._folder(model) / "state.json",
-                     json.dumps(body, indent=2, sort_keys=True).encode())
+        with self._lock:
+            write_atomic(self._folder(model) / "state.json",
+                         json.dumps(body, indent=2, sort_keys=True).encode())
+            self._states[model] = json.loads(json.dumps(body))
 
     def commit(self, model: str, installed: InstalledModel) -> InstalledModel | None:
         """Make ``installed`` active; the old active becomes previous. Returns it."""
@@ -152,44 +174,79 @@ class ModelStore:
         return (self._folder(manifest.model) / "staging"
                 / f"{manifest.version}-{manifest.sha256[:16]}")
 
+    def download_file(self, manifest: ReleaseManifest) -> Path:
+        """The file a release is downloaded into (its extension names the format)."""
+        return self.staging_dir(manifest) / f"download.{EXTENSIONS[manifest.format]}"
+
+    def _chunk_log(self, manifest: ReleaseManifest) -> Path:
+        return self.staging_dir(manifest) / "chunks.log"
+
     def present_chunks(self, manifest: ReleaseManifest) -> set[int]:
-        """Chunk indexes already on disk with the right length."""
-        folder = self.staging_dir(manifest)
-        present: set[int] = set()
-        if not folder.exists():
+        """Chunk indexes already written to the release's download file."""
+        try:
+            if self.download_file(manifest).stat().st_size != manifest.size_bytes:
+                return set()
+            raw = self._chunk_log(manifest).read_bytes()
+        except FileNotFoundError:
+            return set()
+        whole = len(raw) - len(raw) % _LOG_RECORD.size
+        return {index for (index,) in _LOG_RECORD.iter_unpack(raw[:whole])
+                if index < manifest.chunk_count}
+
+    def open_download(self, manifest: ReleaseManifest) -> set[int]:
+        """Prepare the download file; returns the chunks a previous run wrote to it.
+
+        The file's full size is reserved on disk, so a full disk fails here, not halfway.
+        """
+        present = self.present_chunks(manifest)
+        if present:
             return present
-        for path in folder.glob("chunk-*"):
-            try:
-                index = int(path.name.removeprefix("chunk-"))
-            except ValueError:
-                continue
-            if (0 <= index < manifest.chunk_count
-                    and path.stat().st_size == manifest.chunk_length(index)):
-                present.add(index)
+        self.discard_staging(manifest)
+        folder = self.staging_dir(manifest)
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.download_file(manifest), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                     0o600)
+        try:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, manifest.size_bytes)
+            else:  # pragma: no cover - not Linux
+                os.ftruncate(fd, manifest.size_bytes)
+        finally:
+            os.close(fd)
         return present
 
     def store_chunk(self, manifest: ReleaseManifest, index: int, data: bytes) -> None:
-        """Keep one chunk: it survives reconnects and restarts.
+        """Write one chunk at its offset, then list it in the chunk log.
 
-        After a power loss it is whole or missing, and a missing one is fetched again.
+        A restart resumes from the listed ones. ``open_download`` comes first.
         """
-        write_atomic(self.staging_dir(manifest) / f"chunk-{index}", data, durable_name=False)
+        offset = index * manifest.chunk_size
+        view = memoryview(data)
+        fd = os.open(self.download_file(manifest), os.O_WRONLY)
+        try:
+            while view:
+                written = os.pwrite(fd, view, offset)
+                view, offset = view[written:], offset + written
+        finally:
+            os.close(fd)
+        with self._chunk_log(manifest).open("ab") as log:
+            log.write(_LOG_RECORD.pack(index))
 
-    def assemble(self, manifest: ReleaseManifest, target: Path) -> str:
-        """Concatenate the chunks into ``target`` atomically; returns the file's sha256."""
-        folder = self.staging_dir(manifest)
-        digest = hashlib.sha256()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        with tmp.open("wb") as out:
-            for index in range(manifest.chunk_count):
-                data = (folder / f"chunk-{index}").read_bytes()
-                digest.update(data)
-                out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, target)
-        return digest.hexdigest()
+    def read_chunk(self, manifest: ReleaseManifest, index: int) -> bytes:
+        """Chunk ``index`` as written to the download file."""
+        with self.download_file(manifest).open("rb") as handle:
+            handle.seek(index * manifest.chunk_size)
+            return handle.read(manifest.chunk_length(index))
+
+    def complete_download(self, manifest: ReleaseManifest) -> Path:
+        """Sync the downloaded file to disk (once, before it is verified and placed)."""
+        path = self.download_file(manifest)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return path
 
     def discard_staging(self, manifest: ReleaseManifest) -> None:
         """Remove a release's chunks (after install, or when they proved bad)."""

@@ -101,12 +101,23 @@ def choose_build(manifest: ReleaseManifest, caps: Capabilities, device_class: st
 
 @dataclass
 class Download:
-    """A release being fetched."""
+    """A release being fetched; its sha256 is computed as the chunks arrive in order."""
 
     manifest: ReleaseManifest
     missing: set[int]
+    resumed: bool = False
+    """Some chunks came from the disk (a previous run); after a power loss one may be torn."""
     started: float = field(default_factory=time.monotonic)
     received: int = 0
+    digest: hashlib._Hash = field(default_factory=hashlib.sha256)
+    hashed: int = 0
+    """Chunks ``[0, hashed)`` are in ``digest``."""
+    progress_at: float = 0.0
+    """When the last ``downloading`` progress status was sent (monotonic)."""
+
+
+PROGRESS_INTERVAL_S = 1.0
+"""At most one ``downloading`` progress status per this many seconds and download."""
 
 
 @dataclass
@@ -323,8 +334,13 @@ class OtaManager:
                        f"{manifest.size_bytes} bytes > {self.settings.max_model_bytes}")
             return
         self._drop_download(model)
-        present = self.store.present_chunks(manifest)
-        download = Download(manifest, set(range(manifest.chunk_count)) - present)
+        self._begin_download(model, manifest)
+
+    def _begin_download(self, model: str, manifest: ReleaseManifest) -> None:
+        present = self.store.open_download(manifest)
+        download = Download(manifest, set(range(manifest.chunk_count)) - present,
+                            resumed=bool(present), progress_at=time.monotonic())
+        self._advance_hash(download)
         self.downloads[model] = download
         self._status(model, DeploymentState.DOWNLOADING, manifest=manifest,
                      received=len(present))
@@ -400,13 +416,30 @@ class OtaManager:
         self.store.store_chunk(manifest, index, payload)
         download.missing.discard(index)
         download.received += 1
+        self._advance_hash(download, index, payload)
         self._chunks([self.topics.chunk(model, version, index)], False)
-        have = manifest.chunk_count - len(download.missing)
-        step = max(1, manifest.chunk_count // 10)
-        if download.missing and have % step == 0:
-            self._status(model, DeploymentState.DOWNLOADING, manifest=manifest, received=have)
+        clock = time.monotonic()
+        if download.missing and clock - download.progress_at >= PROGRESS_INTERVAL_S:
+            download.progress_at = clock
+            self._status(model, DeploymentState.DOWNLOADING, manifest=manifest,
+                         received=manifest.chunk_count - len(download.missing))
         if not download.missing:
             self._finish(model, download)
+
+    def _advance_hash(self, download: Download, index: int | None = None,
+                      payload: bytes | None = None) -> None:
+        """Feed the digest every chunk now contiguous from the start.
+
+        The one just received comes from memory; the ones after it that came earlier
+        are read back from the download file.
+        """
+        manifest = download.manifest
+        if payload is not None and index == download.hashed:
+            download.digest.update(payload)
+            download.hashed += 1
+        while download.hashed < manifest.chunk_count and download.hashed not in download.missing:
+            download.digest.update(self.store.read_chunk(manifest, download.hashed))
+            download.hashed += 1
 
     # -- verify, load, smoke test, switch ----------------------------------------
 
@@ -415,13 +448,22 @@ class OtaManager:
         self.downloads.pop(model, None)
         self._status(model, DeploymentState.VERIFYING, manifest=manifest,
                      received=manifest.chunk_count)
-        assembled = self.store.staging_dir(manifest) / f"assembled.{EXTENSIONS[manifest.format]}"
-        digest = self.store.assemble(manifest, assembled)
+        self._advance_hash(download)
+        assembled = self.store.complete_download(manifest)
         size = assembled.stat().st_size
         if size != manifest.size_bytes:
             self.store.discard_staging(manifest)
             self._fail(model, manifest, "size_mismatch",
                        f"{size} bytes, manifest says {manifest.size_bytes}")
+            return
+        digest = download.digest.hexdigest()
+        if digest != manifest.sha256 and download.resumed:
+            # a chunk kept from a previous run was torn (power loss): fetch it all again
+            self.store.discard_staging(manifest)
+            self.counters.add("download_restarted")
+            logger.warning("%s: %s %s: sha256 mismatch after resuming a download; "
+                           "downloading it again", self.device_id, model, manifest.version)
+            self._begin_download(model, manifest)
             return
         if digest != manifest.sha256:
             self.store.discard_staging(manifest)

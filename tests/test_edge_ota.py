@@ -231,6 +231,70 @@ def test_resume_after_disconnect_fetches_only_missing_chunks(
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("power_loss", [False, True], ids=["killed", "torn_chunk"])
+def test_a_restarted_agent_resumes_its_download_and_a_torn_chunk_starts_it_over(
+    make_agent: AgentFactory, cloud: SyncClient, topics: Topics,
+    onnx_v1: tuple[torch.nn.Module, bytes], power_loss: bool,
+) -> None:
+    """The chunks land at their offsets in one file. A restart fetches only the missing
+    ones; if a chunk the log lists was torn by a power loss (nothing is synced per
+    chunk), the release's sha256 catches it and the download starts over once."""
+    agent = make_agent()
+    manifest, chunks = build_release(MODEL, "1.0.0", onnx_v1[1], chunk_size=1024)
+    half = len(chunks) // 2
+    publish_manifest(cloud, topics, manifest)
+    publish_chunks(cloud, topics, manifest, chunks, list(range(half)))
+    wait_until(lambda: len(agent.store.present_chunks(manifest)) >= half,
+               what="first half of the chunks on the device's disk")
+    agent.stop()
+    staging = agent.store.staging_dir(manifest)
+    assert sorted(p.name for p in staging.iterdir()) == ["chunks.log", "download.onnx"]
+    download = agent.store.download_file(manifest)
+    assert download.stat().st_size == manifest.size_bytes  # reserved at the start
+    assert download.read_bytes()[:half * 1024] == b"".join(chunks[:half])
+    if power_loss:
+        with download.open("r+b") as handle:
+            handle.seek(1024 + 100)
+            handle.write(b"\0" * 16)
+    publish_chunks(cloud, topics, manifest, chunks, list(range(half, len(chunks))))
+    again = make_agent(agent.device_id, state_dir=agent.state_dir)
+    cloud.wait_for(status_is(topics, again.device_id, DeploymentState.INSTALLED), timeout=20)
+    # the old session's queued chunks arrive before the retained manifest: not stored
+    ignored = again.counters["chunk_duplicate"] + again.counters["chunk_unexpected"]
+    fetched = again.ota.chunk_messages[MODEL] - ignored
+    if power_loss:
+        assert again.counters["download_restarted"] == 1
+        assert fetched == len(chunks) - half + len(chunks)
+    else:
+        assert again.counters["download_restarted"] == 0
+        assert fetched == len(chunks) - half
+    assert not staging.exists()
+    installed = again.store.active(MODEL)
+    assert installed is not None and Path(installed.path).read_bytes() == onnx_v1[1]
+    np.testing.assert_allclose(again.infer(MODEL, BATCH), reference(onnx_v1[0], BATCH),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_chunks_out_of_order_land_at_their_offsets_and_a_torn_log_record_is_ignored(
+    tmp_path: Path, onnx_v1: tuple[torch.nn.Module, bytes],
+) -> None:
+    from edge_node.model_store import ModelStore
+
+    store = ModelStore(tmp_path / "models")
+    manifest, chunks = build_release(MODEL, "1.0.0", onnx_v1[1], chunk_size=1000)
+    assert store.open_download(manifest) == set()
+    order = list(range(len(chunks)))[::-1]
+    for index in order[:-1]:
+        store.store_chunk(manifest, index, chunks[index])
+    with (store.staging_dir(manifest) / "chunks.log").open("ab") as log:
+        log.write(b"\x00\x00")  # the process died inside the last record's write
+    assert ModelStore(tmp_path / "models").open_download(manifest) == set(order[:-1])
+    store.store_chunk(manifest, order[-1], chunks[order[-1]])
+    assert store.present_chunks(manifest) == set(range(len(chunks)))
+    assert store.read_chunk(manifest, len(chunks) - 1) == chunks[-1]
+    assert store.complete_download(manifest).read_bytes() == onnx_v1[1]
+
+
 def test_restart_serves_the_last_model_without_the_network(
     make_agent: AgentFactory, cloud: SyncClient, topics: Topics, tmp_path: Path,
     onnx_v1: tuple[torch.nn.Module, bytes],
