@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml | check-python
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[edge,train,cloud,test]'
+	$(PIP) install --quiet -e '.[edge,train,cloud,demo,test]'
 	touch $@
 
 venv: $(VENV)/.installed

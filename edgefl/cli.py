@@ -79,6 +79,9 @@ def demo_cmd(
     reports: Annotated[int, typer.Option(min=1, max=1000, help="Telemetry per device")] = 5,
     data_dir: Annotated[Path | None, typer.Option(help="Keep broker data here")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write a JSON summary")] = None,
+    plot_dir: Annotated[Path | None, typer.Option(
+        "--plot", help="Write PNG charts (training, bytes, fleet accuracy, the alert) here")
+    ] = None,
     broker: Annotated[
         BrokerChoice, typer.Option(help="auto: Mosquitto when installed, else embedded amqtt")
     ] = BrokerChoice.AUTO,
@@ -87,7 +90,7 @@ def demo_cmd(
     from edgefl.demo import run_demo
 
     summary = run_demo(devices=devices, reports=reports, rounds=rounds, data_dir=data_dir,
-                       json_path=json_path,
+                       json_path=json_path, plot_dir=plot_dir,
                        broker_kind=broker.value)
     raise typer.Exit(0 if summary.ok else 1)
 

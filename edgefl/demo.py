@@ -51,7 +51,13 @@ from fl_tasks.digits import DigitsTask
 from schemas.alerts import Alert
 from schemas.base import decode_message, now
 from schemas.catalog import CHANNELS
-from schemas.device import DeploymentState, DeploymentStatus, DeviceState, ModelMetrics
+from schemas.device import (
+    DeploymentState,
+    DeploymentStatus,
+    DeviceState,
+    DeviceTelemetry,
+    ModelMetrics,
+)
 from schemas.errors import DecodeError, TopicError
 from schemas.mqtt_properties import topic_properties
 from schemas.topics import Topics
@@ -108,7 +114,8 @@ class Observer:
         self.kinds: Counter[str] = Counter()
         self.refused: Counter[str] = Counter()
         self.valid = 0
-        self.messages: list[tuple[str, bytes, bool]] = []
+        self.messages: list[tuple[str, bytes, bool, float]] = []
+        """(topic, payload, retained, when received)"""
         self._changed = threading.Condition()
         self.client = _client("demo-observer", broker, "edgefl-cloud")
         self.client.on_message = self._on_message
@@ -130,7 +137,8 @@ class Observer:
                         and msg.payload:
                     decode_message(channel.message, msg.payload)
                 self.valid += 1
-                self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
+                self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain),
+                                      time.time()))
             except (DecodeError, TopicError) as exc:
                 self.refused[getattr(exc, "reason", type(exc).__name__)] += 1
                 logger.warning("refused message on %s: %s", msg.topic, exc)
@@ -144,7 +152,12 @@ class Observer:
     def on_topic(self, topic: str) -> list[bytes]:
         """Payloads received on ``topic``."""
         with self._changed:
-            return [p for t, p, _ in self.messages if t == topic]
+            return [p for t, p, _, _ in self.messages if t == topic]
+
+    def timed(self, topic: str) -> list[tuple[float, bytes]]:
+        """(when received, payload) of the messages on ``topic``."""
+        with self._changed:
+            return [(at, p) for t, p, _, at in self.messages if t == topic]
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         """Publish as the cloud, QoS 1, and wait until it is sent."""
@@ -243,7 +256,8 @@ def _agent(broker: LocalBroker, device_id: str, folder: Path, key: Ed25519Privat
 
 def run_demo(
     *, devices: int = 10, reports: int = 5, rounds: int = 15, data_dir: Path | None = None,
-    json_path: Path | None = None, console: Console | None = None,
+    json_path: Path | None = None, plot_dir: Path | None = None,
+    console: Console | None = None,
     broker_kind: Literal["auto", "mosquitto", "amqtt"] = "auto",
 ) -> DemoSummary:
     """Run the demo end to end and return what was observed."""
@@ -253,13 +267,13 @@ def run_demo(
         ids = [f"demo-{i:02d}" for i in range(devices)]
         broker = start_local_broker(folder / "broker", device_ids=ids, kind=broker_kind)
         try:
-            return _run(broker, ids, reports, rounds, folder, console, json_path)
+            return _run(broker, ids, reports, rounds, folder, console, json_path, plot_dir)
         finally:
             broker.stop()
 
 
 def _run(broker: LocalBroker, ids: list[str], reports: int, rounds: int, folder: Path,
-         console: Console, json_path: Path | None) -> DemoSummary:
+         console: Console, json_path: Path | None, plot_dir: Path | None) -> DemoSummary:
     started = time.monotonic()
     if broker.kind == "amqtt":
         console.print(
@@ -320,7 +334,13 @@ def _run(broker: LocalBroker, ids: list[str], reports: int, rounds: int, folder:
     )
     _print(console, summary)
     if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(asdict(summary), indent=2) + "\n")
+    if plot_dir is not None:
+        from edgefl.demo_plots import write_plots
+
+        charts = write_plots(asdict(summary), plot_dir)
+        console.print(f"charts: {', '.join(str(p) for p in charts)}")
     return summary
 
 
@@ -357,6 +377,7 @@ def _federated(cloud: ServiceThread, summary: DemoSummary, console: Console, rou
         "centralized_baseline_accuracy": baseline.accuracy,
         "centralized_epochs": baseline.epochs,
         "bytes_on_wire": sum(h["bytes_received"] for h in history),
+        "epsilon_spent": history[-1].get("epsilon_spent") if history else None,
     }
     table = Table(title="federated training (central test accuracy per round)")
     for column in ("round", "participants", "train loss", "accuracy", "bytes"):
@@ -488,6 +509,7 @@ def _alert(observer: Observer, topics: Topics, agent: EdgeAgent, summary: DemoSu
             stop.wait(0.02)
 
     app = threading.Thread(target=faulty_application, daemon=True)
+    began = time.time()
     app.start()
     opened = observer.wait(lambda: any(p for p in observer.on_topic(topic)))
     stop.set()
@@ -495,9 +517,22 @@ def _alert(observer: Observer, topics: Topics, agent: EdgeAgent, summary: DemoSu
     resolved = opened and observer.wait(lambda: observer.on_topic(topic)[-1:] == [b""])
     summary.alert = {"device": agent.device_id, "rule": rule, "opened": opened,
                      "resolved": resolved}
+    if resolved:  # a few more reports after the clear, for the chart
+        seen = len(observer.on_topic(topics.telemetry(agent.device_id)))
+        observer.wait(lambda: len(observer.on_topic(topics.telemetry(agent.device_id)))
+                      >= seen + 4)
+    summary.alert["telemetry"] = [
+        {"ts": reading.ts, "error_rate_percent": round(reading.error_rate_percent, 3)}
+        for reading in (decode_message(DeviceTelemetry, p)
+                        for p in observer.on_topic(topics.telemetry(agent.device_id)))
+        if reading.ts >= began - 2.0]
     if opened:
         alert = decode_message(Alert, next(p for p in observer.on_topic(topic) if p))
-        summary.alert |= {"severity": alert.severity.value, "message": alert.message}
+        summary.alert |= {"severity": alert.severity.value, "message": alert.message,
+                          "opened_at": alert.opened_at, "threshold": alert.threshold}
+    if resolved:
+        summary.alert["cleared_at"] = next(at for at, p in reversed(observer.timed(topic))
+                                           if not p)
         console.print(f"alert: {alert.severity.value} {rule} on {agent.device_id}: "
                       f"{alert.message}; {'cleared' if resolved else 'still open'}")
 

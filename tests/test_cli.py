@@ -139,7 +139,9 @@ def test_add_device_with_chosen_password_and_tls(tmp_path: Path) -> None:
 def test_demo_finishes_and_reports(tmp_path: Path, broker: str) -> None:
     summary_path = tmp_path / "demo.json"
     env = {**os.environ, "COLUMNS": "100"}
-    result = subprocess.run([*EDGEFL, "demo", "--broker", broker, "--json", str(summary_path)],
+    charts = tmp_path / "charts"
+    result = subprocess.run([*EDGEFL, "demo", "--broker", broker, "--json", str(summary_path),
+                             "--plot", str(charts)],
                             capture_output=True, text=True, timeout=180, cwd=REPO, env=env,
                             check=False)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -155,7 +157,24 @@ def test_demo_finishes_and_reports(tmp_path: Path, broker: str) -> None:
     rollout = summary["rollout"]
     assert rollout["state"] == "completed", rollout
     assert len(rollout["canary"]) == 2 and rollout["stages"] == [2, 10]
-    assert summary["alert"]["opened"] is True and summary["alert"]["resolved"] is True
+    alert = summary["alert"]
+    assert alert["opened"] is True and alert["resolved"] is True
+    assert alert["opened_at"] < alert["cleared_at"]
+    during = [p["error_rate_percent"] for p in alert["telemetry"]
+              if alert["opened_at"] - 1.0 <= p["ts"] <= alert["opened_at"]]
+    assert during and max(during) > alert["threshold"], alert["telemetry"]
+    assert alert["telemetry"][-1]["error_rate_percent"] <= alert["threshold"]
+    fl = summary["fl"]
+    assert len(fl["rounds"]) == 15 and fl["epsilon_spent"] is None  # no DP in the demo
+    assert fl["bytes_on_wire"] == sum(r["bytes_received"] for r in fl["rounds"]) > 0
+    import matplotlib.image
+
+    for name in ("fl_accuracy", "fl_bytes", "fleet_accuracy", "alert_telemetry"):
+        png = charts / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        pixels = matplotlib.image.imread(png)
+        assert pixels.ndim == 3 and pixels.shape[0] > 200 and pixels.shape[1] > 400, name
+        assert pixels.std() > 0.01, f"{name} is blank"
     assert summary["cloud_stored_telemetry"] >= summary["telemetry_expected"]
     for device in summary["fleet"]:
         assert device["installed_version"] == "1.0.0"

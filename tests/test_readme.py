@@ -37,3 +37,12 @@ def test_every_edgefl_command_in_the_readme_exists(words: tuple[str, ...]) -> No
     result = subprocess.run([sys.executable, "-m", "edgefl", *path, "--help"],
                             capture_output=True, text=True, cwd=REPO, timeout=60, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_readme_shows_the_demo_charts_it_links() -> None:
+    """Every image the README shows is a committed PNG, and the demo's four are there."""
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", README)
+    assert {Path(p).name for p in images} >= {"fl_accuracy.png", "fl_bytes.png",
+                                              "fleet_accuracy.png", "alert_telemetry.png"}
+    for image in images:
+        assert (REPO / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", image
