@@ -271,12 +271,18 @@ class OtaManager:
         return status
 
     def _fail(self, model: str, manifest: ReleaseManifest | None, reason: str,
-              detail: str) -> None:
+              detail: str, *, retry: bool = False) -> None:
+        """Report a failed install; unless ``retry``, this build is not tried again.
+
+        ``retry`` is for the device's own trouble, like a full disk: the next delivery
+        of the release tries again.
+        """
         self.counters.add(f"install_{reason}")
         logger.warning("%s: install of %s %s refused: %s: %s", self.device_id, model,
                        manifest.version if manifest else "?", reason, detail)
         if manifest is not None:
-            self._failed.add((model, manifest.version, manifest.sha256))
+            if not retry:
+                self._failed.add((model, manifest.version, manifest.sha256))
             self._drop_download(model)
         self._status(model, DeploymentState.FAILED, manifest=manifest,
                      error=f"{reason}: {detail}"[:1024])
@@ -336,8 +342,20 @@ class OtaManager:
         self._drop_download(model)
         self._begin_download(model, manifest)
 
+    def _storage_failed(self, model: str, manifest: ReleaseManifest, exc: OSError) -> None:
+        """The device's disk refused (full, read-only, failing).
+
+        The model serving now stays; the release is tried when it is delivered again.
+        """
+        self.store.discard_staging(manifest)
+        self._fail(model, manifest, "storage_error", str(exc), retry=True)
+
     def _begin_download(self, model: str, manifest: ReleaseManifest) -> None:
-        present = self.store.open_download(manifest)
+        try:
+            present = self.store.open_download(manifest)
+        except OSError as exc:
+            self._storage_failed(model, manifest, exc)
+            return
         download = Download(manifest, set(range(manifest.chunk_count)) - present,
                             resumed=bool(present), progress_at=time.monotonic())
         self._advance_hash(download)
@@ -413,7 +431,11 @@ class OtaManager:
             self._fail(model, manifest, "chunk_size_mismatch",
                        f"chunk {index} has {len(payload)} bytes, manifest says {expected}")
             return
-        self.store.store_chunk(manifest, index, payload)
+        try:
+            self.store.store_chunk(manifest, index, payload)
+        except OSError as exc:
+            self._storage_failed(model, manifest, exc)
+            return
         download.missing.discard(index)
         download.received += 1
         self._advance_hash(download, index, payload)
@@ -448,14 +470,28 @@ class OtaManager:
         self.downloads.pop(model, None)
         self._status(model, DeploymentState.VERIFYING, manifest=manifest,
                      received=manifest.chunk_count)
-        self._advance_hash(download)
-        assembled = self.store.complete_download(manifest)
+        assembled = self._verified(model, download)
+        if assembled is None:
+            return
+        self._status(model, DeploymentState.INSTALLING, manifest=manifest,
+                     received=manifest.chunk_count)
+        self._install(model, manifest, assembled)
+
+    def _verified(self, model: str, download: Download) -> Path | None:
+        """The downloaded file, synced and checked against the manifest; None if not."""
+        manifest = download.manifest
+        try:
+            self._advance_hash(download)
+            assembled = self.store.complete_download(manifest)
+        except OSError as exc:
+            self._storage_failed(model, manifest, exc)
+            return None
         size = assembled.stat().st_size
         if size != manifest.size_bytes:
             self.store.discard_staging(manifest)
             self._fail(model, manifest, "size_mismatch",
                        f"{size} bytes, manifest says {manifest.size_bytes}")
-            return
+            return None
         digest = download.digest.hexdigest()
         if digest != manifest.sha256 and download.resumed:
             # a chunk kept from a previous run was torn (power loss): fetch it all again
@@ -464,14 +500,16 @@ class OtaManager:
             logger.warning("%s: %s %s: sha256 mismatch after resuming a download; "
                            "downloading it again", self.device_id, model, manifest.version)
             self._begin_download(model, manifest)
-            return
+            return None
         if digest != manifest.sha256:
             self.store.discard_staging(manifest)
             self._fail(model, manifest, "sha256_mismatch",
                        f"sha256 {digest[:16]}..., manifest says {manifest.sha256[:16]}...")
-            return
-        self._status(model, DeploymentState.INSTALLING, manifest=manifest,
-                     received=manifest.chunk_count)
+            return None
+        return assembled
+
+    def _install(self, model: str, manifest: ReleaseManifest, assembled: Path) -> None:
+        """Load and smoke-test the verified file, place it in the free slot, switch."""
         try:
             runtime, memory = self._load(str(assembled), manifest.format)
         except (ModelLoadError, RuntimeUnavailableError) as exc:
@@ -485,10 +523,15 @@ class OtaManager:
             self._fail(model, manifest, "smoke_test_failed", problem)
             return
         slot = self.store.target_slot(model)
-        path = self.store.place(assembled, model, slot, manifest.format)
-        installed = InstalledModel(manifest.version, manifest.format, manifest.sha256,
-                                   manifest.size_bytes, slot, str(path))
-        self.store.commit(model, installed)
+        try:
+            path = self.store.place(assembled, model, slot, manifest.format)
+            installed = InstalledModel(manifest.version, manifest.format, manifest.sha256,
+                                       manifest.size_bytes, slot, str(path))
+            self.store.commit(model, installed)  # the commit point: before it, nothing changed
+        except OSError as exc:
+            runtime.close()
+            self._storage_failed(model, manifest, exc)
+            return
         self.inference.activate(model, installed, runtime, memory)
         self.store.discard_staging(manifest)
         if self.store.previous(model) is not None:  # a first install has nothing to return to

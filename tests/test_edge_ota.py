@@ -14,7 +14,13 @@ import torch
 
 from edge_node.agent import EdgeAgent
 from schemas.base import ModelFormat, RuntimeName, decode_message
-from schemas.device import CommandStatus, DeploymentState, DeploymentStatus, ModelMetrics
+from schemas.device import (
+    CommandStatus,
+    DeploymentState,
+    DeploymentStatus,
+    DeviceTelemetry,
+    ModelMetrics,
+)
 from schemas.release import Requirements, Targeting
 from schemas.topics import Topics
 from tests.agent_fixtures import AgentFactory, send_command, telemetry, wait_until
@@ -293,6 +299,50 @@ def test_chunks_out_of_order_land_at_their_offsets_and_a_torn_log_record_is_igno
     assert store.present_chunks(manifest) == set(range(len(chunks)))
     assert store.read_chunk(manifest, len(chunks) - 1) == chunks[-1]
     assert store.complete_download(manifest).read_bytes() == onnx_v1[1]
+
+
+def test_a_full_disk_fails_the_install_keeps_the_model_serving_and_retries_later(
+    make_agent: AgentFactory, cloud: SyncClient, topics: Topics, tmp_path: Path,
+    onnx_v1: tuple[torch.nn.Module, bytes],
+) -> None:
+    """Issue 14: the disk refuses a release (here the kernel's file-size limit, EFBIG,
+    as ENOSPC would): the device says why in its status and telemetry, keeps serving
+    the model it has, and installs the release when it is delivered again."""
+    import resource
+    import signal
+
+    agent = make_agent(interval_s=0.2)
+    install(cloud, topics, agent, "1.0.0", onnx_v1[1])
+    torch.manual_seed(5)
+    big = torch.nn.Sequential(torch.nn.Linear(64, 27_000), torch.nn.ReLU(),
+                              torch.nn.Linear(27_000, 10)).eval()
+    data = export_onnx(big, tmp_path / "big.onnx")
+    limit = 6 * 1024 * 1024
+    assert len(data) > limit + 1024 * 1024  # the outbox's files stay below the limit
+    manifest, chunks = build_release(MODEL, "2.0.0", data, chunk_size=256 * 1024)
+    previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    previous_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, previous_limit[1]))
+    try:
+        release(cloud, topics, manifest, chunks)
+        failed = decode_message(DeploymentStatus, cloud.wait_for(
+            status_is(topics, agent.device_id, DeploymentState.FAILED, "2.0.0"),
+            timeout=20).payload)
+        assert failed.error is not None and failed.error.startswith("storage_error: "), failed
+        assert failed.active_version == "1.0.0"
+        np.testing.assert_allclose(agent.infer(MODEL, BATCH), reference(onnx_v1[0], BATCH),
+                                   rtol=1e-5, atol=1e-5)
+        cloud.wait_for(lambda m: m.topic == topics.telemetry(agent.device_id) and decode_message(
+            DeviceTelemetry, m.payload).counters.get("install_storage_error", 0) >= 1)
+        assert not agent.store.staging_dir(manifest).exists()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, previous_limit)
+        signal.signal(signal.SIGXFSZ, previous_handler)
+    agent.session.drop()  # space again; the retained release comes with the reconnection
+    cloud.wait_for(status_is(topics, agent.device_id, DeploymentState.INSTALLED, "2.0.0"),
+                   timeout=60)
+    np.testing.assert_allclose(agent.infer(MODEL, BATCH), reference(big, BATCH),
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_restart_serves_the_last_model_without_the_network(
