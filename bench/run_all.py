@@ -33,7 +33,7 @@ PACKAGES = ("torch", "onnxruntime", "ai-edge-litert", "paho-mqtt", "aiomqtt", "n
 
 FULL: dict[str, list[str]] = {
     "schemas": [], "inference": [], "aggregation": [], "ingest": ["--fl-params", "1000000"],
-    "fleet": [], "fl": [], "models": [], "rollout": [],
+    "fleet": [], "fl": [], "models": [], "rollout": [], "sustained": ["--compare"],
 }
 """Every benchmark with the arguments its published figures come from."""
 QUICK: dict[str, list[str]] = {
@@ -45,6 +45,7 @@ QUICK: dict[str, list[str]] = {
     "fl": ["--rounds", "3", "--only", "overhead"],
     "models": ["--runs", "200", "--repeats", "1"],
     "rollout": ["--devices", "5", "--sizes-mb", "0.2", "--repeats", "1"],
+    "sustained": ["--devices", "20", "--seconds", "5", "--compare"],
 }
 """The same benchmarks, small: to check that each still runs, not to compare figures."""
 
