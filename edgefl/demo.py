@@ -35,7 +35,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from broker.local import LocalBroker, start_local_broker
-from cloud.demo_model import centralized_baseline, export_onnx
+from cloud.demo_model import centralized_baseline
 from cloud.models.formats import ArtifactFormat
 from cloud.models.rollout import RolloutSpec
 from cloud.models.rollout_store import RolloutStore
@@ -67,6 +67,8 @@ logger = logging.getLogger(__name__)
 NOT_AUTHORIZED = 0x87
 WAIT_S = 20.0
 MODEL = "digits-mlp"
+DEMO_RECIPES = ("onnx", "onnx-int8-dynamic", "torchscript")
+"""What the demo's optimizer makes of the federated model (the fast recipes)."""
 KEY_ID = "demo-release"
 
 
@@ -99,6 +101,8 @@ class DemoSummary:
     alert: dict[str, object] = field(default_factory=dict)
     fl: dict[str, object] = field(default_factory=dict)
     rollout: dict[str, object] = field(default_factory=dict)
+    optimized: list[dict[str, object]] = field(default_factory=list)
+    released_version: str | None = None
     cloud_stored_telemetry: int = 0
     cloud_devices_online: int = 0
     duration_s: float = 0.0
@@ -326,7 +330,8 @@ def _run(broker: LocalBroker, ids: list[str], reports: int, rounds: int, folder:
         and summary.lwt_offline_retained
         and summary.refused.get("validation", 0) >= 1
         and summary.acl_denied_reason in (None, NOT_AUTHORIZED)
-        and all(d.installed_version == "1.0.0" and d.accuracy is not None for d in summary.fleet)
+        and all(d.installed_version == summary.released_version and d.accuracy is not None
+                for d in summary.fleet)
         and summary.alert.get("resolved") is True
         and summary.fl.get("final_accuracy") is not None
         and summary.rollout.get("state") == "completed"
@@ -400,20 +405,14 @@ def _rollout(cloud: ServiceThread, observer: Observer, topics: Topics, fleet: li
     every device; each installs, serves and reports.
     """
     task = DigitsTask()
-    onnx = export_onnx(task, weights)
     test_x, test_y = task.central_data()
     accuracy = task.evaluate(weights, test_x, test_y).accuracy
     summary.model_test_accuracy = round(accuracy, 4)
-    models = cloud.service.models
-    trained = [v for v in models.versions(MODEL) if v.format is ArtifactFormat.WEIGHTS
-               and v.note is not None and v.note.startswith("final")]
-    version = models.register(
-        MODEL, "1.0.0", onnx, ArtifactFormat.ONNX, task="fl_tasks.digits:DigitsTask",
-        parent_version=trained[-1].version if trained else None, input_shape=[-1, 64],
-        recipe={"export": "onnx fp32, dynamic batch"}, metrics={"accuracy": accuracy},
-        metrics_source="export")
+    released = _optimize(cloud, summary, console)
+    summary.released_version = released
+    version = cloud.service.models.get(MODEL, released)
     requests = RolloutStore(cloud.service.store)
-    spec = RolloutSpec(model=MODEL, version="1.0.0", canary_percent=20.0, steps=[100.0],
+    spec = RolloutSpec(model=MODEL, version=released, canary_percent=20.0, steps=[100.0],
                        probation_s=2.0)
     request_id = requests.request("release", spec.model_dump(mode="json"))
     observer.wait(lambda: (r := requests.get_request(request_id)) is not None
@@ -421,7 +420,7 @@ def _rollout(cloud: ServiceThread, observer: Observer, topics: Topics, fleet: li
     answer = requests.get_request(request_id)
     if answer is None or answer.state != "done":
         raise RuntimeError(f"the release was refused: {answer.detail if answer else '-'}")
-    console.print(f"release: {MODEL} 1.0.0 (from {version.parent_version or 'export'}), "
+    console.print(f"release: {MODEL} {released} (from {version.parent_version}), "
                   f"{version.size_bytes} bytes, signed; {answer.detail}")
 
     def completed() -> bool:
@@ -471,6 +470,47 @@ def _rollout(cloud: ServiceThread, observer: Observer, topics: Topics, fleet: li
             result.accuracy = metrics.accuracy
             result.latency_ms_p50 = metrics.latency_ms_p50
             result.latency_ms_p95 = metrics.latency_ms_p95
+
+
+def _optimize(cloud: ServiceThread, summary: DemoSummary, console: Console) -> str:
+    """The optimizer on the federated weights; returns the ONNX build to release.
+
+    Each output is converted, loaded in the edge runtime of its format, evaluated on
+    the task's test split, timed and registered as a child of the weights.
+    """
+    from cloud.models.optimizer import Optimizer, Options
+    from edgefl.model_cli import edge_runner
+
+    models = cloud.service.models
+    trained = [v for v in models.versions(MODEL) if v.format is ArtifactFormat.WEIGHTS
+               and v.note is not None and v.note.startswith("final")]
+    if not trained:
+        raise RuntimeError("the federated task registered no final model")
+    with console.status(f"optimizing {MODEL} {trained[-1].version}") as status:
+        report = Optimizer(models, edge_runner()).optimize(
+            MODEL, trained[-1].version, Options(recipes=DEMO_RECIPES), progress=status.update)
+    summary.optimized = [
+        {"recipe": o.recipe, "version": o.version, "state": o.state,
+         "size_bytes": o.size_bytes, "compression": o.compression, "accuracy": o.accuracy,
+         "accuracy_delta_points": o.accuracy_delta_points,
+         "latency_ms_p50": o.latency_ms_p50, "latency_ms_p99": o.latency_ms_p99}
+        for o in report.outputs]
+    table = Table(title=f"optimized for the edge ({MODEL} {trained[-1].version}, accuracy "
+                  f"{report.parent_accuracy:.3f})")
+    for column in ("recipe", "state", "bytes", "x smaller", "accuracy", "p50 ms", "p99 ms"):
+        table.add_column(column, justify="right")
+    for o in report.outputs:
+        table.add_row(o.recipe, o.state, str(o.size_bytes or "-"),
+                      f"{o.compression:.2f}" if o.compression else "-",
+                      f"{o.accuracy:.3f}" if o.accuracy is not None else "-",
+                      f"{o.latency_ms_p50:.3f}" if o.latency_ms_p50 is not None else "-",
+                      f"{o.latency_ms_p99:.3f}" if o.latency_ms_p99 is not None else "-")
+    console.print(table)
+    onnx = [o.version for o in report.outputs if o.recipe == "onnx" and o.version
+            and o.state == "registered"]
+    if not onnx:
+        raise RuntimeError(f"the optimizer produced no ONNX build: {report.outputs}")
+    return onnx[0]
 
 
 def _cloud(broker: LocalBroker, folder: Path, fl: dict[str, object]) -> ServiceThread:

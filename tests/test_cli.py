@@ -176,8 +176,15 @@ def test_demo_finishes_and_reports(tmp_path: Path, broker: str) -> None:
         assert pixels.ndim == 3 and pixels.shape[0] > 200 and pixels.shape[1] > 400, name
         assert pixels.std() > 0.01, f"{name} is blank"
     assert summary["cloud_stored_telemetry"] >= summary["telemetry_expected"]
+    # The optimizer ran on the federated weights; its ONNX build is what was released.
+    outputs = {o["recipe"]: o for o in summary["optimized"]}
+    assert set(outputs) == {"onnx", "onnx-int8-dynamic", "torchscript"}
+    assert outputs["onnx"]["state"] == "registered"
+    assert summary["released_version"] == outputs["onnx"]["version"]
+    assert outputs["onnx-int8-dynamic"]["size_bytes"] < outputs["onnx"]["size_bytes"]
+    assert all(o["latency_ms_p50"] > 0 for o in outputs.values() if o["state"] != "failed")
     for device in summary["fleet"]:
-        assert device["installed_version"] == "1.0.0"
+        assert device["installed_version"] == summary["released_version"]
         assert device["accuracy"] > 0.8
         assert 0 < device["latency_ms_p50"] <= device["latency_ms_p95"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -360,3 +361,54 @@ def test_load_task_refuses_bad_arguments() -> None:
         load_task("fl_tasks.digits:DigitsTask", layers=3)
     with pytest.raises(TaskConfigError, match="model"):
         load_task("fl_tasks.digits:DigitsTask", model="rnn")
+
+
+# -- MNIST-1D ---------------------------------------------------------------------------
+
+
+def test_mnist1d_is_generated_once_cached_without_pickle_and_leaves_global_rngs(
+        tmp_path: Path) -> None:
+    import random
+
+    from fl_tasks import mnist1d
+
+    numpy_state, python_state = np.random.get_state(legacy=False), random.getstate()
+    first = mnist1d.Mnist1dTask(num_samples=500, cache_dir=str(tmp_path))
+    x_test, _ = first.central_data()
+    x_train, y_train = first.server_data()
+    assert x_train.shape == (400, 40) and x_test.shape == (100, 40)
+    assert x_train.dtype == np.float32 and y_train.dtype == np.int64
+    assert set(np.unique(y_train)) == set(range(10))
+    assert np.random.get_state(legacy=False)["state"]["key"].tolist() == \
+        numpy_state["state"]["key"].tolist()
+    assert np.random.get_state(legacy=False)["state"]["pos"] == numpy_state["state"]["pos"]
+    assert random.getstate() == python_state
+    (cached,) = tmp_path.glob("mnist1d-500-*.npz")
+    with np.load(cached, allow_pickle=False) as stored:  # plain arrays, no objects
+        assert np.array_equal(stored["x_test"], x_test)
+    stamp = cached.stat().st_mtime_ns
+    mnist1d.load_arrays.cache_clear()
+    again = mnist1d.Mnist1dTask(num_samples=500, cache_dir=str(tmp_path), seed=3)
+    assert np.array_equal(again.central_data()[0], x_test)  # the data ignore the model seed
+    assert cached.stat().st_mtime_ns == stamp  # read back, not generated again
+
+
+def test_mnist1d_partitions_and_a_cnn_learns_it(tmp_path: Path) -> None:
+    from fl_tasks.mnist1d import Mnist1dTask
+
+    task = Mnist1dTask(num_samples=2000, cache_dir=str(tmp_path))
+    parts = [task.local_data(Partition(index=i, count=5, scheme="dirichlet", alpha=0.1))
+             for i in range(5)]
+    assert sum(len(p.y_train) + len(p.y_eval) for p in parts) == 1600
+    dominant = [np.bincount(p.y_train, minlength=10).max() / len(p.y_train) for p in parts]
+    assert max(dominant) > 0.4, "alpha 0.1 gives skewed devices"
+    model = task.build_model()
+    assert 5_000 < sum(p.numel() for p in model.parameters()) < 20_000
+    everything = task.local_data(Partition(index=0, count=1, scheme="iid"))
+    trained = task.train(get_weights(model), everything,
+                         HyperParams(local_epochs=8, batch_size=32, learning_rate=0.05,
+                                     momentum=0.9), seed=0)
+    x_test, y_test = task.central_data()
+    assert task.evaluate(trained.weights, x_test, y_test).accuracy > 0.6
+    with pytest.raises(TaskConfigError):
+        Mnist1dTask(model="rnn")  # type: ignore[arg-type]
