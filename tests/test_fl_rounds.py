@@ -180,3 +180,29 @@ def test_a_late_device_drops_its_update_and_says_so_in_telemetry(
     watcher.wait_for(lambda m: decode_message(DeviceTelemetry, m.payload).counters.get(
         "fl_late_update_dropped") == 1, timeout=10)
     watcher.close()
+
+
+def test_mnist1d_trains_over_the_broker(
+    make_cloud: CloudFactory, make_agent: AgentFactory, tmp_path: Path,
+) -> None:
+    """The second task: same coordinator, same devices, a 1-D CNN on MNIST-1D."""
+    options = {"num_samples": 1000, "cache_dir": str(tmp_path / "cache")}
+    cloud = make_cloud(fl={TASK: fl_config(
+        task="fl_tasks.mnist1d:Mnist1dTask", task_kwargs=options, rounds=3,
+        min_fit_clients=2, min_available_clients=2,
+        hyperparams={"local_epochs": 6, "batch_size": 32, "learning_rate": 0.05,
+                     "momentum": 0.9})})
+    settings = [device_fl(i, 2) for i in range(2)]
+    for s in settings:
+        s["tasks"][TASK] |= {"path": "fl_tasks.mnist1d:Mnist1dTask", "options": options}
+    agents = [make_agent(fl=s) for s in settings]
+    coordinator = cloud.service.coordinators[TASK]
+    wait_until(lambda: coordinator.state.state in (TaskState.FINISHED, TaskState.FAILED),
+               timeout=120, what="three mnist1d rounds")
+    assert coordinator.state.state is TaskState.FINISHED, coordinator.state.message
+    history = coordinator.history()
+    assert [h.round for h in history] == [1, 2, 3]
+    assert sorted(history[-1].participants) == sorted(a.device_id for a in agents)
+    first, last = history[0].central_accuracy, history[-1].central_accuracy
+    assert first is not None and last is not None
+    assert last > max(first, 0.3), f"learning, well above chance (0.1): {first} -> {last}"
