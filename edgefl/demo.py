@@ -310,7 +310,7 @@ def _run(broker: LocalBroker, ids: list[str], reports: int, rounds: int, folder:
         observer.wait(lambda: observer.kinds["telemetry"] >= summary.telemetry_expected,
                       timeout=reports * interval * 4 + WAIT_S)
         _alert(observer, topics, fleet[len(fleet) // 2], summary, console)
-        _faults(broker, observer, topics, fleet, summary)
+        _faults(broker, observer, topics, fleet, summary, console)
         summary.cloud_devices_online = len(cloud.service.registry.devices(online=True))
     finally:
         for agent in fleet:
@@ -578,9 +578,12 @@ def _alert(observer: Observer, topics: Topics, agent: EdgeAgent, summary: DemoSu
 
 
 def _faults(broker: LocalBroker, observer: Observer, topics: Topics, fleet: list[EdgeAgent],
-            summary: DemoSummary) -> None:
+            summary: DemoSummary, console: Console) -> None:
     """A malformed message, an ACL refusal and an abrupt disconnect."""
     first = fleet[0]
+    console.print(f"[yellow]deliberate fault[/]: {first.device_id} sends telemetry with "
+                  "cpu_percent 250; the cloud must refuse it and count it (the WARNING "
+                  "that follows is expected)")
     payload = json.dumps({"schema_version": 1, "device_id": first.device_id,
                           "session_id": first.session_id, "seq": 10**6, "ts": now(),
                           "cpu_percent": 250.0, "memory_percent": 1.0,
@@ -588,10 +591,14 @@ def _faults(broker: LocalBroker, observer: Observer, topics: Topics, fleet: list
     first.session.publish_wait(topics.telemetry(first.device_id), payload)
     observer.wait(lambda: sum(observer.refused.values()) >= 1)
     if broker.mqtt5 and len(fleet) > 1:
+        console.print(f"[yellow]deliberate fault[/]: {first.device_id} writes on "
+                      f"{fleet[1].device_id}'s telemetry topic; the broker's ACL must refuse it")
         summary.acl_denied_reason = first.session.publish_wait(
             topics.telemetry(fleet[1].device_id), b"{}")
     last = fleet[-1]
     bd_seq = last.session.bd_seq
+    console.print(f"[yellow]deliberate fault[/]: {last.device_id} drops its connection "
+                  "without a goodbye; the broker must publish its will (offline)")
     last.session.drop()
 
     def died() -> bool:

@@ -150,6 +150,7 @@ def test_demo_finishes_and_reports(tmp_path: Path, broker: str) -> None:
     assert summary["received"]["telemetry"] >= summary["telemetry_expected"]
     assert summary["refused"] == {"validation": 1}
     assert summary["lwt_offline_retained"] is True
+    assert "deliberate fault" in result.stdout  # the bad message is labelled as such
     if broker == "mosquitto":
         assert summary["acl_denied_reason"] == 0x87
     assert summary["model_test_accuracy"] > 0.9
