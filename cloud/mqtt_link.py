@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -104,6 +105,9 @@ class MqttLink:
             properties=properties, keepalive=mqtt.keepalive_s, tls_params=tls,
             will=aiomqtt.Will(topic, payload, qos=1, retain=True),
             max_queued_incoming_messages=0,
+            # Nagle off: small packets (PUBACK, SUBSCRIBE, commands) go at once instead
+            # of waiting for the broker's delayed ACK (up to 40 ms on Linux).
+            socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
             # Our waits are bounded with asyncio.timeout; aiomqtt's wait_for is not used.
             timeout=math.inf,
         )

@@ -45,6 +45,19 @@ _PUBLISH_OVERHEAD = 64  # fixed header, lengths, packet id, properties (content 
 MAX_CACHED_TOPICS = 256
 
 
+def _no_delay(_client: mqtt.Client, _userdata: object, sock: object) -> None:
+    """Turn Nagle's algorithm off on the connection (paho leaves it on).
+
+    MQTT's packets are small and answered: with Nagle on, a SUBSCRIBE or a PUBACK
+    written while an earlier small packet is unacknowledged waits for the broker's
+    delayed ACK, up to 40 ms on Linux (measured: a release's first chunk came 47 ms
+    after the SUBSCRIBE, 3 ms with this).
+    """
+    setsockopt = getattr(sock, "setsockopt", None)  # a WebSocket wrapper has none
+    if setsockopt is not None:
+        setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class MqttSession:
     """paho client with a supervised connection and PUBACK tracking.
 
@@ -108,6 +121,7 @@ class MqttSession:
                 keyfile=str(tls.key_file) if tls.key_file else None,
                 tls_version=ssl.PROTOCOL_TLS_CLIENT,
             )
+        self.client.on_socket_open = _no_delay
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish

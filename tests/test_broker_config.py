@@ -30,6 +30,7 @@ def test_config_has_fleet_settings(tmp_path: Path) -> None:
     assert f"persistence_location {(tmp_path / 'data').resolve()}/" in lines
     assert "listener 1999 127.0.0.1" in lines
     assert "require_certificate" not in text
+    assert "set_tcp_nodelay true" in lines  # no 40 ms stalls on small packets
 
 
 def test_tls_listener_with_mtls(tmp_path: Path) -> None:
