@@ -60,8 +60,9 @@ PUBLISHERS = textwrap.dedent("""
     import json, secrets, sys, threading, time
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
-    host, port, secrets_dir, root, ids, rate, seconds = sys.argv[1:8]
+    host, port, secrets_dir, topics, ids, rate, seconds = sys.argv[1:8]
     ids, rate, seconds = ids.split(","), float(rate), float(seconds)
+    topic = dict(zip(ids, topics.split(","), strict=True))
     lock = threading.Lock()
     acked = {d: 0 for d in ids}
     sent = {d: 0 for d in ids}
@@ -101,7 +102,7 @@ PUBLISHERS = textwrap.dedent("""
         body = {"schema_version": 1, "device_id": d, "session_id": session[d], "seq": seq,
                 "ts": time.time(), "cpu_percent": 20.0, "memory_percent": 40.0,
                 "disk_percent": 30.0, "interval_s": 1.0 / rate}
-        clients[d].publish(f"{root}/devices/{d}/telemetry", json.dumps(body), qos=1)
+        clients[d].publish(topic[d], json.dumps(body), qos=1)
         sent[d] += 1
         k += 1
     deadline = time.time() + 60
@@ -180,7 +181,8 @@ def start_publishers(broker: LocalBroker, ids: list[str], rate: float, seconds: 
         chunk = ids[start:start + per_process]
         publishers.append(subprocess.Popen(
             [sys.executable, "-c", PUBLISHERS, "127.0.0.1", str(broker.port),
-             str(broker.settings.layout.secrets), TOPICS.root, ",".join(chunk),
+             str(broker.settings.layout.secrets), ",".join(TOPICS.telemetry(d) for d in chunk),
+             ",".join(chunk),
              str(rate), str(seconds)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
     for pub in publishers:

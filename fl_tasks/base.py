@@ -104,6 +104,27 @@ class LocalData:
         _check_pair(self.x_eval, self.y_eval, "eval")
 
 
+def device_share(x_all: np.ndarray, y_all: np.ndarray, mine: np.ndarray, partition: Partition,
+                 eval_fraction: float) -> LocalData:
+    """Device ``partition.index``'s examples (indexes ``mine``), cut into train and eval.
+
+    The eval cut is random from ``(partition.seed, partition.index)``; each side gets at
+    least one example.
+
+    Raises:
+        TaskConfigError: the share has fewer than two examples.
+    """
+    if len(mine) < 2:
+        raise TaskConfigError("partition", f"device {partition.index} has {len(mine)} "
+                              "example(s), needs 2 for a train/eval split")
+    rng = np.random.default_rng([partition.seed, partition.index])
+    shuffled = rng.permutation(mine)
+    n_eval = min(len(mine) - 1, max(1, round(len(mine) * eval_fraction)))
+    eval_idx, train_idx = shuffled[:n_eval], shuffled[n_eval:]
+    return LocalData(x_train=x_all[train_idx], y_train=y_all[train_idx],
+                     x_eval=x_all[eval_idx], y_eval=y_all[eval_idx])
+
+
 @dataclass(frozen=True, eq=False)
 class TrainResult:
     """Outcome of local training.

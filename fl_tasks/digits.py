@@ -25,7 +25,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from fl_tasks.base import FLTask, LocalData, Partition, seeded
+from fl_tasks.base import FLTask, LocalData, Partition, device_share, seeded
 from fl_tasks.errors import TaskConfigError
 from fl_tasks.partition import PartitionError, Scheme, partition_indices
 
@@ -152,16 +152,8 @@ class DigitsTask(FLTask):
                                     partition.alpha, partition.shards_per_device, partition.seed)
         except PartitionError as exc:
             raise TaskConfigError("partition", exc.detail) from exc
-        mine = parts[partition.index]
-        if len(mine) < 2:
-            raise TaskConfigError("partition", f"device {partition.index} has {len(mine)} "
-                                  "example(s), needs 2 for a train/eval split")
-        rng = np.random.default_rng([partition.seed, partition.index])
-        shuffled = rng.permutation(mine)
-        n_eval = min(len(mine) - 1, max(1, round(len(mine) * self.eval_fraction)))
-        eval_idx, train_idx = shuffled[:n_eval], shuffled[n_eval:]
-        return LocalData(x_train=x_all[train_idx], y_train=y_all[train_idx],
-                         x_eval=x_all[eval_idx], y_eval=y_all[eval_idx])
+        return device_share(x_all, y_all, parts[partition.index], partition,
+                            self.eval_fraction)
 
     def server_data(self) -> tuple[np.ndarray, np.ndarray]:
         """The training split (the union of what the devices hold; copies)."""
