@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from schemas.base import decode_message, now
 from schemas.codec import decode, encode
@@ -21,7 +17,6 @@ from schemas.topics import Topics
 from tests.agent_fixtures import AgentFactory, wait_until
 from tests.cloud_fixtures import CloudFactory
 from tests.conftest import RunningBroker
-from tests.mqtt_client import SyncClient
 from tests.test_fl_rounds import TASK, device_fl, fl_config
 
 pytestmark = pytest.mark.integration
@@ -169,84 +164,6 @@ def test_a_device_that_disconnects_mid_round_closes_at_the_deadline(
     record = coordinator.history()[-1]
     assert record.participants == [agent.device_id]
     assert now() >= plan.deadline
-
-
-def test_cloud_killed_mid_round_resumes_without_losing_or_doubling_updates(
-    mosquitto: RunningBroker, topics: Topics, tmp_path: Path,
-    new_device_id: Callable[[], str],
-) -> None:
-    password = tmp_path / "pw"
-    password.write_text(mosquitto.password(mosquitto.cloud_username))
-    config = tmp_path / "cloud.yaml"
-    config.write_text(yaml.safe_dump({
-        "instance": "fl-kill", "topic_root": topics.root, "data_dir": str(tmp_path / "cloud"),
-        "mqtt": {"host": mosquitto.host, "port": mosquitto.service_port,
-                 "password_file": str(password)},
-        "fl": {TASK: fl_config(rounds=1, min_fit_clients=2, min_available_clients=2,
-                               round_timeout_s=120)},
-    }))
-    command = [sys.executable, "-m", "edgefl", "cloud", "--config", str(config)]
-    a = HandDevice(mosquitto, topics, new_device_id())
-    b = HandDevice(mosquitto, topics, new_device_id())
-    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    second = None
-    try:
-        plan = a.plan()
-        good = zeros(a.global_weights(plan.global_version))
-        name = next(iter(good))
-        a.send(plan, {**good, name: good[name] + 0.5})
-        store = tmp_path / "cloud" / "edgefl.sqlite3"
-        wait_until(lambda: _accepted(store, a.id), timeout=20, what="a's update persisted")
-        first.send_signal(signal.SIGKILL)
-        first.wait()
-        second = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True)
-        watcher = SyncClient(mosquitto.host, mosquitto.service_port, client_id="fl-kill-watch",
-                             username=mosquitto.cloud_username,
-                             password=mosquitto.password(mosquitto.cloud_username))
-        assert not watcher.connect().is_failure
-        watcher.subscribe(topics.task_status(TASK))
-        watcher.wait_for(lambda m: json.loads(m.payload)["state"] == "collecting"
-                         and json.loads(m.payload)["round"] >= 1, timeout=30)
-        a.send(plan, {**good, name: good[name] + 0.5})  # redelivered: must count once
-        b.send(plan, good)
-        done = watcher.wait_for(lambda m: json.loads(m.payload)["state"] == "finished",
-                                timeout=60)
-        status = json.loads(done.payload)
-        assert sorted(status["participants"]) == sorted([a.id, b.id])
-        weights = decode((tmp_path / "cloud" / "fl" / TASK / "global-1.safetensors")
-                         .read_bytes(), GlobalModelEnvelope).tensors
-        before = decode((tmp_path / "cloud" / "fl" / TASK / "global-0.safetensors")
-                        .read_bytes(), GlobalModelEnvelope).tensors
-        # FedAvg of +0.5 (a, 10 examples) and 0 (b, 10 examples): +0.25, once.
-        np.testing.assert_allclose(weights[name] - before[name], 0.25, atol=1e-6)
-        second.send_signal(signal.SIGTERM)
-        second.wait(timeout=30)
-        watcher.close()
-    finally:
-        for proc in (first, second):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-    for device in (a, b):
-        device.client.close()
-
-
-def _accepted(store: Path, device_id: str) -> bool:
-    import sqlite3
-
-    if not store.exists():
-        return False
-    db = sqlite3.connect(store)
-    try:
-        row = db.execute("SELECT 1 FROM fl_updates WHERE task=? AND device_id=?",
-                         (TASK, device_id)).fetchone()
-    except sqlite3.OperationalError:
-        return False
-    finally:
-        db.close()
-    return row is not None
-
 
 
 def test_publishers_say_what_their_payload_is(

@@ -24,12 +24,11 @@ from cloud.models.experiments import ab_assign, ab_bucket
 from cloud.models.fleet_benchmark import Options as BenchOptions
 from cloud.models.fleet_benchmark import fleet_benchmark
 from cloud.models.formats import ArtifactFormat
-from cloud.models.registry import ModelRegistry, VersionState
+from cloud.models.registry import VersionState
 from cloud.models.rollout import RolloutSpec, device_state, plan_rollout, stable_order
 from cloud.models.rollout_store import Action, ModelRequest, RolloutStore
 from cloud.registry import DeviceRecord
 from cloud.releases import save_signing_key
-from cloud.storage.sqlite_store import SqliteStore
 from edge_node.agent import EdgeAgent
 from edge_node.system_metrics import sample
 from edgefl.cli import build_app
@@ -39,7 +38,6 @@ from schemas.release import ReleaseManifest, Requirements
 from schemas.topics import Topics
 from tests.agent_fixtures import AgentFactory, wait_until
 from tests.cloud_fixtures import CloudFactory, RunningCloud
-from tests.cloud_process import CloudProcess
 from tests.conftest import RunningBroker
 from tests.releases import KEY_ID, SIGNING_KEY, export_onnx, export_torchscript, mlp
 
@@ -369,50 +367,6 @@ def test_release_refusals_come_back_in_one_line(
     assert json.loads(out)["version"] == "1.0.0"
     code, out = model("status", MODEL)
     assert code == 0 and "rollout" in out and "devices" in out, out
-
-
-def test_a_rollout_resumes_after_the_cloud_is_killed_during_probation(
-    mosquitto: RunningBroker, topics: Topics, make_agent: AgentFactory,
-    onnx_files: dict[str, bytes], tmp_path: Path,
-) -> None:
-    process = CloudProcess(mosquitto, topics, tmp_path / "cloud", instance="rollout-kill",
-                           models={"key_id": KEY_ID, "chunk_bytes": 4096})
-    save_signing_key(SIGNING_KEY, tmp_path / "cloud" / "data" / "keys" / "release.pem")
-    process.start()
-    store = SqliteStore(process.store)
-    try:
-        registry = ModelRegistry(store, tmp_path / "cloud" / "data" / "artifacts")
-        registry.register(MODEL, "1.0.0", onnx_files["1.0.0"], ArtifactFormat.ONNX,
-                          input_shape=[-1, 64])
-        agents = [make_agent() for _ in range(3)]
-        rows = RolloutStore(store)
-        spec = RolloutSpec(model=MODEL, version="1.0.0",
-                           canary_devices=[agents[0].device_id], probation_s=6.0,
-                           abort_alert_severity=None)
-        wait_until(lambda: len(store.query("SELECT 1 FROM devices")) >= 3, timeout=20,
-                   what="devices known to the cloud")
-        request_id = rows.request("release", spec.model_dump(mode="json"))
-        wait_until(lambda: rows.get_request(request_id).state == "done",  # type: ignore[union-attr]
-                   timeout=20, what="release accepted")
-        wait_until(lambda: _active(agents[0]) == "1.0.0", timeout=30, what="canary installed")
-        before = rows.latest(MODEL)
-        assert before is not None and before.stage == 0 and before.published_stage == 0
-        process.kill()
-        process.start()
-        wait_until(lambda: (r := rows.latest(MODEL)) is not None and r.state == "completed",
-                   timeout=40, what="the resumed rollout completed")
-        after = rows.latest(MODEL)
-        assert after is not None and after.id == before.id
-        assert after.stage_started_at == before.stage_started_at or after.stage == 1
-        assert after.finished_at is not None and after.finished_at >= before.deadline
-        wait_until(lambda: all(_active(a) == "1.0.0" for a in agents), timeout=30,
-                   what="the whole fleet installed")
-        log = process.log.read_text()
-        assert f"rollout {before.id} of {MODEL} 1.0.0 resumed at stage 0" in log
-        assert log.count(f"rollout {before.id}: {MODEL} 1.0.0 stage 0 published") == 1
-    finally:
-        store.close()
-        process.close()
 
 
 # -- A/B experiments -----------------------------------------------------------------------
