@@ -82,6 +82,28 @@ def evaluate(coefficients: Sequence[int], x: int) -> int:
     return value
 
 
+def interpolate(shares: Sequence[Share], x: int) -> int:
+    """``f(x)`` of the polynomial of degree ``len(shares) - 1`` through ``shares`` (Lagrange).
+
+    Raises:
+        ShamirError: no shares, or repeated ``x``.
+    """
+    if not shares:
+        raise ShamirError("no shares")
+    xs = [s.x for s in shares]
+    if len(set(xs)) != len(xs):
+        raise ShamirError("shares repeat an x")
+    value = 0
+    for i, share in enumerate(shares):
+        numerator, denominator = 1, 1
+        for j, other in enumerate(shares):
+            if i != j:
+                numerator = numerator * (x - other.x) % P
+                denominator = denominator * (share.x - other.x) % P
+        value = (value + share.y * numerator * pow(denominator, -1, P)) % P
+    return value
+
+
 def combine(shares: Sequence[Share], length: int) -> bytes:
     """The secret of ``length`` bytes from at least ``threshold`` distinct shares.
 
@@ -91,19 +113,16 @@ def combine(shares: Sequence[Share], length: int) -> bytes:
     Raises:
         ShamirError: no shares, repeated ``x``, or a result longer than ``length``.
     """
-    if not shares:
-        raise ShamirError("no shares")
-    xs = [s.x for s in shares]
-    if len(set(xs)) != len(xs):
-        raise ShamirError("shares repeat an x")
-    secret = 0
-    for i, share in enumerate(shares):
-        numerator, denominator = 1, 1
-        for j, other in enumerate(shares):
-            if i != j:
-                numerator = numerator * (-other.x) % P
-                denominator = denominator * (share.x - other.x) % P
-        secret = (secret + share.y * numerator * pow(denominator, -1, P)) % P
+    secret = interpolate(shares, 0)
     if secret >= 1 << (8 * length):
         raise ShamirError("the shares do not rebuild a secret of that length")
     return secret.to_bytes(length, "big")
+
+
+def consistent(shares: Sequence[Share], threshold: int) -> bool:
+    """Whether every share lies on the polynomial the first ``threshold`` define.
+
+    A share altered in transit or by a dishonest holder shows up when there are more.
+    """
+    base = list(shares[:threshold])
+    return all(interpolate(base, s.x) == s.y for s in shares[threshold:])

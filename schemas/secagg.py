@@ -1,0 +1,593 @@
+"""Secure aggregation (Bonawitz et al., CCS 2017): what both sides compute, byte for byte.
+
+The cloud relays and sums; it never holds a device's update in the clear. A round runs
+four stages over MQTT (``fl/{t}/rounds/{r}/secagg/...``):
+
+1. **advertise**: each selected device makes two X25519 key pairs for the round (``c``
+   to encrypt shares, ``s`` to agree pairwise masks) and signs both public keys with
+   its long-term Ed25519 identity key. The cloud broadcasts the roster ``U1`` of the
+   devices that advertised (at least ``threshold``).
+2. **shares**: each device checks the roster's signatures, picks its self-mask seed
+   ``b_u``, and splits ``b_u`` and its ``s`` private key into ``threshold``-of-``|U1|``
+   Shamir shares (:mod:`schemas.shamir`; device ``v`` gets the point at its 1-based
+   place in ``U1``). Each peer's pair of shares is encrypted with AES-GCM under a key
+   agreed from the ``c`` keys, bound to the round, the sender and the recipient. The
+   cloud forwards to each device, in its own inbox, what was addressed to it; the
+   senders are ``U2``.
+3. **masked input**: each device clips and quantizes its update to integers
+   (:func:`quantize`) and adds, modulo 2^32, its self mask ``PRG(b_u)`` and for every
+   other ``v`` in ``U2`` the pairwise mask ``+PRG(s_uv)`` if ``u < v`` else
+   ``-PRG(s_uv)``; ``s_uv`` is agreed from the ``s`` keys, so the pairwise masks cancel
+   in the sum. The senders are ``U3``.
+4. **unmask**: each device of ``U3`` reveals, for every ``v`` of ``U3``, its share of
+   ``b_v``, and for every ``v`` of ``U2`` that dropped out, its share of ``v``'s ``s``
+   key (never both for one device). From ``threshold`` answers the cloud removes the
+   self masks of the survivors and the pairwise masks the dropped devices left in the
+   survivors' inputs: what remains is the exact sum of the survivors' quantized updates.
+
+The derivations (HKDF-SHA256 with the labels below, ChaCha20 as the PRG, the byte
+layouts of :func:`round_context`, :func:`advertise_signing_bytes` and
+:func:`share_aad`) are the wire contract: an implementation in another language that
+follows them interoperates. X25519, Ed25519, HKDF, AES-GCM and ChaCha20 come from
+``cryptography``; masks never come from numpy's generators.
+
+This module holds the two state machines without any transport: :class:`SecAggDevice`
+(one per device and round) and :class:`SecAggServer` (one per round).
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated
+
+import numpy as np
+import rfc8785
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from pydantic import Field, StringConstraints
+
+from schemas import shamir
+from schemas.base import Id, NonNegInt, RoundNumber, WireModel
+from schemas.fl import MAX_SELECTED
+
+PROTOCOL = b"edgefl-secagg-v1"
+MODULUS_BITS = 32
+"""Masked inputs and their sum live in the integers modulo 2^32 (``uint32`` arithmetic)."""
+KEY_BYTES = 32
+SEED_BYTES = 32
+NONCE_BYTES = 12
+ENCRYPTION_LABEL = b"edgefl-secagg-v1 share encryption"
+MASK_LABEL = b"edgefl-secagg-v1 pairwise mask"
+_ZERO_NONCE = bytes(16)
+"""ChaCha20's 16-byte nonce (counter and nonce): zero, since every seed is used once."""
+
+B64Key = Annotated[str, StringConstraints(min_length=44, max_length=44,
+                                          pattern=r"^[A-Za-z0-9+/]{43}=$")]
+"""32 bytes, base64."""
+B64Signature = Annotated[str, StringConstraints(min_length=88, max_length=88,
+                                                pattern=r"^[A-Za-z0-9+/]{86}==$")]
+"""64 bytes (an Ed25519 signature), base64."""
+B64Blob = Annotated[str, StringConstraints(max_length=1024, pattern=r"^[A-Za-z0-9+/]*={0,2}$")]
+"""An encrypted pair of shares or one share, base64."""
+
+
+class SecAggError(ValueError):
+    """A stage that cannot go on: a reason (one word) and a detail for people."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+# -- messages ----------------------------------------------------------------------------
+
+
+class SecAggAdvertise(WireModel):
+    """Stage 1, device to cloud: the device's two public keys for the round, signed."""
+
+    task: Id
+    round: RoundNumber
+    attempt: NonNegInt
+    device_id: Id
+    c_public: B64Key = Field(description="X25519 key that encrypts the shares sent to it")
+    s_public: B64Key = Field(description="X25519 key its pairwise masks are agreed with")
+    signature: B64Signature = Field(
+        description="Ed25519 signature by the device's identity key over "
+        "advertise_signing_bytes (RFC 8785 JSON of this message without the signature)")
+
+
+class SecAggRoster(WireModel):
+    """Stage 1, cloud to devices: ``U1``, the devices that advertised (sorted by id)."""
+
+    task: Id
+    round: RoundNumber
+    attempt: NonNegInt
+    threshold: Annotated[int, Field(ge=2, le=MAX_SELECTED)]
+    devices: list[SecAggAdvertise] = Field(max_length=MAX_SELECTED)
+
+
+class SecAggShares(WireModel):
+    """Stage 2, device to cloud: for each other device of ``U1``, its encrypted shares."""
+
+    task: Id
+    round: RoundNumber
+    attempt: NonNegInt
+    device_id: Id
+    ciphertexts: dict[Id, B64Blob] = Field(max_length=MAX_SELECTED)
+
+
+class SecAggInbox(WireModel):
+    """Stage 2, cloud to one device: the shares ``U2``'s members encrypted for it."""
+
+    task: Id
+    round: RoundNumber
+    attempt: NonNegInt
+    recipient: Id
+    ciphertexts: dict[Id, B64Blob] = Field(max_length=MAX_SELECTED)
+
+
+class SecAggSurvivors(WireModel):
+    """Stage 4, cloud to devices: ``U3``, the devices whose masked input arrived."""
+
+    task: Id
+    round: RoundNumber
+    attempt: NonNegInt
+    devices: list[Id] = Field(max_length=MAX_SELECTED)
+
+
+class SecAggUnmask(WireModel):
+    """Stage 4, device to cloud: shares of the survivors' seeds and the dropped' keys."""
+
+    task: Id
+    round: RoundNumber
+    attempt: NonNegInt
+    device_id: Id
+    seed_shares: dict[Id, B64Blob] = Field(
+        max_length=MAX_SELECTED, description="Its share of b_v for each v of U3")
+    key_shares: dict[Id, B64Blob] = Field(
+        max_length=MAX_SELECTED, description="Its share of v's s key for each v of U2 not in U3")
+
+
+# -- the derivations (the wire contract) --------------------------------------------------
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(text: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError as exc:
+        raise SecAggError("bad_encoding", f"{what} is not base64") from exc
+
+
+def _field(value: str | int) -> bytes:
+    data = str(value).encode()
+    return len(data).to_bytes(2, "big") + data
+
+
+def round_context(task: str, round_: int, attempt: int) -> bytes:
+    """What every key, mask and share of one round is bound to (length-prefixed fields)."""
+    return PROTOCOL + _field(task) + _field(round_) + _field(attempt)
+
+
+def advertise_signing_bytes(message: SecAggAdvertise) -> bytes:
+    """The bytes the advertisement's signature covers: RFC 8785 JSON without it."""
+    return rfc8785.dumps(message.model_dump(mode="json", exclude={"signature"}))
+
+
+def share_aad(context: bytes, sender: str, recipient: str) -> bytes:
+    """Associated data of one encrypted pair of shares: it cannot be moved to another pair."""
+    return context + _field(sender) + _field(recipient)
+
+
+def agree(private: X25519PrivateKey, peer_public: bytes, context: bytes, label: bytes) -> bytes:
+    """A 32-byte key both ends derive: HKDF-SHA256 of the X25519 secret (salt: the round).
+
+    Raises:
+        SecAggError: the peer's key is not a valid X25519 public key.
+    """
+    try:
+        secret = private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+    except ValueError as exc:
+        raise SecAggError("bad_key", f"key agreement failed: {exc}") from exc
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=context,
+                info=label).derive(secret)
+
+
+def expand(seed: bytes, count: int) -> np.ndarray:
+    """``count`` pseudo-random uint32 (little-endian) from a 32-byte seed.
+
+    The PRG both sides run for masks: ChaCha20's keystream.
+    """
+    if len(seed) != SEED_BYTES:
+        raise SecAggError("bad_seed", f"a seed is {SEED_BYTES} bytes, got {len(seed)}")
+    encryptor = Cipher(algorithms.ChaCha20(seed, _ZERO_NONCE), mode=None).encryptor()
+    stream = encryptor.update(bytes(4 * count))
+    return np.frombuffer(stream, dtype="<u4").astype(np.uint32)
+
+
+def pairwise_sign(me: str, other: str) -> int:
+    """+1 when ``me`` sorts before ``other`` (UTF-8 bytes), -1 after: the masks cancel."""
+    return 1 if me.encode() < other.encode() else -1
+
+
+def levels(bits: int) -> int:
+    """The largest quantized value: ``2^bits - 1``."""
+    return (1 << bits) - 1
+
+
+def max_devices(bits: int) -> int:
+    """How many quantized inputs sum without wrapping modulo 2^32."""
+    return (1 << MODULUS_BITS) // (levels(bits) + 1)
+
+
+def quantize(values: np.ndarray, clip_range: float, bits: int,
+             rng: np.random.Generator) -> np.ndarray:
+    """Clip to ``[-clip_range, clip_range]``, map to ``0..2^bits-1`` (uint32).
+
+    Rounding is stochastic, so the dequantized sum is unbiased.
+    """
+    clipped = np.clip(np.asarray(values, dtype=np.float64), -clip_range, clip_range)
+    scaled = (clipped + clip_range) / (2.0 * clip_range) * levels(bits)
+    floor = np.floor(scaled)
+    up = rng.random(scaled.shape) < (scaled - floor)
+    out: np.ndarray = np.minimum(floor + up, levels(bits)).astype(np.uint32)
+    return out
+
+
+def dequantize_sum(total: np.ndarray, count: int, clip_range: float, bits: int) -> np.ndarray:
+    """The float sum of ``count`` inputs from the sum of their quantized values."""
+    out: np.ndarray = (np.asarray(total, dtype=np.float64) * (2.0 * clip_range / levels(bits))
+                       - count * clip_range)
+    return out
+
+
+# -- the device ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """A device of the roster ``U1``: its place (Shamir x) and public keys."""
+
+    device_id: str
+    x: int
+    c_public: bytes
+    s_public: bytes
+
+
+def _roster_peers(roster: SecAggRoster,
+                  identities: Mapping[str, Ed25519PublicKey]) -> dict[str, Peer]:
+    """The roster's devices after every check: sorted, unique, signed by their identities."""
+    ids = [a.device_id for a in roster.devices]
+    if ids != sorted(ids, key=str.encode) or len(set(ids)) != len(ids):
+        raise SecAggError("bad_roster", "the roster is not sorted by device id without repeats")
+    if len(ids) < roster.threshold:
+        raise SecAggError("too_few", f"{len(ids)} device(s) advertised, threshold "
+                          f"{roster.threshold}")
+    peers = {}
+    for x, advert in enumerate(roster.devices, start=1):
+        if (advert.task, advert.round, advert.attempt) != (roster.task, roster.round,
+                                                           roster.attempt):
+            raise SecAggError("bad_roster", f"{advert.device_id}'s keys are for another round")
+        identity = identities.get(advert.device_id)
+        if identity is None:
+            raise SecAggError("unknown_device", f"no identity key for {advert.device_id}")
+        try:
+            identity.verify(_unb64(advert.signature, "signature"),
+                            advertise_signing_bytes(advert))
+        except InvalidSignature as exc:
+            raise SecAggError("bad_signature", f"{advert.device_id}'s keys are not signed by "
+                              "its identity key") from exc
+        peers[advert.device_id] = Peer(advert.device_id, x, _unb64(advert.c_public, "key"),
+                                       _unb64(advert.s_public, "key"))
+    return peers
+
+
+@dataclass(slots=True)
+class SecAggDevice:
+    """One device's side of one round. Each stage runs once, in order."""
+
+    task: str
+    round: int
+    attempt: int
+    device_id: str
+    identity: Ed25519PrivateKey
+    c_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
+    s_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
+    seed: bytes = field(default_factory=lambda: secrets.token_bytes(SEED_BYTES))
+    peers: dict[str, Peer] = field(default_factory=dict)
+    threshold: int = 0
+    held: dict[str, tuple[shamir.Share, shamir.Share]] = field(default_factory=dict)
+    """Shares others gave it: sender -> (share of the sender's s key, of its seed)."""
+    masked_with: frozenset[str] = frozenset()
+    """``U2``: the devices whose pairwise masks are in its input."""
+    stage: str = "new"
+
+    @property
+    def context(self) -> bytes:
+        """The round's context bytes."""
+        return round_context(self.task, self.round, self.attempt)
+
+    def _advance(self, expected: str, then: str) -> None:
+        if self.stage != expected:
+            raise SecAggError("out_of_order", f"stage {then} after {self.stage}")
+        self.stage = then
+
+    def advertise(self) -> SecAggAdvertise:
+        """Stage 1: the two public keys, signed by the identity key."""
+        self._advance("new", "advertised")
+        raw = {"task": self.task, "round": self.round, "attempt": self.attempt,
+               "device_id": self.device_id,
+               "c_public": _b64(self.c_key.public_key().public_bytes_raw()),
+               "s_public": _b64(self.s_key.public_key().public_bytes_raw()),
+               "signature": _b64(bytes(64))}
+        unsigned = SecAggAdvertise.model_validate(raw)
+        signature = self.identity.sign(advertise_signing_bytes(unsigned))
+        return unsigned.model_copy(update={"signature": _b64(signature)})
+
+    def share_keys(self, roster: SecAggRoster,
+                   identities: Mapping[str, Ed25519PublicKey]) -> SecAggShares:
+        """Stage 2: check ``U1`` and send each peer its shares of the seed and ``s`` key.
+
+        Raises:
+            SecAggError: the roster is for another round, leaves this device out or
+                changes its keys, has fewer than ``threshold`` devices, a device without
+                an identity or a signature that does not verify.
+        """
+        self._advance("advertised", "shared")
+        if (roster.task, roster.round, roster.attempt) != (self.task, self.round,
+                                                           self.attempt):
+            raise SecAggError("bad_roster", "the roster is for another round")
+        peers = _roster_peers(roster, identities)
+        me = peers.get(self.device_id)
+        if me is None or me.c_public != self.c_key.public_key().public_bytes_raw() \
+                or me.s_public != self.s_key.public_key().public_bytes_raw():
+            raise SecAggError("bad_roster", "the roster leaves this device out or changes "
+                              "its keys")
+        self.peers, self.threshold = peers, roster.threshold
+        key_shares = shamir.split(self.s_key.private_bytes_raw(), roster.threshold, len(peers))
+        seed_shares = shamir.split(self.seed, roster.threshold, len(peers))
+        ciphertexts = {}
+        for peer in peers.values():
+            plain = key_shares[peer.x - 1].to_bytes() + seed_shares[peer.x - 1].to_bytes()
+            if peer.device_id == self.device_id:  # its own shares it keeps
+                self.held[self.device_id] = (key_shares[peer.x - 1], seed_shares[peer.x - 1])
+                continue
+            key = agree(self.c_key, peer.c_public, self.context, ENCRYPTION_LABEL)
+            nonce = secrets.token_bytes(NONCE_BYTES)
+            sealed = AESGCM(key).encrypt(nonce, plain, share_aad(self.context, self.device_id,
+                                                                  peer.device_id))
+            ciphertexts[peer.device_id] = _b64(nonce + sealed)
+        return SecAggShares(task=self.task, round=self.round, attempt=self.attempt,
+                            device_id=self.device_id, ciphertexts=ciphertexts)
+
+    def masked_input(self, inbox: SecAggInbox, quantized: np.ndarray) -> np.ndarray:
+        """Stage 3: its quantized update plus its self mask and pairwise masks (mod 2^32).
+
+        ``U2`` is this device and the senders in its inbox.
+
+        Raises:
+            SecAggError: the inbox is for another device or round, names a device outside
+                ``U1``, has fewer than ``threshold - 1`` senders, or holds a ciphertext that
+                does not decrypt (tampered, or moved from another pair).
+        """
+        self._advance("shared", "masked")
+        if (inbox.task, inbox.round, inbox.attempt, inbox.recipient) != (
+                self.task, self.round, self.attempt, self.device_id):
+            raise SecAggError("bad_inbox", "the inbox is for another device or round")
+        senders = set(inbox.ciphertexts)
+        if not senders <= set(self.peers) - {self.device_id}:
+            raise SecAggError("bad_inbox", "shares from devices outside the roster")
+        if len(senders) + 1 < self.threshold:
+            raise SecAggError("too_few", f"{len(senders) + 1} device(s) shared keys, "
+                              f"threshold {self.threshold}")
+        for sender in sorted(senders):
+            blob = _unb64(inbox.ciphertexts[sender], "ciphertext")
+            key = agree(self.c_key, self.peers[sender].c_public, self.context,
+                        ENCRYPTION_LABEL)
+            try:
+                plain = AESGCM(key).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:],
+                                            share_aad(self.context, sender, self.device_id))
+            except (InvalidTag, ValueError) as exc:
+                raise SecAggError("bad_ciphertext", f"the shares from {sender} do not "
+                                  "decrypt") from exc
+            if len(plain) != 2 * shamir.SHARE_BYTES:
+                raise SecAggError("bad_ciphertext", f"the shares from {sender} are malformed")
+            try:
+                key_share = shamir.Share.from_bytes(plain[:shamir.SHARE_BYTES])
+                seed_share = shamir.Share.from_bytes(plain[shamir.SHARE_BYTES:])
+            except shamir.ShamirError as exc:
+                raise SecAggError("bad_ciphertext", f"the shares from {sender}: {exc}") from exc
+            if key_share.x != self.peers[self.device_id].x or seed_share.x != key_share.x:
+                raise SecAggError("bad_ciphertext", f"the shares from {sender} are for "
+                                  "another place")
+            self.held[sender] = (key_share, seed_share)
+        self.masked_with = frozenset(senders | {self.device_id})
+        values = np.asarray(quantized, dtype=np.uint32).ravel()
+        masked: np.ndarray = values + expand(self.seed, values.size)
+        for other in sorted(senders):
+            seed = agree(self.s_key, self.peers[other].s_public, self.context, MASK_LABEL)
+            mask = expand(seed, values.size)
+            if pairwise_sign(self.device_id, other) > 0:
+                masked += mask
+            else:
+                masked -= mask
+        return masked
+
+    def unmask(self, survivors: SecAggSurvivors) -> SecAggUnmask:
+        """Stage 4: shares of each survivor's seed and of each dropped device's ``s`` key.
+
+        Raises:
+            SecAggError: ``U3`` is for another round, is not within ``U2``, leaves this
+                device out, or has fewer than ``threshold`` devices.
+        """
+        self._advance("masked", "unmasked")
+        u3 = set(survivors.devices)
+        if (survivors.task, survivors.round, survivors.attempt) != (self.task, self.round,
+                                                                    self.attempt):
+            raise SecAggError("bad_survivors", "the survivors are for another round")
+        if len(u3) != len(survivors.devices) or not u3 <= self.masked_with \
+                or self.device_id not in u3:
+            raise SecAggError("bad_survivors", "the survivors are not devices this one "
+                              "masked with, or leave it out")
+        if len(u3) < self.threshold:
+            raise SecAggError("too_few", f"{len(u3)} survivor(s), threshold {self.threshold}")
+        seeds = {v: _b64(self.held[v][1].to_bytes()) for v in sorted(u3)}
+        keys = {v: _b64(self.held[v][0].to_bytes()) for v in sorted(self.masked_with - u3)}
+        return SecAggUnmask(task=self.task, round=self.round, attempt=self.attempt,
+                            device_id=self.device_id, seed_shares=seeds, key_shares=keys)
+
+
+# -- the server ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class SecAggServer:
+    """The cloud's side of one round: collect, relay, sum, unmask. It sees no input."""
+
+    task: str
+    round: int
+    attempt: int
+    threshold: int
+    size: int
+    """Elements of a masked input."""
+    adverts: dict[str, SecAggAdvertise] = field(default_factory=dict)
+    roster: SecAggRoster | None = None
+    shares: dict[str, SecAggShares] = field(default_factory=dict)
+    u2: frozenset[str] = frozenset()
+    total: np.ndarray | None = None
+    u3: list[str] = field(default_factory=list)
+    unmasks: dict[str, SecAggUnmask] = field(default_factory=dict)
+
+    def _check(self, task: str, round_: int, attempt: int) -> None:
+        if (task, round_, attempt) != (self.task, self.round, self.attempt):
+            raise SecAggError("wrong_round", "a message for another round")
+
+    def add_advert(self, advert: SecAggAdvertise) -> None:
+        """Stage 1 input (signatures are the devices' to check: they hold the identities)."""
+        self._check(advert.task, advert.round, advert.attempt)
+        if self.roster is not None:
+            raise SecAggError("late", "the roster is out")
+        self.adverts[advert.device_id] = advert
+
+    def close_adverts(self) -> SecAggRoster:
+        """``U1``; raises SecAggError (``too_few``) below the threshold."""
+        if len(self.adverts) < self.threshold:
+            raise SecAggError("too_few", f"{len(self.adverts)} device(s) advertised keys, "
+                              f"threshold {self.threshold}")
+        ordered = [self.adverts[d] for d in sorted(self.adverts, key=str.encode)]
+        self.roster = SecAggRoster(task=self.task, round=self.round, attempt=self.attempt,
+                                   threshold=self.threshold, devices=ordered)
+        return self.roster
+
+    def add_shares(self, shares: SecAggShares) -> None:
+        """Stage 2 input: one ciphertext for every other device of ``U1``."""
+        self._check(shares.task, shares.round, shares.attempt)
+        if self.roster is None or self.u2:
+            raise SecAggError("out_of_order", "shares outside the sharing stage")
+        members = {a.device_id for a in self.roster.devices}
+        if shares.device_id not in members:
+            raise SecAggError("not_in_roster", f"{shares.device_id} did not advertise keys")
+        if set(shares.ciphertexts) != members - {shares.device_id}:
+            raise SecAggError("bad_shares", "shares must go to every other device of the "
+                              "roster, and only to them")
+        self.shares[shares.device_id] = shares
+
+    def close_shares(self) -> dict[str, SecAggInbox]:
+        """``U2`` and each member's inbox; raises SecAggError below the threshold."""
+        if len(self.shares) < self.threshold:
+            raise SecAggError("too_few", f"{len(self.shares)} device(s) shared keys, "
+                              f"threshold {self.threshold}")
+        self.u2 = frozenset(self.shares)
+        return {recipient: SecAggInbox(
+            task=self.task, round=self.round, attempt=self.attempt, recipient=recipient,
+            ciphertexts={s: self.shares[s].ciphertexts[recipient]
+                         for s in sorted(self.u2) if s != recipient})
+            for recipient in sorted(self.u2)}
+
+    def add_masked(self, device_id: str, masked: np.ndarray) -> None:
+        """Stage 3 input, folded into the running sum at once (inputs are not kept)."""
+        if device_id not in self.u2 or device_id in self.u3:
+            raise SecAggError("not_expected", f"no masked input expected from {device_id}")
+        values = np.asarray(masked)
+        if values.dtype != np.uint32 or values.size != self.size:
+            raise SecAggError("bad_input", f"a masked input is {self.size} uint32, got "
+                              f"{values.size} {values.dtype}")
+        self.total = values.ravel().copy() if self.total is None else self.total + values.ravel()
+        self.u3.append(device_id)
+
+    def close_masked(self) -> SecAggSurvivors:
+        """``U3``; raises SecAggError below the threshold."""
+        if len(self.u3) < self.threshold:
+            raise SecAggError("too_few", f"{len(self.u3)} masked input(s), threshold "
+                              f"{self.threshold}")
+        self.u3.sort(key=str.encode)
+        return SecAggSurvivors(task=self.task, round=self.round, attempt=self.attempt,
+                               devices=list(self.u3))
+
+    def add_unmask(self, unmask: SecAggUnmask) -> None:
+        """Stage 4 input from a survivor: exactly the shares the survivors' list asks for."""
+        self._check(unmask.task, unmask.round, unmask.attempt)
+        if unmask.device_id not in self.u3:
+            raise SecAggError("not_expected", f"{unmask.device_id} is not a survivor")
+        if set(unmask.seed_shares) != set(self.u3) or \
+                set(unmask.key_shares) != self.u2 - set(self.u3):
+            raise SecAggError("bad_unmask", "shares for the wrong devices")
+        self.unmasks[unmask.device_id] = unmask
+
+    def finish(self) -> np.ndarray:
+        """The exact sum of the survivors' quantized updates (uint32, mod 2^32).
+
+        Raises:
+            SecAggError: fewer than ``threshold`` answers, or shares that do not rebuild
+                a dropped device's key (its public key does not match) or that disagree.
+        """
+        if len(self.unmasks) < self.threshold or self.total is None or self.roster is None:
+            raise SecAggError("too_few", f"{len(self.unmasks)} unmasking answer(s), threshold "
+                              f"{self.threshold}")
+        context = round_context(self.task, self.round, self.attempt)
+        adverts = {a.device_id: a for a in self.roster.devices}
+        total = self.total.copy()
+        for v in self.u3:
+            seed = _rebuild([u.seed_shares[v] for u in self.unmasks.values()], SEED_BYTES,
+                            self.threshold, f"{v}'s seed")
+            total -= expand(seed, self.size)
+        for v in sorted(self.u2 - set(self.u3)):
+            raw = _rebuild([u.key_shares[v] for u in self.unmasks.values()], KEY_BYTES,
+                           self.threshold, f"{v}'s key")
+            s_key = X25519PrivateKey.from_private_bytes(raw)
+            if s_key.public_key().public_bytes_raw() != _unb64(adverts[v].s_public, "key"):
+                raise SecAggError("bad_shares", f"the shares of {v}'s key do not rebuild it")
+            for u in self.u3:  # u added +mask if u < v, -mask otherwise
+                mask = expand(agree(s_key, _unb64(adverts[u].s_public, "key"), context,
+                                    MASK_LABEL), self.size)
+                if pairwise_sign(u, v) > 0:
+                    total -= mask
+                else:
+                    total += mask
+        return total
+
+
+def _rebuild(encoded: Sequence[str], length: int, threshold: int, what: str) -> bytes:
+    """A secret from ``threshold`` shares, checked against every further share."""
+    try:
+        shares = [shamir.Share.from_bytes(_unb64(s, "share")) for s in encoded]
+        secret = shamir.combine(shares[:threshold], length)
+    except shamir.ShamirError as exc:
+        raise SecAggError("bad_shares", f"{what}: {exc}") from exc
+    if len({s.x for s in shares}) != len(shares):
+        raise SecAggError("bad_shares", f"{what}: two answers give the same share")
+    if len(shares) > threshold and not shamir.consistent(shares, threshold):
+        raise SecAggError("bad_shares", f"{what}: the shares disagree")
+    return secret

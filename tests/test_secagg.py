@@ -1,0 +1,332 @@
+"""Secure aggregation's two state machines (schemas/secagg.py), in one process: the sum is
+exact with and without dropouts, the server's transcript hides every input, and every
+message a dishonest party could bend is refused."""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from scipy import stats
+
+from schemas import secagg
+from schemas.secagg import (
+    SecAggDevice,
+    SecAggError,
+    SecAggInbox,
+    SecAggRoster,
+    SecAggServer,
+    SecAggSurvivors,
+)
+
+TASK, ROUND, ATTEMPT = "digits", 3, 0
+BITS, CLIP = 16, 1.0
+
+
+@dataclass
+class Round:
+    """A round run to its end: what the server returned and what it saw."""
+
+    total: np.ndarray
+    expected: np.ndarray
+    survivors: list[str]
+    inputs: dict[str, np.ndarray]
+    masked: dict[str, np.ndarray] = field(default_factory=dict)
+    transcript: list[bytes] = field(default_factory=list)
+
+
+def fleet(count: int) -> tuple[dict[str, Ed25519PrivateKey], dict[str, Ed25519PublicKey]]:
+    keys = {f"dev-{i:02d}": Ed25519PrivateKey.generate() for i in range(count)}
+    return keys, {d: k.public_key() for d, k in keys.items()}
+
+
+def run_round(count: int, threshold: int, size: int = 1000, *, seed: int = 7,
+              silent: frozenset[str] = frozenset(), drop_after_keys: frozenset[str] = frozenset(),
+              drop_after_shares: frozenset[str] = frozenset(),
+              drop_after_masked: frozenset[str] = frozenset()) -> Round:
+    """Every stage through the server, with devices that stop after the stage named."""
+    rng = np.random.default_rng(seed)
+    identities, public = fleet(count)
+    devices = {d: SecAggDevice(TASK, ROUND, ATTEMPT, d, key) for d, key in identities.items()}
+    server = SecAggServer(TASK, ROUND, ATTEMPT, threshold, size)
+    transcript: list[bytes] = []
+    for d, device in devices.items():
+        advert = device.advertise()
+        if d not in silent:
+            transcript.append(advert.to_json())
+            server.add_advert(advert)
+    roster = server.close_adverts()
+    for d in sorted(server.adverts):
+        if d not in drop_after_keys:
+            shares = devices[d].share_keys(roster, public)
+            transcript.append(shares.to_json())
+            server.add_shares(shares)
+    inboxes = server.close_shares()
+    inputs, masked = {}, {}
+    for d, inbox in inboxes.items():
+        update = rng.normal(0.0, 0.3, size)
+        inputs[d] = secagg.quantize(update, CLIP, BITS, rng)
+        if d not in drop_after_shares:
+            y = devices[d].masked_input(inbox, inputs[d])
+            masked[d] = y
+            transcript.append(y.tobytes())
+            server.add_masked(d, y)
+    survivors = server.close_masked()
+    for d in survivors.devices:
+        answer = devices[d].unmask(survivors)
+        if d not in drop_after_masked:
+            transcript.append(answer.to_json())
+            server.add_unmask(answer)
+    total = server.finish()
+    expected = np.zeros(size, dtype=np.uint64)
+    for d in survivors.devices:
+        expected += inputs[d]
+    return Round(total, expected, survivors.devices, inputs, masked, transcript)
+
+
+def test_the_sum_is_exact_and_its_mean_is_the_mean_of_the_updates() -> None:
+    result = run_round(8, 5)
+    assert result.total.dtype == np.uint32
+    np.testing.assert_array_equal(result.total, result.expected)  # no wrap: 8 * 2^16 < 2^32
+    mean = secagg.dequantize_sum(result.total, 8, CLIP, BITS) / 8
+    plain = np.mean([secagg.dequantize_sum(q, 1, CLIP, BITS) for q in result.inputs.values()],
+                    axis=0)
+    np.testing.assert_allclose(mean, plain, atol=1e-9)
+
+
+@pytest.mark.parametrize(("silent", "after_keys", "after_shares", "after_masked"), [
+    ({"dev-02"}, set(), set(), set()),                   # never advertised
+    (set(), {"dev-03"}, set(), set()),                   # advertised keys, then gone
+    (set(), set(), {"dev-01", "dev-06"}, set()),         # shared keys: its masks are in others'
+    (set(), set(), set(), {"dev-00", "dev-07"}),         # sent its input, not its shares
+    ({"dev-03"}, {"dev-02"}, {"dev-04"}, {"dev-05"}),    # one of each
+], ids=["before_keys", "after_keys", "after_shares", "after_input", "mixed"])
+def test_dropouts_leave_the_exact_sum_of_the_survivors(
+    silent: set[str], after_keys: set[str], after_shares: set[str], after_masked: set[str],
+) -> None:
+    result = run_round(8, 4, silent=frozenset(silent), drop_after_keys=frozenset(after_keys),
+                       drop_after_shares=frozenset(after_shares),
+                       drop_after_masked=frozenset(after_masked))
+    assert set(result.survivors) == ({f"dev-{i:02d}" for i in range(8)} - silent - after_keys
+                                     - after_shares)
+    np.testing.assert_array_equal(result.total, result.expected)
+
+
+def test_below_the_threshold_each_stage_stops() -> None:
+    with pytest.raises(SecAggError, match="too_few"):
+        run_round(5, 4, silent=frozenset({"dev-00", "dev-01"}))
+    with pytest.raises(SecAggError, match="too_few"):
+        run_round(5, 4, drop_after_keys=frozenset({"dev-00", "dev-01"}))
+    with pytest.raises(SecAggError, match="too_few"):
+        run_round(5, 4, drop_after_shares=frozenset({"dev-00", "dev-01"}))
+    with pytest.raises(SecAggError, match="too_few"):  # 3 unmasking answers of 4 needed
+        run_round(5, 4, drop_after_masked=frozenset({"dev-00", "dev-01"}))
+
+
+def test_the_server_sees_uniform_noise_not_an_update() -> None:
+    """A device whose update is all zeros (its quantized value a constant): its masked
+    input, the only thing of it the server holds, passes a uniformity test, and no secret
+    of any device appears in anything the server received."""
+    result = run_round(4, 3, size=200_000, seed=11)
+    for d, y in result.masked.items():
+        top = (y >> np.uint32(24)).astype(np.int64)  # 256 buckets of the uint32 range
+        observed = np.bincount(top, minlength=256)
+        p = stats.chisquare(observed).pvalue
+        assert p > 1e-6, (d, p)
+        assert not np.array_equal(y, result.inputs[d])
+        # The input is not recoverable by removing any other device's masked input.
+        for other, z in result.masked.items():
+            if other != d:
+                assert np.mean((y - z) == result.inputs[d]) < 1e-3
+    assert stats.chisquare(np.bincount((result.masked["dev-00"] & np.uint32(255)).astype(
+        np.int64), minlength=256)).pvalue > 1e-6
+
+
+def test_no_device_secret_is_in_the_servers_transcript() -> None:
+    identities, public = fleet(4)
+    devices = {d: SecAggDevice(TASK, ROUND, ATTEMPT, d, k) for d, k in identities.items()}
+    server = SecAggServer(TASK, ROUND, ATTEMPT, 3, 10)
+    transcript = b""
+    for device in devices.values():
+        advert = device.advertise()
+        transcript += advert.to_json()
+        server.add_advert(advert)
+    roster = server.close_adverts()
+    for device in devices.values():
+        shares = device.share_keys(roster, public)
+        transcript += shares.to_json()
+        server.add_shares(shares)
+    secrets_ = [s for device in devices.values()
+                for s in (device.seed, device.s_key.private_bytes_raw(),
+                          device.c_key.private_bytes_raw())]
+    for secret in secrets_:
+        assert secret not in transcript and base64.b64encode(secret) not in transcript
+
+
+def test_a_device_reveals_one_share_per_device_never_both() -> None:
+    identities, public = fleet(5)
+    devices = {d: SecAggDevice(TASK, ROUND, ATTEMPT, d, k) for d, k in identities.items()}
+    server = SecAggServer(TASK, ROUND, ATTEMPT, 3, 4)
+    for device in devices.values():
+        server.add_advert(device.advertise())
+    roster = server.close_adverts()
+    for device in devices.values():
+        server.add_shares(device.share_keys(roster, public))
+    inboxes = server.close_shares()
+    for d, device in devices.items():
+        device.masked_input(inboxes[d], np.zeros(4, np.uint32))
+    survivors = SecAggSurvivors(task=TASK, round=ROUND, attempt=ATTEMPT,
+                                devices=["dev-00", "dev-01", "dev-02"])
+    answer = devices["dev-00"].unmask(survivors)
+    assert set(answer.seed_shares) == {"dev-00", "dev-01", "dev-02"}
+    assert set(answer.key_shares) == {"dev-03", "dev-04"}
+    with pytest.raises(SecAggError, match="out_of_order"):  # a second list would reveal more
+        devices["dev-00"].unmask(survivors.model_copy(update={"devices": ["dev-00", "dev-03",
+                                                                          "dev-04"]}))
+
+
+def _roster_of(count: int, threshold: int) -> tuple[dict[str, SecAggDevice], SecAggRoster,
+                                                     dict[str, Ed25519PublicKey]]:
+    identities, public = fleet(count)
+    devices = {d: SecAggDevice(TASK, ROUND, ATTEMPT, d, k) for d, k in identities.items()}
+    server = SecAggServer(TASK, ROUND, ATTEMPT, threshold, 4)
+    for device in devices.values():
+        server.add_advert(device.advertise())
+    return devices, server.close_adverts(), public
+
+
+def test_a_roster_with_forged_or_substituted_keys_is_refused() -> None:
+    devices, roster, public = _roster_of(4, 3)
+    forged = roster.devices[1].model_copy(update={"s_public": roster.devices[2].s_public})
+    bent = roster.model_copy(update={"devices": [roster.devices[0], forged,
+                                                 *roster.devices[2:]]})
+    with pytest.raises(SecAggError, match="bad_signature"):
+        devices["dev-00"].share_keys(bent, public)
+    devices, roster, public = _roster_of(4, 3)
+    stranger = {d: k for d, k in public.items() if d != "dev-03"}
+    with pytest.raises(SecAggError, match="unknown_device"):
+        devices["dev-00"].share_keys(roster, stranger)
+    devices, roster, public = _roster_of(4, 3)
+    without_me = roster.model_copy(update={"devices": roster.devices[1:]})
+    with pytest.raises(SecAggError, match="bad_roster"):
+        devices["dev-00"].share_keys(without_me, public)
+    devices, roster, public = _roster_of(4, 3)
+    with pytest.raises(SecAggError, match="too_few"):  # the server lowered the threshold
+        devices["dev-00"].share_keys(roster.model_copy(update={
+            "devices": roster.devices[:2], "threshold": 3}), public)
+    devices, roster, public = _roster_of(4, 3)
+    with pytest.raises(SecAggError, match="bad_roster"):
+        devices["dev-00"].share_keys(roster.model_copy(update={"round": ROUND + 1}), public)
+
+
+def test_a_ciphertext_moved_or_altered_by_the_relay_does_not_decrypt() -> None:
+    devices, roster, public = _roster_of(3, 2)
+    sent = {d: device.share_keys(roster, public) for d, device in devices.items()}
+    # The relay gives dev-00 what dev-01 encrypted for dev-02.
+    moved = SecAggInbox(task=TASK, round=ROUND, attempt=ATTEMPT, recipient="dev-00",
+                        ciphertexts={"dev-01": sent["dev-01"].ciphertexts["dev-02"]})
+    with pytest.raises(SecAggError, match="bad_ciphertext"):
+        devices["dev-00"].masked_input(moved, np.zeros(4, np.uint32))
+    devices, roster, public = _roster_of(3, 2)
+    sent = {d: device.share_keys(roster, public) for d, device in devices.items()}
+    blob = bytearray(base64.b64decode(sent["dev-01"].ciphertexts["dev-00"]))
+    blob[-1] ^= 1
+    altered = SecAggInbox(task=TASK, round=ROUND, attempt=ATTEMPT, recipient="dev-00",
+                          ciphertexts={"dev-01": base64.b64encode(bytes(blob)).decode()})
+    with pytest.raises(SecAggError, match="bad_ciphertext"):
+        devices["dev-00"].masked_input(altered, np.zeros(4, np.uint32))
+
+
+def test_shares_that_do_not_rebuild_a_dropped_key_are_caught() -> None:
+    identities, public = fleet(5)
+    devices = {d: SecAggDevice(TASK, ROUND, ATTEMPT, d, k) for d, k in identities.items()}
+    server = SecAggServer(TASK, ROUND, ATTEMPT, 3, 4)
+    for device in devices.values():
+        server.add_advert(device.advertise())
+    roster = server.close_adverts()
+    for device in devices.values():
+        server.add_shares(device.share_keys(roster, public))
+    inboxes = server.close_shares()
+    for d, device in devices.items():
+        y = device.masked_input(inboxes[d], np.ones(4, np.uint32))
+        if d != "dev-04":  # dev-04 drops: its key is rebuilt from shares
+            server.add_masked(d, y)
+    survivors = server.close_masked()
+    answers = [devices[d].unmask(survivors) for d in survivors.devices]
+    share = bytearray(base64.b64decode(answers[0].key_shares["dev-04"]))
+    share[-1] ^= 1  # a dishonest survivor
+    answers[0] = answers[0].model_copy(update={"key_shares": {
+        "dev-04": base64.b64encode(bytes(share)).decode()}})
+    for answer in answers:
+        server.add_unmask(answer)
+    with pytest.raises(SecAggError, match="bad_shares"):
+        server.finish()
+
+
+def test_the_server_takes_only_what_each_stage_expects() -> None:
+    devices, roster, public = _roster_of(3, 2)
+    server = SecAggServer(TASK, ROUND, ATTEMPT, 2, 4)
+    for advert in roster.devices:
+        server.add_advert(advert)
+    server.close_adverts()
+    shares = devices["dev-00"].share_keys(roster, public)
+    with pytest.raises(SecAggError, match="bad_shares"):  # a recipient left out
+        server.add_shares(shares.model_copy(update={"ciphertexts": {
+            "dev-01": shares.ciphertexts["dev-01"]}}))
+    with pytest.raises(SecAggError, match="wrong_round"):
+        server.add_shares(shares.model_copy(update={"round": ROUND + 1}))
+    server.add_shares(shares)
+    server.add_shares(devices["dev-01"].share_keys(roster, public))
+    server.close_shares()
+    with pytest.raises(SecAggError, match="not_expected"):  # dev-02 did not share keys
+        server.add_masked("dev-02", np.zeros(4, np.uint32))
+    with pytest.raises(SecAggError, match="bad_input"):
+        server.add_masked("dev-00", np.zeros(5, np.uint32))
+    with pytest.raises(SecAggError, match="bad_input"):
+        server.add_masked("dev-00", np.zeros(4, np.float32))
+
+
+def test_the_prg_is_chacha20_as_rfc_8439_defines_it() -> None:
+    """RFC 8439 appendix A.1, test vector 1: all-zero key and nonce, block counter 0."""
+    keystream = bytes.fromhex(
+        "76b8e0ada0f13d90405d6ae55386bd28bdd219b8a08ded1aa836efcc8b770dc7"
+        "da41597c5157488d7724e03fb8d84a376a43b8f41518a11cc387b669b2ee6586")
+    assert secagg.expand(bytes(32), 16).astype("<u4").tobytes() == keystream
+
+
+def test_both_ends_derive_the_same_keys_bound_to_the_round() -> None:
+    a, b = (secagg.X25519PrivateKey.generate() for _ in range(2))
+    context = secagg.round_context(TASK, ROUND, ATTEMPT)
+    ab = secagg.agree(a, b.public_key().public_bytes_raw(), context, secagg.MASK_LABEL)
+    ba = secagg.agree(b, a.public_key().public_bytes_raw(), context, secagg.MASK_LABEL)
+    assert ab == ba and len(ab) == 32
+    other = secagg.round_context(TASK, ROUND, ATTEMPT + 1)
+    assert secagg.agree(a, b.public_key().public_bytes_raw(), other, secagg.MASK_LABEL) != ab
+    assert secagg.agree(a, b.public_key().public_bytes_raw(), context,
+                        secagg.ENCRYPTION_LABEL) != ab
+    # Fields are length-prefixed: ("ab", 1) and ("a", "b1") differ.
+    assert secagg.round_context("ab", 1, 0) != secagg.round_context("a", 11, 0)
+
+
+def test_quantization_is_unbiased_and_within_range() -> None:
+    rng = np.random.default_rng(5)
+    values = np.array([-2.0, -1.0, -0.3, 0.0, 0.123456, 1.0, 5.0])
+    draws = np.stack([secagg.quantize(values, CLIP, BITS, rng) for _ in range(4000)])
+    assert draws.min() >= 0 and draws.max() <= secagg.levels(BITS)
+    back = secagg.dequantize_sum(draws.mean(axis=0), 1, CLIP, BITS)
+    np.testing.assert_allclose(back, np.clip(values, -CLIP, CLIP), atol=2e-6)
+    assert secagg.max_devices(16) == 65536 and secagg.max_devices(20) == 4096
+
+
+def test_the_signed_bytes_are_rfc_8785_json_without_the_signature() -> None:
+    identities, public = fleet(1)
+    advert = SecAggDevice(TASK, ROUND, ATTEMPT, "dev-00", identities["dev-00"]).advertise()
+    body = json.loads(advert.to_json())
+    del body["signature"]
+    expected = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    assert secagg.advertise_signing_bytes(advert) == expected
+    public["dev-00"].verify(base64.b64decode(advert.signature), expected)
