@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from scipy import stats
 
 from schemas import secagg
@@ -299,7 +300,7 @@ def test_the_prg_is_chacha20_as_rfc_8439_defines_it() -> None:
 
 
 def test_both_ends_derive_the_same_keys_bound_to_the_round() -> None:
-    a, b = (secagg.X25519PrivateKey.generate() for _ in range(2))
+    a, b = (X25519PrivateKey.generate() for _ in range(2))
     context = secagg.round_context(TASK, ROUND, ATTEMPT)
     ab = secagg.agree(a, b.public_key().public_bytes_raw(), context, secagg.MASK_LABEL)
     ba = secagg.agree(b, a.public_key().public_bytes_raw(), context, secagg.MASK_LABEL)
