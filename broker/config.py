@@ -62,6 +62,7 @@ def device_read_topics() -> list[str]:
         _template(TopicKind.GLOBAL_MODEL, task="+", version="+"),
         _template(TopicKind.TASK_STATUS, task="+"),
         _template(TopicKind.SECAGG_BROADCAST, task="+", round="+", stage="+"),
+        _template(TopicKind.SECAGG_INBOX, task="+", round="+", stage="+", device_id="%u"),
         "models/#",
         _template(TopicKind.CLOUD_STATE),
     ]
@@ -85,6 +86,7 @@ def cloud_write_topics() -> list[str]:
         "fl/+/global/#",
         _template(TopicKind.TASK_STATUS, task="+"),
         _template(TopicKind.SECAGG_BROADCAST, task="+", round="+", stage="+"),
+        _template(TopicKind.SECAGG_INBOX, task="+", round="+", stage="+", device_id="+"),
         "models/#",
         "alerts/#",
     ]

@@ -24,6 +24,7 @@ from schemas.device import (
 from schemas.errors import TopicError
 from schemas.fl import EvalResult, GlobalModelEnvelope, RoundPlan, TaskStatus, UpdateEnvelope
 from schemas.release import ReleaseManifest
+from schemas.secagg import SecAggInbox
 from schemas.topics import TopicKind, Topics
 
 SAFETENSORS: Final = "application/vnd.safetensors"
@@ -97,6 +98,9 @@ CHANNELS: Final[dict[TopicKind, Channel]] = {
         Channel(TopicKind.SECAGG_DEVICE, "device", 1, False, OCTET_STREAM, None,
                 "Secure aggregation: one device's keys, encrypted shares, masked input",
                 cleared=CLEARED_BY_CLOUD),
+        Channel(TopicKind.SECAGG_INBOX, "cloud", 1, False, JSON, SecAggInbox,
+                "Secure aggregation: the shares the round's other devices encrypted for one "
+                "device (its inbox: only that device may read it)"),
         Channel(TopicKind.TASK_STATUS, "cloud", 1, True, JSON, TaskStatus,
                 "Progress and metrics of a federated task"),
         Channel(TopicKind.RELEASE, "cloud", 1, True, JSON, ReleaseManifest,

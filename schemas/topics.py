@@ -57,6 +57,7 @@ class TopicKind(StrEnum):
     EVAL = "eval"
     SECAGG_BROADCAST = "secagg_broadcast"
     SECAGG_DEVICE = "secagg_device"
+    SECAGG_INBOX = "secagg_inbox"
     TASK_STATUS = "task_status"
     RELEASE = "release"
     CHUNK = "chunk"
@@ -78,6 +79,7 @@ TOPIC_TEMPLATES: Final[dict[TopicKind, str]] = {
     TopicKind.EVAL: "fl/{task}/rounds/{round}/evals/{device_id}",
     TopicKind.SECAGG_BROADCAST: "fl/{task}/rounds/{round}/secagg/{stage}",
     TopicKind.SECAGG_DEVICE: "fl/{task}/rounds/{round}/secagg/{stage}/{device_id}",
+    TopicKind.SECAGG_INBOX: "fl/{task}/rounds/{round}/secagg/{stage}/to/{device_id}",
     TopicKind.TASK_STATUS: "fl/{task}/status",
     TopicKind.RELEASE: "models/{model}/release",
     TopicKind.CHUNK: "models/{model}/versions/{version}/chunks/{chunk}",
@@ -276,6 +278,12 @@ class Topics:
     def secagg_broadcast(self, task: str, round_: int, stage: str) -> str:
         """``fl/{t}/rounds/{r}/secagg/{stage}``: cloud to selected devices."""
         return self.build(TopicKind.SECAGG_BROADCAST, task=task, round=round_, stage=stage)
+
+    def secagg_inbox(self, task: str, round_: int, stage: str, device_id: str) -> str:
+        """``fl/{t}/rounds/{r}/secagg/{stage}/to/{d}``: cloud to one device (only it reads)."""
+        return self.build(
+            TopicKind.SECAGG_INBOX, task=task, round=round_, stage=stage, device_id=device_id
+        )
 
     def secagg_device(self, task: str, round_: int, stage: str, device_id: str) -> str:
         """``fl/{t}/rounds/{r}/secagg/{stage}/{d}``: one device's secure-aggregation input."""

@@ -33,6 +33,7 @@ from schemas.fl import (
     UpdateEnvelope,
 )
 from schemas.release import ReleaseManifest, Requirements, Targeting
+from schemas.secagg import SecAggInbox
 
 T0 = 1_790_000_000.0
 
@@ -112,4 +113,6 @@ EXAMPLES: dict[type[BaseModel], BaseModel] = {
         duplicates={"telemetry": 2}, rate_limited={"telemetry": 1},
         refused={"telemetry": {"validation": 4, "future_timestamp": 1}},
         errors={"dispatch_error": 0}, queues={"pending": 3, "acks": 5}),
+    SecAggInbox: SecAggInbox(task="digits", round=3, attempt=0, recipient="pi-01",
+                             ciphertexts={"pi-02": "A" * 220 + "=="}),
 }

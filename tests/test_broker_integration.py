@@ -130,6 +130,34 @@ def test_device_never_receives_other_devices_updates(mosquitto: RunningBroker,
         client.close()
 
 
+def test_a_device_reads_its_own_secagg_inbox_only_and_writes_none(
+    mosquitto: RunningBroker, topics: Topics,
+) -> None:
+    """Secure aggregation relays each device's encrypted shares to its own inbox: another
+    device subscribing to every inbox gets nothing, and no device can fill an inbox."""
+    owner = mosquitto.connected("dev-7")
+    owner.subscribe(topics.secagg_inbox("digits", 1, "shares", "dev-7"))
+    spy = mosquitto.connected("dev-8")
+    spy.subscribe(topics.filter(TopicKind.SECAGG_INBOX, task="digits", round=1))
+    sentinel = topics.round_plan("digits")  # every device reads it
+    spy.subscribe(sentinel)
+    cloud = mosquitto.connected(mosquitto.cloud_username)
+    inbox = topics.secagg_inbox("digits", 1, "shares", "dev-7")
+    assert cloud.publish(inbox, b"sealed shares") in DELIVERED
+    assert owner.wait_topic(inbox).payload == b"sealed shares"
+    assert spy.publish(topics.secagg_inbox("digits", 1, "shares", "dev-7"),
+                       b"forged") == NOT_AUTHORIZED
+    assert spy.publish(topics.secagg_inbox("digits", 1, "shares", "dev-8"),
+                       b"forged") == NOT_AUTHORIZED
+    assert cloud.publish(sentinel, b"{}") in DELIVERED  # after the inbox, same connection
+    spy.wait_topic(sentinel)
+    assert spy.received_on(inbox) == []
+    assert [m.payload for m in owner.received_on(inbox)] == [b"sealed shares"]
+    assert cloud.publish(sentinel, b"", retain=True) in DELIVERED
+    for client in (owner, spy, cloud):
+        client.close()
+
+
 def test_lwt_offline_is_retained_with_matching_bdseq(mosquitto: RunningBroker,
                                                      topics: Topics) -> None:
     state_topic = topics.device_state("dev-7")

@@ -65,6 +65,11 @@ def test_named_builders_match_the_table() -> None:
     assert t.secagg_broadcast("tk", 2, "keys") == "site-a/edgefl/v1/fl/tk/rounds/2/secagg/keys"
     assert t.secagg_device("tk", 2, "keys", "d1") == (
         "site-a/edgefl/v1/fl/tk/rounds/2/secagg/keys/d1")
+    assert t.secagg_inbox("tk", 2, "shares", "d1") == (
+        "site-a/edgefl/v1/fl/tk/rounds/2/secagg/shares/to/d1")
+    assert t.parse(t.secagg_inbox("tk", 2, "shares", "to")) == ParsedTopic(
+        TopicKind.SECAGG_INBOX, task="tk", round=2, stage="shares", device_id="to")
+    assert t.parse(t.secagg_device("tk", 2, "to", "d1")).kind is TopicKind.SECAGG_DEVICE
     assert t.task_status("tk") == "site-a/edgefl/v1/fl/tk/status"
     assert t.release("m") == "site-a/edgefl/v1/models/m/release"
     assert t.chunk("m", "1.0", 5) == "site-a/edgefl/v1/models/m/versions/1.0/chunks/5"
