@@ -180,6 +180,9 @@ def add_device_cmd(
             password = sys.stdin.readline().rstrip("\n") if password_stdin else None
             identity = add_identity(settings, device_id, password=password, tls=tls)
             typer.echo(f"device {device_id}: password in {identity.password_file}")
+            if identity.identity_key:
+                typer.echo(f"device {device_id}: identity key {identity.identity_key.key}, "
+                           f"certificate {identity.identity_key.certificate}")
             if identity.cert:
                 typer.echo(f"device {device_id}: certificate {identity.cert.cert}, "
                            f"key {identity.cert.key}")

@@ -16,6 +16,7 @@ from broker.config import (
     render_config,
     render_observer_acl,
 )
+from broker.device_identity import DeviceKeyFiles, IdentityAuthority
 from broker.errors import CredentialError
 from broker.launcher import pid_is_mosquitto
 from broker.passwords import PasswordFile, generate_password, write_private
@@ -31,11 +32,15 @@ RESERVED_PREFIX = "edgefl-"
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """An MQTT identity: username, where its password is, and its certificate if any."""
+    """An MQTT identity: username, password file, TLS certificate, identity key.
+
+    The identity key and its certificate are a device's (secure aggregation).
+    """
 
     username: str
     password_file: Path
     cert: CertPair | None = None
+    identity_key: DeviceKeyFiles | None = None
 
     def password(self) -> str:
         """Read the password from its 0600 file."""
@@ -113,6 +118,7 @@ def init_broker(settings: BrokerSettings, *, log_to_file: bool = False) -> Ident
             ca.issue_server(settings.server_hostnames)
         if not ca.crl_path.exists():  # the TLS listener reads it (empty at first)
             ca.write_crl()
+    IdentityAuthority(layout.secrets).ensure()
     cloud = add_identity(settings, settings.cloud_username, tls=settings.tls.enabled,
                          allow_cloud=True)
     write_config_files(settings, log_to_file=log_to_file)
@@ -167,7 +173,8 @@ def add_identity(
         existing = CertPair(layout.pki / "clients" / f"{username}.crt",
                             layout.pki / "clients" / f"{username}.key")
         cert = existing if existing.cert.exists() else ca.issue_client(username)
-    return Identity(username, secret, cert)
+    keys = None if allow_cloud else IdentityAuthority(layout.secrets).issue(username)
+    return Identity(username, secret, cert, keys)
 
 
 def add_identities(settings: BrokerSettings, usernames: list[str], *, tls: bool = False,
@@ -202,11 +209,14 @@ def add_identities(settings: BrokerSettings, usernames: list[str], *, tls: bool 
         identities.append(Identity(username, secret))
     if changed:
         passwd.save()
+    authority = IdentityAuthority(layout.secrets)
+    identities = [Identity(i.username, i.password_file, i.cert, authority.issue(i.username))
+                  for i in identities]
     logger.info("%d device(s) provisioned", len(usernames))
     if tls:
         ca = DevCA(layout.pki)
-        identities = [Identity(i.username, i.password_file, ca.issue_client(i.username))
-                      for i in identities]
+        identities = [Identity(i.username, i.password_file, ca.issue_client(i.username),
+                               i.identity_key) for i in identities]
     return identities
 
 
@@ -241,6 +251,7 @@ def remove_identity(settings: BrokerSettings, username: str) -> bool:
         write_private(layout.observers, json.dumps(known, indent=1) + "\n")
         layout.observer_acl.write_text(render_observer_acl(settings.topic_root, known))
     layout.secret_file(username).unlink(missing_ok=True)
+    existed = IdentityAuthority(layout.secrets).remove(username) or existed
     ca = DevCA(layout.pki)
     if ca.exists() and ca.revoke(username) is not None:
         existed = True

@@ -5,8 +5,10 @@ four stages over MQTT (``fl/{t}/rounds/{r}/secagg/...``):
 
 1. **advertise**: each selected device makes two X25519 key pairs for the round (``c``
    to encrypt shares, ``s`` to agree pairwise masks) and signs both public keys with
-   its long-term Ed25519 identity key. The cloud broadcasts the roster ``U1`` of the
-   devices that advertised (at least ``threshold``).
+   its long-term Ed25519 identity key, sending along the :class:`DeviceIdentity` that
+   certifies that key (issued at provisioning by the fleet's identity authority, whose
+   public key every device holds; the cloud cannot issue one). The cloud broadcasts the
+   roster ``U1`` of the devices that advertised (at least ``threshold``).
 2. **shares**: each device checks the roster's signatures, picks its self-mask seed
    ``b_u``, and splits ``b_u`` and its ``s`` private key into ``threshold``-of-``|U1|``
    Shamir shares (:mod:`schemas.shamir`; device ``v`` gets the point at its 1-based
@@ -39,7 +41,7 @@ from __future__ import annotations
 
 import base64
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -55,7 +57,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pydantic import Field, StringConstraints
 
 from schemas import shamir
-from schemas.base import Id, NonNegInt, RoundNumber, WireModel
+from schemas.base import Id, NonNegInt, RoundNumber, UnixTime, WireModel
 from schemas.fl import MAX_SELECTED
 
 PROTOCOL = b"edgefl-secagg-v1"
@@ -91,6 +93,23 @@ class SecAggError(ValueError):
 # -- messages ----------------------------------------------------------------------------
 
 
+class DeviceIdentity(WireModel):
+    """A device's long-term Ed25519 identity key, certified at provisioning.
+
+    Issued by ``edgefl broker add-device`` with the fleet's identity authority key (kept
+    with the broker's secrets, never by the cloud service); devices verify it with the
+    authority's public key they were provisioned with.
+    """
+
+    device_id: Id
+    public_key: B64Key = Field(description="Ed25519 public key (32 bytes, base64)")
+    issued_at: UnixTime
+    authority: Id = Field(description="Id of the authority key that signed it")
+    signature: B64Signature = Field(
+        description="The authority's Ed25519 signature over identity_signing_bytes (RFC 8785 "
+        "JSON of this message without the signature)")
+
+
 class SecAggAdvertise(WireModel):
     """Stage 1, device to cloud: the device's two public keys for the round, signed."""
 
@@ -100,6 +119,7 @@ class SecAggAdvertise(WireModel):
     device_id: Id
     c_public: B64Key = Field(description="X25519 key that encrypts the shares sent to it")
     s_public: B64Key = Field(description="X25519 key its pairwise masks are agreed with")
+    identity: DeviceIdentity = Field(description="The certificate of the key that signs")
     signature: B64Signature = Field(
         description="Ed25519 signature by the device's identity key over "
         "advertise_signing_bytes (RFC 8785 JSON of this message without the signature)")
@@ -186,6 +206,36 @@ def advertise_signing_bytes(message: SecAggAdvertise) -> bytes:
     return rfc8785.dumps(message.model_dump(mode="json", exclude={"signature"}))
 
 
+def identity_signing_bytes(identity: DeviceIdentity) -> bytes:
+    """The bytes the authority signs: RFC 8785 JSON of the certificate without signature."""
+    return rfc8785.dumps(identity.model_dump(mode="json", exclude={"signature"}))
+
+
+def issue_identity(authority: Ed25519PrivateKey, authority_id: str, device_id: str,
+                   public_key: Ed25519PublicKey, issued_at: float) -> DeviceIdentity:
+    """Certify ``public_key`` as ``device_id``'s identity (provisioning)."""
+    unsigned = DeviceIdentity(device_id=device_id, public_key=_b64(public_key.public_bytes_raw()),
+                              issued_at=issued_at, authority=authority_id,
+                              signature=_b64(bytes(64)))
+    signature = authority.sign(identity_signing_bytes(unsigned))
+    return unsigned.model_copy(update={"signature": _b64(signature)})
+
+
+def verify_identity(identity: DeviceIdentity, authority: Ed25519PublicKey) -> Ed25519PublicKey:
+    """The identity key ``identity`` certifies, once the authority's signature verifies.
+
+    Raises:
+        SecAggError: ``bad_identity`` when it does not.
+    """
+    try:
+        authority.verify(_unb64(identity.signature, "signature"),
+                         identity_signing_bytes(identity))
+        return Ed25519PublicKey.from_public_bytes(_unb64(identity.public_key, "key"))
+    except (InvalidSignature, ValueError) as exc:
+        raise SecAggError("bad_identity", f"{identity.device_id}'s identity is not certified "
+                          "by the fleet's identity authority") from exc
+
+
 def share_aad(context: bytes, sender: str, recipient: str) -> bytes:
     """Associated data of one encrypted pair of shares: it cannot be moved to another pair."""
     return context + _field(sender) + _field(recipient)
@@ -266,9 +316,11 @@ class Peer:
     s_public: bytes
 
 
-def _roster_peers(roster: SecAggRoster,
-                  identities: Mapping[str, Ed25519PublicKey]) -> dict[str, Peer]:
-    """The roster's devices after every check: sorted, unique, signed by their identities."""
+def _roster_peers(roster: SecAggRoster, authority: Ed25519PublicKey) -> dict[str, Peer]:
+    """The roster's devices after every check.
+
+    Sorted, unique, each signed by an identity key the authority certified for it.
+    """
     ids = [a.device_id for a in roster.devices]
     if ids != sorted(ids, key=str.encode) or len(set(ids)) != len(ids):
         raise SecAggError("bad_roster", "the roster is not sorted by device id without repeats")
@@ -280,9 +332,10 @@ def _roster_peers(roster: SecAggRoster,
         if (advert.task, advert.round, advert.attempt) != (roster.task, roster.round,
                                                            roster.attempt):
             raise SecAggError("bad_roster", f"{advert.device_id}'s keys are for another round")
-        identity = identities.get(advert.device_id)
-        if identity is None:
-            raise SecAggError("unknown_device", f"no identity key for {advert.device_id}")
+        if advert.identity.device_id != advert.device_id:
+            raise SecAggError("bad_identity", f"{advert.device_id} signed with the identity "
+                              f"of {advert.identity.device_id}")
+        identity = verify_identity(advert.identity, authority)
         try:
             identity.verify(_unb64(advert.signature, "signature"),
                             advertise_signing_bytes(advert))
@@ -303,6 +356,7 @@ class SecAggDevice:
     attempt: int
     device_id: str
     identity: Ed25519PrivateKey
+    certificate: DeviceIdentity
     c_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
     s_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
     seed: bytes = field(default_factory=lambda: secrets.token_bytes(SEED_BYTES))
@@ -331,25 +385,24 @@ class SecAggDevice:
                "device_id": self.device_id,
                "c_public": _b64(self.c_key.public_key().public_bytes_raw()),
                "s_public": _b64(self.s_key.public_key().public_bytes_raw()),
-               "signature": _b64(bytes(64))}
+               "identity": self.certificate, "signature": _b64(bytes(64))}
         unsigned = SecAggAdvertise.model_validate(raw)
         signature = self.identity.sign(advertise_signing_bytes(unsigned))
         return unsigned.model_copy(update={"signature": _b64(signature)})
 
-    def share_keys(self, roster: SecAggRoster,
-                   identities: Mapping[str, Ed25519PublicKey]) -> SecAggShares:
+    def share_keys(self, roster: SecAggRoster, authority: Ed25519PublicKey) -> SecAggShares:
         """Stage 2: check ``U1`` and send each peer its shares of the seed and ``s`` key.
 
         Raises:
             SecAggError: the roster is for another round, leaves this device out or
-                changes its keys, has fewer than ``threshold`` devices, a device without
-                an identity or a signature that does not verify.
+                changes its keys, has fewer than ``threshold`` devices, or a device whose
+                identity the authority did not certify or whose signature does not verify.
         """
         self._advance("advertised", "shared")
         if (roster.task, roster.round, roster.attempt) != (self.task, self.round,
                                                            self.attempt):
             raise SecAggError("bad_roster", "the roster is for another round")
-        peers = _roster_peers(roster, identities)
+        peers = _roster_peers(roster, authority)
         me = peers.get(self.device_id)
         if me is None or me.c_public != self.c_key.public_key().public_bytes_raw() \
                 or me.s_public != self.s_key.public_key().public_bytes_raw():

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from scipy import stats
 
@@ -40,9 +40,23 @@ class Round:
     transcript: list[bytes] = field(default_factory=list)
 
 
-def fleet(count: int) -> tuple[dict[str, Ed25519PrivateKey], dict[str, Ed25519PublicKey]]:
-    keys = {f"dev-{i:02d}": Ed25519PrivateKey.generate() for i in range(count)}
-    return keys, {d: k.public_key() for d, k in keys.items()}
+AUTHORITY = Ed25519PrivateKey.generate()
+"""The fleet's identity authority (provisioning); devices hold its public key."""
+AUTHORITY_PUBLIC = AUTHORITY.public_key()
+T0 = 1_790_000_000.5  # not integral: json.dumps and RFC 8785 write it alike
+
+
+def device(device_id: str, authority: Ed25519PrivateKey = AUTHORITY,
+           certified_as: str | None = None) -> SecAggDevice:
+    """A device with an identity key certified (by default by the fleet's authority)."""
+    key = Ed25519PrivateKey.generate()
+    certificate = secagg.issue_identity(authority, "fleet", certified_as or device_id,
+                                        key.public_key(), T0)
+    return SecAggDevice(TASK, ROUND, ATTEMPT, device_id, key, certificate)
+
+
+def fleet(count: int) -> dict[str, SecAggDevice]:
+    return {f"dev-{i:02d}": device(f"dev-{i:02d}") for i in range(count)}
 
 
 def run_round(count: int, threshold: int, size: int = 1000, *, seed: int = 7,
@@ -51,8 +65,7 @@ def run_round(count: int, threshold: int, size: int = 1000, *, seed: int = 7,
               drop_after_masked: frozenset[str] = frozenset()) -> Round:
     """Every stage through the server, with devices that stop after the stage named."""
     rng = np.random.default_rng(seed)
-    identities, public = fleet(count)
-    devices = {d: SecAggDevice(TASK, ROUND, ATTEMPT, d, key) for d, key in identities.items()}
+    devices = fleet(count)
     server = SecAggServer(TASK, ROUND, ATTEMPT, threshold, size)
     transcript: list[bytes] = []
     for d, device in devices.items():
@@ -63,7 +76,7 @@ def run_round(count: int, threshold: int, size: int = 1000, *, seed: int = 7,
     roster = server.close_adverts()
     for d in sorted(server.adverts):
         if d not in drop_after_keys:
-            shares = devices[d].share_keys(roster, public)
+            shares = devices[d].share_keys(roster, AUTHORITY_PUBLIC)
             transcript.append(shares.to_json())
             server.add_shares(shares)
     inboxes = server.close_shares()
@@ -148,8 +161,7 @@ def test_the_server_sees_uniform_noise_not_an_update() -> None:
 
 
 def test_no_device_secret_is_in_the_servers_transcript() -> None:
-    identities, public = fleet(4)
-    devices = {d: SecAggDevice(TASK, ROUND, ATTEMPT, d, k) for d, k in identities.items()}
+    devices = fleet(4)
     server = SecAggServer(TASK, ROUND, ATTEMPT, 3, 10)
     transcript = b""
     for device in devices.values():
@@ -158,7 +170,7 @@ def test_no_device_secret_is_in_the_servers_transcript() -> None:
         server.add_advert(advert)
     roster = server.close_adverts()
     for device in devices.values():
-        shares = device.share_keys(roster, public)
+        shares = device.share_keys(roster, AUTHORITY_PUBLIC)
         transcript += shares.to_json()
         server.add_shares(shares)
     secrets_ = [s for device in devices.values()
@@ -169,14 +181,13 @@ def test_no_device_secret_is_in_the_servers_transcript() -> None:
 
 
 def test_a_device_reveals_one_share_per_device_never_both() -> None:
-    identities, public = fleet(5)
-    devices = {d: SecAggDevice(TASK, ROUND, ATTEMPT, d, k) for d, k in identities.items()}
+    devices = fleet(5)
     server = SecAggServer(TASK, ROUND, ATTEMPT, 3, 4)
     for device in devices.values():
         server.add_advert(device.advertise())
     roster = server.close_adverts()
     for device in devices.values():
-        server.add_shares(device.share_keys(roster, public))
+        server.add_shares(device.share_keys(roster, AUTHORITY_PUBLIC))
     inboxes = server.close_shares()
     for d, device in devices.items():
         device.masked_input(inboxes[d], np.zeros(4, np.uint32))
@@ -190,50 +201,55 @@ def test_a_device_reveals_one_share_per_device_never_both() -> None:
                                                                           "dev-04"]}))
 
 
-def _roster_of(count: int, threshold: int) -> tuple[dict[str, SecAggDevice], SecAggRoster,
-                                                     dict[str, Ed25519PublicKey]]:
-    identities, public = fleet(count)
-    devices = {d: SecAggDevice(TASK, ROUND, ATTEMPT, d, k) for d, k in identities.items()}
+def _roster_of(count: int, threshold: int, **replace: SecAggDevice,
+               ) -> tuple[dict[str, SecAggDevice], SecAggRoster]:
+    devices = fleet(count) | replace
     server = SecAggServer(TASK, ROUND, ATTEMPT, threshold, 4)
     for device in devices.values():
         server.add_advert(device.advertise())
-    return devices, server.close_adverts(), public
+    return devices, server.close_adverts()
 
 
 def test_a_roster_with_forged_or_substituted_keys_is_refused() -> None:
-    devices, roster, public = _roster_of(4, 3)
+    devices, roster = _roster_of(4, 3)
     forged = roster.devices[1].model_copy(update={"s_public": roster.devices[2].s_public})
     bent = roster.model_copy(update={"devices": [roster.devices[0], forged,
                                                  *roster.devices[2:]]})
     with pytest.raises(SecAggError, match="bad_signature"):
-        devices["dev-00"].share_keys(bent, public)
-    devices, roster, public = _roster_of(4, 3)
-    stranger = {d: k for d, k in public.items() if d != "dev-03"}
-    with pytest.raises(SecAggError, match="unknown_device"):
-        devices["dev-00"].share_keys(roster, stranger)
-    devices, roster, public = _roster_of(4, 3)
+        devices["dev-00"].share_keys(bent, AUTHORITY_PUBLIC)
+    # An identity the cloud made up (another authority), or another device's certificate.
+    devices, roster = _roster_of(4, 3, **{"dev-03": device(
+        "dev-03", authority=Ed25519PrivateKey.generate())})
+    with pytest.raises(SecAggError, match="bad_identity"):
+        devices["dev-00"].share_keys(roster, AUTHORITY_PUBLIC)
+    devices, roster = _roster_of(4, 3, **{"dev-03": device("dev-03",
+                                                                   certified_as="dev-02")})
+    with pytest.raises(SecAggError, match="bad_identity"):
+        devices["dev-00"].share_keys(roster, AUTHORITY_PUBLIC)
+    devices, roster = _roster_of(4, 3)
     without_me = roster.model_copy(update={"devices": roster.devices[1:]})
     with pytest.raises(SecAggError, match="bad_roster"):
-        devices["dev-00"].share_keys(without_me, public)
-    devices, roster, public = _roster_of(4, 3)
+        devices["dev-00"].share_keys(without_me, AUTHORITY_PUBLIC)
+    devices, roster = _roster_of(4, 3)
     with pytest.raises(SecAggError, match="too_few"):  # the server lowered the threshold
         devices["dev-00"].share_keys(roster.model_copy(update={
-            "devices": roster.devices[:2], "threshold": 3}), public)
-    devices, roster, public = _roster_of(4, 3)
+            "devices": roster.devices[:2], "threshold": 3}), AUTHORITY_PUBLIC)
+    devices, roster = _roster_of(4, 3)
     with pytest.raises(SecAggError, match="bad_roster"):
-        devices["dev-00"].share_keys(roster.model_copy(update={"round": ROUND + 1}), public)
+        devices["dev-00"].share_keys(roster.model_copy(update={"round": ROUND + 1}),
+                                     AUTHORITY_PUBLIC)
 
 
 def test_a_ciphertext_moved_or_altered_by_the_relay_does_not_decrypt() -> None:
-    devices, roster, public = _roster_of(3, 2)
-    sent = {d: device.share_keys(roster, public) for d, device in devices.items()}
+    devices, roster = _roster_of(3, 2)
+    sent = {d: device.share_keys(roster, AUTHORITY_PUBLIC) for d, device in devices.items()}
     # The relay gives dev-00 what dev-01 encrypted for dev-02.
     moved = SecAggInbox(task=TASK, round=ROUND, attempt=ATTEMPT, recipient="dev-00",
                         ciphertexts={"dev-01": sent["dev-01"].ciphertexts["dev-02"]})
     with pytest.raises(SecAggError, match="bad_ciphertext"):
         devices["dev-00"].masked_input(moved, np.zeros(4, np.uint32))
-    devices, roster, public = _roster_of(3, 2)
-    sent = {d: device.share_keys(roster, public) for d, device in devices.items()}
+    devices, roster = _roster_of(3, 2)
+    sent = {d: device.share_keys(roster, AUTHORITY_PUBLIC) for d, device in devices.items()}
     blob = bytearray(base64.b64decode(sent["dev-01"].ciphertexts["dev-00"]))
     blob[-1] ^= 1
     altered = SecAggInbox(task=TASK, round=ROUND, attempt=ATTEMPT, recipient="dev-00",
@@ -243,14 +259,13 @@ def test_a_ciphertext_moved_or_altered_by_the_relay_does_not_decrypt() -> None:
 
 
 def test_shares_that_do_not_rebuild_a_dropped_key_are_caught() -> None:
-    identities, public = fleet(5)
-    devices = {d: SecAggDevice(TASK, ROUND, ATTEMPT, d, k) for d, k in identities.items()}
+    devices = fleet(5)
     server = SecAggServer(TASK, ROUND, ATTEMPT, 3, 4)
     for device in devices.values():
         server.add_advert(device.advertise())
     roster = server.close_adverts()
     for device in devices.values():
-        server.add_shares(device.share_keys(roster, public))
+        server.add_shares(device.share_keys(roster, AUTHORITY_PUBLIC))
     inboxes = server.close_shares()
     for d, device in devices.items():
         y = device.masked_input(inboxes[d], np.ones(4, np.uint32))
@@ -269,19 +284,19 @@ def test_shares_that_do_not_rebuild_a_dropped_key_are_caught() -> None:
 
 
 def test_the_server_takes_only_what_each_stage_expects() -> None:
-    devices, roster, public = _roster_of(3, 2)
+    devices, roster = _roster_of(3, 2)
     server = SecAggServer(TASK, ROUND, ATTEMPT, 2, 4)
     for advert in roster.devices:
         server.add_advert(advert)
     server.close_adverts()
-    shares = devices["dev-00"].share_keys(roster, public)
+    shares = devices["dev-00"].share_keys(roster, AUTHORITY_PUBLIC)
     with pytest.raises(SecAggError, match="bad_shares"):  # a recipient left out
         server.add_shares(shares.model_copy(update={"ciphertexts": {
             "dev-01": shares.ciphertexts["dev-01"]}}))
     with pytest.raises(SecAggError, match="wrong_round"):
         server.add_shares(shares.model_copy(update={"round": ROUND + 1}))
     server.add_shares(shares)
-    server.add_shares(devices["dev-01"].share_keys(roster, public))
+    server.add_shares(devices["dev-01"].share_keys(roster, AUTHORITY_PUBLIC))
     server.close_shares()
     with pytest.raises(SecAggError, match="not_expected"):  # dev-02 did not share keys
         server.add_masked("dev-02", np.zeros(4, np.uint32))
@@ -324,10 +339,14 @@ def test_quantization_is_unbiased_and_within_range() -> None:
 
 
 def test_the_signed_bytes_are_rfc_8785_json_without_the_signature() -> None:
-    identities, public = fleet(1)
-    advert = SecAggDevice(TASK, ROUND, ATTEMPT, "dev-00", identities["dev-00"]).advertise()
+    one = device("dev-00")
+    advert = one.advertise()
     body = json.loads(advert.to_json())
     del body["signature"]
     expected = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
     assert secagg.advertise_signing_bytes(advert) == expected
-    public["dev-00"].verify(base64.b64decode(advert.signature), expected)
+    one.identity.public_key().verify(base64.b64decode(advert.signature), expected)
+    certificate = json.loads(advert.identity.to_json())
+    del certificate["signature"]
+    AUTHORITY_PUBLIC.verify(base64.b64decode(advert.identity.signature), json.dumps(
+        certificate, sort_keys=True, separators=(",", ":")).encode())

@@ -1,0 +1,117 @@
+"""Device identity keys at provisioning (broker/device_identity.py): the broker's admin tool
+certifies each device's Ed25519 key; secure aggregation accepts only what it certified."""
+
+from __future__ import annotations
+
+import base64
+import json
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from broker.device_identity import IdentityAuthority, authority_id, load_identity_key
+from broker.provision import add_identities, add_identity, init_broker, remove_identity
+from broker.settings import BrokerSettings
+from schemas.base import decode_message
+from schemas.secagg import (
+    DeviceIdentity,
+    SecAggDevice,
+    SecAggError,
+    SecAggServer,
+    verify_identity,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _authority_public(data: Path) -> Ed25519PublicKey:
+    raw = base64.b64decode((data / "secrets" / "identity-authority.pub").read_text().strip())
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def _device(data: Path, device_id: str) -> SecAggDevice:
+    """A device set up from the files provisioning left for it."""
+    folder = data / "secrets" / "identities"
+    key = load_identity_key(folder / f"{device_id}.key")
+    certificate = decode_message(DeviceIdentity, (folder / f"{device_id}.json").read_bytes())
+    return SecAggDevice("digits", 1, 0, device_id, key, certificate)
+
+
+def test_provisioning_certifies_each_device_and_keeps_what_it_issued(tmp_path: Path) -> None:
+    settings = BrokerSettings(data_dir=tmp_path / "broker", port=1999)
+    init_broker(settings)
+    secrets = settings.layout.secrets
+    pem = secrets / "identity-authority.pem"
+    assert stat.S_IMODE(pem.stat().st_mode) == 0o600
+    authority = _authority_public(settings.layout.root)
+    init_broker(settings)  # again: the same authority
+    assert _authority_public(settings.layout.root).public_bytes_raw() == \
+        authority.public_bytes_raw()
+    assert not (secrets / "identities" / f"{settings.cloud_username}.key").exists()
+
+    one = add_identity(settings, "pi-01")
+    assert one.identity_key is not None
+    assert stat.S_IMODE(one.identity_key.key.stat().st_mode) == 0o600
+    certificate = decode_message(DeviceIdentity, one.identity_key.certificate.read_bytes())
+    assert certificate.device_id == "pi-01"
+    assert certificate.authority == authority_id(authority)
+    certified = verify_identity(certificate, authority)
+    key = load_identity_key(one.identity_key.key)
+    assert certified.public_bytes_raw() == key.public_key().public_bytes_raw()
+    add_identity(settings, "pi-01")  # again: the same key
+    assert load_identity_key(one.identity_key.key).private_bytes_raw() == key.private_bytes_raw()
+
+    many = add_identities(settings, ["pi-02", "pi-03"])
+    for identity in many:
+        assert identity.identity_key is not None
+        verify_identity(decode_message(DeviceIdentity, identity.identity_key.certificate
+                                       .read_bytes()), authority)
+
+    # A damaged certificate is replaced by a new key and certificate.
+    one.identity_key.certificate.write_text(json.dumps({"device_id": "pi-01"}))
+    add_identity(settings, "pi-01")
+    again = decode_message(DeviceIdentity, one.identity_key.certificate.read_bytes())
+    assert verify_identity(again, authority).public_bytes_raw() != \
+        key.public_key().public_bytes_raw()
+
+    assert remove_identity(settings, "pi-02")
+    assert not IdentityAuthority(secrets).files("pi-02").key.exists()
+    assert not IdentityAuthority(secrets).files("pi-02").certificate.exists()
+
+
+def test_add_device_says_where_the_identity_key_is(tmp_path: Path) -> None:
+    data = tmp_path / "broker"
+    done = subprocess.run([sys.executable, "-m", "edgefl", "broker", "add-device", "pi-9",
+                           "--data-dir", str(data)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    key = data / "secrets" / "identities" / "pi-9.key"
+    assert f"device pi-9: identity key {key}, certificate " in done.stdout
+    assert key.exists()
+
+
+def test_secure_aggregation_takes_provisioned_devices_and_refuses_another_fleets(
+    tmp_path: Path,
+) -> None:
+    ours = BrokerSettings(data_dir=tmp_path / "ours", port=1999)
+    theirs = BrokerSettings(data_dir=tmp_path / "theirs", port=1999)
+    add_identities(ours, ["pi-01", "pi-02", "pi-03"])
+    add_identities(theirs, ["pi-03"])  # the same id, certified by another authority
+    authority = _authority_public(ours.layout.root)
+    devices = [_device(ours.layout.root, d) for d in ("pi-01", "pi-02", "pi-03")]
+    server = SecAggServer("digits", 1, 0, 2, 4)
+    for device in devices:
+        server.add_advert(device.advertise())
+    devices[0].share_keys(server.close_adverts(), authority)
+
+    devices = [_device(ours.layout.root, "pi-01"), _device(ours.layout.root, "pi-02"),
+               _device(theirs.layout.root, "pi-03")]
+    server = SecAggServer("digits", 1, 0, 2, 4)
+    for device in devices:
+        server.add_advert(device.advertise())
+    with pytest.raises(SecAggError, match="bad_identity"):
+        devices[0].share_keys(server.close_adverts(), authority)
