@@ -432,10 +432,10 @@ class CloudService:
             self.health.refuse(kind.value, "unknown_task")
             logger.debug("refused message on %s: unknown_task", message.topic)
             self.ingest.acknowledge_later(message)
-        elif kind in (TopicKind.UPDATE, TopicKind.EVAL) and parsed.device_id is not None \
-                and parsed.round is not None:
-            coordinator.submit(kind, parsed.device_id, parsed.round, message)
-        else:  # secure aggregation does not go over these topics
+        elif parsed.device_id is not None and parsed.round is not None:
+            coordinator.submit(kind, parsed.device_id, parsed.round, message,
+                               parsed.stage or "")
+        else:  # every federated device topic names its device and round
             self.ingest.refuse(message, kind.value, "unexpected_topic", "no component owns it")
 
     async def _flusher(self) -> None:

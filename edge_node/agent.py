@@ -219,6 +219,10 @@ class EdgeAgent:
         elif parsed.kind is TopicKind.GLOBAL_MODEL and self.fl is not None and parsed.task \
                 and parsed.version:
             self.fl.on_global_weights(parsed.task, parsed.version, payload)
+        elif parsed.kind in (TopicKind.SECAGG_BROADCAST, TopicKind.SECAGG_INBOX) \
+                and self.fl is not None and parsed.task and parsed.round is not None \
+                and parsed.stage and parsed.device_id in (None, self.device_id):
+            self.fl.on_secagg(parsed.kind, parsed.task, parsed.round, parsed.stage, payload)
         else:
             self.counters.add("refused_topic")
 

@@ -31,6 +31,7 @@ from edge_node.attacks import AttackSettings, poison, tamper
 from edge_node.counters import Counters
 from edge_node.errors import EdgeError, PacketTooLargeError
 from edge_node.job_thread import JobThread
+from edge_node.secagg_client import SecAggClient
 from edge_node.settings import FLSettings
 from fl_tasks.base import FLTask, LocalData, Partition, Weights, load_task
 from schemas.base import decode_message, now
@@ -103,19 +104,30 @@ class FLClient:
                                (EdgeError, DecodeError, ValueError, RuntimeError, OSError))
         self.updates_sent = 0
         self._halt = threading.Event()
+        self.secagg: SecAggClient | None = None
+        if settings.secagg is not None:
+            self.secagg = SecAggClient(device_id, topics, settings.secagg, publish=publish,
+                                       counters=counters)
 
     def filters(self) -> list[str]:
-        """Round plans of the configured tasks."""
-        return [self.topics.filter(TopicKind.ROUND_PLAN, task=name) for name in self.tasks]
+        """Round plans of the configured tasks (and their secure-aggregation stages)."""
+        out = [self.topics.filter(TopicKind.ROUND_PLAN, task=name) for name in self.tasks]
+        if self.secagg is not None:
+            out += self.secagg.filters(sorted(self.tasks))
+        return out
 
     def start(self) -> None:
-        """Start the training thread."""
+        """Start the training thread (and the secure-aggregation one)."""
         self._jobs.start()
+        if self.secagg is not None:
+            self.secagg.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Finish the current step, end the thread."""
+        """Finish the current step, end the threads."""
         self._halt.set()
         self._jobs.stop(timeout)
+        if self.secagg is not None:
+            self.secagg.stop(timeout)
 
     # -- messages (network thread) -------------------------------------------------
 
@@ -126,6 +138,14 @@ class FLClient:
     def on_global_weights(self, task: str, version: str, payload: bytes) -> None:
         """Global weights arrived."""
         self._jobs.put(lambda: self._weights(task, version, payload))
+
+    def on_secagg(self, kind: TopicKind, task: str, round_: int, stage: str,
+                  payload: bytes) -> None:
+        """A secure-aggregation stage of a round (roster, inbox, survivors)."""
+        if self.secagg is not None and task in self.tasks:
+            self.secagg.on_message(kind, task, round_, stage, payload)
+        else:
+            self.counters.add("fl_secagg_unexpected")
 
     # -- training thread -----------------------------------------------------------
 
@@ -154,6 +174,15 @@ class FLClient:
             logger.warning("%s: round %d of %s was issued %.0f s in this device's future: "
                            "check the clock", self.device_id, plan.round, task,
                            plan.issued_at - now())
+        if plan.secagg is not None and self.device_id in plan.selected \
+                and (plan.round, plan.attempt) not in state.trained:
+            if self.secagg is None:
+                self.counters.add("fl_secagg_not_provisioned")
+                logger.warning("%s: round %d of %s aggregates securely and this device has "
+                               "no identity key (fl.secagg settings): not training",
+                               self.device_id, plan.round, task)
+                return
+            self.secagg.begin(task, plan)
         state.plan = plan
         if plan.global_version in state.weights:
             self._work(task, state)
@@ -232,6 +261,13 @@ class FLClient:
         clip_bit = None
         if plan.privacy is not None:
             delta, clip_bit = privatize(delta, plan.privacy)
+        if plan.secagg is not None:
+            if self.secagg is not None and now() <= plan.deadline:
+                self.secagg.submit_update(task, plan, delta)
+                self.updates_sent += 1
+            else:
+                self.counters.add("fl_late_update_dropped")
+            return
         packed = compress(delta, plan.compression.kind,
                           topk_fraction=plan.compression.topk_fraction,
                           residual=state.residual or None)

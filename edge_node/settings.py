@@ -98,10 +98,23 @@ class SimulatedDevice(SettingsSection):
     seed: int = 0
 
 
+class SecAggSettings(SettingsSection):
+    """Secure aggregation: the device's identity, from ``edgefl broker add-device``."""
+
+    identity_key: Path = Field(description="The device's Ed25519 identity key (PEM), "
+                               "secrets/identities/{device}.key in the broker's data folder")
+    certificate: Path = Field(description="Its certificate, secrets/identities/{device}.json")
+    authority_key: str = Field(
+        min_length=44, max_length=44, description="The fleet's identity authority public key: "
+        "the base64 in the broker's secrets/identity-authority.pub")
+
+
 class FLSettings(SettingsSection):
     """Federated-learning tasks of the device."""
 
     tasks: dict[Id, FLTaskSettings] = Field(default_factory=dict)
+    secagg: SecAggSettings | None = Field(
+        default=None, description="Needed to take part in tasks that aggregate securely")
     simulation: SimulatedDevice | None = None
     max_weights_bytes: int = 64 * 1024 * 1024
     max_clock_skew_s: Annotated[float, Field(ge=0)] = Field(

@@ -44,6 +44,7 @@ DTYPES: Final[dict[str, np.dtype[np.generic]]] = {
     "I16": np.dtype("<i2"),
     "I8": np.dtype("i1"),
     "U8": np.dtype("u1"),
+    "U32": np.dtype("<u4"),
 }
 """Accepted safetensors dtypes and their numpy equivalents (little-endian)."""
 _NUMPY_TO_ST: Final = {dt: name for name, dt in DTYPES.items()}

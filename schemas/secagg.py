@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import base64
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -57,10 +57,18 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pydantic import Field, StringConstraints
 
 from schemas import shamir
-from schemas.base import Id, NonNegInt, RoundNumber, UnixTime, WireModel
+from schemas.base import Id, NonNegInt, RoundNumber, UnixTime, Version, WireModel
 from schemas.fl import MAX_SELECTED
 
 PROTOCOL = b"edgefl-secagg-v1"
+ADVERTISE, ROSTER, SHARES, MASKED, SURVIVORS, UNMASK = (
+    "advertise", "roster", "shares", "masked", "survivors", "unmask")
+"""Stage names in the topics: devices send advertise, shares, masked and unmask on
+``secagg/{stage}/{d}``; the cloud sends roster and survivors on ``secagg/{stage}`` and each
+device's shares on ``secagg/shares/to/{d}``."""
+MASKED_TENSOR = "masked"
+"""The one tensor of a masked input: uint32, the update's shared tensors flattened in
+sorted name order."""
 MODULUS_BITS = 32
 """Masked inputs and their sum live in the integers modulo 2^32 (``uint32`` arithmetic)."""
 KEY_BYTES = 32
@@ -162,6 +170,20 @@ class SecAggSurvivors(WireModel):
     round: RoundNumber
     attempt: NonNegInt
     devices: list[Id] = Field(max_length=MAX_SELECTED)
+
+
+class SecAggMaskedEnvelope(WireModel):
+    """Stage 3, device to cloud: the envelope of a masked input.
+
+    The payload is safetensors with one uint32 tensor named ``masked``.
+    """
+
+    task: Id
+    round: RoundNumber
+    attempt: NonNegInt
+    device_id: Id
+    base_version: Version = Field(description="The global version the update was trained from")
+    sent_at: UnixTime
 
 
 class SecAggUnmask(WireModel):
@@ -300,6 +322,26 @@ def dequantize_sum(total: np.ndarray, count: int, clip_range: float, bits: int) 
     """The float sum of ``count`` inputs from the sum of their quantized values."""
     out: np.ndarray = (np.asarray(total, dtype=np.float64) * (2.0 * clip_range / levels(bits))
                        - count * clip_range)
+    return out
+
+
+def flatten(weights: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Every tensor flattened, in sorted name order, as one float64 vector."""
+    if not weights:
+        return np.zeros(0, dtype=np.float64)
+    return np.concatenate([np.asarray(weights[name], dtype=np.float64).ravel()
+                           for name in sorted(weights)])
+
+
+def unflatten(vector: np.ndarray, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """The inverse of :func:`flatten` for tensors of ``shapes`` (float32)."""
+    out, start = {}, 0
+    for name in sorted(shapes):
+        size = int(np.prod(shapes[name], dtype=np.int64))
+        out[name] = vector[start:start + size].reshape(shapes[name]).astype(np.float32)
+        start += size
+    if start != vector.size:
+        raise SecAggError("bad_input", f"{vector.size} values for tensors of {start}")
     return out
 
 

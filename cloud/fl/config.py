@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from schemas.base import Id
 from schemas.client_settings import SettingsSection
-from schemas.fl import CompressionSpec, HyperParams
+from schemas.fl import Compression, CompressionSpec, HyperParams
 
 
 class SelectionSettings(SettingsSection):
@@ -75,6 +75,29 @@ class PrivacyConfig(SettingsSection):
         return self
 
 
+SECAGG_STRATEGIES = frozenset({"fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
+                               "fedprox", "fedbn"})
+"""Strategies that need only the mean of the updates (secure aggregation gives no more)."""
+
+
+class SecAggConfig(SettingsSection):
+    """Secure aggregation (Bonawitz et al. 2017): the cloud sums masked updates it cannot read.
+
+    Each selected device must be provisioned with an identity key (``broker add-device``).
+    Updates are clipped per coordinate to ``clip_range`` and quantized to
+    ``quantization_bits``; every update weighs the same.
+    """
+
+    threshold: float = Field(
+        default=2 / 3, gt=0, le=1, description="Share of the selected devices needed at every "
+        "stage (and to rebuild a dropped device's masks); at least 2 devices")
+    quantization_bits: int = Field(default=16, ge=8, le=24)
+    clip_range: float = Field(default=0.5, gt=0, description="Each coordinate of an update is "
+                              "clipped to [-clip_range, clip_range] before quantization")
+    stage_timeout_s: float = Field(default=30.0, gt=0, description="How long the key, share "
+                                   "and unmasking stages wait for the devices")
+
+
 class FLTaskConfig(SettingsSection):
     """Every field of the seed's FederatedConfig, and the strategy's parameters."""
 
@@ -95,6 +118,7 @@ class FLTaskConfig(SettingsSection):
     strategy_params: dict[str, Any] = Field(default_factory=dict)
     compression: CompressionSpec = Field(default_factory=CompressionSpec)
     privacy: PrivacyConfig | None = None
+    secagg: SecAggConfig | None = None
     max_update_norm: float | None = Field(default=None, gt=0)
     selection: SelectionSettings = Field(default_factory=SelectionSettings)
     target_accuracy: float | None = Field(default=None, gt=0, le=1,
@@ -109,4 +133,29 @@ class FLTaskConfig(SettingsSection):
     keep_update_rounds: int = Field(
         default=0, ge=0, description="Keep the update files of the last N released rounds "
         "(audit, replay); 0 deletes a round's files once it is released")
+
+    @model_validator(mode="after")
+    def _secagg_fits(self) -> Self:
+        if self.secagg is None:
+            return self
+        if self.strategy not in SECAGG_STRATEGIES:
+            raise ValueError(
+                f"secure aggregation gives the cloud the sum of the updates only; "
+                f"{self.strategy} needs every update as sent: use one of "
+                f"{', '.join(sorted(SECAGG_STRATEGIES))}")
+        if self.min_fit_clients < 2:
+            raise ValueError("secure aggregation needs min_fit_clients >= 2 (one device's "
+                             "sum is its update)")
+        if self.max_update_norm is not None:
+            raise ValueError("max_update_norm checks each update; with secure aggregation "
+                             "the cloud sees none: bound updates with secagg.clip_range or "
+                             "privacy.clip_norm")
+        if self.compression.kind is not Compression.NONE:
+            raise ValueError("secure aggregation quantizes updates itself: leave compression "
+                             "at none")
+        privacy = self.privacy
+        if privacy is not None and (privacy.mode == "central" or privacy.adaptive_clip):
+            raise ValueError("with secure aggregation the devices clip and noise: use privacy "
+                             "mode distributed (or client) with a fixed clip_norm")
+        return self
 

@@ -55,6 +55,7 @@ from cloud.fl.privacy import (
 )
 from cloud.fl.registry import make_strategy
 from cloud.fl.scaffold import Scaffold
+from cloud.fl.secagg_round import Publication, SecAggRound, threshold_for
 from cloud.fl.strategy import Strategy
 from cloud.fl.validation import validate_update
 from cloud.health import HealthCounters
@@ -77,12 +78,14 @@ from schemas.fl import (
     PrivacySpec,
     Rejection,
     RoundPlan,
+    SecAggSpec,
     TaskState,
     TaskStatus,
     UpdateEnvelope,
     split_control,
     with_control,
 )
+from schemas.secagg import SecAggError
 from schemas.topics import TopicKind, Topics
 
 logger = logging.getLogger(__name__)
@@ -152,6 +155,7 @@ class _Item:
     device_id: str = ""
     round: int = 0
     message: Inbound | None = None
+    stage: str = ""
 
 
 class Coordinator:
@@ -191,12 +195,18 @@ class Coordinator:
         self.ready = asyncio.Event()
         self._resync = False
         self._published_version: str | None = None
+        self.secagg: SecAggRound | None = None
+        """The open round's secure aggregation (in memory: a restart opens a new attempt)."""
 
     # -- entry points (event loop) ---------------------------------------------------
 
-    def submit(self, kind: TopicKind, device_id: str, round_: int, message: Inbound) -> None:
-        """An update or evaluation arrived (from the dispatcher); acknowledged later."""
-        self.inbox.put_nowait(_Item(kind.value, device_id, round_, message))
+    def submit(self, kind: TopicKind, device_id: str, round_: int, message: Inbound,
+               stage: str = "") -> None:
+        """A device's federated message arrived (from the dispatcher).
+
+        An update, an evaluation or a secure-aggregation stage; acknowledged once handled.
+        """
+        self.inbox.put_nowait(_Item(kind.value, device_id, round_, message, stage))
 
     def connected(self) -> None:
         """After every (re)connection: publish the retained state again."""
@@ -382,6 +392,8 @@ class Coordinator:
         assert message is not None  # noqa: S101 - checked by the caller
         if item.kind == TopicKind.UPDATE.value:
             await self._on_update(item.device_id, item.round, message.payload)
+        elif item.kind == TopicKind.SECAGG_DEVICE.value:
+            await self._on_secagg(item.device_id, item.round, item.stage, message.payload)
         else:
             await self._on_eval(item.device_id, item.round, message.payload)
 
@@ -397,6 +409,11 @@ class Coordinator:
             return
         if device_id not in current.asked:
             await self._reject(round_, device_id, "not_selected", "device was not selected")
+            return
+        if self.config.secagg is not None:
+            await self._reject(round_, device_id, "secagg_required",
+                               "the task aggregates securely: a plain update would show the "
+                               "cloud what the device learned")
             return
         if device_id in self.round.accepted:
             # A QoS 1 redelivery, a retry: it counts once.
@@ -520,6 +537,81 @@ class Coordinator:
         self.round.evals[device_id] = meta
         self.health.accept(TopicKind.EVAL.value)
 
+    async def _on_secagg(self, device_id: str, round_: int, stage: str,
+                         payload: bytes) -> None:
+        """A device's message of a secure-aggregation stage."""
+        current = self.state.current
+        kind = TopicKind.SECAGG_DEVICE.value
+        secagg = self.secagg
+        if secagg is None or current is None or round_ != current.round \
+                or self.state.state is not TaskState.COLLECTING:
+            reason, detail = "stale_round", f"round {round_} does not aggregate securely now"
+        else:
+            try:
+                fresh = await off_loop(secagg.receive, stage, device_id, payload)
+            except SecAggError as exc:
+                reason, detail = exc.reason, exc.detail
+            else:
+                if fresh:
+                    self.health.accept(kind)
+                else:
+                    self.health.duplicate(kind, flat="fl_duplicate_secagg")
+                return
+        first = self.health.refused[kind][reason] == 0
+        self.health.refuse(kind, reason, flat=f"fl_refused_secagg_{reason}")
+        (logger.warning if first else logger.debug)(
+            "%s: secure-aggregation %s message from %s for round %d refused: %s: %s",
+            self.name, stage, device_id, round_, reason, detail[:200])
+
+    async def _secagg_step(self, current: RoundRecord) -> None:
+        """The stage is over: publish what the next one needs, or fold in the mean."""
+        secagg = self.secagg
+        assert secagg is not None  # noqa: S101 - checked by _tick
+        try:
+            outcome = await off_loop(secagg.advance)
+        except SecAggError as exc:
+            self.secagg = None
+            why = (f"round {current.round}: secure aggregation stopped at {secagg.stage}: "
+                   f"{exc.reason}: {exc.detail}")
+            self.health.error(f"secagg_{exc.reason}")
+            if self.config.accept_failures and current.attempt < self.config.max_round_retries:
+                logger.warning("%s: %s; retrying the round", self.name, why)
+                self.state.message = why + "; retrying"
+                if await self._retry(current):
+                    return
+            await self._fail(why)
+            return
+        if isinstance(outcome, list):
+            for publication in outcome:
+                await self._publish_secagg(publication)
+            return
+        self.secagg = None
+        self.round.accepted = {d: {"num_examples": 1.0, "bytes": 0.0, "secagg": True}
+                               for d in outcome.survivors}
+        await off_loop(self.strategy.add, outcome.mean, 1.0)
+        logger.info("%s: round %d: the securely aggregated mean of %d device(s) is in",
+                    self.name, current.round, len(outcome.survivors))
+        await self._close_round()
+
+    async def _publish_secagg(self, publication: Publication) -> None:
+        """A stage's message: not retained (a device that reconnects late has missed it)."""
+        await self._send(publication.topic, publication.payload, retain=False)
+
+    def _open_secagg(self, record: RoundRecord) -> None:
+        config = self.config.secagg
+        if config is None:
+            self.secagg = None
+            return
+        names = self.strategy.shared_names(self.global_weights)
+        spec = SecAggSpec(threshold=threshold_for(len(record.selected), config.threshold),
+                          quantization_bits=config.quantization_bits,
+                          clip_range=config.clip_range)
+        self.secagg = SecAggRound(
+            topics=self.topics, task=self.name, round=record.round, attempt=record.attempt,
+            base_version=record.global_version, selected=list(record.selected), spec=spec,
+            shapes={n: tuple(self.global_weights[n].shape) for n in names},
+            stage_timeout_s=config.stage_timeout_s, masked_deadline=record.deadline)
+
     # -- the state machine ------------------------------------------------------------
 
     async def _tick(self) -> None:
@@ -530,6 +622,16 @@ class Coordinator:
             await self._maybe_open_round()
         elif state is TaskState.COLLECTING and self.state.current is not None:
             current = self.state.current
+            if self.config.secagg is not None:
+                if self.secagg is None:  # resumed after a restart: the keys are gone
+                    logger.info("%s: round %d: secure aggregation state lost with the last "
+                                "process; opening a new attempt", self.name, current.round)
+                    if not await self._retry(current):
+                        await self._fail(f"round {current.round}: secure aggregation lost at "
+                                         "a restart and too few devices to try again")
+                elif self.secagg.due():
+                    await self._secagg_step(current)
+                return
             # Early only once every selected device has an accepted update: a refused
             # one may still be followed by a good one, and a device sending junk must
             # not close (and so fail) the round for everyone.
@@ -624,7 +726,12 @@ class Coordinator:
         return False
 
     async def _retry(self, current: RoundRecord) -> bool:
-        """Open the next attempt of the same round, keeping what was accepted."""
+        """Open the next attempt of the same round, keeping what was accepted.
+
+        A secure round keeps nothing: its sum cannot be split, the next attempt starts over.
+        """
+        if self.config.secagg is not None:
+            self.round.accepted = {}
         accepted = set(self.round.accepted)
         devices = [d for d in self.eligible() if d.device_id not in accepted]
         needed = self.config.min_fit_clients - len(accepted)
@@ -651,10 +758,11 @@ class Coordinator:
         self.state.current = record
         self.state.state = TaskState.COLLECTING
         self.round = round_state
-        if fresh:
+        if fresh or self.config.secagg is not None:  # a secure sum starts again from zero
             self.strategy.configure_population(record.eligible or len(record.asked))
             self.strategy.configure_training(self.config.hyperparams.momentum)
             self.strategy.begin_round(self.global_weights)
+        self._open_secagg(record)
         await off_loop(self._save)  # what a restart resumes
         self.state.state = TaskState.ROUND_OPEN
         await self._publish_status(round=record.round)
@@ -676,7 +784,8 @@ class Coordinator:
                          deadline=record.deadline, strategy=self.strategy_name,
                          hyperparams=hp, compression=self.config.compression,
                          max_update_norm=self.config.max_update_norm,
-                         privacy=self._round_privacy(record))
+                         privacy=self._round_privacy(record),
+                         secagg=self.secagg.spec if self.secagg is not None else None)
 
     def _round_privacy(self, record: RoundRecord) -> PrivacySpec | None:
         """The round's privacy parameters; the noisy mean set up for them."""
