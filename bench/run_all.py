@@ -34,6 +34,7 @@ PACKAGES = ("torch", "onnxruntime", "ai-edge-litert", "paho-mqtt", "aiomqtt", "n
 FULL: dict[str, list[str]] = {
     "schemas": [], "inference": [], "aggregation": [], "ingest": ["--fl-params", "1000000"],
     "fleet": [], "fl": [], "models": [], "rollout": [], "sustained": ["--compare"],
+    "secagg": [],
 }
 """Every benchmark with the arguments its published figures come from."""
 QUICK: dict[str, list[str]] = {
@@ -46,6 +47,7 @@ QUICK: dict[str, list[str]] = {
     "models": ["--runs", "200", "--repeats", "1"],
     "rollout": ["--devices", "5", "--sizes-mb", "0.2", "--repeats", "1"],
     "sustained": ["--devices", "20", "--seconds", "5", "--compare"],
+    "secagg": ["--devices", "3", "--rounds", "2"],
 }
 """The same benchmarks, small: to check that each still runs, not to compare figures."""
 

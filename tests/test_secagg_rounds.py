@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from broker.device_identity import load_identity_key
 from cloud.fl.config import FLTaskConfig
@@ -19,13 +20,16 @@ from schemas.codec import decode
 from schemas.fl import GlobalModelEnvelope, RoundPlan, TaskState
 from schemas.secagg import (
     ADVERTISE,
+    MASKED,
+    MASKED_TENSOR,
     ROSTER,
     SHARES,
     DeviceIdentity,
     SecAggDevice,
+    SecAggMaskedEnvelope,
     SecAggRoster,
 )
-from schemas.topics import Topics
+from schemas.topics import TopicKind, Topics
 from tests.agent_fixtures import AgentFactory, wait_until
 from tests.cloud_fixtures import CloudFactory, RunningCloud
 from tests.conftest import RunningBroker
@@ -68,9 +72,12 @@ def global_delta(cloud: RunningCloud, version: str) -> dict[str, np.ndarray]:
 
 def test_a_round_aggregates_securely_to_the_mean_of_the_devices_updates(
     make_cloud: CloudFactory, make_agent: AgentFactory, mosquitto: RunningBroker,
-    new_device_id: Callable[[], str],
+    topics: Topics, new_device_id: Callable[[], str],
 ) -> None:
     cloud = make_cloud(fl={TASK: secagg_task()})
+    # Everything the devices send for the protocol, as the cloud receives it.
+    spy = mosquitto.connected(mosquitto.cloud_username)
+    spy.subscribe(topics.filter(TopicKind.SECAGG_DEVICE, task=TASK))
     ids = [new_device_id() for _ in range(3)]
     agents = [make_agent(d, fl=secagg_fl(mosquitto, d, i, 3)) for i, d in enumerate(ids)]
     coordinator = cloud.service.coordinators[TASK]
@@ -95,6 +102,19 @@ def test_a_round_aggregates_securely_to_the_mean_of_the_devices_updates(
     assert dict(health.refused.get("secagg_device", {})) == {}
     for agent in agents:
         assert agent.counters["secagg_masked_sent"] == 1
+    # What the cloud got from each device is indistinguishable from uniform noise: its
+    # update (small values around the middle of the quantized range) does not show.
+    for device_id in ids:
+        [message] = spy.received_on(topics.secagg_device(TASK, 1, MASKED, device_id))
+        masked = np.asarray(decode(message.payload, SecAggMaskedEnvelope).tensors[MASKED_TENSOR])
+        counts = np.bincount((masked >> np.uint32(28)).astype(np.int64), minlength=16)
+        assert stats.chisquare(counts).pvalue > 1e-6, (device_id, counts)
+        plain = np.concatenate([np.clip(agents[ids.index(device_id)].fl.tasks[TASK]
+                                        .local_weights[k] - before[k], -CLIP, CLIP).ravel()
+                                for k in sorted(before)])
+        assert abs(np.corrcoef(masked.astype(np.float64), plain)[0, 1]) < 0.1
+        assert [m.payload for m in spy.received_on(topics.update(TASK, 1, device_id))] == []
+    spy.close()
 
 
 def test_a_device_that_drops_after_sharing_its_keys_leaves_the_others_sum(
@@ -140,6 +160,28 @@ def test_a_device_that_drops_after_sharing_its_keys_leaves_the_others_sum(
     got = global_delta(cloud, "1")
     for name, value in expected.items():
         np.testing.assert_allclose(got[name], value, atol=1.01 * STEP)
+
+
+def test_secure_aggregation_with_distributed_differential_privacy(
+    make_cloud: CloudFactory, make_agent: AgentFactory, mosquitto: RunningBroker,
+    new_device_id: Callable[[], str],
+) -> None:
+    """Each device clips to C and adds its share of the noise; only the sum carries all of
+    it, the cloud sees none of it apart, and the round is accounted."""
+    cloud = make_cloud(fl={TASK: secagg_task(privacy={
+        "mode": "distributed", "clip_norm": 0.3, "noise_multiplier": 0.5, "delta": 1e-5})})
+    ids = [new_device_id() for _ in range(3)]
+    for i, d in enumerate(ids):
+        make_agent(d, fl=secagg_fl(mosquitto, d, i, 3))
+    coordinator = cloud.service.coordinators[TASK]
+    wait_until(lambda: coordinator.state.state is TaskState.FINISHED, timeout=120,
+               what="the private secure round finished")
+    [status] = coordinator.history()
+    assert sorted(status.participants) == sorted(ids)
+    assert status.epsilon_spent is not None and status.epsilon_spent > 0
+    step = global_delta(cloud, "1")
+    norm = float(np.sqrt(sum(np.sum(v ** 2) for v in step.values())))
+    assert 0 < norm < 10  # clipped to 0.3 each, plus noise of 0.5 * 0.3 per coordinate
 
 
 def test_a_plain_update_to_a_secure_task_is_refused(

@@ -586,8 +586,9 @@ class Coordinator:
                 await self._publish_secagg(publication)
             return
         self.secagg = None
-        self.round.accepted = {d: {"num_examples": 1.0, "bytes": 0.0, "secagg": True}
-                               for d in outcome.survivors}
+        self.round.accepted = {
+            d: {"num_examples": 1.0, "bytes": float(secagg.bytes_received.get(d, 0)),
+                "secagg": True} for d in outcome.survivors}
         await off_loop(self.strategy.add, outcome.mean, 1.0)
         logger.info("%s: round %d: the securely aggregated mean of %d device(s) is in",
                     self.name, current.round, len(outcome.survivors))

@@ -89,7 +89,8 @@ class SecAggRound:
     stage: str = ADVERTISE
     deadline: float = 0.0
     server: SecAggServer = field(init=False)
-    bytes_received: int = 0
+    bytes_received: dict[str, int] = field(default_factory=dict)
+    """Bytes each device sent over the round's stages."""
 
     def __post_init__(self) -> None:
         size = sum(int(np.prod(shape, dtype=np.int64)) for shape in self.shapes.values())
@@ -160,7 +161,7 @@ class SecAggRound:
                     self.server.add_unmask(unmask)
             except DecodeError as exc:
                 raise SecAggError(exc.reason, str(exc)) from exc
-        self.bytes_received += len(payload)
+        self.bytes_received[device_id] = self.bytes_received.get(device_id, 0) + len(payload)
         return True
 
     @staticmethod
