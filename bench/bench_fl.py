@@ -146,7 +146,10 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-fl-") as tmp:
         folder = Path(tmp)
-        ids = [f"fl-{i:03d}" for i in range(DEVICES * 45)]
+        # One fresh pool of device ids per run (persistent sessions never mix): 8 quality,
+        # 4 compression, 1 overhead, 28 robustness and 7 privacy runs. Forty-five pools
+        # ran out at the last privacy run.
+        ids = [f"fl-{i:03d}" for i in range(DEVICES * 48)]
         broker = start_local_broker(folder / "broker", device_ids=ids, kind="mosquitto")
         pools = iter([ids[i:i + DEVICES] for i in range(0, len(ids), DEVICES)])
         result: dict[str, Any] = {"benchmark": "federated_learning", "devices": DEVICES,
