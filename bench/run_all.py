@@ -7,6 +7,11 @@ recorded with its exit code and the end of its stderr, and the runner exits 1.
 
     python bench/run_all.py --out bench-results.json            # every bench, full size
     python bench/run_all.py --quick --only schemas,inference    # small and fast
+    python bench/run_all.py --only fl --update bench/results.json  # re-run some, keep the rest
+
+Each benchmark's entry records the commit and start time it ran at (with ``--update``
+the entries of one file may come from several runs; the file's own ``commit`` is the
+latest). ``bench/table.py`` turns a file into the README's benchmark table.
 """
 
 from __future__ import annotations
@@ -109,25 +114,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="Comma-separated names, e.g. schemas,fl")
     parser.add_argument("--quick", action="store_true", help="Small sizes (a smoke run)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="Per benchmark, s")
+    parser.add_argument("--update", type=Path, default=None,
+                        help="Re-run the benchmarks named by --only in this results file and "
+                        "write it back (the other entries are kept)")
     options = parser.parse_args(argv)
     profile = QUICK if options.quick else FULL
     names = [n.strip() for n in options.only.split(",") if n.strip()] or list(profile)
     unknown = sorted(set(names) - set(profile))
     if unknown:
         parser.error(f"no such benchmark: {', '.join(unknown)} (known: {', '.join(profile)})")
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     report: dict[str, Any] = {
-        "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "profile": "quick" if options.quick else "full", **commit(), "machine": machine(),
-        "benchmarks": {}}
+        "started": started, "profile": "quick" if options.quick else "full", **commit(),
+        "machine": machine(), "benchmarks": {}}
+    if options.update is not None:
+        if not options.only:
+            parser.error("--update re-runs the benchmarks named by --only")
+        previous = json.loads(options.update.read_text())
+        if previous.get("profile") != report["profile"]:
+            parser.error(f"{options.update} holds a {previous.get('profile')} run")
+        report["benchmarks"] = previous["benchmarks"]
+        options.out = options.update
     for name in names:
         print(f"bench {name} ...", file=sys.stderr, flush=True)
-        report["benchmarks"][name] = outcome = run(name, profile[name], options.timeout)
+        outcome = run(name, profile[name], options.timeout)
+        outcome |= {"commit": report["commit"], "dirty": report["dirty"], "started": started}
+        report["benchmarks"][name] = outcome
         print(f"bench {name}: {'ok' if outcome['ok'] else 'FAILED'}"
               f" ({outcome.get('seconds', '?')} s)", file=sys.stderr, flush=True)
     options.out.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps({"out": str(options.out),
-                      "ok": {n: r["ok"] for n, r in report["benchmarks"].items()}}))
-    return 0 if all(r["ok"] for r in report["benchmarks"].values()) else 1
+                      "ok": {n: report["benchmarks"][n]["ok"] for n in names}}))
+    return 0 if all(report["benchmarks"][n]["ok"] for n in names) else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,276 @@
+"""The README's benchmark table, generated from a ``bench/run_all.py`` results file.
+
+    python bench/table.py bench/results.json                 # print the table
+    python bench/table.py bench/results.json --write README.md
+    python bench/table.py bench/results.json --check README.md  # exit 1 if it differs
+
+The table goes between ``<!-- bench-table:begin -->`` and ``<!-- bench-table:end -->``.
+Each row is one figure with the reference it is compared to, measured in the same run
+on the same machine (these machines are shared and noisy: the ratio is the figure to
+compare across commits, not the absolute time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+BEGIN = "<!-- bench-table:begin -->"
+END = "<!-- bench-table:end -->"
+Row = tuple[str, str, str, str, str]
+"""Benchmark, what is measured, edgefl, the reference in the same run, ratio."""
+
+
+def _n(value: float, digits: int = 0) -> str:
+    return f"{value:,.{digits}f}"
+
+
+def _x(value: float) -> str:
+    return f"{value:.2f}x"
+
+
+def schemas(r: dict[str, Any]) -> list[Row]:
+    t, c = r["device_telemetry_validation"], r["codec_1m_float32"]
+    return [
+        ("schemas", "telemetry messages validated per s (strict pydantic, size cap)",
+         _n(t["decode_message_objects_per_s_median"]),
+         f"{_n(t['model_validate_json_objects_per_s_median'])} bare `model_validate_json`",
+         _x(t["decode_message_objects_per_s_median"]
+            / t["model_validate_json_objects_per_s_median"])),
+        ("schemas", "1M-float update decoded (safetensors + envelope), MB/s",
+         _n(c["decode_MB_per_s_median"]), f"{_n(c['memcpy_reference_MB_per_s_median'])} memcpy",
+         _x(c["decode_MB_per_s_median"] / c["memcpy_reference_MB_per_s_median"])),
+    ]
+
+
+def inference(r: dict[str, Any]) -> list[Row]:
+    us = r["median_us_per_call"]
+    return [("inference", "agent inference call, digits MLP, µs",
+             _n(us["agent_inference_service"], 2),
+             f"{_n(us['onnxruntime_direct'], 2)} onnxruntime direct",
+             _x(r["ratio_agent_service_over_direct"]))]
+
+
+def aggregation(r: dict[str, Any]) -> list[Row]:
+    ours, ratios = r["ours"], r["ratios"]
+    rows = [("aggregation", f"FedAvg of {r['updates']} updates of {r['parameters']:,} "
+             "parameters, ms per update", _n(ours["ms_per_update_median"], 2),
+             f"{_n(r['fused_torch_add_']['ms_per_update_median'], 2)} fused `torch.add_`",
+             _x(ratios["ours_over_fused"]))]
+    flower = r.get("flower", {}).get("aggregate")
+    if flower:
+        less = flower["peak_extra_model_multiple"] / ours["peak_extra_model_multiple"]
+        rows.append(("aggregation", "the same, against Flower's `aggregate`, ms per update",
+                     _n(ours["ms_per_update_median"], 2),
+                     f"{_n(flower['total_ms_per_update'], 2)} Flower {r['flower']['flwr']}",
+                     f"{ratios['flower_over_ours']:.2f}x faster"))
+        rows.append(("aggregation", "extra memory while aggregating, in models",
+                     _n(ours["peak_extra_model_multiple"], 2),
+                     f"{_n(flower['peak_extra_model_multiple'], 1)} Flower",
+                     f"{less:.0f}x less"))
+    return rows
+
+
+def ingest(r: dict[str, Any]) -> list[Row]:
+    m = r["median_messages_per_s"]
+    rows = [("ingest", "telemetry stored in SQLite through the cloud, messages/s",
+             _n(m["sqlite"]), f"{_n(m['bare'])} bare paho subscriber",
+             _x(r["ratio_sqlite_over_bare"]))]
+    if r.get("ratio_sqlite_during_fl_over_sqlite") is not None:
+        rows.append(("ingest", "the same while a 1M-parameter task trains, messages/s",
+                     _n(m["sqlite_during_fl"]), f"{_n(m['sqlite'])} without the task",
+                     _x(r["ratio_sqlite_during_fl_over_sqlite"])))
+    return rows
+
+
+def fleet(r: dict[str, Any]) -> list[Row]:
+    best = max((x for x in r["results"] if x["sustained"]), key=lambda x: x["agents"])
+    return [("fleet", "simulated agents at 1 telemetry/s on one core, all delivered",
+             f"{best['agents']:,} ({best['fleet_cpu_percent_of_one_core']:.0f} % of a core, "
+             f"{best['rss_mib_per_agent']:.1f} MiB each)",
+             f"{best['telemetry_per_s']:,.0f} messages/s offered", "")]
+
+
+def fl(r: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    for key in ("fedavg_alpha0.5", "fedavg_alpha0.1"):
+        q = r.get("quality", {}).get(key)
+        if q:
+            rows.append(("fl", f"FedAvg, 10 devices, Dirichlet alpha {key[-3:]}, accuracy "
+                         f"after {r['rounds']} rounds", f"{q['final_accuracy']:.3f}",
+                         f"{q['centralized_baseline']:.3f} centralized",
+                         _x(q["final_over_baseline"])))
+    comp = r.get("compression", {})
+    if "fp32" in comp and "topk10_int8" in comp:
+        rows.append(("fl", "bytes per update, top-k 10 % + int8",
+                     _n(comp["topk10_int8"]["bytes_per_update"]),
+                     f"{_n(comp['fp32']['bytes_per_update'])} fp32",
+                     _x(comp["topk10_int8"]["bytes_per_update"]
+                        / comp["fp32"]["bytes_per_update"])))
+    over = r.get("round_overhead")
+    if over:
+        rows.append(("fl", f"round overhead, {over['devices']} devices, "
+                     f"{over['parameters']:,} parameters, s", _n(over["overhead_s_median"], 3),
+                     f"{_n(over['slowest_client_s_median'], 3)} slowest client's training",
+                     _x(over["overhead_s_median"] / over["slowest_client_s_median"])))
+    rob = r.get("robustness", {})
+    if rob:
+        clean = rob["fedavg/clean"]["final_accuracy"]
+        best = max(("median", "trimmed_mean", "krum"),
+                   key=lambda s: rob[f"{s}/sign_flip4_2of10"]["final_accuracy"])
+        rows.append(("fl", f"accuracy with 2 of 10 devices sign-flipping, {best}",
+                     f"{rob[f'{best}/sign_flip4_2of10']['final_accuracy']:.3f}",
+                     f"{clean:.3f} FedAvg without attackers; FedAvg attacked "
+                     f"{rob['fedavg/sign_flip4_2of10']['final_accuracy']:.3f}",
+                     _x(rob[f"{best}/sign_flip4_2of10"]["final_accuracy"] / clean)))
+    priv = r.get("privacy", {})
+    if "no_dp" in priv and "central_eps8" in priv:
+        rows.append(("fl", "accuracy with central DP at epsilon 8 (delta 1e-5)",
+                     f"{priv['central_eps8']['final_accuracy']:.3f}",
+                     f"{priv['no_dp']['final_accuracy']:.3f} without DP",
+                     _x(priv["central_eps8"]["final_accuracy"]
+                        / priv["no_dp"]["final_accuracy"])))
+    return rows
+
+
+def models(r: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    mlp = r["models"]["mlp"]
+    for name, label in (("onnx-int8-dynamic", "ONNX int8 (dynamic)"),
+                        ("tflite", "TFLite (LiteRT)"), ("torchscript", "TorchScript")):
+        m = mlp.get(name)
+        if m:
+            rows.append(("models", f"digits MLP as {label}: size, p50 latency, accuracy",
+                         f"{m['size_bytes']:,} B, {m['latency_ms_p50'] * 1000:.1f} µs, "
+                         f"{m['accuracy']:.3f}",
+                         f"{mlp['onnx']['size_bytes']:,} B, "
+                         f"{mlp['onnx']['latency_ms_p50'] * 1000:.1f} µs, "
+                         f"{mlp['onnx']['accuracy']:.3f} ONNX fp32",
+                         f"size {m['size_ratio']:.2f}x, p50 {m['p50_ratio']:.2f}x"))
+    return rows
+
+
+def rollout(r: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    for f in r["fanout"]:
+        mb = f["size_bytes"] / 1e6
+        rows.append(("rollout", f"{mb:.0f} MB release to {r['devices']} devices: first chunk "
+                     "to all installed (verified, loaded, smoke-tested), s",
+                     _n(f["first_chunk_to_all_installed_s_median"], 2),
+                     f"{_n(f['reference_s_median'], 3)} {r['devices']} plain subscribers "
+                     "receiving the bytes", _x(f["ratio"])))
+    rows.append(("rollout", "alert on a canary to rollback published, s",
+                 _n(r["abort"]["median_s"], 3), "goal 2 s", ""))
+    return rows
+
+
+def sustained(r: dict[str, Any]) -> list[Row]:
+    one = next(x for x in r["runs"] if x["instances"] == 1)
+    probe = one["probe"]
+    rows: list[Row] = [
+        ("sustained", f"{one['devices']:,} devices x {one['rate_per_device_per_s']:g} msg/s x "
+         f"{one['seconds']:.0f} s into SQLite: lost / stored twice",
+         f"{one['lost']} / {one['stored_twice']} of {one['sent']:,}", "goal 0", ""),
+        ("sustained", "publish to stored, p50 / p99 ms",
+         f"{probe['publish_to_stored_ms_p50']:.0f} / {probe['publish_to_stored_ms_p99']:.0f}",
+         "", ""),
+        ("sustained", "cloud memory, start to end, MiB",
+         f"{one['rss_mib_start']['cloud-0']:.1f} to {one['rss_mib_end']['cloud-0']:.1f}",
+         f"broker {one['rss_mib_start']['broker']:.1f} to {one['rss_mib_end']['broker']:.1f}",
+         _x(one["rss_mib_end"]["cloud-0"] / one["rss_mib_start"]["cloud-0"])),
+    ]
+    scale = r.get("scale_out")
+    if scale:
+        rows.append(("sustained", "2 cloud instances (shared subscription): CPU per 1,000 "
+                     "messages, p99", f"split {scale['split'][0]:,} / {scale['split'][1]:,}, "
+                     f"exactly once: {scale['stored_exactly_once']}", "1 instance",
+                     f"CPU {scale['cloud_cpu_per_1000_msgs_ratio_2_to_1']:.2f}x, "
+                     f"p99 {scale['p99_ratio_2_to_1']:.2f}x"))
+    return rows
+
+
+def secagg(r: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    for size, x in sorted(r["by_devices"].items(), key=lambda kv: int(kv[0])):
+        rows.append(("secagg", f"round with secure aggregation, {size} devices, "
+                     f"{r['parameters']:,} parameters, s",
+                     _n(x["secagg"]["round_s_median"], 2),
+                     f"{_n(x['plain']['round_s_median'], 2)} without",
+                     _x(x["round_time_ratio"])))
+    return rows
+
+
+ROWS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
+    "schemas": schemas, "inference": inference, "aggregation": aggregation, "ingest": ingest,
+    "fleet": fleet, "fl": fl, "models": models, "rollout": rollout, "sustained": sustained,
+    "secagg": secagg,
+}
+"""The figures each benchmark contributes to the table."""
+
+
+def render(report: dict[str, Any]) -> str:
+    """The table (Markdown), with the machine and commits it was measured on."""
+    machine = report["machine"]
+    entries = report["benchmarks"]
+    commits = sorted({str(e.get("commit", report["commit"]))[:7] for e in entries.values()})
+    lines = [
+        f"Measured by `bench/run_all.py` ({report['profile']} profile) on {machine['cpus']} "
+        f"CPUs, {machine['memory_gib']:g} GiB, Python {machine['python']}, "
+        f"{machine['mosquitto']}; commit {', '.join(commits)}; "
+        f"results in `bench/results.json`.",
+        "",
+        "| benchmark | what | edgefl | reference (same run) | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for name, rows_of in ROWS.items():
+        entry = entries.get(name)
+        if entry is None or not entry.get("ok"):
+            why = "not run" if entry is None else (entry.get("error") or
+                                                    f"exit code {entry.get('exit_code')}")
+            lines.append(f"| {name} | not measured: {why} | | | |")
+            continue
+        for row in rows_of(entry["result"]):
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def replace_block(text: str, table: str) -> str:
+    """``text`` with the table between the markers replaced.
+
+    Raises:
+        ValueError: the markers are missing or out of order.
+    """
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < start:
+        raise ValueError(f"the markers {BEGIN} and {END} are not in the text")
+    return text[:start + len(BEGIN)] + "\n" + table + text[end:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--write", type=Path, help="Replace the table in this Markdown file")
+    group.add_argument("--check", type=Path, help="Exit 1 when this file's table differs")
+    options = parser.parse_args(argv)
+    table = render(json.loads(options.results.read_text()))
+    if options.write is not None:
+        options.write.write_text(replace_block(options.write.read_text(), table))
+    elif options.check is not None:
+        text = options.check.read_text()
+        if replace_block(text, table) != text:
+            print(f"{options.check}: the benchmark table is not what {options.results} "
+                  f"gives: run bench/table.py {options.results} --write {options.check}",
+                  file=sys.stderr)
+            return 1
+    else:
+        sys.stdout.write(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
