@@ -88,6 +88,8 @@ class EdgeAgent:
         self._ack_lock = threading.Lock()
         self._acked: list[int] = []
         self._refused_acks = 0
+        self._disk_failing = False
+        """The outbox's disk refused the last write (full, read-only, failing)."""
         self._handed_upto = (self.buffer.first_id - 1 if len(self.buffer)
                              else self.buffer.last_id)
 
@@ -384,9 +386,8 @@ class EdgeAgent:
         try:
             message_id, _ = self.buffer.append(topic, payload, retain=retain)
         except sqlite3.Error as exc:
-            self.counters.add("buffer_disk_error")
-            logger.warning("%s: outbox write failed (%s); %s", self.device_id, exc,
-                           "publishing without it" if connected else "message lost")
+            self._disk_error(f"outbox write failed ({exc}); "
+                             + ("publishing without it" if connected else "message lost"))
             if connected:
                 self.session.publish(topic, payload, retain=retain)
             else:
@@ -398,6 +399,7 @@ class EdgeAgent:
                            self.device_id, exc)
             self.session.publish(topic, payload, retain=retain)
             return
+        self._disk_recovered()
         if not connected or self._inflight >= MAX_INFLIGHT:
             return
         if self._handed_upto == message_id - 1:
@@ -440,11 +442,27 @@ class EdgeAgent:
             self.counters.add("buffer_refused_by_broker", refused)
         try:
             self.buffer.remove(acked)
-        except sqlite3.Error:
+        except sqlite3.Error as exc:
+            # Kept for the next sweep; the rest of the tick (telemetry above all) goes on.
             with self._ack_lock:
                 self._acked = acked + self._acked
-            self.counters.add("buffer_disk_error")
-            raise
+            self._disk_error(f"acknowledged messages stay in the outbox ({exc})")
+            return
+        if acked:
+            self._disk_recovered()
+
+    def _disk_error(self, what: str) -> None:
+        """The outbox's disk refused a write: counted each time, logged once per episode."""
+        self.counters.add("buffer_disk_error")
+        if not self._disk_failing:
+            self._disk_failing = True
+            logger.warning("%s: the disk refuses writes: %s; telemetry goes on, and the "
+                           "counter buffer_disk_error says how often", self.device_id, what)
+
+    def _disk_recovered(self) -> None:
+        if self._disk_failing:
+            self._disk_failing = False
+            logger.info("%s: the outbox writes again", self.device_id)
 
     def _flush_outbox(self, timeout: float) -> None:
         """At a clean stop, while connected: send what waits and wait (bounded) for acks.
