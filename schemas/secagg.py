@@ -654,13 +654,14 @@ class SecAggServer:
         context = round_context(self.task, self.round, self.attempt)
         adverts = {a.device_id: a for a in self.roster.devices}
         total = self.total.copy()
+        rebuild = _Rebuilder(self.threshold)
         for v in self.u3:
-            seed = _rebuild([u.seed_shares[v] for u in self.unmasks.values()], SEED_BYTES,
-                            self.threshold, f"{v}'s seed")
+            seed = rebuild([u.seed_shares[v] for u in self.unmasks.values()], SEED_BYTES,
+                           f"{v}'s seed")
             total -= expand(seed, self.size)
         for v in sorted(self.u2 - set(self.u3)):
-            raw = _rebuild([u.key_shares[v] for u in self.unmasks.values()], KEY_BYTES,
-                           self.threshold, f"{v}'s key")
+            raw = rebuild([u.key_shares[v] for u in self.unmasks.values()], KEY_BYTES,
+                          f"{v}'s key")
             s_key = X25519PrivateKey.from_private_bytes(raw)
             if s_key.public_key().public_bytes_raw() != _unb64(adverts[v].s_public, "key"):
                 raise SecAggError("bad_shares", f"the shares of {v}'s key do not rebuild it")
@@ -674,15 +675,31 @@ class SecAggServer:
         return total
 
 
-def _rebuild(encoded: Sequence[str], length: int, threshold: int, what: str) -> bytes:
-    """A secret from ``threshold`` shares, checked against every further share."""
-    try:
-        shares = [shamir.Share.from_bytes(_unb64(s, "share")) for s in encoded]
-        secret = shamir.combine(shares[:threshold], length)
-    except shamir.ShamirError as exc:
-        raise SecAggError("bad_shares", f"{what}: {exc}") from exc
-    if len({s.x for s in shares}) != len(shares):
-        raise SecAggError("bad_shares", f"{what}: two answers give the same share")
-    if len(shares) > threshold and not shamir.consistent(shares, threshold):
-        raise SecAggError("bad_shares", f"{what}: the shares disagree")
-    return secret
+class _Rebuilder:
+    """Rebuilds secrets from the unmasking answers, checking every share past the threshold.
+
+    Every secret is shared among the same holders, so the Lagrange weights are computed
+    once per set of points (the cost is then linear per secret).
+    """
+
+    def __init__(self, threshold: int) -> None:
+        self.threshold = threshold
+        self._weights: dict[tuple[int, ...], tuple[list[int], list[list[int]]]] = {}
+
+    def __call__(self, encoded: Sequence[str], length: int, what: str) -> bytes:
+        try:
+            shares = [shamir.Share.from_bytes(_unb64(s, "share")) for s in encoded]
+            xs = tuple(s.x for s in shares)
+            if len(set(xs)) != len(xs):
+                raise SecAggError("bad_shares", f"{what}: two answers give the same share")
+            if xs not in self._weights:
+                base = list(xs[:self.threshold])
+                self._weights[xs] = (shamir.weights(base, 0),
+                                     [shamir.weights(base, x) for x in xs[self.threshold:]])
+            at_zero, at_extra = self._weights[xs]
+            secret = shamir.combine(shares[:self.threshold], length, at_zero)
+            if not shamir.consistent(shares, self.threshold, at_extra):
+                raise SecAggError("bad_shares", f"{what}: the shares disagree")
+        except shamir.ShamirError as exc:
+            raise SecAggError("bad_shares", f"{what}: {exc}") from exc
+        return secret

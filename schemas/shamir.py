@@ -82,47 +82,69 @@ def evaluate(coefficients: Sequence[int], x: int) -> int:
     return value
 
 
-def interpolate(shares: Sequence[Share], x: int) -> int:
-    """``f(x)`` of the polynomial of degree ``len(shares) - 1`` through ``shares`` (Lagrange).
+def weights(xs: Sequence[int], at: int) -> list[int]:
+    """Lagrange weights: ``f(at) = sum(w_i * f(xs[i]))``, ``f`` of degree ``len(xs) - 1``.
+
+    They depend on the points only, so one set serves every secret shared among the
+    same holders.
+
+    Raises:
+        ShamirError: no points, or a repeated one.
+    """
+    if not xs:
+        raise ShamirError("no shares")
+    if len(set(xs)) != len(xs):
+        raise ShamirError("shares repeat an x")
+    out = []
+    for i, xi in enumerate(xs):
+        numerator, denominator = 1, 1
+        for j, xj in enumerate(xs):
+            if i != j:
+                numerator = numerator * (at - xj) % P
+                denominator = denominator * (xi - xj) % P
+        out.append(numerator * pow(denominator, -1, P) % P)
+    return out
+
+
+def interpolate(shares: Sequence[Share], x: int, lagrange: Sequence[int] | None = None) -> int:
+    """``f(x)`` of the polynomial of degree ``len(shares) - 1`` through ``shares``.
+
+    ``lagrange``: the :func:`weights` of the shares' points at ``x``, when known.
 
     Raises:
         ShamirError: no shares, or repeated ``x``.
     """
-    if not shares:
-        raise ShamirError("no shares")
-    xs = [s.x for s in shares]
-    if len(set(xs)) != len(xs):
-        raise ShamirError("shares repeat an x")
-    value = 0
-    for i, share in enumerate(shares):
-        numerator, denominator = 1, 1
-        for j, other in enumerate(shares):
-            if i != j:
-                numerator = numerator * (x - other.x) % P
-                denominator = denominator * (share.x - other.x) % P
-        value = (value + share.y * numerator * pow(denominator, -1, P)) % P
-    return value
+    if lagrange is None:
+        lagrange = weights([s.x for s in shares], x)
+    return sum(s.y * w for s, w in zip(shares, lagrange, strict=True)) % P
 
 
-def combine(shares: Sequence[Share], length: int) -> bytes:
+def combine(shares: Sequence[Share], length: int,
+            lagrange: Sequence[int] | None = None) -> bytes:
     """The secret of ``length`` bytes from at least ``threshold`` distinct shares.
 
     With fewer than the threshold the result is a field element unrelated to the
-    secret (this cannot be detected: that is the point of the scheme).
+    secret (this cannot be detected: that is the point of the scheme). ``lagrange``:
+    the shares' :func:`weights` at 0, when known.
 
     Raises:
         ShamirError: no shares, repeated ``x``, or a result longer than ``length``.
     """
-    secret = interpolate(shares, 0)
+    secret = interpolate(shares, 0, lagrange)
     if secret >= 1 << (8 * length):
         raise ShamirError("the shares do not rebuild a secret of that length")
     return secret.to_bytes(length, "big")
 
 
-def consistent(shares: Sequence[Share], threshold: int) -> bool:
+def consistent(shares: Sequence[Share], threshold: int,
+               lagrange: Sequence[Sequence[int]] | None = None) -> bool:
     """Whether every share lies on the polynomial the first ``threshold`` define.
 
     A share altered in transit or by a dishonest holder shows up when there are more.
+    ``lagrange``: for each further share, the first shares' :func:`weights` at its x.
     """
     base = list(shares[:threshold])
-    return all(interpolate(base, s.x) == s.y for s in shares[threshold:])
+    extra = shares[threshold:]
+    if lagrange is None:
+        lagrange = [weights([b.x for b in base], s.x) for s in extra]
+    return all(interpolate(base, s.x, w) == s.y for s, w in zip(extra, lagrange, strict=True))
