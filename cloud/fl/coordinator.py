@@ -338,7 +338,8 @@ class Coordinator:
             "task": self.name, "state": self.state.state,
             "round": current.round if current is not None else self.state.round,
             "rounds_total": self.config.rounds, "global_version": self.state.global_version,
-            "attempt": self.state.current.attempt if self.state.current else 0,
+            # Between rounds: the attempt that produced the last released round.
+            "attempt": current.attempt if current is not None else last.get("attempt", 0),
             "participants": last.get("participants", []),
             "rejected": examples[-20:], "rejected_counts": counts,
             "train_loss": last.get("train_loss"), "eval_loss": last.get("eval_loss"),

@@ -5,6 +5,7 @@ nothing acknowledged is lost, nothing is counted twice (real broker, real cloud 
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 import subprocess
@@ -15,16 +16,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from broker.device_identity import load_identity_key
 from cloud.models.formats import ArtifactFormat
 from cloud.models.registry import ModelRegistry
 from cloud.models.rollout import RolloutSpec
 from cloud.models.rollout_store import RolloutStore
 from cloud.releases import save_signing_key
 from cloud.storage.sqlite_store import SqliteStore
+from schemas.base import decode_message
 from schemas.codec import decode
 from schemas.fl import GlobalModelEnvelope
-from schemas.topics import Topics
+from schemas.secagg import (
+    ADVERTISE,
+    MASKED,
+    ROSTER,
+    SHARES,
+    DeviceIdentity,
+    SecAggDevice,
+    SecAggRoster,
+)
+from schemas.topics import TopicKind, Topics
 from tests.agent_fixtures import AgentFactory, wait_until
 from tests.cloud_process import CloudProcess
 from tests.conftest import RunningBroker
@@ -33,6 +46,7 @@ from tests.releases import KEY_ID, SIGNING_KEY, export_onnx, mlp
 from tests.test_fl_faults import HandDevice, zeros
 from tests.test_fl_rounds import TASK, fl_config
 from tests.test_rollouts import MODEL, _active
+from tests.test_secagg_rounds import CLIP, STEP, secagg_fl, secagg_task
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -202,6 +216,72 @@ def test_cloud_killed_while_aggregating_resumes_and_counts_each_update_once(
         watcher.close()
         for device in (a, b):
             device.client.close()
+
+
+def test_cloud_killed_during_a_secure_round_opens_a_new_attempt_with_new_keys(
+    mosquitto: RunningBroker, topics: Topics, tmp_path: Path, make_agent: AgentFactory,
+    new_device_id: Callable[[], str],
+) -> None:
+    """Secure aggregation keeps its state in memory (masked inputs are summed as they
+    come, never stored): killed while the masked inputs arrive, the next process opens
+    the round again as a new attempt, the devices make new keys, and the round is
+    released once, with the mean of the devices that took part."""
+    cloud = CloudProcess(mosquitto, topics, tmp_path / "cloud", instance="fl-kill-secagg", fl={
+        TASK: secagg_task(min_fit_clients=3, min_available_clients=4, round_timeout_s=30,
+                          secagg={"threshold": 0.6, "clip_range": CLIP,
+                                  "stage_timeout_s": 5})})
+    spy = mosquitto.connected(mosquitto.cloud_username)
+    spy.subscribe(topics.filter(TopicKind.SECAGG_DEVICE, task=TASK))
+    spy.subscribe(topics.task_status(TASK))
+    # A device that takes part in the keys of attempt 0 and then sends nothing more: the
+    # masked stage waits for it until the round's deadline, and the kill lands there.
+    holder = HandDevice(mosquitto, topics, new_device_id())
+    holder.client.subscribe(topics.secagg_broadcast(TASK, 1, ROSTER))
+    try:
+        cloud.start()
+        ids = [new_device_id() for _ in range(3)]
+        agents = [make_agent(d, fl=secagg_fl(mosquitto, d, i, 3)) for i, d in enumerate(ids)]
+        plan = holder.plan()
+        assert plan.attempt == 0 and plan.secagg is not None
+        folder = mosquitto.settings.layout.secrets / "identities"
+        device = SecAggDevice(TASK, 1, 0, holder.id, load_identity_key(
+            folder / f"{holder.id}.key"), decode_message(
+            DeviceIdentity, (folder / f"{holder.id}.json").read_bytes()))
+        holder.client.publish(topics.secagg_device(TASK, 1, ADVERTISE, holder.id),
+                              device.advertise().to_json())
+        roster = decode_message(SecAggRoster, holder.client.wait_topic(
+            topics.secagg_broadcast(TASK, 1, ROSTER), timeout=30).payload)
+        authority = (mosquitto.settings.layout.secrets / "identity-authority.pub").read_text()
+        holder.client.publish(topics.secagg_device(TASK, 1, SHARES, holder.id), device.share_keys(
+            roster, Ed25519PublicKey.from_public_bytes(base64.b64decode(authority.strip())))
+            .to_json())
+        wait_until(lambda: all(spy.received_on(topics.secagg_device(TASK, 1, MASKED, d))
+                               for d in ids), timeout=60, what="the agents' masked inputs")
+        cloud.kill()
+        cloud.start()
+        done = spy.wait_for(lambda m: m.topic == topics.task_status(TASK) and json.loads(
+            m.payload)["state"] == "finished", timeout=90)
+        status = json.loads(done.payload)
+        assert sorted(status["participants"]) == sorted(ids)
+        assert status["attempt"] == 1, status
+        assert cloud.rows("SELECT COUNT(*) FROM fl_rounds WHERE task=? AND round=1 AND "
+                          "json_extract(status, '$.state')='released'", (TASK,)) == [(1,)]
+        data = tmp_path / "cloud" / "data" / "fl" / TASK
+        before = {k: np.asarray(v, np.float64) for k, v in decode(
+            (data / "global-0.safetensors").read_bytes(), GlobalModelEnvelope).tensors.items()}
+        after = {k: np.asarray(v, np.float64) for k, v in decode(
+            (data / "global-1.safetensors").read_bytes(), GlobalModelEnvelope).tensors.items()}
+        for name, value in before.items():
+            expected = np.mean([np.clip(a.fl.tasks[TASK].local_weights[name] - value,
+                                        -CLIP, CLIP) for a in agents], axis=0)
+            np.testing.assert_allclose(after[name] - value, expected, atol=1.01 * STEP)
+        for agent in agents:  # one masked input per attempt, two attempts
+            assert agent.counters["secagg_masked_sent"] == 2
+        assert "secure aggregation state lost with the last process" in cloud.log.read_text()
+    finally:
+        cloud.close()
+        spy.close()
+        holder.client.close()
 
 
 def test_a_rollout_resumes_after_the_cloud_is_killed_during_probation(
