@@ -27,6 +27,7 @@ import inspect
 import logging
 import math
 import re
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
@@ -197,6 +198,10 @@ def set_weights(model: nn.Module, weights: Weights) -> None:
     model.load_state_dict(loaded, strict=True)
 
 
+_GLOBAL_GENERATOR = threading.RLock()
+"""Held while a block uses torch's global CPU generator (see :func:`seeded`)."""
+
+
 @contextmanager
 def seeded(seed: int) -> Iterator[None]:
     """Run a block with torch's CPU generator seeded, restoring the global state after.
@@ -206,8 +211,15 @@ def seeded(seed: int) -> Iterator[None]:
 
         with seeded(self.seed):
             model = MyNet()
+
+    One block at a time in a process: the generator is global, and agents of a
+    simulated fleet train on threads of one process. Unserialized, two blocks
+    interleaved their seeds (models came out with another seed's weights), and a
+    garbage collection inside ``get_rng_state`` could deadlock the process: one thread
+    held the generator's mutex while waiting for the GIL, another held the GIL while
+    waiting for the mutex.
     """
-    with torch.random.fork_rng(devices=[]):
+    with _GLOBAL_GENERATOR, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
 
