@@ -575,12 +575,7 @@ class Coordinator:
             why = (f"round {current.round}: secure aggregation stopped at {secagg.stage}: "
                    f"{exc.reason}: {exc.detail}")
             self.health.error(f"secagg_{exc.reason}")
-            if self.config.accept_failures and current.attempt < self.config.max_round_retries:
-                logger.warning("%s: %s; retrying the round", self.name, why)
-                self.state.message = why + "; retrying"
-                if await self._retry(current):
-                    return
-            await self._fail(why)
+            await self._retry_or_fail(current, why)
             return
         if isinstance(outcome, list):
             for publication in outcome:
@@ -831,18 +826,22 @@ class Coordinator:
 
     # -- closing a round ------------------------------------------------------------------
 
+    async def _retry_or_fail(self, current: RoundRecord, why: str) -> None:
+        """A round that cannot close: its next attempt while retries are left, else fail."""
+        if self.config.accept_failures and current.attempt < self.config.max_round_retries:
+            logger.warning("%s: %s; retrying the round", self.name, why)
+            self.state.message = why + "; retrying"
+            if await self._retry(current):
+                return
+        await self._fail(why)
+
     async def _close_round(self) -> None:
         current = self.state.current
         assert current is not None  # noqa: S101 - checked by _tick
         if len(self.round.accepted) < self.config.min_fit_clients:
             why = (f"round {current.round}: {len(self.round.accepted)} update(s), fewer than "
                    f"min_fit_clients={self.config.min_fit_clients}")
-            if self.config.accept_failures and current.attempt < self.config.max_round_retries:
-                logger.warning("%s: %s; retrying the round", self.name, why)
-                self.state.message = why + "; retrying"
-                if await self._retry(current):
-                    return
-            await self._fail(why)
+            await self._retry_or_fail(current, why)
             return
         self.state.state = TaskState.AGGREGATING
         await self._publish_status()
