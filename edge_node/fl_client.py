@@ -279,7 +279,8 @@ class FLClient:
             return
         envelope = UpdateEnvelope(
             task=task, round=plan.round, attempt=plan.attempt, device_id=self.device_id,
-            base_version=plan.global_version, num_examples=max(1, result.num_examples),
+            base_version=plan.global_version, nonce=plan.nonce,
+            num_examples=max(1, result.num_examples),
             train_loss=max(0.0, result.loss), train_accuracy=result.accuracy,
             train_time_s=time.monotonic() - started, compression=plan.compression.kind,
             clip_norm=plan.privacy.clip_norm if plan.privacy else None, clip_bit=clip_bit,

@@ -133,20 +133,29 @@ class SecAggClient:
 
     def _begin(self, task: str, plan: RoundPlan) -> None:
         current = self.sessions.get(task)
-        if current is not None and (current.plan.round, current.plan.attempt) == (
-                plan.round, plan.attempt):
+        if current is not None and (current.plan.round, current.plan.attempt,
+                                    current.plan.nonce) == (plan.round, plan.attempt,
+                                                            plan.nonce):
             return  # the same plan again (retained, or a reconnection)
+        if plan.nonce is None:
+            self.counters.add("secagg_refused_no_nonce")
+            logger.warning("%s: round %d of %s: a secure round plan without a nonce (from an "
+                           "older cloud?); not taking part", self.device_id, plan.round, task)
+            return
         device = SecAggDevice(task, plan.round, plan.attempt, self.device_id, self.identity,
-                              self.certificate)
+                              self.certificate, nonce=plan.nonce)
         self.sessions[task] = _Session(plan, device)
         advert = device.advertise()
         self._publish(self.topics.secagg_device(task, plan.round, ADVERTISE, self.device_id),
                       advert.to_json())
 
-    def _session(self, task: str, round_: int, attempt: int | None = None) -> _Session | None:
+    def _session(self, task: str, round_: int, attempt: int | None = None,
+                 nonce: str | None = None) -> _Session | None:
+        """The session a message belongs to (None, counted: another round or opening)."""
         session = self.sessions.get(task)
         if session is None or session.plan.round != round_ or (
-                attempt is not None and session.plan.attempt != attempt):
+                attempt is not None and session.plan.attempt != attempt) or (
+                nonce is not None and session.plan.nonce != nonce):
             self.counters.add("secagg_stale")
             return None
         return session
@@ -168,13 +177,13 @@ class SecAggClient:
             return
         if kind is TopicKind.SECAGG_INBOX and stage == SHARES:
             inbox = decode_message(SecAggInbox, payload, max_bytes=MAX_STAGE_BYTES)
-            session = self._session(task, round_, inbox.attempt)
+            session = self._session(task, round_, inbox.attempt, inbox.nonce)
             if session is not None:
                 session.inbox = inbox
                 self._mask(task, session)
         elif kind is TopicKind.SECAGG_BROADCAST and stage == ROSTER:
             roster = decode_message(SecAggRoster, payload, max_bytes=MAX_STAGE_BYTES)
-            session = self._session(task, round_, roster.attempt)
+            session = self._session(task, round_, roster.attempt, roster.nonce)
             if session is not None and self.device_id in {a.device_id for a in roster.devices}:
                 device = session.device
                 shares = self._guarded(task, session, lambda: device.share_keys(
@@ -184,7 +193,7 @@ class SecAggClient:
                                                             self.device_id), shares.to_json())
         elif kind is TopicKind.SECAGG_BROADCAST and stage == SURVIVORS:
             survivors = decode_message(SecAggSurvivors, payload, max_bytes=MAX_STAGE_BYTES)
-            session = self._session(task, round_, survivors.attempt)
+            session = self._session(task, round_, survivors.attempt, survivors.nonce)
             if session is not None and self.device_id in survivors.devices:
                 device = session.device
                 answer = self._guarded(task, session, lambda: device.unmask(survivors))
@@ -219,7 +228,7 @@ class SecAggClient:
         session.masked = True
         plan = session.plan
         envelope = SecAggMaskedEnvelope(task=task, round=plan.round, attempt=plan.attempt,
-                                        device_id=self.device_id,
+                                        nonce=session.device.nonce, device_id=self.device_id,
                                         base_version=plan.global_version, sent_at=now())
         self._publish(self.topics.secagg_device(task, plan.round, MASKED, self.device_id),
                       encode({MASKED_TENSOR: masked}, envelope))

@@ -51,6 +51,8 @@ UnixTime = Annotated[
 ]
 ShortText = Annotated[str, StringConstraints(max_length=1024)]
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+RoundNonce = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
+"""128 random bits (hex) the cloud draws each time it opens a round; answers echo it."""
 
 
 def now() -> float:

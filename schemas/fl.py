@@ -20,6 +20,7 @@ from schemas.base import (
     NonNegFloat,
     NonNegInt,
     PosInt,
+    RoundNonce,
     RoundNumber,
     ShortText,
     UnixTime,
@@ -121,6 +122,10 @@ class RoundPlan(WireModel):
         "(round, attempt) and updates of earlier attempts of the round still count",
     )
     global_version: Version = Field(description="Version of the weights to train from")
+    nonce: RoundNonce | None = Field(
+        default=None, description="Drawn at random when the cloud opens the round, kept by "
+        "its attempts; an update must echo it, so one made for another opening of the "
+        "round (a replay, a queued update from before the task was restarted) is refused")
     selected: list[Id] = Field(max_length=MAX_SELECTED, description="Devices asked to train")
     evaluate: list[Id] = Field(
         default_factory=list, max_length=MAX_SELECTED, description="Devices asked to evaluate"
@@ -153,6 +158,8 @@ class UpdateEnvelope(WireModel):
     attempt: NonNegInt = Field(default=0, description="Attempt of the round it answers")
     device_id: Id
     base_version: Version = Field(description="Global version the delta is relative to")
+    nonce: RoundNonce | None = Field(
+        default=None, description="The round plan's nonce (the cloud refuses any other)")
     num_examples: PosInt = Field(description="Local training examples")
     train_loss: FiniteLoss | None = None
     train_accuracy: Fraction | None = None

@@ -57,7 +57,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pydantic import Field, StringConstraints
 
 from schemas import shamir
-from schemas.base import Id, NonNegInt, RoundNumber, UnixTime, Version, WireModel
+from schemas.base import Id, NonNegInt, RoundNonce, RoundNumber, UnixTime, Version, WireModel
 from schemas.fl import MAX_SELECTED
 
 PROTOCOL = b"edgefl-secagg-v1"
@@ -124,6 +124,7 @@ class SecAggAdvertise(WireModel):
     task: Id
     round: RoundNumber
     attempt: NonNegInt
+    nonce: RoundNonce
     device_id: Id
     c_public: B64Key = Field(description="X25519 key that encrypts the shares sent to it")
     s_public: B64Key = Field(description="X25519 key its pairwise masks are agreed with")
@@ -139,6 +140,7 @@ class SecAggRoster(WireModel):
     task: Id
     round: RoundNumber
     attempt: NonNegInt
+    nonce: RoundNonce
     threshold: Annotated[int, Field(ge=2, le=MAX_SELECTED)]
     devices: list[SecAggAdvertise] = Field(max_length=MAX_SELECTED)
 
@@ -149,6 +151,7 @@ class SecAggShares(WireModel):
     task: Id
     round: RoundNumber
     attempt: NonNegInt
+    nonce: RoundNonce
     device_id: Id
     ciphertexts: dict[Id, B64Blob] = Field(max_length=MAX_SELECTED)
 
@@ -159,6 +162,7 @@ class SecAggInbox(WireModel):
     task: Id
     round: RoundNumber
     attempt: NonNegInt
+    nonce: RoundNonce
     recipient: Id
     ciphertexts: dict[Id, B64Blob] = Field(max_length=MAX_SELECTED)
 
@@ -169,6 +173,7 @@ class SecAggSurvivors(WireModel):
     task: Id
     round: RoundNumber
     attempt: NonNegInt
+    nonce: RoundNonce
     devices: list[Id] = Field(max_length=MAX_SELECTED)
 
 
@@ -181,6 +186,7 @@ class SecAggMaskedEnvelope(WireModel):
     task: Id
     round: RoundNumber
     attempt: NonNegInt
+    nonce: RoundNonce
     device_id: Id
     base_version: Version = Field(description="The global version the update was trained from")
     sent_at: UnixTime
@@ -192,6 +198,7 @@ class SecAggUnmask(WireModel):
     task: Id
     round: RoundNumber
     attempt: NonNegInt
+    nonce: RoundNonce
     device_id: Id
     seed_shares: dict[Id, B64Blob] = Field(
         max_length=MAX_SELECTED, description="Its share of b_v for each v of U3")
@@ -218,9 +225,22 @@ def _field(value: str | int) -> bytes:
     return len(data).to_bytes(2, "big") + data
 
 
-def round_context(task: str, round_: int, attempt: int) -> bytes:
-    """What every key, mask and share of one round is bound to (length-prefixed fields)."""
-    return PROTOCOL + _field(task) + _field(round_) + _field(attempt)
+_RoundMessage = (SecAggAdvertise | SecAggRoster | SecAggShares | SecAggInbox | SecAggSurvivors
+                 | SecAggMaskedEnvelope | SecAggUnmask)
+
+
+def _session(message: _RoundMessage) -> tuple[str, int, int, str]:
+    """Task, round, attempt and nonce of a message: which opening of a round it belongs to."""
+    return (message.task, message.round, message.attempt, message.nonce)
+
+
+def round_context(task: str, round_: int, attempt: int, nonce: str) -> bytes:
+    """What every key, mask and share of one round is bound to (length-prefixed fields).
+
+    ``nonce`` is the round plan's (32 hex digits): an opening of the round with the same
+    task, round and attempt (a task restarted from scratch) has another context.
+    """
+    return PROTOCOL + _field(task) + _field(round_) + _field(attempt) + _field(nonce)
 
 
 def advertise_signing_bytes(message: SecAggAdvertise) -> bytes:
@@ -371,8 +391,7 @@ def _roster_peers(roster: SecAggRoster, authority: Ed25519PublicKey) -> dict[str
                           f"{roster.threshold}")
     peers = {}
     for x, advert in enumerate(roster.devices, start=1):
-        if (advert.task, advert.round, advert.attempt) != (roster.task, roster.round,
-                                                           roster.attempt):
+        if _session(advert) != _session(roster):
             raise SecAggError("bad_roster", f"{advert.device_id}'s keys are for another round")
         if advert.identity.device_id != advert.device_id:
             raise SecAggError("bad_identity", f"{advert.device_id} signed with the identity "
@@ -399,6 +418,8 @@ class SecAggDevice:
     device_id: str
     identity: Ed25519PrivateKey
     certificate: DeviceIdentity
+    nonce: str = field(kw_only=True)
+    """The round plan's nonce (:func:`round_context`)."""
     c_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
     s_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
     seed: bytes = field(default_factory=lambda: secrets.token_bytes(SEED_BYTES))
@@ -411,9 +432,14 @@ class SecAggDevice:
     stage: str = "new"
 
     @property
+    def session(self) -> tuple[str, int, int, str]:
+        """Task, round, attempt and nonce: what every message of its round names."""
+        return (self.task, self.round, self.attempt, self.nonce)
+
+    @property
     def context(self) -> bytes:
         """The round's context bytes."""
-        return round_context(self.task, self.round, self.attempt)
+        return round_context(self.task, self.round, self.attempt, self.nonce)
 
     def _advance(self, expected: str, then: str) -> None:
         if self.stage != expected:
@@ -424,6 +450,7 @@ class SecAggDevice:
         """Stage 1: the two public keys, signed by the identity key."""
         self._advance("new", "advertised")
         raw = {"task": self.task, "round": self.round, "attempt": self.attempt,
+               "nonce": self.nonce,
                "device_id": self.device_id,
                "c_public": _b64(self.c_key.public_key().public_bytes_raw()),
                "s_public": _b64(self.s_key.public_key().public_bytes_raw()),
@@ -441,8 +468,7 @@ class SecAggDevice:
                 identity the authority did not certify or whose signature does not verify.
         """
         self._advance("advertised", "shared")
-        if (roster.task, roster.round, roster.attempt) != (self.task, self.round,
-                                                           self.attempt):
+        if _session(roster) != self.session:
             raise SecAggError("bad_roster", "the roster is for another round")
         peers = _roster_peers(roster, authority)
         me = peers.get(self.device_id)
@@ -465,7 +491,8 @@ class SecAggDevice:
                                                                   peer.device_id))
             ciphertexts[peer.device_id] = _b64(nonce + sealed)
         return SecAggShares(task=self.task, round=self.round, attempt=self.attempt,
-                            device_id=self.device_id, ciphertexts=ciphertexts)
+                            nonce=self.nonce, device_id=self.device_id,
+                            ciphertexts=ciphertexts)
 
     def masked_input(self, inbox: SecAggInbox, quantized: np.ndarray) -> np.ndarray:
         """Stage 3: its quantized update plus its self mask and pairwise masks (mod 2^32).
@@ -478,8 +505,7 @@ class SecAggDevice:
                 does not decrypt (tampered, or moved from another pair).
         """
         self._advance("shared", "masked")
-        if (inbox.task, inbox.round, inbox.attempt, inbox.recipient) != (
-                self.task, self.round, self.attempt, self.device_id):
+        if (*_session(inbox), inbox.recipient) != (*self.session, self.device_id):
             raise SecAggError("bad_inbox", "the inbox is for another device or round")
         senders = set(inbox.ciphertexts)
         if not senders <= set(self.peers) - {self.device_id}:
@@ -529,8 +555,7 @@ class SecAggDevice:
         """
         self._advance("masked", "unmasked")
         u3 = set(survivors.devices)
-        if (survivors.task, survivors.round, survivors.attempt) != (self.task, self.round,
-                                                                    self.attempt):
+        if _session(survivors) != self.session:
             raise SecAggError("bad_survivors", "the survivors are for another round")
         if len(u3) != len(survivors.devices) or not u3 <= self.masked_with \
                 or self.device_id not in u3:
@@ -541,7 +566,8 @@ class SecAggDevice:
         seeds = {v: _b64(self.held[v][1].to_bytes()) for v in sorted(u3)}
         keys = {v: _b64(self.held[v][0].to_bytes()) for v in sorted(self.masked_with - u3)}
         return SecAggUnmask(task=self.task, round=self.round, attempt=self.attempt,
-                            device_id=self.device_id, seed_shares=seeds, key_shares=keys)
+                            nonce=self.nonce, device_id=self.device_id, seed_shares=seeds,
+                            key_shares=keys)
 
 
 # -- the server ---------------------------------------------------------------------------
@@ -557,6 +583,8 @@ class SecAggServer:
     threshold: int
     size: int
     """Elements of a masked input."""
+    nonce: str = field(kw_only=True)
+    """The round plan's nonce (:func:`round_context`)."""
     adverts: dict[str, SecAggAdvertise] = field(default_factory=dict)
     roster: SecAggRoster | None = None
     shares: dict[str, SecAggShares] = field(default_factory=dict)
@@ -565,13 +593,14 @@ class SecAggServer:
     u3: list[str] = field(default_factory=list)
     unmasks: dict[str, SecAggUnmask] = field(default_factory=dict)
 
-    def _check(self, task: str, round_: int, attempt: int) -> None:
-        if (task, round_, attempt) != (self.task, self.round, self.attempt):
-            raise SecAggError("wrong_round", "a message for another round")
+    def _check(self, message: _RoundMessage) -> None:
+        if _session(message) != (self.task, self.round, self.attempt, self.nonce):
+            raise SecAggError("wrong_round", "a message for another round (or another "
+                              "opening of it)")
 
     def add_advert(self, advert: SecAggAdvertise) -> None:
         """Stage 1 input (signatures are the devices' to check: they hold the identities)."""
-        self._check(advert.task, advert.round, advert.attempt)
+        self._check(advert)
         if self.roster is not None:
             raise SecAggError("late", "the roster is out")
         self.adverts[advert.device_id] = advert
@@ -583,12 +612,12 @@ class SecAggServer:
                               f"threshold {self.threshold}")
         ordered = [self.adverts[d] for d in sorted(self.adverts, key=str.encode)]
         self.roster = SecAggRoster(task=self.task, round=self.round, attempt=self.attempt,
-                                   threshold=self.threshold, devices=ordered)
+                                   nonce=self.nonce, threshold=self.threshold, devices=ordered)
         return self.roster
 
     def add_shares(self, shares: SecAggShares) -> None:
         """Stage 2 input: one ciphertext for every other device of ``U1``."""
-        self._check(shares.task, shares.round, shares.attempt)
+        self._check(shares)
         if self.roster is None or self.u2:
             raise SecAggError("out_of_order", "shares outside the sharing stage")
         members = {a.device_id for a in self.roster.devices}
@@ -606,7 +635,8 @@ class SecAggServer:
                               f"threshold {self.threshold}")
         self.u2 = frozenset(self.shares)
         return {recipient: SecAggInbox(
-            task=self.task, round=self.round, attempt=self.attempt, recipient=recipient,
+            task=self.task, round=self.round, attempt=self.attempt, nonce=self.nonce,
+            recipient=recipient,
             ciphertexts={s: self.shares[s].ciphertexts[recipient]
                          for s in sorted(self.u2) if s != recipient})
             for recipient in sorted(self.u2)}
@@ -629,11 +659,11 @@ class SecAggServer:
                               f"{self.threshold}")
         self.u3.sort(key=str.encode)
         return SecAggSurvivors(task=self.task, round=self.round, attempt=self.attempt,
-                               devices=list(self.u3))
+                               nonce=self.nonce, devices=list(self.u3))
 
     def add_unmask(self, unmask: SecAggUnmask) -> None:
         """Stage 4 input from a survivor: exactly the shares the survivors' list asks for."""
-        self._check(unmask.task, unmask.round, unmask.attempt)
+        self._check(unmask)
         if unmask.device_id not in self.u3:
             raise SecAggError("not_expected", f"{unmask.device_id} is not a survivor")
         if set(unmask.seed_shares) != set(self.u3) or \
@@ -651,7 +681,7 @@ class SecAggServer:
         if len(self.unmasks) < self.threshold or self.total is None or self.roster is None:
             raise SecAggError("too_few", f"{len(self.unmasks)} unmasking answer(s), threshold "
                               f"{self.threshold}")
-        context = round_context(self.task, self.round, self.attempt)
+        context = round_context(self.task, self.round, self.attempt, self.nonce)
         adverts = {a.device_id: a for a in self.roster.devices}
         total = self.total.copy()
         rebuild = _Rebuilder(self.threshold)

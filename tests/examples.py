@@ -71,7 +71,7 @@ EXAMPLES: dict[type[BaseModel], BaseModel] = {
         status=CommandStatus.OK, result={"interval_s": 5},
     ),
     RoundPlan: RoundPlan(
-        task="digits", round=4, global_version="3", selected=["pi-01", "pi-02"],
+        task="digits", round=4, global_version="3", nonce="5f" * 16, selected=["pi-01", "pi-02"],
         evaluate=["pi-03"], issued_at=T0, deadline=T0 + 120, strategy="fedavg",
         hyperparams=HyperParams(local_epochs=2, batch_size=16, learning_rate=0.05, momentum=0.9,
                                 weight_decay=1e-4, proximal_mu=0.01),
@@ -80,7 +80,8 @@ EXAMPLES: dict[type[BaseModel], BaseModel] = {
         secagg=SecAggSpec(threshold=2), max_update_norm=50.0,
     ),
     UpdateEnvelope: UpdateEnvelope(
-        task="digits", round=4, device_id="pi-01", base_version="3", num_examples=180,
+        task="digits", round=4, device_id="pi-01", base_version="3", nonce="5f" * 16,
+        num_examples=180,
         train_loss=0.41, train_accuracy=0.88, train_time_s=2.5, compression=Compression.FP16,
         sent_at=T0,
     ),
@@ -113,6 +114,6 @@ EXAMPLES: dict[type[BaseModel], BaseModel] = {
         duplicates={"telemetry": 2}, rate_limited={"telemetry": 1},
         refused={"telemetry": {"validation": 4, "future_timestamp": 1}},
         errors={"dispatch_error": 0}, queues={"pending": 3, "acks": 5}),
-    SecAggInbox: SecAggInbox(task="digits", round=3, attempt=0, recipient="pi-01",
+    SecAggInbox: SecAggInbox(task="digits", round=3, attempt=0, nonce="5f" * 16, recipient="pi-01",
                              ciphertexts={"pi-02": "A" * 220 + "=="}),
 }

@@ -38,7 +38,7 @@ def _device(data: Path, device_id: str) -> SecAggDevice:
     folder = data / "secrets" / "identities"
     key = load_identity_key(folder / f"{device_id}.key")
     certificate = decode_message(DeviceIdentity, (folder / f"{device_id}.json").read_bytes())
-    return SecAggDevice("digits", 1, 0, device_id, key, certificate)
+    return SecAggDevice("digits", 1, 0, device_id, key, certificate, nonce="0" * 32)
 
 
 def test_provisioning_certifies_each_device_and_keeps_what_it_issued(tmp_path: Path) -> None:
@@ -103,14 +103,14 @@ def test_secure_aggregation_takes_provisioned_devices_and_refuses_another_fleets
     add_identities(theirs, ["pi-03"])  # the same id, certified by another authority
     authority = _authority_public(ours.layout.root)
     devices = [_device(ours.layout.root, d) for d in ("pi-01", "pi-02", "pi-03")]
-    server = SecAggServer("digits", 1, 0, 2, 4)
+    server = SecAggServer("digits", 1, 0, 2, 4, nonce="0" * 32)
     for device in devices:
         server.add_advert(device.advertise())
     devices[0].share_keys(server.close_adverts(), authority)
 
     devices = [_device(ours.layout.root, "pi-01"), _device(ours.layout.root, "pi-02"),
                _device(theirs.layout.root, "pi-03")]
-    server = SecAggServer("digits", 1, 0, 2, 4)
+    server = SecAggServer("digits", 1, 0, 2, 4, nonce="0" * 32)
     for device in devices:
         server.add_advert(device.advertise())
     with pytest.raises(SecAggError, match="bad_identity"):

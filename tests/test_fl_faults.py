@@ -56,7 +56,7 @@ class HandDevice:
     def send(self, plan: RoundPlan, delta: dict[str, np.ndarray], *, round_: int | None = None,
              base: str | None = None, examples: int = 10) -> None:
         envelope = UpdateEnvelope(task=TASK, round=round_ or plan.round, device_id=self.id,
-                                  base_version=base or plan.global_version,
+                                  base_version=base or plan.global_version, nonce=plan.nonce,
                                   num_examples=examples, train_loss=1.0, sent_at=now())
         topic = self.topics.update(TASK, round_ or plan.round, self.id)
         assert self.client.publish(topic, encode(delta, envelope)) in (0, 0x10)
@@ -121,7 +121,8 @@ def test_an_update_replayed_into_a_later_round_is_refused(
     first = a.plan(1)
     good = zeros(a.global_weights(first.global_version))
     envelope = UpdateEnvelope(task=TASK, round=1, device_id=a.id,
-                              base_version=first.global_version, num_examples=10,
+                              base_version=first.global_version, nonce=first.nonce,
+                              num_examples=10,
                               train_loss=1.0, sent_at=now())
     sent = encode(good, envelope)  # what crossed the broker in round 1
     assert a.client.publish(topics.update(TASK, 1, a.id), sent) in (0, 0x10)
@@ -145,6 +146,46 @@ def test_an_update_replayed_into_a_later_round_is_refused(
     assert sorted(record.participants) == sorted([a.id, b.id])
     for device in (a, b):
         device.client.close()
+
+
+def test_an_update_made_for_another_opening_of_the_round_is_refused(
+    make_cloud: CloudFactory, mosquitto: RunningBroker, topics: Topics,
+    new_device_id: Callable[[], str],
+) -> None:
+    """A task started again from scratch opens round 1, attempt 0, on version "0" again.
+
+    Only the plan's nonce tells an update made for the old opening (held back by a device,
+    or queued by the broker) from one made for this one.
+    """
+    config = fl_config(rounds=1, min_fit_clients=1, min_available_clients=1)
+    device = HandDevice(mosquitto, topics, new_device_id())
+    old_cloud = make_cloud(fl={TASK: config})
+    old = device.plan(1)
+    delta = zeros(device.global_weights(old.global_version))
+    old_cloud.stop()
+    cloud = make_cloud(fl={TASK: config})  # a new data folder: the task starts over
+    msg = device.client.wait_for(
+        lambda m: m.topic == topics.round_plan(TASK) and bool(m.payload)
+        and json.loads(m.payload)["nonce"] != old.nonce, timeout=30)
+    plan = decode_message(RoundPlan, msg.payload)
+    assert (plan.round, plan.attempt, plan.global_version) == (
+        old.round, old.attempt, old.global_version)
+    assert plan.nonce is not None and old.nonce is not None
+    coordinator = cloud.service.coordinators[TASK]
+    device.send(old, delta)
+    stripped = UpdateEnvelope(task=TASK, round=1, device_id=device.id,
+                              base_version=plan.global_version, num_examples=10,
+                              sent_at=now())  # no nonce at all
+    assert device.client.publish(topics.update(TASK, 1, device.id),
+                                 encode(delta, stripped)) in (0, 0x10)
+    wait_until(lambda: coordinator.round.counts.get("stale_nonce") == 2, timeout=30,
+               what="both refused")
+    assert coordinator.round.accepted == {}
+    device.send(plan, delta)
+    wait_until(lambda: coordinator.state.state is TaskState.FINISHED, timeout=30,
+               what="the round closed on the new update")
+    assert coordinator.history()[-1].rejected_counts == {"stale_nonce": 2}
+    device.client.close()
 
 
 def test_a_device_that_disconnects_mid_round_closes_at_the_deadline(

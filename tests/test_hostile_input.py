@@ -157,8 +157,8 @@ BROKEN = "broken"
 def send_update(device: HandDevice, task: str, plan: RoundPlan,
                 delta: dict[str, np.ndarray]) -> None:
     envelope = UpdateEnvelope(task=task, round=plan.round, device_id=device.id,
-                              base_version=plan.global_version, num_examples=10,
-                              train_loss=1.0, sent_at=now())
+                              base_version=plan.global_version, nonce=plan.nonce,
+                              num_examples=10, train_loss=1.0, sent_at=now())
     topic = device.topics.update(task, plan.round, device.id)
     assert device.client.publish(topic, encode(delta, envelope)) in (0, 0x10)
 
@@ -506,8 +506,8 @@ def test_an_update_sent_ten_years_ahead_is_refused(
     plan = device.plan()
     delta = zeros(device.global_weights(plan.global_version))
     envelope = UpdateEnvelope(task=TASK, round=plan.round, device_id=device.id,
-                              base_version=plan.global_version, num_examples=10,
-                              sent_at=now() + 10 * 365 * 86_400)
+                              base_version=plan.global_version, nonce=plan.nonce,
+                              num_examples=10, sent_at=now() + 10 * 365 * 86_400)
     assert device.client.publish(topics.update(TASK, plan.round, device.id),
                                  encode(delta, envelope)) in (0, 0x10)
     coordinator = cloud.service.coordinators[TASK]

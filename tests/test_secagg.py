@@ -16,6 +16,7 @@ from scipy import stats
 
 from schemas import secagg
 from schemas.secagg import (
+    DeviceIdentity,
     SecAggDevice,
     SecAggError,
     SecAggInbox,
@@ -25,6 +26,8 @@ from schemas.secagg import (
 )
 
 TASK, ROUND, ATTEMPT = "digits", 3, 0
+NONCE = "0123456789abcdef" * 2
+"""The round plan's nonce."""
 BITS, CLIP = 16, 1.0
 
 
@@ -46,13 +49,18 @@ AUTHORITY_PUBLIC = AUTHORITY.public_key()
 T0 = 1_790_000_000.5  # not integral: json.dumps and RFC 8785 write it alike
 
 
+def _identity(device_id: str, authority: Ed25519PrivateKey = AUTHORITY,
+              certified_as: str | None = None) -> tuple[Ed25519PrivateKey, DeviceIdentity]:
+    key = Ed25519PrivateKey.generate()
+    return key, secagg.issue_identity(authority, "fleet", certified_as or device_id,
+                                      key.public_key(), T0)
+
+
 def device(device_id: str, authority: Ed25519PrivateKey = AUTHORITY,
            certified_as: str | None = None) -> SecAggDevice:
     """A device with an identity key certified (by default by the fleet's authority)."""
-    key = Ed25519PrivateKey.generate()
-    certificate = secagg.issue_identity(authority, "fleet", certified_as or device_id,
-                                        key.public_key(), T0)
-    return SecAggDevice(TASK, ROUND, ATTEMPT, device_id, key, certificate)
+    return SecAggDevice(TASK, ROUND, ATTEMPT, device_id,
+                        *_identity(device_id, authority, certified_as), nonce=NONCE)
 
 
 def fleet(count: int) -> dict[str, SecAggDevice]:
@@ -66,7 +74,7 @@ def run_round(count: int, threshold: int, size: int = 1000, *, seed: int = 7,
     """Every stage through the server, with devices that stop after the stage named."""
     rng = np.random.default_rng(seed)
     devices = fleet(count)
-    server = SecAggServer(TASK, ROUND, ATTEMPT, threshold, size)
+    server = SecAggServer(TASK, ROUND, ATTEMPT, threshold, size, nonce=NONCE)
     transcript: list[bytes] = []
     for d, device in devices.items():
         advert = device.advertise()
@@ -162,7 +170,7 @@ def test_the_server_sees_uniform_noise_not_an_update() -> None:
 
 def test_no_device_secret_is_in_the_servers_transcript() -> None:
     devices = fleet(4)
-    server = SecAggServer(TASK, ROUND, ATTEMPT, 3, 10)
+    server = SecAggServer(TASK, ROUND, ATTEMPT, 3, 10, nonce=NONCE)
     transcript = b""
     for device in devices.values():
         advert = device.advertise()
@@ -182,7 +190,7 @@ def test_no_device_secret_is_in_the_servers_transcript() -> None:
 
 def test_a_device_reveals_one_share_per_device_never_both() -> None:
     devices = fleet(5)
-    server = SecAggServer(TASK, ROUND, ATTEMPT, 3, 4)
+    server = SecAggServer(TASK, ROUND, ATTEMPT, 3, 4, nonce=NONCE)
     for device in devices.values():
         server.add_advert(device.advertise())
     roster = server.close_adverts()
@@ -191,7 +199,7 @@ def test_a_device_reveals_one_share_per_device_never_both() -> None:
     inboxes = server.close_shares()
     for d, device in devices.items():
         device.masked_input(inboxes[d], np.zeros(4, np.uint32))
-    survivors = SecAggSurvivors(task=TASK, round=ROUND, attempt=ATTEMPT,
+    survivors = SecAggSurvivors(task=TASK, round=ROUND, attempt=ATTEMPT, nonce=NONCE,
                                 devices=["dev-00", "dev-01", "dev-02"])
     answer = devices["dev-00"].unmask(survivors)
     assert set(answer.seed_shares) == {"dev-00", "dev-01", "dev-02"}
@@ -204,7 +212,7 @@ def test_a_device_reveals_one_share_per_device_never_both() -> None:
 def _roster_of(count: int, threshold: int, **replace: SecAggDevice,
                ) -> tuple[dict[str, SecAggDevice], SecAggRoster]:
     devices = fleet(count) | replace
-    server = SecAggServer(TASK, ROUND, ATTEMPT, threshold, 4)
+    server = SecAggServer(TASK, ROUND, ATTEMPT, threshold, 4, nonce=NONCE)
     for device in devices.values():
         server.add_advert(device.advertise())
     return devices, server.close_adverts()
@@ -244,7 +252,7 @@ def test_a_ciphertext_moved_or_altered_by_the_relay_does_not_decrypt() -> None:
     devices, roster = _roster_of(3, 2)
     sent = {d: device.share_keys(roster, AUTHORITY_PUBLIC) for d, device in devices.items()}
     # The relay gives dev-00 what dev-01 encrypted for dev-02.
-    moved = SecAggInbox(task=TASK, round=ROUND, attempt=ATTEMPT, recipient="dev-00",
+    moved = SecAggInbox(task=TASK, round=ROUND, attempt=ATTEMPT, nonce=NONCE, recipient="dev-00",
                         ciphertexts={"dev-01": sent["dev-01"].ciphertexts["dev-02"]})
     with pytest.raises(SecAggError, match="bad_ciphertext"):
         devices["dev-00"].masked_input(moved, np.zeros(4, np.uint32))
@@ -252,7 +260,7 @@ def test_a_ciphertext_moved_or_altered_by_the_relay_does_not_decrypt() -> None:
     sent = {d: device.share_keys(roster, AUTHORITY_PUBLIC) for d, device in devices.items()}
     blob = bytearray(base64.b64decode(sent["dev-01"].ciphertexts["dev-00"]))
     blob[-1] ^= 1
-    altered = SecAggInbox(task=TASK, round=ROUND, attempt=ATTEMPT, recipient="dev-00",
+    altered = SecAggInbox(task=TASK, round=ROUND, attempt=ATTEMPT, nonce=NONCE, recipient="dev-00",
                           ciphertexts={"dev-01": base64.b64encode(bytes(blob)).decode()})
     with pytest.raises(SecAggError, match="bad_ciphertext"):
         devices["dev-00"].masked_input(altered, np.zeros(4, np.uint32))
@@ -260,7 +268,7 @@ def test_a_ciphertext_moved_or_altered_by_the_relay_does_not_decrypt() -> None:
 
 def test_shares_that_do_not_rebuild_a_dropped_key_are_caught() -> None:
     devices = fleet(5)
-    server = SecAggServer(TASK, ROUND, ATTEMPT, 3, 4)
+    server = SecAggServer(TASK, ROUND, ATTEMPT, 3, 4, nonce=NONCE)
     for device in devices.values():
         server.add_advert(device.advertise())
     roster = server.close_adverts()
@@ -285,7 +293,7 @@ def test_shares_that_do_not_rebuild_a_dropped_key_are_caught() -> None:
 
 def test_the_server_takes_only_what_each_stage_expects() -> None:
     devices, roster = _roster_of(3, 2)
-    server = SecAggServer(TASK, ROUND, ATTEMPT, 2, 4)
+    server = SecAggServer(TASK, ROUND, ATTEMPT, 2, 4, nonce=NONCE)
     for advert in roster.devices:
         server.add_advert(advert)
     server.close_adverts()
@@ -316,16 +324,40 @@ def test_the_prg_is_chacha20_as_rfc_8439_defines_it() -> None:
 
 def test_both_ends_derive_the_same_keys_bound_to_the_round() -> None:
     a, b = (X25519PrivateKey.generate() for _ in range(2))
-    context = secagg.round_context(TASK, ROUND, ATTEMPT)
+    context = secagg.round_context(TASK, ROUND, ATTEMPT, NONCE)
     ab = secagg.agree(a, b.public_key().public_bytes_raw(), context, secagg.MASK_LABEL)
     ba = secagg.agree(b, a.public_key().public_bytes_raw(), context, secagg.MASK_LABEL)
     assert ab == ba and len(ab) == 32
-    other = secagg.round_context(TASK, ROUND, ATTEMPT + 1)
+    other = secagg.round_context(TASK, ROUND, ATTEMPT + 1, NONCE)
     assert secagg.agree(a, b.public_key().public_bytes_raw(), other, secagg.MASK_LABEL) != ab
     assert secagg.agree(a, b.public_key().public_bytes_raw(), context,
                         secagg.ENCRYPTION_LABEL) != ab
     # Fields are length-prefixed: ("ab", 1) and ("a", "b1") differ.
-    assert secagg.round_context("ab", 1, 0) != secagg.round_context("a", 11, 0)
+    assert secagg.round_context("ab", 1, 0, NONCE) != secagg.round_context("a", 11, 0, NONCE)
+
+
+def test_messages_of_another_opening_of_the_round_are_refused() -> None:
+    """A task started over opens round 3, attempt 0 again; only the nonce differs."""
+    old = SecAggDevice(TASK, ROUND, ATTEMPT, "dev-00", *_identity("dev-00"),
+                       nonce="f" * 32)
+    server = SecAggServer(TASK, ROUND, ATTEMPT, 2, 4, nonce=NONCE)
+    with pytest.raises(SecAggError, match="wrong_round"):
+        server.add_advert(old.advertise())  # a replayed advertisement
+    devices = fleet(3)
+    for d in devices.values():
+        server.add_advert(d.advertise())
+    roster = server.close_adverts()
+    other = roster.model_copy(update={"nonce": "f" * 32})
+    with pytest.raises(SecAggError, match="bad_roster"):
+        devices["dev-00"].share_keys(other, AUTHORITY_PUBLIC)
+    # The nonce is signed: an advertisement relabelled with the current one does not verify.
+    forged = SecAggDevice(TASK, ROUND, ATTEMPT, "dev-09", *_identity("dev-09"),
+                          nonce="f" * 32).advertise().model_copy(update={"nonce": NONCE})
+    with pytest.raises(SecAggError, match="bad_signature"):
+        devices["dev-01"].share_keys(roster.model_copy(
+            update={"devices": [*roster.devices, forged]}), AUTHORITY_PUBLIC)
+    assert secagg.round_context(TASK, ROUND, ATTEMPT, NONCE) != secagg.round_context(
+        TASK, ROUND, ATTEMPT, "f" * 32)
 
 
 def test_quantization_is_unbiased_and_within_range() -> None:

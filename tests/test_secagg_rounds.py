@@ -136,7 +136,8 @@ def test_a_device_that_drops_after_sharing_its_keys_leaves_the_others_sum(
     device = SecAggDevice(TASK, 1, plan.attempt, leaver.id,
                           load_identity_key(secrets / f"{leaver.id}.key"),
                           decode_message(DeviceIdentity,
-                                         (secrets / f"{leaver.id}.json").read_bytes()))
+                                         (secrets / f"{leaver.id}.json").read_bytes()),
+                          nonce=plan.nonce or "")
     leaver.client.publish(topics.secagg_device(TASK, 1, ADVERTISE, leaver.id),
                           device.advertise().to_json())
     roster = decode_message(SecAggRoster, leaver.client.wait_topic(

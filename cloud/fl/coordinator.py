@@ -106,6 +106,9 @@ class RoundRecord(BaseModel):
     round: int
     attempt: int = 0
     global_version: str
+    nonce: str = Field(default_factory=lambda: secrets.token_hex(16),
+                       description="Drawn when the round opens, kept by its attempts; every "
+                       "update must echo it (RoundPlan.nonce)")
     selected: list[str]
     asked: list[str] = Field(default_factory=list,
                              description="Selected in any attempt of this round")
@@ -471,17 +474,12 @@ class Coordinator:
     def _envelope_problem(self, current: RoundRecord, device_id: str,
                           envelope: UpdateEnvelope) -> Rejection | None:
         """Why an update's envelope does not answer the open round (None: it does)."""
-        if (envelope.device_id, envelope.round, envelope.task) != (
-                device_id, current.round, self.name):
-            return _rejection(device_id, "envelope_mismatch",
-                              "envelope names another device, round or task")
+        other = self._other_opening(current, device_id, envelope)
+        if other is not None:
+            return other
         if envelope.sent_at > now() + MAX_FUTURE_SKEW_S:
             return _rejection(device_id, "future_timestamp",
                               f"sent_at {envelope.sent_at:.0f} is ahead of the cloud's clock")
-        if envelope.base_version != current.global_version:
-            return _rejection(device_id, "stale_base",
-                              f"trained from {envelope.base_version}, round uses "
-                              f"{current.global_version}")
         if isinstance(self.strategy, FedNova) and envelope.local_steps is None:
             return _rejection(device_id, "missing_local_steps",
                               "fednova: the update does not say how many local steps it took")
@@ -490,6 +488,23 @@ class Coordinator:
                 and envelope.clip_bit is None:
             return _rejection(device_id, "missing_clip_bit",
                               "adaptive clipping: the update carries no clip_bit")
+        return None
+
+    def _other_opening(self, current: RoundRecord, device_id: str,
+                       envelope: UpdateEnvelope) -> Rejection | None:
+        """Whether the update was made for another device, round, base or opening."""
+        if (envelope.device_id, envelope.round, envelope.task) != (
+                device_id, current.round, self.name):
+            return _rejection(device_id, "envelope_mismatch",
+                              "envelope names another device, round or task")
+        if envelope.base_version != current.global_version:
+            return _rejection(device_id, "stale_base",
+                              f"trained from {envelope.base_version}, round uses "
+                              f"{current.global_version}")
+        if envelope.nonce != current.nonce:
+            return _rejection(device_id, "stale_nonce",
+                              "the update answers another opening of this round (a replay, "
+                              "or an update queued before the task was started again)")
         return None
 
     async def _reject(self, round_: int, device_id: str, reason: str, detail: str) -> None:
@@ -605,7 +620,8 @@ class Coordinator:
                           clip_range=config.clip_range)
         self.secagg = SecAggRound(
             topics=self.topics, task=self.name, round=record.round, attempt=record.attempt,
-            base_version=record.global_version, selected=list(record.selected), spec=spec,
+            nonce=record.nonce, base_version=record.global_version,
+            selected=list(record.selected), spec=spec,
             shapes={n: tuple(self.global_weights[n].shape) for n in names},
             stage_timeout_s=config.stage_timeout_s, masked_deadline=record.deadline)
 
@@ -739,7 +755,8 @@ class Coordinator:
         issued = now()
         asked = sorted(set(current.asked) | set(selected))
         record = RoundRecord(round=current.round, attempt=current.attempt + 1,
-                             global_version=current.global_version, selected=selected,
+                             global_version=current.global_version, nonce=current.nonce,
+                             selected=selected,
                              asked=asked, evaluate=evaluate, issued_at=issued,
                              deadline=issued + self.config.round_timeout_s,
                              sampling_q=min(1.0, len(asked) / (len(devices) + len(accepted))))
@@ -776,7 +793,8 @@ class Coordinator:
         if "proximal_mu" in client_config:
             hp = hp.model_copy(update={"proximal_mu": float(client_config["proximal_mu"])})
         return RoundPlan(task=self.name, round=record.round, attempt=record.attempt,
-                         global_version=record.global_version, selected=record.selected,
+                         global_version=record.global_version, nonce=record.nonce,
+                         selected=record.selected,
                          evaluate=record.evaluate, issued_at=record.issued_at,
                          deadline=record.deadline, strategy=self.strategy_name,
                          hyperparams=hp, compression=self.config.compression,

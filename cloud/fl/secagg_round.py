@@ -79,6 +79,8 @@ class SecAggRound:
     task: str
     round: int
     attempt: int
+    nonce: str
+    """The round plan's nonce: every message and key of the round is bound to it."""
     base_version: str
     selected: list[str]
     spec: SecAggSpec
@@ -95,7 +97,7 @@ class SecAggRound:
     def __post_init__(self) -> None:
         size = sum(int(np.prod(shape, dtype=np.int64)) for shape in self.shapes.values())
         self.server = SecAggServer(self.task, self.round, self.attempt, self.spec.threshold,
-                                   size)
+                                   size, nonce=self.nonce)
         self.deadline = now() + self.stage_timeout_s
 
     # -- who is expected ----------------------------------------------------------------
@@ -179,9 +181,10 @@ class SecAggRound:
             raise SecAggError(exc.reason, str(exc)) from exc
         envelope = decoded.envelope
         self._same_device(device_id, envelope.device_id)
-        if (envelope.task, envelope.round, envelope.attempt) != (self.task, self.round,
-                                                                 self.attempt):
-            raise SecAggError("wrong_round", "a masked input for another round")
+        if (envelope.task, envelope.round, envelope.attempt, envelope.nonce) != (
+                self.task, self.round, self.attempt, self.nonce):
+            raise SecAggError("wrong_round", "a masked input for another round (or another "
+                              "opening of it)")
         if envelope.base_version != self.base_version:
             raise SecAggError("stale_base", f"trained from {envelope.base_version}, round "
                               f"uses {self.base_version}")

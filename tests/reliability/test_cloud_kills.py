@@ -246,7 +246,7 @@ def test_cloud_killed_during_a_secure_round_opens_a_new_attempt_with_new_keys(
         folder = mosquitto.settings.layout.secrets / "identities"
         device = SecAggDevice(TASK, 1, 0, holder.id, load_identity_key(
             folder / f"{holder.id}.key"), decode_message(
-            DeviceIdentity, (folder / f"{holder.id}.json").read_bytes()))
+            DeviceIdentity, (folder / f"{holder.id}.json").read_bytes()), nonce=plan.nonce or "")
         holder.client.publish(topics.secagg_device(TASK, 1, ADVERTISE, holder.id),
                               device.advertise().to_json())
         roster = decode_message(SecAggRoster, holder.client.wait_topic(
