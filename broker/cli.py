@@ -60,6 +60,16 @@ def _fail(exc: Exception) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+def _announce(settings: BrokerSettings, pid: int | None) -> None:
+    typer.echo(f"mosquitto pid {pid}: devices on {settings.host}:{settings.port}, "
+               f"services (cloud) on {settings.service_host}:{settings.service_port}, "
+               f"observers on {settings.observer_host}:{settings.observer_port}; "
+               "Ctrl-C stops it")
+    if settings.tls.enabled:
+        typer.echo(f"mTLS: devices on {settings.tls.host}:{settings.tls.port}, services "
+                   f"(cloud) on {settings.tls.host}:{settings.tls.service_port}")
+
+
 @app.callback()
 def run(
     ctx: typer.Context,
@@ -72,6 +82,8 @@ def run(
         help="Observer listener port, read-only identities [1885]")] = None,
     tls: Annotated[bool, typer.Option("--tls", help="Also open the mTLS listener")] = False,
     tls_port: Annotated[int | None, typer.Option(help="TLS listener port [8883]")] = None,
+    tls_service_port: Annotated[int | None, typer.Option(
+        help="TLS service listener port, for the cloud's certificate [8884]")] = None,
 ) -> None:
     """Start Mosquitto in the foreground until Ctrl-C (runs `init` first when needed)."""
     if ctx.invoked_subcommand is not None:
@@ -79,6 +91,8 @@ def run(
     tls_update: dict[str, Any] = {"enabled": True} if tls else {}
     if tls_port is not None:
         tls_update["port"] = tls_port
+    if tls_service_port is not None:
+        tls_update["service_port"] = tls_service_port
     settings = _settings(data_dir, port=port, host=host, tls=tls_update or None,
                          service_port=service_port, observer_port=observer_port)
     try:
@@ -93,10 +107,7 @@ def run(
         process.start()
     except BrokerError as exc:
         raise _fail(exc) from exc
-    typer.echo(f"mosquitto pid {process.pid}: devices on {settings.host}:{settings.port}, "
-               f"services (cloud) on {settings.service_host}:{settings.service_port}, "
-               f"observers on {settings.observer_host}:{settings.observer_port}; "
-               "Ctrl-C stops it")
+    _announce(settings, process.pid)
 
     def _terminate(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -149,7 +160,8 @@ def init_cmd(
     typer.echo(f"initialised {settings.layout.root}")
     typer.echo(f"cloud identity {cloud.username}: password in {cloud.password_file}")
     if cloud.cert:
-        typer.echo(f"cloud certificate {cloud.cert.cert}")
+        typer.echo(f"cloud certificate {cloud.cert.cert} (services CA "
+                   f"{settings.layout.service_pki / 'ca.crt'})")
 
 
 @app.command("add-device")

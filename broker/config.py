@@ -235,6 +235,25 @@ def render_config(settings: BrokerSettings, *, log_to_file: bool = False) -> str
         f"listener {settings.service_port} {settings.service_host}", "protocol mqtt",
         anonymous, f"password_file {_path('password_file', layout.service_passwd)}",
         f"acl_file {acl}",
+    ]
+    if tls.enabled:
+        services = layout.service_pki
+        lines += [
+            "",
+            "# Services with certificates (mTLS): only the services' CA is trusted here, so",
+            "# no device certificate connects; the CN is the username, and each cloud",
+            "# instance keeps a client id of its own.",
+            f"listener {tls.service_port} {tls.host}",
+            "protocol mqtt", anonymous, f"acl_file {acl}",
+            f"cafile {_path('cafile', services / 'ca.crt')}",
+            f"certfile {_path('certfile', services / 'server.crt')}",
+            f"keyfile {_path('keyfile', services / 'server.key')}",
+            f"crlfile {_path('crlfile', services / 'crl.pem')}",
+            f"tls_version {tls.tls_version}",
+            "require_certificate true",
+            "use_identity_as_username true",
+        ]
+    lines += [
         "",
         "# Observers (Telegraf, Node-RED, a SCADA): their own identities and read-only ACL;",
         "# the client id is the username, so an observer cannot take anyone's session.",

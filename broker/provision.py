@@ -112,12 +112,16 @@ def init_broker(settings: BrokerSettings, *, log_to_file: bool = False) -> Ident
     layout = settings.layout
     layout.secrets.mkdir(parents=True, exist_ok=True, mode=0o700)
     if settings.tls.enabled:
-        ca = DevCA(layout.pki)
-        ca.create()
-        if not (layout.pki / "server.crt").exists():
-            ca.issue_server(settings.server_hostnames)
-        if not ca.crl_path.exists():  # the TLS listener reads it (empty at first)
-            ca.write_crl()
+        # Two CAs: the devices' and the services'. The service listener trusts only the
+        # second, so a device's certificate cannot connect where the cloud does.
+        for folder, name in ((layout.pki, "edgefl development CA"),
+                             (layout.service_pki, "edgefl services CA")):
+            ca = DevCA(folder)
+            ca.create(name)
+            if not (folder / "server.crt").exists():
+                ca.issue_server(settings.server_hostnames)
+            if not ca.crl_path.exists():  # the TLS listeners read it (empty at first)
+                ca.write_crl()
     IdentityAuthority(layout.secrets).ensure()
     cloud = add_identity(settings, settings.cloud_username, tls=settings.tls.enabled,
                          allow_cloud=True)
@@ -141,7 +145,8 @@ def add_identity(
         username: device id or the cloud user.
         password: a chosen password; by default an existing one is kept, or a random
             one generated. Never logged.
-        tls: also issue a client certificate (CN = username) from the dev CA.
+        tls: also issue a client certificate (CN = username) from the dev CA (the
+            services' CA for the cloud).
         allow_cloud: a service identity (the cloud): its entry goes to the service
             listener's password file (only :func:`init_broker` does this).
 
@@ -169,9 +174,10 @@ def add_identity(
         logger.info("password entry written for %s (secret in %s)", username, secret)
     cert = None
     if tls:
-        ca = DevCA(layout.pki)
-        existing = CertPair(layout.pki / "clients" / f"{username}.crt",
-                            layout.pki / "clients" / f"{username}.key")
+        folder = layout.service_pki if allow_cloud else layout.pki
+        ca = DevCA(folder)
+        existing = CertPair(folder / "clients" / f"{username}.crt",
+                            folder / "clients" / f"{username}.key")
         cert = existing if existing.cert.exists() else ca.issue_client(username)
     keys = None if allow_cloud else IdentityAuthority(layout.secrets).issue(username)
     return Identity(username, secret, cert, keys)

@@ -22,6 +22,10 @@ class TlsListenerSettings(SettingsSection):
     enabled: bool = False
     host: str = "127.0.0.1"
     port: Port = 8883
+    service_port: Port = Field(
+        default=8884, description="mTLS listener of the services (the cloud): only "
+        "certificates of the services' own CA (pki/services) connect there, so no device "
+        "certificate can reach it; each cloud instance keeps its own client id")
     require_certificate: bool = Field(
         default=True, description="mTLS: clients must present a certificate signed by the CA"
     )
@@ -148,6 +152,11 @@ class BrokerLayout:
     def pki(self) -> Path:
         """Development CA, server and client certificates."""
         return self.root / "pki"
+
+    @property
+    def service_pki(self) -> Path:
+        """The services' CA (the cloud's certificates), its server certificate and CRL."""
+        return self.pki / "services"
 
     def secret_file(self, username: str) -> Path:
         """Password file of one identity."""

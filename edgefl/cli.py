@@ -85,13 +85,21 @@ def demo_cmd(
     broker: Annotated[
         BrokerChoice, typer.Option(help="auto: Mosquitto when installed, else embedded amqtt")
     ] = BrokerChoice.AUTO,
+    tls: Annotated[bool, typer.Option(
+        "--tls", help="Every client connects with a certificate (mTLS); needs Mosquitto")
+    ] = False,
 ) -> None:
     """Run the demo on a local broker (Mosquitto, or the embedded one) and exit."""
+    from broker.errors import BrokerError
     from edgefl.demo import run_demo
 
-    summary = run_demo(devices=devices, reports=reports, rounds=rounds, data_dir=data_dir,
-                       json_path=json_path, plot_dir=plot_dir,
-                       broker_kind=broker.value)
+    try:
+        summary = run_demo(devices=devices, reports=reports, rounds=rounds,
+                           data_dir=data_dir, json_path=json_path, plot_dir=plot_dir,
+                           broker_kind=broker.value, tls=tls)
+    except BrokerError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     raise typer.Exit(0 if summary.ok else 1)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import ssl
 import tempfile
 import threading
 import time
@@ -91,6 +92,8 @@ class DemoSummary:
     mqtt_version: str
     devices: int
     telemetry_expected: int
+    tls: bool = False
+    """Every client (devices, cloud, observer) connected with its certificate (mTLS)."""
     received: dict[str, int] = field(default_factory=dict)
     valid: int = 0
     refused: dict[str, int] = field(default_factory=dict)
@@ -126,7 +129,7 @@ class Observer:
         subscribed = threading.Event()
         self.client.on_subscribe = lambda *_a: subscribed.set()
         self.client.on_connect = lambda c, *_a: c.subscribe(topics.all(), qos=1)
-        self.client.connect(broker.host, broker.service_port)
+        _connect(self.client, broker, "edgefl-cloud")
         self.client.loop_start()
         if not subscribed.wait(WAIT_S):
             raise TimeoutError("observer did not get SUBACK")
@@ -177,12 +180,24 @@ class Observer:
 
 
 def _client(client_id: str, broker: LocalBroker, username: str) -> mqtt.Client:
+    """An unconnected client of ``username``: its certificate with TLS, else its password."""
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                          protocol=mqtt.MQTTv5 if broker.mqtt5 else mqtt.MQTTv311)
+    if broker.tls:
+        files = broker.tls_files(username)
+        client.tls_set(ca_certs=str(files["ca_file"]), certfile=str(files["cert_file"]),
+                       keyfile=str(files["key_file"]), tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        return client
     creds = broker.credentials(username)
     if creds is not None:
         client.username_pw_set(*creds)
     return client
+
+
+def _connect(client: mqtt.Client, broker: LocalBroker, username: str) -> None:
+    """Connect ``client`` (made by :func:`_client`) to the listener of ``username``."""
+    port = broker.tls_port_for(username) if broker.tls else broker.port_for(username)
+    client.connect(broker.host, port)
 
 
 def _retained_state(broker: LocalBroker, topics: Topics, device_id: str, expect: str) -> bool:
@@ -207,7 +222,7 @@ def _retained_state(broker: LocalBroker, topics: Topics, device_id: str, expect:
     topic = topics.device_state(device_id)
     late = _client("demo-late-subscriber", broker, "edgefl-cloud")
     late.on_message = on_message
-    late.connect(broker.host, broker.service_port)
+    _connect(late, broker, "edgefl-cloud")
     late.loop_start()
     deadline = time.monotonic() + WAIT_S
     ok = False
@@ -240,13 +255,8 @@ def _fl_config(rounds: int, devices: int) -> dict[str, object]:
 
 def _agent(broker: LocalBroker, device_id: str, folder: Path, key: Ed25519PrivateKey,
            interval_s: float, index: int, count: int) -> EdgeAgent:
-    creds = broker.credentials(device_id)
-    mqtt_settings: dict[str, object] = {
-        "host": broker.host, "port": broker.port, "protocol": 5 if broker.mqtt5 else 4,
-        "reconnect_min_s": 0.2, "reconnect_max_s": 2.0,
-    }
-    if creds is not None:
-        mqtt_settings["password"] = creds[1]
+    mqtt_settings = broker.client_settings(device_id) | {"reconnect_min_s": 0.2,
+                                                         "reconnect_max_s": 2.0}
     settings = EdgeSettings.model_validate({
         "device_id": device_id, "state_dir": folder / device_id, "mqtt": mqtt_settings,
         "telemetry": {"interval_s": interval_s},
@@ -263,13 +273,19 @@ def run_demo(
     json_path: Path | None = None, plot_dir: Path | None = None,
     console: Console | None = None,
     broker_kind: Literal["auto", "mosquitto", "amqtt"] = "auto",
+    tls: bool = False,
 ) -> DemoSummary:
-    """Run the demo end to end and return what was observed."""
+    """Run the demo end to end and return what was observed.
+
+    With ``tls`` every client (the devices, the cloud, the observer) connects to
+    Mosquitto's mTLS listeners with a certificate from the broker's CAs, and no password.
+    """
     console = console or Console()
     with tempfile.TemporaryDirectory(prefix="edgefl-demo-") as tmp:
         folder = data_dir or Path(tmp)
         ids = [f"demo-{i:02d}" for i in range(devices)]
-        broker = start_local_broker(folder / "broker", device_ids=ids, kind=broker_kind)
+        broker = start_local_broker(folder / "broker", device_ids=ids, kind=broker_kind,
+                                    tls=tls)
         try:
             return _run(broker, ids, reports, rounds, folder, console, json_path, plot_dir)
         finally:
@@ -285,10 +301,16 @@ def _run(broker: LocalBroker, ids: list[str], reports: int, rounds: int, folder:
             "(MQTT 3.1.1, no ACL). `sudo apt-get install mosquitto` for the real one."
         )
     console.print(f"broker: {broker.kind} on {broker.host}:{broker.port}")
+    if broker.tls:
+        tls = broker.settings.tls
+        console.print(f"mTLS: devices on {tls.host}:{tls.port}, the cloud on "
+                      f"{tls.host}:{tls.service_port} (the services' CA); every client "
+                      "below connects with its certificate, no password")
     topics = Topics()
     interval = 0.25
     summary = DemoSummary(broker=broker.kind, mqtt_version="5" if broker.mqtt5 else "3.1.1",
-                          devices=len(ids), telemetry_expected=len(ids) * reports)
+                          tls=broker.tls, devices=len(ids),
+                          telemetry_expected=len(ids) * reports)
     observer = Observer(broker, topics)
     key = Ed25519PrivateKey.generate()
     save_signing_key(key, folder / "cloud" / "keys" / "release.pem")
@@ -514,11 +536,7 @@ def _optimize(cloud: ServiceThread, summary: DemoSummary, console: Console) -> s
 
 
 def _cloud(broker: LocalBroker, folder: Path, fl: dict[str, object]) -> ServiceThread:
-    creds = broker.credentials("edgefl-cloud")
-    mqtt: dict[str, object] = {"host": broker.host, "port": broker.service_port,
-                               "protocol": 5 if broker.mqtt5 else 4}
-    if creds is not None:
-        mqtt["password"] = creds[1]
+    mqtt = broker.client_settings("edgefl-cloud")
     settings = CloudSettings.model_validate({
         "instance": "demo-cloud", "data_dir": folder, "mqtt": mqtt,
         "ingest": {"flush_interval_s": 0.1}, "alerts": {"tick_interval_s": 0.5},

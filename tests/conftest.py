@@ -63,11 +63,18 @@ class RunningBroker:
         """Password of a provisioned identity."""
         return self.identities[username].password()
 
+    @property
+    def tls_service_port(self) -> int:
+        """The services' mTLS listener (the cloud's certificate; the services' CA only)."""
+        return self.settings.tls.service_port
+
     def tls_files(self, username: str) -> TlsFiles:
-        """CA, client certificate and key of an identity provisioned with TLS."""
+        """CA of its listener, client certificate and key of an identity provisioned with TLS."""
         cert = self.identities[username].cert
         assert cert is not None, f"{username} has no certificate"
-        return TlsFiles(self.settings.layout.pki / "ca.crt", cert.cert, cert.key)
+        layout = self.settings.layout
+        pki = layout.service_pki if username == self.cloud_username else layout.pki
+        return TlsFiles(pki / "ca.crt", cert.cert, cert.key)
 
     def client(self, username: str, *, client_id: str | None = None, protocol: int = 5,
                will: tuple[str, bytes, bool] | None = None) -> SyncClient:
@@ -100,7 +107,7 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningBroke
     settings = BrokerSettings(
         data_dir=data, port=free_port(), service_port=free_port(), observer_port=free_port(),
         topic_root=TEST_ROOT_FILTER,
-        tls=TlsListenerSettings(enabled=True, port=free_port()),
+        tls=TlsListenerSettings(enabled=True, port=free_port(), service_port=free_port()),
     )
     cloud = init_broker(settings, log_to_file=True)
     identities = {cloud.username: cloud}

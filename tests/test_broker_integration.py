@@ -374,6 +374,47 @@ def _refused_over_tls(mosquitto: RunningBroker, files: TlsFiles) -> bool:
         client.close()
 
 
+def test_the_services_tls_listener_takes_only_certificates_of_the_services_ca(
+    mosquitto: RunningBroker, topics: Topics,
+) -> None:
+    """The cloud's certificate comes from a CA of its own: devices cannot connect there.
+
+    A device certificate on the services' listener could otherwise pick the cloud's
+    client id and take its session; the services' listener does not trust the devices' CA.
+    """
+    cloud_files = mosquitto.tls_files(mosquitto.cloud_username)
+    cloud = SyncClient(mosquitto.host, mosquitto.tls_service_port,
+                       client_id=f"edgefl-cloud-{uuid.uuid4().hex[:6]}", tls=cloud_files)
+    assert not cloud.connect().is_failure
+    cloud.subscribe(topics.all())
+    assert cloud.publish(topics.cloud_state(), b"", retain=True) in DELIVERED  # cloud rights
+    device = SyncClient(mosquitto.host, mosquitto.tls_port, client_id="dev-tls",
+                        tls=mosquitto.tls_files("dev-tls"))
+    assert not device.connect().is_failure
+    assert device.publish(topics.telemetry("dev-tls"), b"{}") in DELIVERED
+    cloud.wait_topic(topics.telemetry("dev-tls"))
+    device.close()
+    cloud.close()
+    device_files = mosquitto.tls_files("dev-tls")
+    for port, files in (
+        (mosquitto.tls_service_port, TlsFiles(cloud_files.ca, device_files.cert,
+                                              device_files.key)),  # a device's certificate
+        (mosquitto.tls_port, TlsFiles(device_files.ca, cloud_files.cert,
+                                      cloud_files.key)),  # the cloud's, where devices are
+    ):
+        rogue = SyncClient(mosquitto.host, port, client_id="edgefl-cloud-rogue", tls=files)
+        try:
+            assert rogue.connect(timeout=5).is_failure or not rogue.client.is_connected()
+        finally:
+            rogue.close()
+    bare = SyncClient(mosquitto.host, mosquitto.tls_service_port, client_id="no-cert",
+                      username=mosquitto.cloud_username,
+                      password=mosquitto.password(mosquitto.cloud_username))
+    bare.client.tls_set(ca_certs=str(cloud_files.ca))
+    assert bare.connect(timeout=5).is_failure  # a password is not a certificate
+    bare.close()
+
+
 def test_tls_listener_refuses_a_certificate_of_another_ca(mosquitto: RunningBroker,
                                                           tmp_path: Path) -> None:
     other = DevCA(tmp_path / "other-pki")

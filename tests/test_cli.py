@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -132,6 +133,44 @@ def test_add_device_with_chosen_password_and_tls(tmp_path: Path) -> None:
     assert not PasswordFile(data / "passwd").check("pi-9", "chosen-secret")
     assert not (data / "pki" / "clients" / "pi-9.crt").exists()
     assert not (data / "pki" / "clients" / "pi-9.key").exists()
+
+
+@pytest.mark.integration
+def test_demo_over_mtls_connects_every_client_with_its_certificate(tmp_path: Path) -> None:
+    """`edgefl demo --tls`: devices, the cloud and the observer on the mTLS listeners only.
+
+    No client has a password in this mode, so a client on a plain listener would be
+    refused; the broker's log also shows on which port each client connected.
+    """
+    data = tmp_path / "demo"
+    summary_path = tmp_path / "demo.json"
+    result = subprocess.run([*EDGEFL, "demo", "--tls", "--devices", "4", "--rounds", "3",
+                             "--reports", "3", "--data-dir", str(data),
+                             "--json", str(summary_path)],
+                            capture_output=True, text=True, timeout=180, cwd=REPO,
+                            env={**os.environ, "COLUMNS": "100"}, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads(summary_path.read_text())
+    assert summary["ok"] is True and summary["tls"] is True
+    assert summary["acl_denied_reason"] == 0x87  # the ACL holds for certificate identities
+    assert summary["rollout"]["state"] == "completed"
+    config = (data / "broker" / "mosquitto.conf").read_text().splitlines()
+    listeners = [int(line.split()[1]) for line in config if line.startswith("listener ")]
+    plain_device, tls_device, plain_service, tls_service, observer = listeners
+    log = (data / "broker" / "mosquitto.log").read_text()
+    port_of = dict(re.findall(r"New connection from (\S+) on port (\d+)\.", log))
+    clients = re.findall(r"New client connected from (\S+) as (\S+) \(.*u'([^']+)'\)", log)
+    by_port = {(int(port_of[peer]), username) for peer, _id, username in clients}
+    devices = {f"demo-{i:02d}" for i in range(4)}
+    assert {u for p, u in by_port if p == tls_device} == devices
+    assert {u for p, u in by_port if p == tls_service} == {"edgefl-cloud"}
+    assert not {p for p, _u in by_port} & {plain_device, plain_service, observer}, by_port
+
+
+def test_demo_over_tls_needs_mosquitto() -> None:
+    result = _run("demo", "--tls", "--broker", "amqtt")
+    assert result.returncode == 2
+    assert "TLS needs Mosquitto" in result.stderr
 
 
 @pytest.mark.integration

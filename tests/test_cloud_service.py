@@ -17,6 +17,7 @@ from schemas.topics import TopicKind, Topics
 from tests.agent_fixtures import AgentFactory, wait_until
 from tests.cloud_fixtures import CloudFactory, RunningCloud
 from tests.conftest import RunningBroker
+from tests.mqtt_client import SyncClient
 
 pytestmark = pytest.mark.integration
 HW = HardwareInfo(platform="Linux", machine="aarch64", cpu_count=4, memory_total_mb=2048.0)
@@ -75,6 +76,26 @@ def test_fleet_telemetry_lands_in_sqlite_exactly_once(make_cloud: CloudFactory,
     wait_until(lambda: stored(cloud, device.id) == [0, 1], what="two distinct rows")
     assert cloud.service.counters["duplicate_telemetry"] == 1
     device.client.close()
+
+
+def test_the_cloud_service_runs_over_mtls(make_cloud: CloudFactory, mosquitto: RunningBroker,
+                                         topics: Topics) -> None:
+    """The cloud on the services' mTLS listener, a device on the devices': no password."""
+    files = mosquitto.tls_files(mosquitto.cloud_username)
+    cloud = make_cloud(mqtt={"port": mosquitto.tls_service_port, "password": None,
+                             "tls": {"ca_file": files.ca, "cert_file": files.cert,
+                                     "key_file": files.key}})
+    device = SyncClient(mosquitto.host, mosquitto.tls_port, client_id="dev-tls",
+                        tls=mosquitto.tls_files("dev-tls"))
+    assert not device.connect().is_failure
+    session = uuid.uuid4().hex[:8]
+    for seq in range(3):
+        body = {"device_id": "dev-tls", "session_id": session, "seq": seq, "ts": now(),
+                "cpu_percent": 10.0, "memory_percent": 20.0, "disk_percent": 30.0}
+        assert device.publish(topics.telemetry("dev-tls"), json.dumps(body).encode()) in (
+            0, 0x10)
+    wait_until(lambda: stored(cloud, "dev-tls") == [0, 1, 2], what="stored over mTLS")
+    device.close()
 
 
 @pytest.mark.parametrize(("change", "reason"), [
