@@ -19,7 +19,13 @@ import numpy as np
 from edge_node.agent import EdgeAgent
 from edge_node.errors import EdgeError
 from edge_node.heterogeneity import DeviceProfile
-from edge_node.settings import EdgeSettings, FLTaskSettings, MqttSettings, SimulatedDevice
+from edge_node.settings import (
+    EdgeSettings,
+    FLTaskSettings,
+    MqttSettings,
+    SecAggSettings,
+    SimulatedDevice,
+)
 from edge_node.system_metrics import SystemSample, sample
 from schemas.client_settings import TlsClientSettings
 
@@ -84,11 +90,17 @@ def fleet_settings(
     overrides it; ``fl_tasks`` (name -> import path) makes every
     device a member of those tasks, device ``i`` holding partition ``i`` of
     ``partitions`` (the fleet's size by default). The outbox is not fsynced on
-    every write (it survives a crash of the process, not of the machine).
+    every write (it survives a crash of the process, not of the machine). When
+    ``secrets_dir`` also holds the identities ``add-device`` issued
+    (``identities/{id}.key`` and ``.json``, and ``identity-authority.pub``), each
+    device takes part in tasks that aggregate securely with its own.
     """
     result = []
     template = base or EdgeSettings(device_id="fleet-template")
     total = partitions or (first_index + count)
+    authority = secrets_dir / "identity-authority.pub" if secrets_dir else None
+    authority_key = authority.read_text().strip() \
+        if authority is not None and authority.is_file() else None
     for i in range(first_index, first_index + count):
         device_id = f"{prefix}{i:03d}"
         password_file = secrets_dir / f"{device_id}.password" if secrets_dir else None
@@ -103,19 +115,25 @@ def fleet_settings(
         tasks = dict(template.fl.tasks)
         for name, path in (fl_tasks or {}).items():
             tasks[name] = FLTaskSettings(path=path, partition=i % total, partitions=total)
+        fl_update: dict[str, object] = {"tasks": tasks}
+        identities = secrets_dir / "identities" if secrets_dir else None
+        if authority_key is not None and identities is not None \
+                and (identities / f"{device_id}.key").is_file():
+            fl_update["secagg"] = SecAggSettings(
+                identity_key=identities / f"{device_id}.key",
+                certificate=identities / f"{device_id}.json", authority_key=authority_key)
         update: dict[str, object] = {
             "device_id": device_id, "state_dir": state_root / device_id, "mqtt": device_mqtt,
             "telemetry": template.telemetry if interval_s is None
             else template.telemetry.model_copy(update={"interval_s": interval_s}),
             "buffer": template.buffer.model_copy(update={"durable": False}),
-            "fl": template.fl.model_copy(update={"tasks": tasks}),
         }
         profile = (profiles or {}).get(device_id)
         if profile is not None:
-            update["fl"] = template.fl.model_copy(update={
-                "tasks": tasks, "simulation": SimulatedDevice(
-                    speed_factor=profile.speed_factor, failure_rate=profile.failure_rate,
-                    seed=profile.seed)})
+            fl_update["simulation"] = SimulatedDevice(
+                speed_factor=profile.speed_factor, failure_rate=profile.failure_rate,
+                seed=profile.seed)
+        update["fl"] = template.fl.model_copy(update=fl_update)
         if topic_root:
             update["topic_root"] = topic_root
         result.append(EdgeSettings.model_validate(

@@ -46,9 +46,13 @@ def test_the_manual_path_of_the_readme_runs_as_written(tmp_path: Path) -> None:
     (model_ops,) = re.findall(r"```console\n(.*?)```", section("Model operations"), re.DOTALL)
     private = section("Differential privacy")
     (privacy_ops,) = re.findall(r"```console\n(.*?)```", private, re.DOTALL)
-    ((task_file, task_file_name),) = re.findall(r"```yaml\n(# (\S+):.*?)```", private,
-                                                re.DOTALL)
-    files[task_file_name] = task_file
+    task_files = re.findall(r"```yaml\n(# (\S+):.*?)```", private, re.DOTALL)
+    assert [name for _text, name in task_files] == ["digits-dp.yaml", "digits-secure.yaml"]
+    for task_file, task_file_name in task_files:
+        files[task_file_name] = task_file
+    stated = re.search(r"`digits-secure` finishes its 3 rounds with epsilon ([0-9.]+) spent",
+                       " ".join(private.split()))
+    assert stated, "the README states the epsilon the secure task reaches"
     for file_name, body in files.items():
         (tmp_path / file_name).write_text(body)
     ports = {"device": free_port(), "service": free_port(), "observer": free_port()}
@@ -111,6 +115,10 @@ def test_the_manual_path_of_the_readme_runs_as_written(tmp_path: Path) -> None:
         spent = re.findall(r"privacy: epsilon ([0-9.]+) spent", private_run)
         assert spent and 0 < float(spent[0]) <= 8, private_run
         assert "privacy: epsilon" in runs["edgefl fl"][2]
+        # Secure aggregation with distributed DP: finished, the epsilon the README states.
+        secure_run = " ".join(runs["edgefl fl"][3].split())
+        assert "task digits-secure: finished" in secure_run, secure_run
+        assert f"privacy: epsilon {stated[1]} spent" in secure_run, secure_run
     finally:
         for proc in reversed(background):
             if proc.poll() is None:
