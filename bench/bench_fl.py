@@ -14,9 +14,13 @@ coordinator aggregates and evaluates on the held-out digits test split. Prints J
   top-k 10 % + int8 (FedAvg, alpha 0.5).
 * overhead: wall time of a round minus the slowest client's training time, 10 devices,
   a 112k-parameter MLP, every device each round.
-* robustness: FedAvg, median, trimmed mean (beta 0.3) and Krum with 0, 1, 2 and 3 of
-  the 10 devices attacking (updates scaled by 10, or sign-flipped and scaled by 4),
-  alpha 0.5, every device each round; final and best accuracy.
+* robustness: FedAvg, median, trimmed mean (beta 0.3), Krum and Multi-Krum (f = the
+  attackers, at least 1; m = n - f) with 0, 1, 2 and 3 of the 10 devices attacking
+  (updates scaled by 10, or sign-flipped and scaled by 4), alpha 0.5, every device each
+  round; final and best accuracy. The reference for k attackers is FedAvg over the
+  10 - k honest devices alone (``fedavg/absent_kof10``): the attackers' partitions
+  of the non-IID data are then missing, as they are from any aggregate that
+  discards their updates.
 * privacy: privacy against utility, FedAvg alpha 0.5: final accuracy without
   differential privacy and at epsilon 1, 3 and 8 (delta 1e-5; the noise multiplier
   calibrated by dp-accounting for the rounds at 50 % participation), in central and
@@ -58,8 +62,13 @@ def run(broker: LocalBroker, folder: Path, ids: list[str], *, rounds: int, alpha
         compression: dict[str, Any] | None = None, fraction: float = 0.5,
         task_kwargs: dict[str, Any] | None = None,
         privacy: dict[str, Any] | None = None,
-        attack: dict[str, Any] | None = None, attackers: int = 0) -> dict[str, Any]:
-    """One federated task on the real system; returns the coordinator's history."""
+        attack: dict[str, Any] | None = None, attackers: int = 0,
+        partitions: int | None = None) -> dict[str, Any]:
+    """One federated task on the real system; returns the coordinator's history.
+
+    Device ``i`` holds partition ``i`` of ``partitions`` (by default one per device):
+    with fewer devices than partitions, the last partitions' data is absent.
+    """
     # The broker's ACL covers the default root; each run has a task name of its own.
     root = "edgefl/v1"
     name = f"digits-{uuid.uuid4().hex[:6]}"
@@ -85,7 +94,7 @@ def run(broker: LocalBroker, folder: Path, ids: list[str], *, rounds: int, alpha
                      "password": broker.credentials(device_id)[1]},  # type: ignore[index]
             "telemetry": {"interval_s": 1.0},
             "fl": {"tasks": {name: {"path": "fl_tasks.digits:DigitsTask", "options": kwargs,
-                                        "partition": i, "partitions": len(ids),
+                                        "partition": i, "partitions": partitions or len(ids),
                                         "scheme": "dirichlet", "alpha": alpha,
                                         "attack": attack if i >= len(ids) - attackers
                                         else None}}},
@@ -147,9 +156,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-fl-") as tmp:
         folder = Path(tmp)
         # One fresh pool of device ids per run (persistent sessions never mix): 8 quality,
-        # 4 compression, 1 overhead, 28 robustness and 7 privacy runs. Forty-five pools
-        # ran out at the last privacy run.
-        ids = [f"fl-{i:03d}" for i in range(DEVICES * 48)]
+        # 4 compression, 1 overhead, 3 + 35 robustness and 7 privacy runs.
+        ids = [f"fl-{i:03d}" for i in range(DEVICES * (8 + 4 + 1 + 3 + 35 + 7))]
         broker = start_local_broker(folder / "broker", device_ids=ids, kind="mosquitto")
         pools = iter([ids[i:i + DEVICES] for i in range(0, len(ids), DEVICES)])
         result: dict[str, Any] = {"benchmark": "federated_learning", "devices": DEVICES,
@@ -227,17 +235,28 @@ def robustness_pools(broker: LocalBroker, folder: Path, pools: Any, rounds: int,
         ("median", "median", lambda f: {}),
         ("trimmed_mean", "trimmed_mean", lambda f: {"beta": 0.3}),
         ("krum", "krum", lambda f: {"num_byzantine": f}),
+        ("multikrum", "multikrum", lambda f: {"num_byzantine": f}),
     ]
     attacks = {"scale10": {"kind": "scale", "factor": 10.0},
                "sign_flip4": {"kind": "sign_flip", "factor": 4.0}}
     out: dict[str, Any] = {}
+    for k in (1, 2, 3):  # the reference: the honest devices alone, attackers absent
+        ids = next(pools)[: DEVICES - k]
+        result = run(broker, folder, ids, rounds=rounds, alpha=0.5, fraction=1.0,
+                     partitions=DEVICES)
+        accs = curve(result)
+        key = f"fedavg/absent_{k}of{DEVICES}"
+        out[key] = {"final_accuracy": accs[-1] if accs else None,
+                    "best_accuracy": max(accs) if accs else None,
+                    "state": result["state"], "seconds": round(result["seconds"], 1)}
+        print(json.dumps({key: out[key]}), file=sys.stderr, flush=True)
     for label, strategy, params in strategies:
         runs = [("clean", None, 0)] + [(f"{name}_{k}of{DEVICES}", spec, k)
                                        for k in (1, 2, 3) for name, spec in attacks.items()]
         for case, attack, count in runs:
             result = run(broker, folder, next(pools), rounds=rounds, alpha=0.5,
-                         strategy=strategy, params=params(max(count, 1) if label == "krum"
-                                                          else count),
+                         strategy=strategy,
+                         params=params(max(count, 1) if "krum" in label else count),
                          fraction=1.0, attack=attack, attackers=count)
             accs = curve(result)
             key = f"{label}/{case}"

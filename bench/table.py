@@ -120,13 +120,19 @@ def fl(r: dict[str, Any]) -> list[Row]:
     rob = r.get("robustness", {})
     if rob:
         clean = rob["fedavg/clean"]["final_accuracy"]
-        best = max(("median", "trimmed_mean", "krum"),
-                   key=lambda s: rob[f"{s}/sign_flip4_2of10"]["final_accuracy"])
-        rows.append(("fl", f"accuracy with 2 of 10 devices sign-flipping, {best}",
-                     f"{rob[f'{best}/sign_flip4_2of10']['final_accuracy']:.3f}",
-                     f"{clean:.3f} FedAvg without attackers; FedAvg attacked "
-                     f"{rob['fedavg/sign_flip4_2of10']['final_accuracy']:.3f}",
-                     _x(rob[f"{best}/sign_flip4_2of10"]["final_accuracy"] / clean)))
+        absent = rob["fedavg/absent_2of10"]["final_accuracy"]
+        robust = [s for s in ("median", "trimmed_mean", "krum", "multikrum")
+                  if f"{s}/sign_flip4_2of10" in rob]
+        for attack, what in (("sign_flip4", "sign-flipping"), ("scale10", "scaling by 10")):
+            scores = {s: float(rob[f"{s}/{attack}_2of10"]["final_accuracy"]) for s in robust}
+            best = max(scores, key=scores.__getitem__)
+            value = scores[best]
+            rows.append(("fl", f"accuracy with 2 of 10 devices {what}, best robust: {best}",
+                         f"{value:.3f}",
+                         f"{absent:.3f} FedAvg of the 8 honest devices alone; {clean:.3f} all "
+                         f"10 honest; FedAvg attacked "
+                         f"{rob[f'fedavg/{attack}_2of10']['final_accuracy']:.3f}",
+                         _x(value / absent)))
     priv = r.get("privacy", {})
     if "no_dp" in priv and "central_eps8" in priv:
         rows.append(("fl", "accuracy with central DP at epsilon 8 (delta 1e-5)",
