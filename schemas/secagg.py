@@ -40,6 +40,7 @@ This module holds the two state machines without any transport: :class:`SecAggDe
 from __future__ import annotations
 
 import base64
+import functools
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -278,6 +279,23 @@ def verify_identity(identity: DeviceIdentity, authority: Ed25519PublicKey) -> Ed
                           "by the fleet's identity authority") from exc
 
 
+@functools.lru_cache(maxsize=16_384)
+def _certified_raw(authority: bytes, identity: DeviceIdentity) -> bytes:
+    return verify_identity(identity, Ed25519PublicKey.from_public_bytes(authority)) \
+        .public_bytes_raw()
+
+
+def _certified_key(identity: DeviceIdentity, authority: Ed25519PublicKey) -> Ed25519PublicKey:
+    """:func:`verify_identity`, remembered per certificate and authority.
+
+    A certificate lasts as long as the device's provisioning, and every round's roster
+    carries every member's again: each is checked once per process (a refused one every
+    time, since only results are remembered).
+    """
+    raw = _certified_raw(authority.public_bytes_raw(), identity)
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
 def share_aad(context: bytes, sender: str, recipient: str) -> bytes:
     """Associated data of one encrypted pair of shares: it cannot be moved to another pair."""
     return context + _field(sender) + _field(recipient)
@@ -300,13 +318,14 @@ def agree(private: X25519PrivateKey, peer_public: bytes, context: bytes, label: 
 def expand(seed: bytes, count: int) -> np.ndarray:
     """``count`` pseudo-random uint32 (little-endian) from a 32-byte seed.
 
-    The PRG both sides run for masks: ChaCha20's keystream.
+    The PRG both sides run for masks: ChaCha20's keystream. The array is a read-only
+    view of the keystream (no copy): add it to another, do not write to it.
     """
     if len(seed) != SEED_BYTES:
         raise SecAggError("bad_seed", f"a seed is {SEED_BYTES} bytes, got {len(seed)}")
     encryptor = Cipher(algorithms.ChaCha20(seed, _ZERO_NONCE), mode=None).encryptor()
     stream = encryptor.update(bytes(4 * count))
-    return np.frombuffer(stream, dtype="<u4").astype(np.uint32)
+    return np.frombuffer(stream, dtype="<u4")
 
 
 def pairwise_sign(me: str, other: str) -> int:
@@ -396,7 +415,7 @@ def _roster_peers(roster: SecAggRoster, authority: Ed25519PublicKey) -> dict[str
         if advert.identity.device_id != advert.device_id:
             raise SecAggError("bad_identity", f"{advert.device_id} signed with the identity "
                               f"of {advert.identity.device_id}")
-        identity = verify_identity(advert.identity, authority)
+        identity = _certified_key(advert.identity, authority)
         try:
             identity.verify(_unb64(advert.signature, "signature"),
                             advertise_signing_bytes(advert))

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from broker.device_identity import IdentityAuthority, authority_id, load_identity_key
 from broker.provision import add_identities, add_identity, init_broker, remove_identity
 from broker.settings import BrokerSettings
+from schemas import secagg
 from schemas.base import decode_message
 from schemas.secagg import (
     DeviceIdentity,
@@ -115,3 +116,31 @@ def test_secure_aggregation_takes_provisioned_devices_and_refuses_another_fleets
         server.add_advert(device.advertise())
     with pytest.raises(SecAggError, match="bad_identity"):
         devices[0].share_keys(server.close_adverts(), authority)
+
+
+def test_a_certificate_is_checked_once_per_authority_and_a_refused_one_every_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every round's roster carries every member's certificate again; each is checked
+    once per process, under the authority it was checked with, and never a refusal."""
+    ours = BrokerSettings(data_dir=tmp_path / "ours", port=1999)
+    theirs = BrokerSettings(data_dir=tmp_path / "theirs", port=1999)
+    add_identities(ours, ["pi-01"])
+    add_identities(theirs, ["pi-01"])
+    certificate = decode_message(DeviceIdentity, (
+        ours.layout.secrets / "identities" / "pi-01.json").read_bytes())
+    checked: list[str] = []
+
+    def counting(identity: DeviceIdentity, authority: Ed25519PublicKey) -> Ed25519PublicKey:
+        checked.append(identity.device_id)
+        return verify_identity(identity, authority)
+
+    monkeypatch.setattr(secagg, "verify_identity", counting)
+    secagg._certified_raw.cache_clear()
+    key = secagg._certified_key(certificate, _authority_public(ours.layout.root))
+    again = secagg._certified_key(certificate, _authority_public(ours.layout.root))
+    assert key.public_bytes_raw() == again.public_bytes_raw() and len(checked) == 1
+    for _ in range(2):
+        with pytest.raises(SecAggError, match="bad_identity"):
+            secagg._certified_key(certificate, _authority_public(theirs.layout.root))
+    assert len(checked) == 3
