@@ -63,7 +63,8 @@ def run(broker: LocalBroker, folder: Path, ids: list[str], *, rounds: int, alpha
         task_kwargs: dict[str, Any] | None = None,
         privacy: dict[str, Any] | None = None,
         attack: dict[str, Any] | None = None, attackers: int = 0,
-        partitions: int | None = None) -> dict[str, Any]:
+        partitions: int | None = None, task: str = "fl_tasks.digits:DigitsTask",
+        seed: int = 0) -> dict[str, Any]:
     """One federated task on the real system; returns the coordinator's history.
 
     Device ``i`` holds partition ``i`` of ``partitions`` (by default one per device):
@@ -80,7 +81,7 @@ def run(broker: LocalBroker, folder: Path, ids: list[str], *, rounds: int, alpha
         "data_dir": folder / uuid.uuid4().hex[:8],
         "mqtt": {"host": broker.host, "port": broker.service_port, "password": creds[1]},
         "fl": {name: {
-            "task": "fl_tasks.digits:DigitsTask", "task_kwargs": kwargs, "rounds": rounds,
+            "task": task, "task_kwargs": kwargs, "rounds": rounds, "seed": seed,
             "strategy": strategy, "strategy_params": params or {}, "fraction_fit": fraction,
             "min_fit_clients": max(1, round(fraction * len(ids))),
             "min_available_clients": len(ids), "round_timeout_s": 60, "hyperparams": HP,
@@ -93,7 +94,7 @@ def run(broker: LocalBroker, folder: Path, ids: list[str], *, rounds: int, alpha
             "mqtt": {"host": broker.host, "port": broker.port,
                      "password": broker.credentials(device_id)[1]},  # type: ignore[index]
             "telemetry": {"interval_s": 1.0},
-            "fl": {"tasks": {name: {"path": "fl_tasks.digits:DigitsTask", "options": kwargs,
+            "fl": {"tasks": {name: {"path": task, "options": kwargs,
                                         "partition": i, "partitions": partitions or len(ids),
                                         "scheme": "dirichlet", "alpha": alpha,
                                         "attack": attack if i >= len(ids) - attackers

@@ -39,7 +39,7 @@ PACKAGES = ("torch", "onnxruntime", "ai-edge-litert", "paho-mqtt", "aiomqtt", "n
 FULL: dict[str, list[str]] = {
     "schemas": [], "inference": [], "aggregation": [], "ingest": ["--fl-params", "1000000"],
     "fleet": [], "fl": [], "models": [], "rollout": [], "sustained": ["--compare"],
-    "secagg": [],
+    "secagg": [], "fl_seeds": [],
 }
 """Every benchmark with the arguments its published figures come from."""
 QUICK: dict[str, list[str]] = {
@@ -53,6 +53,7 @@ QUICK: dict[str, list[str]] = {
     "rollout": ["--devices", "5", "--sizes-mb", "0.2", "--repeats", "1"],
     "sustained": ["--devices", "20", "--seconds", "5", "--compare"],
     "secagg": ["--devices", "3", "--rounds", "2"],
+    "fl_seeds": ["--seeds", "2", "--rounds", "2"],
 }
 """The same benchmarks, small: to check that each still runs, not to compare figures."""
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fl_tasks.base import LocalData, Partition, Weights, set_weights
+from fl_tasks.base import FLTask, LocalData, Partition, Weights, set_weights
 from fl_tasks.digits import DigitsTask
 from schemas.fl import HyperParams
 
@@ -28,13 +28,15 @@ class Baseline:
     epochs: int
 
 
-def centralized_baseline(task: DigitsTask, partitions: list[Partition], hp: HyperParams,
+def centralized_baseline(task: FLTask, partitions: list[Partition], hp: HyperParams,
                          epochs: int, seed: int = 0) -> Baseline:
     """Train the task's model centrally for ``epochs`` on the union of the devices' data."""
     shares = [task.local_data(p) for p in partitions]
     x = np.concatenate([s.x_train for s in shares])
     y = np.concatenate([s.y_train for s in shares])
     central = task.central_data()
+    if central is None:
+        raise ValueError(f"{type(task).__name__} has no central test split to measure on")
     data = LocalData(x, y, central[0][:1], central[1][:1])
     initial = {k: v.detach().numpy().astype(np.float32).copy()
                for k, v in task.build_model().state_dict().items()}
