@@ -69,6 +69,8 @@ TASK_REQUESTS_S = 0.5
 TWIN_MEMORY_S = 60.0
 """How long another process with this instance name is remembered (for the backoff)."""
 FL_DEVICE_KINDS = (TopicKind.UPDATE, TopicKind.EVAL, TopicKind.SECAGG_DEVICE)
+SUBSCRIPTIONS_KEY = "mqtt:subscriptions"
+"""Store key of the filters the last connection subscribed (what the session holds)."""
 """What a device publishes for a federated task (subscribed for every task, ``fl/+/...``)."""
 NOT_RETAINED = frozenset({TopicKind.TELEMETRY, TopicKind.MODEL_METRICS, TopicKind.COMMAND_REPLY,
                           *FL_DEVICE_KINDS})
@@ -278,6 +280,7 @@ class CloudService:
         watched = frozenset(f for f in filters if self._not_retained(f))
         await self.link.subscribe(filters, retain_as_published=watched)
         await self._drop_task_filters()
+        await self._drop_filters_no_longer_asked(filters)
         self.connections += 1
         self.alerts.resume()
         self.alerts.on_connected()
@@ -316,6 +319,28 @@ class CloudService:
         except TimeoutError:
             raise aiomqtt.MqttError("no UNSUBACK within "
                                     f"{self.settings.mqtt.publish_timeout_s} s") from None
+
+    async def _drop_filters_no_longer_asked(self, filters: list[str]) -> None:
+        """Unsubscribe what an earlier configuration of this instance subscribed.
+
+        The session is persistent: a filter the service no longer asks for (another topic
+        root, a shared-subscription group it left) stays subscribed, and its messages keep
+        arriving to be refused. The filters of each connection are kept in the store;
+        those of the last one that are not asked for now are unsubscribed.
+        """
+        previous = await off_loop(self.store.get, SUBSCRIPTIONS_KEY)
+        stale = sorted(set(previous or []) - set(filters))
+        if stale:
+            try:
+                async with asyncio.timeout(self.settings.mqtt.publish_timeout_s):
+                    await self.link.client.unsubscribe(stale, timeout=math.inf)
+            except TimeoutError:
+                raise aiomqtt.MqttError("no UNSUBACK within "
+                                        f"{self.settings.mqtt.publish_timeout_s} s") from None
+            logger.info("unsubscribed %d filter(s) of an earlier configuration: %s",
+                        len(stale), ", ".join(stale))
+        if previous != filters:
+            await off_loop(self.store.put, SUBSCRIPTIONS_KEY, filters)
 
     def _on_cloud_state(self, message: Inbound) -> None:
         """Another process announcing this instance name: say so (it takes our session)."""

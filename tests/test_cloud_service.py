@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -96,6 +97,28 @@ def test_the_cloud_service_runs_over_mtls(make_cloud: CloudFactory, mosquitto: R
             0, 0x10)
     wait_until(lambda: stored(cloud, "dev-tls") == [0, 1, 2], what="stored over mTLS")
     device.close()
+
+
+def test_a_new_topic_root_unsubscribes_the_old_roots_filters(
+    make_cloud: CloudFactory, mosquitto: RunningBroker, topics: Topics,
+    new_device_id: Callable[[], str], tmp_path: Path,
+) -> None:
+    """The session is persistent: what an earlier configuration subscribed stays unless
+    the service drops it, and the old root's messages would keep coming to be refused."""
+    instance, data = f"rs{uuid.uuid4().hex[:6]}", tmp_path / "root-switch"
+    old = Topics(f"o{uuid.uuid4().hex[:6]}/edgefl/v1")
+    make_cloud(instance=instance, data_dir=data, topic_root=old.root).stop()
+    cloud = make_cloud(instance=instance, data_dir=data)  # the same instance, the test's root
+    device = Device(mosquitto, topics, new_device_id())
+    refused = cloud.service.health.refused["unknown"]["topic"]
+    stale = json.dumps({"device_id": device.id, "session_id": device.session, "seq": 99,
+                        "ts": now(), "cpu_percent": 1.0, "memory_percent": 1.0,
+                        "disk_percent": 1.0}).encode()
+    assert device.client.publish(old.telemetry(device.id), stale) in (0, 0x10)
+    device.telemetry()  # after it, on the same connection: the cloud sees them in order
+    wait_until(lambda: stored(cloud, device.id) == [0], what="the current root's reading")
+    assert cloud.service.health.refused["unknown"]["topic"] == refused
+    device.client.close()
 
 
 @pytest.mark.parametrize(("change", "reason"), [
