@@ -150,9 +150,15 @@ class SecAggClient:
                       advert.to_json())
 
     def _session(self, task: str, round_: int, attempt: int | None = None,
-                 nonce: str | None = None) -> _Session | None:
-        """The session a message belongs to (None, counted: another round or opening)."""
+                 nonce: str | None = None, *, broadcast: bool = False) -> _Session | None:
+        """The session a message belongs to (None, counted: another round or opening).
+
+        A broadcast of a round this device takes no part in is for the round's members
+        (every member of the task receives it): ignored, not counted.
+        """
         session = self.sessions.get(task)
+        if broadcast and (session is None or session.plan.round != round_):
+            return None
         if session is None or session.plan.round != round_ or (
                 attempt is not None and session.plan.attempt != attempt) or (
                 nonce is not None and session.plan.nonce != nonce):
@@ -183,7 +189,8 @@ class SecAggClient:
                 self._mask(task, session)
         elif kind is TopicKind.SECAGG_BROADCAST and stage == ROSTER:
             roster = decode_message(SecAggRoster, payload, max_bytes=MAX_STAGE_BYTES)
-            session = self._session(task, round_, roster.attempt, roster.nonce)
+            session = self._session(task, round_, roster.attempt, roster.nonce,
+                                    broadcast=True)
             if session is not None and self.device_id in {a.device_id for a in roster.devices}:
                 device = session.device
                 shares = self._guarded(task, session, lambda: device.share_keys(
@@ -193,7 +200,8 @@ class SecAggClient:
                                                             self.device_id), shares.to_json())
         elif kind is TopicKind.SECAGG_BROADCAST and stage == SURVIVORS:
             survivors = decode_message(SecAggSurvivors, payload, max_bytes=MAX_STAGE_BYTES)
-            session = self._session(task, round_, survivors.attempt, survivors.nonce)
+            session = self._session(task, round_, survivors.attempt, survivors.nonce,
+                                    broadcast=True)
             if session is not None and self.device_id in survivors.devices:
                 device = session.device
                 answer = self._guarded(task, session, lambda: device.unmask(survivors))

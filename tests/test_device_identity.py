@@ -144,3 +144,34 @@ def test_a_certificate_is_checked_once_per_authority_and_a_refused_one_every_tim
         with pytest.raises(SecAggError, match="bad_identity"):
             secagg._certified_key(certificate, _authority_public(theirs.layout.root))
     assert len(checked) == 3
+
+
+def test_broadcasts_of_rounds_a_device_is_not_in_are_not_counted_as_stale(
+    tmp_path: Path,
+) -> None:
+    """Every member of a task receives every round's roster and survivors; a device not
+    selected ignores them silently, while a message addressed to it is counted."""
+    from edge_node.counters import Counters
+    from edge_node.secagg_client import SecAggClient
+    from edge_node.settings import SecAggSettings
+    from schemas.secagg import ROSTER, SHARES, SURVIVORS, SecAggInbox, SecAggRoster, SecAggSurvivors
+    from schemas.topics import TopicKind, Topics
+
+    settings = BrokerSettings(data_dir=tmp_path / "broker", port=1999)
+    add_identities(settings, ["pi-01"])
+    secrets = settings.layout.secrets
+    counters = Counters()
+    client = SecAggClient("pi-01", Topics(), SecAggSettings(
+        identity_key=secrets / "identities" / "pi-01.key",
+        certificate=secrets / "identities" / "pi-01.json",
+        authority_key=(secrets / "identity-authority.pub").read_text().strip()),
+        publish=lambda *_a: None, counters=counters)
+    session = {"task": "digits", "round": 4, "attempt": 0, "nonce": "0" * 32}
+    roster = SecAggRoster(**session, threshold=2, devices=[])
+    survivors = SecAggSurvivors(**session, devices=["pi-02", "pi-03"])
+    client._message(TopicKind.SECAGG_BROADCAST, "digits", 4, ROSTER, roster.to_json())
+    client._message(TopicKind.SECAGG_BROADCAST, "digits", 4, SURVIVORS, survivors.to_json())
+    assert counters.snapshot().get("secagg_stale", 0) == 0
+    inbox = SecAggInbox(**session, recipient="pi-01", ciphertexts={})
+    client._message(TopicKind.SECAGG_INBOX, "digits", 4, SHARES, inbox.to_json())
+    assert counters["secagg_stale"] == 1
