@@ -225,7 +225,7 @@ class FLClient:
             data = state.data
             result = state.task.evaluate(merged, data.x_eval, data.y_eval)
             message = EvalResult(task=task, round=plan.round, device_id=self.device_id,
-                                 global_version=plan.global_version,
+                                 global_version=plan.global_version, nonce=plan.nonce,
                                  num_examples=max(1, result.num_examples),
                                  loss=max(0.0, result.loss), accuracy=result.accuracy, ts=now())
             self._publish(self.topics.eval_result(task, plan.round, self.device_id),

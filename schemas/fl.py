@@ -194,6 +194,8 @@ class EvalResult(WireModel):
     round: RoundNumber
     device_id: Id
     global_version: Version
+    nonce: RoundNonce | None = Field(
+        default=None, description="The round plan's nonce (the cloud refuses any other)")
     num_examples: PosInt
     loss: FiniteLoss
     accuracy: Fraction | None = None

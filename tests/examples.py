@@ -87,6 +87,7 @@ EXAMPLES: dict[type[BaseModel], BaseModel] = {
     ),
     GlobalModelEnvelope: GlobalModelEnvelope(task="digits", version="3", round=3, created_at=T0),
     EvalResult: EvalResult(task="digits", round=4, device_id="pi-03", global_version="3",
+                           nonce="5f" * 16,
                            num_examples=60, loss=0.35, accuracy=0.9, ts=T0),
     TaskStatus: TaskStatus(
         task="digits", state=TaskState.COLLECTING, round=4, rounds_total=30, global_version="3",

@@ -12,7 +12,7 @@ import pytest
 from schemas.base import decode_message, now
 from schemas.codec import decode, encode
 from schemas.device import DeviceState, HardwareInfo
-from schemas.fl import GlobalModelEnvelope, RoundPlan, TaskState, UpdateEnvelope
+from schemas.fl import EvalResult, GlobalModelEnvelope, RoundPlan, TaskState, UpdateEnvelope
 from schemas.topics import Topics
 from tests.agent_fixtures import AgentFactory, wait_until
 from tests.cloud_fixtures import CloudFactory
@@ -185,6 +185,29 @@ def test_an_update_made_for_another_opening_of_the_round_is_refused(
     wait_until(lambda: coordinator.state.state is TaskState.FINISHED, timeout=30,
                what="the round closed on the new update")
     assert coordinator.history()[-1].rejected_counts == {"stale_nonce": 2}
+    device.client.close()
+
+
+def test_an_evaluation_made_for_another_opening_of_the_round_is_refused(
+    make_cloud: CloudFactory, mosquitto: RunningBroker, topics: Topics,
+    new_device_id: Callable[[], str],
+) -> None:
+    cloud = make_cloud(fl={TASK: fl_config(rounds=1, min_fit_clients=1, min_available_clients=1,
+                                           fraction_evaluate=1.0)})
+    device = HandDevice(mosquitto, topics, new_device_id())
+    plan = device.plan(1)
+    assert device.id in plan.evaluate and plan.nonce is not None
+    coordinator = cloud.service.coordinators[TASK]
+    for nonce in ("f" * 32, None, plan.nonce):  # another opening's, none, this one's
+        result = EvalResult(task=TASK, round=1, device_id=device.id,
+                            global_version=plan.global_version, nonce=nonce, num_examples=10,
+                            loss=1.0, accuracy=0.5, ts=now())
+        assert device.client.publish(topics.eval_result(TASK, 1, device.id),
+                                     result.to_json()) in (0, 0x10)
+    wait_until(lambda: device.id in coordinator.round.evals, what="the good evaluation taken")
+    assert cloud.service.health.refused["eval"]["stale_nonce"] == 2
+    device.send(plan, zeros(device.global_weights(plan.global_version)))
+    wait_until(lambda: coordinator.state.state is TaskState.FINISHED, what="round closed")
     device.client.close()
 
 

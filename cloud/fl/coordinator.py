@@ -538,11 +538,19 @@ class Coordinator:
             return
         if current is None or round_ != current.round or device_id not in current.evaluate \
                 or result.device_id != device_id or result.round != round_:
-            first = self.health.refused[TopicKind.EVAL.value]["unexpected"] == 0
-            self.health.refuse(TopicKind.EVAL.value, "unexpected",
-                               flat="fl_refused_eval_unexpected")
+            reason = "unexpected"
+        elif result.global_version != current.global_version:
+            reason = "stale_base"
+        elif result.nonce != current.nonce:
+            reason = "stale_nonce"  # made for another opening of the round
+        else:
+            reason = None
+        if reason is not None:
+            first = self.health.refused[TopicKind.EVAL.value][reason] == 0
+            self.health.refuse(TopicKind.EVAL.value, reason, flat=f"fl_refused_eval_{reason}")
             (logger.warning if first else logger.debug)(
-                "%s: unexpected evaluation from %s for round %d", self.name, device_id, round_)
+                "%s: evaluation from %s for round %d refused: %s", self.name, device_id,
+                round_, reason)
             return
         if device_id in self.round.evals:
             self.health.duplicate(TopicKind.EVAL.value, flat="fl_duplicate_eval")
