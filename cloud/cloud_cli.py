@@ -171,7 +171,11 @@ def _follow(store: SqliteStore, name: str) -> dict[str, Any]:
             shown = state["round"]
             last = state.get("last") or {}
             accuracy = last.get("central_accuracy") or last.get("eval_accuracy")
-            typer.echo(f"round {shown}: {len(last.get('participants', []))} update(s)"
+            staleness = last.get("staleness_mean")
+            typer.echo(("version" if "fedbuff" in state else "round")
+                       + f" {shown}: {last.get('updates', len(last.get('participants', [])))}"
+                       " update(s)"
+                       + (f", staleness {staleness:.2f}" if staleness is not None else "")
                        + (f", accuracy {accuracy:.4f}" if accuracy is not None else ""))
         if state.get("state") in ("finished", "failed"):
             return state

@@ -146,12 +146,14 @@ class CloudService:
                 self.store.put(HEALTH_KEY, merged)
 
     def _coordinator(self, name: str, config: FLTaskConfig) -> Coordinator:
-        from cloud.fl.coordinator import Coordinator  # torch only where FL runs
+        from cloud.fl.async_coordinator import AsyncCoordinator  # torch only where FL runs
+        from cloud.fl.coordinator import Coordinator
 
-        return Coordinator(name, config, topics=self.topics, store=self.store,
-                           registry=self.registry, sinks=self.sinks,
-                           folder=self.settings.data_dir / "fl" / name, publish=self.publish,
-                           ack=self.link.ack, health=self.health, models=self.models)
+        kind = AsyncCoordinator if config.mode == "async" else Coordinator
+        return kind(name, config, topics=self.topics, store=self.store,
+                    registry=self.registry, sinks=self.sinks,
+                    folder=self.settings.data_dir / "fl" / name, publish=self.publish,
+                    ack=self.link.ack, health=self.health, models=self.models)
 
     def _loop_exception(self, loop: asyncio.AbstractEventLoop,
                         context: dict[str, Any]) -> None:

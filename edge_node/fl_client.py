@@ -161,7 +161,8 @@ class FLClient:
             return
         if self.device_id not in plan.selected and self.device_id not in plan.evaluate:
             return
-        if (plan.round, plan.attempt) in state.trained and plan.round in state.evaluated_rounds:
+        done = _job(plan, self.device_id) in state.trained
+        if done and (plan.mode == "async" or plan.round in state.evaluated_rounds):
             return
         if now() >= plan.deadline:
             # A retained plan of a round that is over (a restart, a late reconnect).
@@ -174,8 +175,7 @@ class FLClient:
             logger.warning("%s: round %d of %s was issued %.0f s in this device's future: "
                            "check the clock", self.device_id, plan.round, task,
                            plan.issued_at - now())
-        if plan.secagg is not None and self.device_id in plan.selected \
-                and (plan.round, plan.attempt) not in state.trained:
+        if plan.secagg is not None and self.device_id in plan.selected and not done:
             if self.secagg is None:
                 self.counters.add("fl_secagg_not_provisioned")
                 logger.warning("%s: round %d of %s aggregates securely and this device has "
@@ -230,7 +230,7 @@ class FLClient:
                                  loss=max(0.0, result.loss), accuracy=result.accuracy, ts=now())
             self._publish(self.topics.eval_result(task, plan.round, self.device_id),
                           message.to_json())
-        key = (plan.round, plan.attempt)
+        key = _job(plan, self.device_id)
         if self.device_id in plan.selected and key not in state.trained:
             state.trained.add(key)
             if now() >= plan.deadline:
@@ -241,7 +241,9 @@ class FLClient:
     def _train(self, task: str, state: TaskState, plan: RoundPlan, shared: Weights,
                merged: Weights) -> None:
         started = time.monotonic()
-        seed = zlib.crc32(f"{self.device_id}/{task}/{plan.round}".encode())
+        number = _job(plan, self.device_id)[0]  # the round, or the async ticket
+        tag = f"t{number}" if plan.mode == "async" else str(number)
+        seed = zlib.crc32(f"{self.device_id}/{task}/{tag}".encode())
         scaffold = plan.strategy == "scaffold"
         correction = self._correction(task, state, plan, shared) if scaffold else None
         result = state.task.train(merged, state.data, plan.hyperparams, seed=seed,
@@ -278,7 +280,7 @@ class FLClient:
                            "dropped", self.device_id, plan.round, task)
             return
         envelope = UpdateEnvelope(
-            task=task, round=plan.round, attempt=plan.attempt, device_id=self.device_id,
+            task=task, round=number, attempt=plan.attempt, device_id=self.device_id,
             base_version=plan.global_version, nonce=plan.nonce,
             num_examples=max(1, result.num_examples),
             train_loss=max(0.0, result.loss), train_accuracy=result.accuracy,
@@ -289,7 +291,7 @@ class FLClient:
             sent_at=now(),
         )
         try:
-            self._publish(self.topics.update(task, plan.round, self.device_id),
+            self._publish(self.topics.update(task, number, self.device_id),
                           encode(packed.tensors, envelope))
         except PacketTooLargeError as exc:
             self.counters.add("fl_update_too_large")
@@ -305,7 +307,8 @@ class FLClient:
         sim = self.settings.simulation
         if sim is None:
             return True
-        draw = random.Random(f"{sim.seed}/{task}/{plan.round}/{plan.attempt}")  # noqa: S311
+        number, attempt = _job(plan, self.device_id)
+        draw = random.Random(f"{sim.seed}/{task}/{number}/{attempt}")  # noqa: S311
         if draw.random() < sim.failure_rate:
             self.counters.add("fl_simulated_failure")
             logger.info("%s: round %d of %s: simulated failure, no update", self.device_id,
@@ -371,6 +374,13 @@ class FLClient:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+
+
+def _job(plan: RoundPlan, device_id: str) -> tuple[int, int]:
+    """What one training answers: (round, attempt), or (ticket, -1) in async mode."""
+    if plan.mode == "async":
+        return plan.tickets.get(device_id, 0), -1
+    return plan.round, plan.attempt
 
 
 def _initial(task: FLTask) -> Weights:

@@ -16,8 +16,9 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
+from typing import Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from schemas.client_settings import SettingsSection
 
@@ -30,6 +31,10 @@ class HeterogeneityProfile(SettingsSection):
     seed: int = 0
     slow_fraction: float = Field(default=0.0, ge=0, le=1,
                                  description="Share of devices that train slowly")
+    base_factor: float = Field(
+        default=1.0, ge=1, le=1000, description="Training-time multiplier of every device: "
+        "a processor class slower than the machine that simulates it (a Raspberry Pi is "
+        "tens of times slower than a laptop core)")
     slow_factor: float = Field(default=10.0, ge=1, le=1000,
                                description="Training-time multiplier of the slow devices")
     intermittent_fraction: float = Field(default=0.0, ge=0, le=1,
@@ -40,6 +45,12 @@ class HeterogeneityProfile(SettingsSection):
                                 "drops a round it was selected for (every device)")
     horizon_s: float = Field(default=86_400.0, gt=0,
                              description="Length of the availability schedules drawn, s")
+
+    @model_validator(mode="after")
+    def _speed_bounded(self) -> Self:
+        if self.base_factor * self.slow_factor > 1000:
+            raise ValueError("base_factor * slow_factor must be at most 1000")
+        return self
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +87,8 @@ def device_profiles(profile: HeterogeneityProfile,
                 t += length + rng.expovariate(1 / profile.online_s)
         out[device_id] = DeviceProfile(
             device_id=device_id,
-            speed_factor=profile.slow_factor if device_id in slow else 1.0,
+            speed_factor=profile.base_factor * (profile.slow_factor if device_id in slow
+                                                else 1.0),
             failure_rate=profile.failure_rate, offline=tuple(windows),
             seed=rng.getrandbits(32))
     return out

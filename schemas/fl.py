@@ -140,6 +140,15 @@ class RoundPlan(WireModel):
     max_update_norm: Annotated[float, Field(gt=0.0)] | None = Field(
         default=None, description="Updates with a larger L2 norm are refused"
     )
+    mode: Literal["sync", "async"] = Field(
+        default="sync", description="`async` (FedBuff): there is no round; `selected` are the "
+        "devices training now, each with its assignment number in `tickets`, and `round` "
+        "is the global version being built")
+    tickets: dict[Id, RoundNumber] = Field(
+        default_factory=dict, max_length=MAX_SELECTED,
+        description="async: each selected device's assignment; its update names the "
+        "ticket as its round (a device trains once per ticket, from the newest "
+        "global version it holds)")
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -147,6 +156,10 @@ class RoundPlan(WireModel):
             raise ValueError("deadline must be after issued_at")
         if len(set(self.selected)) != len(self.selected):
             raise ValueError("selected devices must be unique")
+        if self.mode == "async" and set(self.tickets) != set(self.selected):
+            raise ValueError("async: every selected device has a ticket, and only they do")
+        if self.mode == "sync" and self.tickets:
+            raise ValueError("tickets are for async plans")
         return self
 
 
@@ -270,6 +283,16 @@ class TaskStatus(WireModel):
         default=None, description="Differential privacy: noise on the sum of a round's "
         "updates, in units of the bound")
     message: ShortText | None = Field(default=None, description="Why the task failed or stopped")
+    mode: Literal["sync", "async"] = "sync"
+    training: NonNegInt | None = Field(
+        default=None, description="async: devices holding an assignment now")
+    buffered: NonNegInt | None = Field(
+        default=None, description="async: updates waiting in the buffer for the next version")
+    staleness_mean: NonNegFloat | None = Field(
+        default=None, description="async: mean staleness (versions) of the last version's "
+        "updates")
+    staleness_max: NonNegInt | None = Field(
+        default=None, description="async: largest staleness in the last version")
     ts: UnixTime
 
 

@@ -32,6 +32,11 @@ def test_a_profile_is_a_function_of_its_seed() -> None:
     assert first != device_profiles(PROFILE.model_copy(update={"seed": 8}), IDS)
     assert sum(p.speed_factor == 10 for p in first.values()) == 6  # 30 % of 20
     assert sum(p.speed_factor == 1 for p in first.values()) == 14
+    slower = device_profiles(PROFILE.model_copy(update={"base_factor": 30.0}), IDS)
+    assert {d: p.speed_factor for d, p in slower.items()} == {  # a slower processor class
+        d: 30 * p.speed_factor for d, p in first.items()}
+    with pytest.raises(ValueError, match="at most 1000"):
+        HeterogeneityProfile(base_factor=200, slow_factor=10)
     intermittent = [p for p in first.values() if p.offline]
     assert len(intermittent) == 4  # 20 % of 20
     for p in intermittent:

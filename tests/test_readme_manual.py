@@ -50,6 +50,11 @@ def test_the_manual_path_of_the_readme_runs_as_written(tmp_path: Path) -> None:
     assert [name for _text, name in task_files] == ["digits-dp.yaml", "digits-secure.yaml"]
     for task_file, task_file_name in task_files:
         files[task_file_name] = task_file
+    learning = section("Federated learning")
+    (async_file,) = re.findall(r"```yaml\n(# digits-async\.yaml:.*?)```", learning, re.DOTALL)
+    files["digits-async.yaml"] = async_file
+    (async_ops,) = [b for b in re.findall(r"```console\n(.*?)```", learning, re.DOTALL)
+                    if "digits-async" in b]
     stated = re.search(r"`digits-secure` finishes its 3 rounds with epsilon ([0-9.]+) spent",
                        " ".join(private.split()))
     assert stated, "the README states the epsilon the secure task reaches"
@@ -67,7 +72,7 @@ def test_the_manual_path_of_the_readme_runs_as_written(tmp_path: Path) -> None:
     runs: dict[str, list[str]] = {}  # every run of a command, in order
     try:
         for line in [*commands.strip().splitlines(), *model_ops.strip().splitlines(),
-                     *privacy_ops.strip().splitlines()]:
+                     *privacy_ops.strip().splitlines(), *async_ops.strip().splitlines()]:
             command = line.split("  #")[0].strip()
             words = shlex.split(command.removesuffix("&"))
             assert words[0] == "edgefl"
@@ -119,6 +124,12 @@ def test_the_manual_path_of_the_readme_runs_as_written(tmp_path: Path) -> None:
         secure_run = " ".join(runs["edgefl fl"][3].split())
         assert "task digits-secure: finished" in secure_run, secure_run
         assert f"privacy: epsilon {stated[1]} spent" in secure_run, secure_run
+        # FedBuff: thirty versions of three updates each, and it trains.
+        async_run = " ".join(runs["edgefl fl"][4].split())
+        assert "task digits-async: finished" in async_run, async_run
+        last = re.findall(r"version 30: 3 update\(s\), staleness [0-9.]+, accuracy ([0-9.]+)",
+                          async_run)
+        assert last and float(last[0]) >= 0.5, async_run
     finally:
         for proc in reversed(background):
             if proc.poll() is None:

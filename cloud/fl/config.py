@@ -98,6 +98,31 @@ class SecAggConfig(SettingsSection):
                                    "and unmasking stages wait for the devices")
 
 
+ASYNC_STRATEGIES = frozenset({"fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
+                              "fedprox", "fedbn"})
+"""Strategies whose aggregate is a weighted mean of deltas (FedBuff's buffer is one)."""
+
+
+class FedBuffConfig(SettingsSection):
+    """Asynchronous buffered aggregation (FedBuff, Nguyen et al. 2022): ``mode: async``.
+
+    Up to ``concurrency`` online members train at once, each on the newest global
+    version it holds; every ``buffer_size`` accepted updates make a new version. An
+    update trained ``s`` versions ago is scaled by ``1 / (1 + s) ** staleness_exponent``
+    before it joins the example-weighted mean, and refused past ``max_staleness``.
+    ``rounds`` counts versions; ``round_timeout_s`` is how long an assignment stays open.
+    """
+
+    buffer_size: int = Field(default=3, ge=1, le=10_000,
+                             description="K: accepted updates per new global version")
+    concurrency: int = Field(default=5, ge=1, le=10_000,
+                             description="Online devices training at once")
+    max_staleness: int = Field(default=5, ge=0, description="Updates trained on a version "
+                               "more than this many versions old are refused (too_stale)")
+    staleness_exponent: float = Field(default=0.5, ge=0, le=4, description="Scale "
+                                      "1/(1+s)^a; 0.5 is FedBuff's 1/sqrt(1+s), 0 none")
+
+
 class FLTaskConfig(SettingsSection):
     """Every field of the seed's FederatedConfig, and the strategy's parameters."""
 
@@ -133,6 +158,32 @@ class FLTaskConfig(SettingsSection):
     keep_update_rounds: int = Field(
         default=0, ge=0, description="Keep the update files of the last N released rounds "
         "(audit, replay); 0 deletes a round's files once it is released")
+    mode: Literal["sync", "async"] = Field(
+        default="sync", description="sync: rounds of selected cohorts; async: FedBuff "
+        "(see fedbuff)")
+    fedbuff: FedBuffConfig = Field(default_factory=FedBuffConfig)
+
+    @model_validator(mode="after")
+    def _async_fits(self) -> Self:
+        if self.mode != "async":
+            return self
+        if self.secagg is not None:
+            raise ValueError(
+                "secure aggregation needs a cohort: its devices agree keys and share mask "
+                "seeds with each other before any of them uploads, and only their sum opens. "
+                "An async buffer fills one update at a time from devices that never met, so "
+                "there is no cohort to mask with: use mode sync for secagg")
+        if self.strategy not in ASYNC_STRATEGIES:
+            raise ValueError(
+                f"async mode aggregates a staleness-weighted mean of buffered deltas; "
+                f"{self.strategy} needs updates trained on the version being aggregated "
+                f"(a cohort): use one of {', '.join(sorted(ASYNC_STRATEGIES))}")
+        if self.privacy is not None:
+            raise ValueError(
+                "differential privacy is accounted per round of a sampled cohort (the "
+                "sampling rate amplifies it); async updates are not a sampled cohort and "
+                "their accounting is not implemented: use mode sync for privacy")
+        return self
 
     @model_validator(mode="after")
     def _secagg_fits(self) -> Self:

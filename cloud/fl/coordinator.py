@@ -164,6 +164,9 @@ class _Item:
 class Coordinator:
     """Runs one task's rounds inside the cloud service."""
 
+    state_model: type[CoordinatorState] = CoordinatorState
+    """The persisted record's model (the asynchronous coordinator extends it)."""
+
     def __init__(self, name: str, config: FLTaskConfig, *, topics: Topics, store: SqliteStore,
                  registry: DeviceRegistry, sinks: list[TelemetrySink], folder: Path,
                  publish: Publish, ack: Ack, health: HealthCounters,
@@ -191,7 +194,7 @@ class Coordinator:
         """Noise of the clip bits' sum (central adaptive clipping)."""
         self.rng = random.Random(config.seed)  # noqa: S311 - client sampling, not crypto
         self.fl_store = FLStore(store, name)
-        self.state = CoordinatorState()
+        self.state = self.state_model()
         self.round = _Round()
         self.global_weights: Weights = {}
         self.inbox: asyncio.Queue[_Item] = asyncio.Queue()
@@ -233,7 +236,7 @@ class Coordinator:
             await off_loop(self._load)
         except Exception as exc:
             logger.exception("%s: could not load", self.name)
-            self.state = CoordinatorState(state=TaskState.FAILED,
+            self.state = self.state_model(state=TaskState.FAILED,
                                           message=f"could not load: {exc}"[:1024])
         self.ready.set()
         while True:
@@ -264,10 +267,10 @@ class Coordinator:
         saved = self.fl_store.load_state()
         if saved is not None:
             try:
-                self.state = CoordinatorState.model_validate(saved)
+                self.state = self.state_model.model_validate(saved)
             except ValidationError as exc:
                 aside = self.fl_store.move_aside(str(exc)[:500])
-                self.state = CoordinatorState(
+                self.state = self.state_model(
                     state=TaskState.FAILED,
                     message=f"saved state unreadable, moved to {aside}: {exc.error_count()} "
                     "error(s)")
@@ -382,12 +385,19 @@ class Coordinator:
         for old in list(self.state.uncleared):
             if await self._send(self.topics.global_model(self.name, old), b""):
                 self.state.uncleared.remove(old)
-        current = self.state.current
+        plan = self._retained_plan()
         if self.state.state in _DONE:
             await self._send(self.topics.round_plan(self.name), b"")
-        elif current is not None and self.state.state is TaskState.COLLECTING:
-            await self._send(self.topics.round_plan(self.name), self._plan(current).to_json())
+        elif plan is not None:
+            await self._send(self.topics.round_plan(self.name), plan.to_json())
         await self._publish_status()
+
+    def _retained_plan(self) -> RoundPlan | None:
+        """The plan devices should see now (None: leave the retained one as it is)."""
+        current = self.state.current
+        if current is not None and self.state.state is TaskState.COLLECTING:
+            return self._plan(current)
+        return None
 
     # -- messages -------------------------------------------------------------------------
 
@@ -433,17 +443,11 @@ class Coordinator:
     def _accept_update(self, current: RoundRecord, device_id: str, payload: bytes,
                        ) -> dict[str, Any] | Rejection:
         """Decode, validate, store and aggregate one update (worker thread)."""
-        size = self._update_elements()
-        try:
-            decoded = decode(payload, UpdateEnvelope,
-                             DecodeLimits(max_bytes=max(1 << 20, 8 * size)))
-            envelope = decoded.envelope
-            refused = self._envelope_problem(current, device_id, envelope)
-            if refused is not None:
-                return refused
-            delta = decompress(decoded.tensors, envelope.compression, max_elements=size)
-        except (DecodeError, CompressionError) as exc:
-            return _rejection(device_id, getattr(exc, "reason", "bad_payload"), str(exc))
+        opened = self._opened(device_id, payload,
+                              lambda e: self._envelope_problem(current, device_id, e))
+        if isinstance(opened, Rejection):
+            return opened
+        envelope, delta = opened
         delta, control = split_control(delta)
         names = self.strategy.shared_names(self.global_weights)
         problem = validate_update(delta, self.global_weights, names=names,
@@ -470,6 +474,26 @@ class Coordinator:
         self.fl_store.add_update(current.round, device_id, envelope.attempt, meta)
         self.strategy.add(delta, envelope.num_examples, local_steps=envelope.local_steps)
         return meta
+
+    def _opened(self, device_id: str, payload: bytes,
+                problem: Callable[[UpdateEnvelope], Rejection | None],
+                ) -> tuple[UpdateEnvelope, Weights] | Rejection:
+        """An update's envelope and its decompressed tensors, or why it was refused.
+
+        ``problem`` checks the envelope before the tensors are decompressed.
+        """
+        size = self._update_elements()
+        try:
+            decoded = decode(payload, UpdateEnvelope,
+                             DecodeLimits(max_bytes=max(1 << 20, 8 * size)))
+            refused = problem(decoded.envelope)
+            if refused is not None:
+                return refused
+            delta = decompress(decoded.tensors, decoded.envelope.compression,
+                               max_elements=size)
+        except (DecodeError, CompressionError) as exc:
+            return _rejection(device_id, getattr(exc, "reason", "bad_payload"), str(exc))
+        return decoded.envelope, delta
 
     def _envelope_problem(self, current: RoundRecord, device_id: str,
                           envelope: UpdateEnvelope) -> Rejection | None:
@@ -511,9 +535,8 @@ class Coordinator:
         """Count a refused update under the round it names (never another one)."""
         self.health.refuse(TopicKind.UPDATE.value, reason, flat=f"fl_rejected_{reason}")
         rejection = _rejection(device_id, reason, detail)
-        current = self.state.current
-        is_current = current is not None and round_ == current.round
-        if is_current:
+        filed = self._filed_under(round_)
+        if filed is not None:
             first = self.round.counts[reason] == 0
             self.round.counts[reason] += 1
             self.round.examples = [*self.round.examples[-19:], rejection]
@@ -522,7 +545,13 @@ class Coordinator:
         log = logger.warning if first else logger.debug
         log("%s: update from %s for round %d rejected: %s: %s", self.name, device_id, round_,
             reason, detail[:200])
-        await off_loop(self.fl_store.add_rejection, max(0, round_), rejection)
+        await off_loop(self.fl_store.add_rejection, max(0, round_ if filed is None else filed),
+                       rejection)
+
+    def _filed_under(self, round_: int) -> int | None:
+        """The open round's number when a refusal naming ``round_`` counts in it."""
+        current = self.state.current
+        return current.round if current is not None and round_ == current.round else None
 
     async def _on_eval(self, device_id: str, round_: int, payload: bytes) -> None:
         current = self.state.current
