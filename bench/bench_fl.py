@@ -76,9 +76,10 @@ def run(broker: LocalBroker, folder: Path, ids: list[str], *, rounds: int, alpha
     creds = broker.credentials("edgefl-cloud")
     assert creds is not None
     kwargs = task_kwargs or {}
+    data_dir = folder / uuid.uuid4().hex[:8]
     cloud = ServiceThread(CloudSettings.model_validate({
         "instance": f"bench-{uuid.uuid4().hex[:6]}", "topic_root": root,
-        "data_dir": folder / uuid.uuid4().hex[:8],
+        "data_dir": data_dir,
         "mqtt": {"host": broker.host, "port": broker.service_port, "password": creds[1]},
         "fl": {name: {
             "task": task, "task_kwargs": kwargs, "rounds": rounds, "seed": seed,
@@ -115,7 +116,8 @@ def run(broker: LocalBroker, folder: Path, ids: list[str], *, rounds: int, alpha
         agent.stop()
     cloud.stop()
     return {"history": history, "seconds": time.monotonic() - started,
-            "state": coordinator.state.state.value}
+            "state": coordinator.state.state.value, "name": name,
+            "task_folder": str(data_dir / "fl" / name)}
 
 
 def baseline(alpha: float, rounds: int) -> float:

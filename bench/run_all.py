@@ -39,7 +39,7 @@ PACKAGES = ("torch", "onnxruntime", "ai-edge-litert", "paho-mqtt", "aiomqtt", "n
 FULL: dict[str, list[str]] = {
     "schemas": [], "inference": [], "aggregation": [], "ingest": ["--fl-params", "1000000"],
     "fleet": [], "fl": [], "models": [], "rollout": [], "sustained": ["--compare"],
-    "secagg": [], "fl_seeds": [],
+    "secagg": [], "fl_seeds": [], "fl_async": [], "fl_vs_flower": [],
 }
 """Every benchmark with the arguments its published figures come from."""
 QUICK: dict[str, list[str]] = {
@@ -54,6 +54,8 @@ QUICK: dict[str, list[str]] = {
     "sustained": ["--devices", "20", "--seconds", "5", "--compare"],
     "secagg": ["--devices", "3", "--rounds", "2"],
     "fl_seeds": ["--seeds", "2", "--rounds", "2"],
+    "fl_async": ["--seeds", "1", "--period", "5"],
+    "fl_vs_flower": ["--seeds", "1", "--rounds", "2"],
 }
 """The same benchmarks, small: to check that each still runs, not to compare figures."""
 

@@ -227,11 +227,43 @@ def fl_seeds(r: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def fl_async(r: dict[str, Any]) -> list[Row]:
+    """The heterogeneous fleet race: FedBuff against synchronous FedAvg."""
+    p, modes = r["profile"], r["modes"]
+    return [("fl_async", f"{r['devices']} devices, {p['slow_fraction']:.0%} "
+             f"{p['slow_factor']:g}x slower, {p['intermittent_fraction']:.0%} offline half of "
+             f"the time: s to {r['target_accuracy']:.3f} (90 % of centralized), FedBuff, median "
+             f"of {modes['async']['runs']} seeds", _n(modes["async"]["median_s"], 1),
+             f"{_n(modes['sync']['median_s'], 1)} synchronous FedAvg (deadline "
+             f"{r['sync_deadline_s']:g} s)", _x(r["ratio_async_over_sync"]))]
+
+
+def fl_vs_flower(r: dict[str, Any]) -> list[Row]:
+    """edgefl against Flower's simulation on the identical task and split."""
+    final = r["final_accuracy"]
+    seeds = len(r["seeds"])
+    edge, same, own = final["edgefl"], final["flower_same_cohorts"], final["flower_own_sampling"]
+    where = f"digits FedAvg, alpha {r['alpha']:g}, {r['rounds']} rounds, {seeds} seeds"
+    return [
+        ("fl_vs_flower", f"{where}, Flower given edgefl's cohorts: final accuracy mean "
+         f"(largest gap in any round {r['same_cohorts_max_gap']:.4f})", f"{edge['mean']:.3f}",
+         f"{same['mean']:.3f} Flower {r['flwr']}", _x(edge["mean"] / same["mean"])),
+        ("fl_vs_flower", f"{where}, each sampling its own cohorts: final accuracy mean ± sd "
+         "(min-max)", f"{edge['mean']:.3f} ± {edge['stdev']:.3f} ({edge['min']:.3f}-"
+         f"{edge['max']:.3f})", f"{own['mean']:.3f} ± {own['stdev']:.3f} ({own['min']:.3f}-"
+         f"{own['max']:.3f}) Flower", _x(edge["mean"] / own["mean"])),
+        ("fl_vs_flower", "update bytes per round (5 devices), median",
+         f"{r['bytes_per_round_median']['edgefl']:,.0f}",
+         f"{r['bytes_per_round_median']['flower']:,.0f} Flower (ArrayRecord bytes)",
+         _x(r["bytes_per_round_median"]["edgefl"] / r["bytes_per_round_median"]["flower"])),
+    ]
+
+
 ROWS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "schemas": schemas, "inference": inference, "aggregation": aggregation, "ingest": ingest,
     "fleet": fleet, "fl": fl, "models": models, "rollout": rollout, "sustained": sustained,
     "secagg": secagg,
-    "fl_seeds": fl_seeds,
+    "fl_seeds": fl_seeds, "fl_async": fl_async, "fl_vs_flower": fl_vs_flower,
 }
 """The figures each benchmark contributes to the table."""
 

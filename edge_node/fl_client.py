@@ -33,7 +33,7 @@ from edge_node.errors import EdgeError, PacketTooLargeError
 from edge_node.job_thread import JobThread
 from edge_node.secagg_client import SecAggClient
 from edge_node.settings import FLSettings
-from fl_tasks.base import FLTask, LocalData, Partition, Weights, load_task
+from fl_tasks.base import FLTask, LocalData, Partition, TrainResult, Weights, load_task
 from schemas.base import decode_message, now
 from schemas.codec import DecodeLimits, decode, encode
 from schemas.compression import compress
@@ -248,7 +248,7 @@ class FLClient:
         correction = self._correction(task, state, plan, shared) if scaffold else None
         result = state.task.train(merged, state.data, plan.hyperparams, seed=seed,
                                   correction=correction)
-        if not self._simulate(task, plan, result.seconds):
+        if not self._simulate(task, plan, result):
             return
         state.local_weights = dict(result.weights)
         delta = {name: (result.weights[name] - shared[name]).astype(np.float32)
@@ -302,8 +302,13 @@ class FLClient:
             self._save_control(task, state, new_control)
         self.updates_sent += 1
 
-    def _simulate(self, task: str, plan: RoundPlan, seconds: float) -> bool:
-        """A simulated slow or unreliable device (``fleet --profile``); False: drop it."""
+    def _simulate(self, task: str, plan: RoundPlan, result: TrainResult) -> bool:
+        """A simulated slow or unreliable device (``fleet --profile``); False: drop it.
+
+        A device ``speed_factor`` times slower takes that many times the processor time
+        the training took here (not its wall time: the simulated devices share this
+        machine's cores, and waiting for them is not the device's slowness).
+        """
         sim = self.settings.simulation
         if sim is None:
             return True
@@ -315,7 +320,8 @@ class FLClient:
                         plan.round, task)
             return False
         if sim.speed_factor > 1:  # the rest of the time a slower processor would take
-            self._halt.wait((sim.speed_factor - 1) * seconds)
+            busy = result.cpu_seconds or result.seconds
+            self._halt.wait(max(0.0, sim.speed_factor * busy - result.seconds))
         return not self._halt.is_set()
 
     # -- SCAFFOLD ----------------------------------------------------------------

@@ -136,6 +136,8 @@ class TrainResult:
         loss: mean objective over the last epoch, the FedProx term included.
         accuracy: training accuracy over the last epoch (model in train mode).
         seconds: wall-clock training time.
+        cpu_seconds: processor time of the training thread: what the training costs
+            whatever else shares the machine (a simulated fleet's devices do).
     """
 
     weights: Weights
@@ -143,6 +145,7 @@ class TrainResult:
     loss: float
     accuracy: float
     seconds: float
+    cpu_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -283,6 +286,7 @@ class FLTask(ABC):
         if n == 0:
             raise TrainingError("no_data", "no training examples")
         started = time.perf_counter()
+        started_cpu = time.thread_time()
         model = self.build_model()
         set_weights(model, weights)
         model.train()
@@ -319,6 +323,7 @@ class FLTask(ABC):
         result = TrainResult(
             weights=get_weights(model), num_examples=n, loss=loss_sum / n,
             accuracy=correct / n, seconds=time.perf_counter() - started,
+            cpu_seconds=time.thread_time() - started_cpu,
         )
         logger.debug("%s: trained %d examples x %d epochs in %.3fs: loss %.4f, acc %.3f",
                      self.name, n, hp.local_epochs, result.seconds, result.loss,
