@@ -313,11 +313,14 @@ class CloudService:
         """
         legacy = [self.topics.filter(kind, task=name) for name in sorted(self.coordinators)
                   for kind in (TopicKind.UPDATE, TopicKind.EVAL)]
-        if not legacy:
-            return
+        if legacy:
+            await self._unsubscribe(legacy)
+
+    async def _unsubscribe(self, filters: list[str]) -> None:
+        """UNSUBSCRIBE, bounded; a broker that does not answer ends the connection."""
         try:
             async with asyncio.timeout(self.settings.mqtt.publish_timeout_s):
-                await self.link.client.unsubscribe(legacy, timeout=math.inf)
+                await self.link.client.unsubscribe(filters, timeout=math.inf)
         except TimeoutError:
             raise aiomqtt.MqttError("no UNSUBACK within "
                                     f"{self.settings.mqtt.publish_timeout_s} s") from None
@@ -333,12 +336,7 @@ class CloudService:
         previous = await off_loop(self.store.get, SUBSCRIPTIONS_KEY)
         stale = sorted(set(previous or []) - set(filters))
         if stale:
-            try:
-                async with asyncio.timeout(self.settings.mqtt.publish_timeout_s):
-                    await self.link.client.unsubscribe(stale, timeout=math.inf)
-            except TimeoutError:
-                raise aiomqtt.MqttError("no UNSUBACK within "
-                                        f"{self.settings.mqtt.publish_timeout_s} s") from None
+            await self._unsubscribe(stale)
             logger.info("unsubscribed %d filter(s) of an earlier configuration: %s",
                         len(stale), ", ".join(stale))
         if previous != filters:
