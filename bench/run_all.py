@@ -39,7 +39,7 @@ PACKAGES = ("torch", "onnxruntime", "ai-edge-litert", "paho-mqtt", "aiomqtt", "n
 FULL: dict[str, list[str]] = {
     "schemas": [], "inference": [], "aggregation": [], "ingest": ["--fl-params", "1000000"],
     "fleet": [], "fl": [], "models": [], "rollout": [], "sustained": ["--compare"],
-    "secagg": [], "fl_seeds": [], "fl_async": [], "fl_vs_flower": [],
+    "secagg": [], "fl_seeds": [], "fl_async": [], "fl_vs_flower": [], "fl_scale": [],
 }
 """Every benchmark with the arguments its published figures come from."""
 QUICK: dict[str, list[str]] = {
@@ -56,6 +56,7 @@ QUICK: dict[str, list[str]] = {
     "fl_seeds": ["--seeds", "2", "--rounds", "2"],
     "fl_async": ["--seeds", "1", "--period", "5"],
     "fl_vs_flower": ["--seeds", "1", "--rounds", "2"],
+    "fl_scale": ["--sizes", "20", "--rounds", "2", "--async-s", "10"],
 }
 """The same benchmarks, small: to check that each still runs, not to compare figures."""
 

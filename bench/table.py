@@ -259,11 +259,34 @@ def fl_vs_flower(r: dict[str, Any]) -> list[Row]:
     ]
 
 
+def fl_scale(r: dict[str, Any]) -> list[Row]:
+    """Round time broken down, throughput and coordinator memory at 100 and 300 devices."""
+    sizes = [str(s) for s in r["sizes"]]
+    first, last = r["by_size"][sizes[0]], r["by_size"][sizes[-1]]
+    m, m0 = last["sync"]["median"], first["sync"]["median"]
+    parts = "/".join(f"{m[p]:.3f}" for p in ("plan_s", "training_s_max", "upload_s_median",
+                                             "aggregation_s", "evaluation_s", "release_s"))
+    a, a0 = last["async"], first["async"]
+    mem, mem0 = a["memory_mb"], a0["memory_mb"]
+    return [
+        ("fl_scale", f"{sizes[-1]} devices, {r['parameters']:,} parameters, 10 % per round: "
+         "round s, median (plan / slowest training / upload / aggregation / evaluation / "
+         "release)", f"{m['round_s']:.3f} ({parts})", f"{m0['round_s']:.3f} at {sizes[0]} "
+         "devices", _x(m["round_s"] / m0["round_s"])),
+        ("fl_scale", f"{sizes[-1]} devices, FedBuff for {r['async_s']:g} s: updates per s; "
+         "coordinator memory start -> end, MB", f"{a['updates_per_s']:.1f}; "
+         f"{mem['start']:.0f} -> {mem['end']:.0f}", f"{a0['updates_per_s']:.1f}; "
+         f"{mem0['start']:.0f} -> {mem0['end']:.0f} at {sizes[0]} devices",
+         _x(a["updates_per_s"] / a0["updates_per_s"])),
+    ]
+
+
 ROWS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "schemas": schemas, "inference": inference, "aggregation": aggregation, "ingest": ingest,
     "fleet": fleet, "fl": fl, "models": models, "rollout": rollout, "sustained": sustained,
     "secagg": secagg,
     "fl_seeds": fl_seeds, "fl_async": fl_async, "fl_vs_flower": fl_vs_flower,
+    "fl_scale": fl_scale,
 }
 """The figures each benchmark contributes to the table."""
 

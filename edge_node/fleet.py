@@ -114,7 +114,11 @@ def fleet_settings(
                     key_file=tls_dir / "clients" / f"{device_id}.key")})
         tasks = dict(template.fl.tasks)
         for name, path in (fl_tasks or {}).items():
-            tasks[name] = FLTaskSettings(path=path, partition=i % total, partitions=total)
+            # A task the settings file also names keeps its options (model size, split).
+            known = tasks.get(name)
+            tasks[name] = FLTaskSettings(path=path, partition=i % total, partitions=total) \
+                if known is None else known.model_copy(update={
+                    "path": path, "partition": i % total, "partitions": total})
         fl_update: dict[str, object] = {"tasks": tasks}
         identities = secrets_dir / "identities" if secrets_dir else None
         if authority_key is not None and identities is not None \

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from edge_node.fleet import Fleet, fleet_settings
-from edge_node.settings import MqttSettings
+from edge_node.settings import EdgeSettings, MqttSettings
 from schemas.base import decode_message
 from schemas.device import DeviceState, DeviceTelemetry
 from schemas.topics import Topics
@@ -264,3 +264,17 @@ def test_a_refused_connection_is_one_line_at_the_default_level(
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "Traceback" not in out + err
+
+
+def test_a_task_the_settings_file_names_keeps_its_options_in_the_fleet(tmp_path: Path) -> None:
+    base = EdgeSettings.model_validate({"device_id": "fleet-template", "fl": {"tasks": {
+        "big": {"path": "fl_tasks.digits:DigitsTask", "options": {"hidden": 1500},
+                "scheme": "dirichlet", "alpha": 0.3}}}})
+    settings = fleet_settings(3, prefix="opt-", state_root=tmp_path, mqtt=MqttSettings(),
+                              base=base, fl_tasks={"big": "fl_tasks.digits:DigitsTask",
+                                                   "plain": "fl_tasks.digits:DigitsTask"})
+    for i, device in enumerate(settings):
+        big, plain = device.fl.tasks["big"], device.fl.tasks["plain"]
+        assert (big.options, big.scheme, big.alpha) == ({"hidden": 1500}, "dirichlet", 0.3)
+        assert (big.partition, big.partitions, plain.partition) == (i, 3, i)
+        assert plain.options == {}

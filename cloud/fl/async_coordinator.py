@@ -23,6 +23,7 @@ import hashlib
 import logging
 import secrets
 import statistics
+import time
 from collections import Counter
 from typing import Any
 
@@ -280,7 +281,7 @@ class AsyncCoordinator(Coordinator):
             "train_loss": envelope.train_loss, "train_accuracy": envelope.train_accuracy,
             "bytes": float(len(payload)), "train_time_s": float(envelope.train_time_s or 0.0),
             "attempt": 0, "sha256": hashlib.sha256(payload).hexdigest(),
-            "local_steps": envelope.local_steps,
+            "local_steps": envelope.local_steps, "sent_at": envelope.sent_at,
         }
         self.fl_store.add_update(version, key, 0, meta)
         self.strategy.add(_scaled(delta, scale), envelope.num_examples,
@@ -334,11 +335,13 @@ class AsyncCoordinator(Coordinator):
         self.state.state = TaskState.COLLECTING
         self.buffer.opened_at = now()
         self.round = _Round()
+        releasing = time.monotonic()
         await off_loop(self._commit_release, status, weights)
         for sink in self.sinks:
             if sink is not self.store:
                 await off_loop(sink.write_fl_round, status)
         await self._republish()
+        self._timed(number, release_s=time.monotonic() - releasing)
         await off_loop(_remove_tree,
                        self._update_dir(number - self.config.keep_update_rounds))
         if stop_reason is not None:
@@ -351,12 +354,16 @@ class AsyncCoordinator(Coordinator):
 
     def _aggregate_buffer(self, number: int) -> tuple[Weights, dict[str, Any]]:
         """Aggregate the buffer, evaluate, write the new global weights (worker thread)."""
+        started = time.monotonic()
         weights = self.strategy.finalize()
         self._write_global(str(number), weights, number)
+        aggregated = time.monotonic()
         opened = self.buffer.opened_at
         record = self._record(RoundRecord(round=number, global_version=str(number),
                                           nonce=self.buffer.nonce, selected=[], evaluate=[],
                                           issued_at=opened, deadline=opened + 1.0), weights)
+        self._timed(number, issued_at=opened, aggregate_s=aggregated - started,
+                    evaluate_s=time.monotonic() - aggregated)
         metas = list(self.round.accepted.values())
         record["participants"] = sorted({str(m["device_id"]) for m in metas})
         staleness = [int(m["staleness"]) for m in metas]

@@ -203,6 +203,10 @@ class Coordinator:
         self._published_version: str | None = None
         self.secagg: SecAggRound | None = None
         """The open round's secure aggregation (in memory: a restart opens a new attempt)."""
+        self.timings: dict[int, dict[str, float]] = {}
+        """Per released round (in memory, the last 1,000; for tools and benchmarks): when
+        it opened (``issued_at``) and the seconds its aggregation, central evaluation and
+        release (state committed, weights, plan and status published) took."""
 
     # -- entry points (event loop) ---------------------------------------------------
 
@@ -470,6 +474,7 @@ class Coordinator:
             "bytes": float(len(payload)), "train_time_s": float(envelope.train_time_s or 0.0),
             "attempt": envelope.attempt, "sha256": hashlib.sha256(payload).hexdigest(),
             "clip_bit": envelope.clip_bit, "local_steps": envelope.local_steps,
+            "sent_at": envelope.sent_at,
         }
         self.fl_store.add_update(current.round, device_id, envelope.attempt, meta)
         self.strategy.add(delta, envelope.num_examples, local_steps=envelope.local_steps)
@@ -914,12 +919,15 @@ class Coordinator:
         stop_reason = self._early_stop(record)
         self.state.state = TaskState.RELEASED
         status = self.status()
+        releasing = time.monotonic()
         await off_loop(self.fl_store.release, self._saved_state(), status)
         self.round = _Round()
         for sink in self.sinks:
             if sink is not self.store:
                 await off_loop(sink.write_fl_round, status)
         await self._republish()
+        self._timed(current.round, issued_at=current.issued_at,
+                    release_s=time.monotonic() - releasing)
         keep = self.config.keep_update_rounds
         await off_loop(_remove_tree, self._update_dir(current.round - keep))
 
@@ -931,11 +939,20 @@ class Coordinator:
         started = time.monotonic()
         weights = self.strategy.finalize()
         self._write_global(version, weights, current.round)
+        aggregated = time.monotonic()
         record = self._record(current, weights)
+        self._timed(current.round, aggregate_s=aggregated - started,
+                    evaluate_s=time.monotonic() - aggregated)
         self._account(current, record)
         logger.info("%s: round %d aggregated and evaluated in %.3f s", self.name, current.round,
                     time.monotonic() - started)
         return weights, record
+
+    def _timed(self, round_: int, **seconds: float) -> None:
+        """Note how long parts of a round took (:attr:`timings`)."""
+        self.timings.setdefault(round_, {}).update(seconds)
+        while len(self.timings) > 1000:
+            del self.timings[min(self.timings)]
 
     def _record(self, current: RoundRecord, weights: Weights) -> dict[str, Any]:
         accepted = self.round.accepted
