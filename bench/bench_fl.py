@@ -64,7 +64,7 @@ def run(broker: LocalBroker, folder: Path, ids: list[str], *, rounds: int, alpha
         privacy: dict[str, Any] | None = None,
         attack: dict[str, Any] | None = None, attackers: int = 0,
         partitions: int | None = None, task: str = "fl_tasks.digits:DigitsTask",
-        seed: int = 0) -> dict[str, Any]:
+        seed: int = 0, keep: int = 0) -> dict[str, Any]:
     """One federated task on the real system; returns the coordinator's history.
 
     Device ``i`` holds partition ``i`` of ``partitions`` (by default one per device):
@@ -86,7 +86,8 @@ def run(broker: LocalBroker, folder: Path, ids: list[str], *, rounds: int, alpha
             "strategy": strategy, "strategy_params": params or {}, "fraction_fit": fraction,
             "min_fit_clients": max(1, round(fraction * len(ids))),
             "min_available_clients": len(ids), "round_timeout_s": 60, "hyperparams": HP,
-            "compression": compression or {"kind": "none"}, "privacy": privacy}},
+            "compression": compression or {"kind": "none"}, "privacy": privacy,
+            "keep_update_rounds": keep}},
     })).start()
     agents = []
     for i, device_id in enumerate(ids):

@@ -243,7 +243,7 @@ def main() -> None:
             for seed in range(args.seeds):
                 pool = ids[seed * DEVICES:(seed + 1) * DEVICES]
                 edge = run(broker, folder, pool, rounds=args.rounds, alpha=args.alpha,
-                           fraction=FRACTION, seed=seed)
+                           fraction=FRACTION, seed=seed, keep=args.rounds)  # version 0 too
                 history = edge["history"]
                 cohorts = [sorted(pool.index(d) for d in h["participants"]) for h in history]
                 spec = {"repo": str(REPO), "task": TASK, "task_kwargs": {},

@@ -33,7 +33,15 @@ from edge_node.errors import EdgeError, PacketTooLargeError
 from edge_node.job_thread import JobThread
 from edge_node.secagg_client import SecAggClient
 from edge_node.settings import FLSettings
-from fl_tasks.base import FLTask, LocalData, Partition, TrainResult, Weights, load_task
+from fl_tasks.base import (
+    FLTask,
+    LocalData,
+    Partition,
+    TrainResult,
+    Weights,
+    load_task,
+    momentum_steps,
+)
 from schemas.base import decode_message, now
 from schemas.codec import DecodeLimits, decode, encode
 from schemas.compression import compress
@@ -341,9 +349,15 @@ class FLClient:
 
     def _next_control(self, state: TaskState, plan: RoundPlan, delta: Weights,
                       correction: Weights, examples: int) -> tuple[Weights, Weights]:
-        """Option II: ``c_i+ = c_i - c + (x - y_i) / (K lr)``; (c_i+, c_i+ - c_i)."""
+        """Option II: ``c_i+ = c_i - c + (x - y_i) / (K lr)``; (c_i+, c_i+ - c_i).
+
+        ``K`` is the steps' effective number: with momentum, ``K`` steps move further
+        than ``K`` plain ones (:func:`fl_tasks.base.momentum_steps`), and dividing by the
+        plain count would inflate ``c_i`` by up to ``1 / (1 - momentum)``.
+        """
         hp = plan.hyperparams
-        steps = hp.local_epochs * math.ceil(examples / hp.batch_size)
+        steps = momentum_steps(hp.local_epochs * math.ceil(examples / hp.batch_size),
+                               hp.momentum)
         own = state.control or {}
         new: Weights = {}
         change: Weights = {}

@@ -356,6 +356,20 @@ class FLTask(ABC):
         return EvalResult(num_examples=n, loss=loss_sum / n, accuracy=correct / n)
 
 
+def momentum_steps(steps: int, momentum: float) -> float:
+    """How far ``steps`` SGD steps move, in units of ``learning_rate * gradient``.
+
+    With heavy-ball momentum ``rho`` (torch's SGD, no dampening) a constant gradient
+    moves the weights ``sum_{k=1..steps} (1 - rho^k) / (1 - rho)`` times the plain step,
+    not ``steps`` times: FedNova's ``||a_i||_1`` (Wang et al. 2020, eq. 7), and what
+    turns a device's displacement into its mean gradient (SCAFFOLD's control variate).
+    """
+    if momentum <= 0:
+        return float(steps)
+    rho = momentum
+    return (steps - rho * (1 - rho ** steps) / (1 - rho)) / (1 - rho)
+
+
 def _squared_distance(params: list[nn.Parameter], anchors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([(p - a).pow(2).sum() for p, a in zip(params, anchors, strict=True)]).sum()
 

@@ -108,7 +108,8 @@ def test_updates_are_scaled_by_staleness_and_refused_past_max_staleness(
 def test_a_fast_device_is_aggregated_without_waiting_for_slow_ones(
     make_cloud: CloudFactory, make_agent: AgentFactory,
 ) -> None:
-    cloud = make_cloud(fl={TASK: async_config(rounds=4, max_staleness=10)})
+    cloud = make_cloud(fl={TASK: async_config(rounds=4, max_staleness=10)
+                           | {"keep_update_rounds": 0}})
     fast = make_agent(fl=device_fl(0, 3))
     slow = [make_agent(fl=device_fl(i, 3) | {"simulation": {"speed_factor": 1000}})
             for i in (1, 2)]
@@ -120,6 +121,11 @@ def test_a_fast_device_is_aggregated_without_waiting_for_slow_ones(
     assert all(h.participants == [fast.device_id] and h.staleness_max == 0 for h in history)
     assert [a.fl.updates_sent for a in slow] == [0, 0]  # still training, not waited for
     assert history[-1].central_accuracy is not None
+    # Only the weights still needed stay on disk: the final and the most accurate.
+    folder = cloud.settings.data_dir / "fl" / TASK
+    kept = {p.name for p in folder.glob("global-*.safetensors")}
+    best = f"global-{coordinator.state.best_round}.safetensors"
+    assert kept == {"global-4.safetensors", best}, kept
 
 
 def test_a_killed_cloud_resumes_a_half_full_buffer_without_loss_or_double_counting(

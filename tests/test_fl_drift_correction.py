@@ -4,11 +4,13 @@ in their state folders."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import safetensors.numpy
+import torch
 
 from cloud.fl.errors import StrategyConfigError
 from cloud.fl.fednova import normalizer
@@ -19,7 +21,14 @@ from edge_node.fl_client import FLClient
 from edge_node.settings import FLSettings
 from schemas.codec import decode
 from schemas.compression import decompress
-from schemas.fl import GlobalModelEnvelope, TaskState, UpdateEnvelope, split_control
+from schemas.fl import (
+    GlobalModelEnvelope,
+    HyperParams,
+    RoundPlan,
+    TaskState,
+    UpdateEnvelope,
+    split_control,
+)
 from schemas.topics import Topics
 from tests.agent_fixtures import AgentFactory, wait_until
 from tests.cloud_fixtures import CloudFactory
@@ -129,3 +138,30 @@ def test_fednova_normalizer_is_the_sum_of_the_momentum_weights() -> None:
     for steps, rho in ((1, 0.9), (5, 0.5), (40, 0.9)):
         direct = sum((1 - rho ** k) / (1 - rho) for k in range(1, steps + 1))
         assert normalizer(steps, rho) == pytest.approx(direct)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5, 0.9])
+def test_a_scaffold_control_variate_is_the_mean_gradient_whatever_the_momentum(
+    momentum: float,
+) -> None:
+    """Under a constant gradient g, c_i+ (c = c_i = 0) is g: torch's SGD with momentum
+    moves further than the plain steps, and c_i must not grow by 1 / (1 - momentum)."""
+    g = torch.linspace(-1.0, 1.0, 12).reshape(3, 4)
+    w = torch.zeros(3, 4, requires_grad=True)
+    hp = HyperParams(local_epochs=2, batch_size=16, learning_rate=0.05, momentum=momentum)
+    examples = 40  # 3 batches a local epoch: K = 6 steps
+    optimizer = torch.optim.SGD([w], lr=hp.learning_rate, momentum=hp.momentum)
+    for _ in range(hp.local_epochs * math.ceil(examples / hp.batch_size)):
+        optimizer.zero_grad()
+        (w * g).sum().backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+    delta = {"w": w.detach().numpy().astype(np.float32)}
+    client = FLClient("dev-m", Topics(), FLSettings.model_validate(device_fl(0, 3)),
+                      publish=lambda *a: None, subscribe=lambda *a: None, counters=Counters())
+    state = client.tasks[TASK]
+    plan = RoundPlan(task=TASK, round=1, global_version="0", selected=["dev-m"],
+                     issued_at=2e9, deadline=2e9 + 60, strategy="scaffold", hyperparams=hp)
+    zero = {"w": np.zeros((3, 4), np.float32)}
+    new, change = client._next_control(state, plan, delta, zero, examples)
+    np.testing.assert_allclose(new["w"], g.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(change["w"], new["w"])

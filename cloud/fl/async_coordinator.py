@@ -344,6 +344,7 @@ class AsyncCoordinator(Coordinator):
         self._timed(number, release_s=time.monotonic() - releasing)
         await off_loop(_remove_tree,
                        self._update_dir(number - self.config.keep_update_rounds))
+        await off_loop(self._prune_versions)
         if stop_reason is not None:
             await self._finish(stop_reason)
 

@@ -930,9 +930,27 @@ class Coordinator:
                     release_s=time.monotonic() - releasing)
         keep = self.config.keep_update_rounds
         await off_loop(_remove_tree, self._update_dir(current.round - keep))
+        await off_loop(self._prune_versions)
 
         if stop_reason is not None:
             await self._finish(stop_reason)
+
+    def _prune_versions(self) -> None:
+        """Delete the weights of versions nobody needs (worker thread).
+
+        Kept: the current version, the most accurate round's (registered when the task
+        ends) and those of the last ``keep_update_rounds`` rounds. Without this every
+        version stayed on disk: 450 kB a version for a 112k-parameter model, 536 MB in
+        ten minutes of asynchronous training at 100 devices.
+        """
+        round_ = self.state.round
+        keep = {self.state.global_version, str(self.state.best_round)} | {
+            str(r) for r in range(max(0, round_ - self.config.keep_update_rounds), round_ + 1)}
+        for pattern in ("global-*.safetensors", "strategy-*.safetensors"):
+            for path in self.folder.glob(pattern):
+                version = path.name.split("-", 1)[1].removesuffix(".safetensors")
+                if version not in keep:
+                    path.unlink(missing_ok=True)
 
     def _aggregate(self, current: RoundRecord, version: str) -> tuple[Weights, dict[str, Any]]:
         """Aggregate, evaluate, write the new global weights (worker thread)."""

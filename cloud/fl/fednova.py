@@ -28,16 +28,14 @@ import numpy as np
 
 from cloud.fl.errors import IncompatibleUpdateError
 from cloud.fl.strategy import FLOAT32, Strategy, Weights
+from fl_tasks.base import momentum_steps
 
 logger = logging.getLogger(__name__)
 
 
 def normalizer(steps: int, momentum: float) -> float:
     """``a_i``: the L1 norm of the device's SGD step weights (Wang et al., eq. 7)."""
-    if momentum <= 0:
-        return float(steps)
-    rho = momentum
-    return (steps - rho * (1 - rho ** steps) / (1 - rho)) / (1 - rho)
+    return momentum_steps(steps, momentum)
 
 
 class FedNova(Strategy):
