@@ -42,6 +42,7 @@ from fl_tasks.base import (
     load_task,
     momentum_steps,
 )
+from fl_tasks.errors import TaskError
 from schemas.base import decode_message, now
 from schemas.codec import DecodeLimits, decode, encode
 from schemas.compression import compress
@@ -108,8 +109,11 @@ class FLClient:
                                config.attack.kind)
                 data = poison(data, config.attack)
             self.tasks[name] = TaskState(task, data, attack=config.attack)
+        # TaskError: a training that diverged (fl_diverged) or weights that do not fit
+        # the model cost this round, not the device's later ones.
         self._jobs = JobThread(f"fl-{device_id}", "fl", counters,
-                               (EdgeError, DecodeError, ValueError, RuntimeError, OSError))
+                               (EdgeError, TaskError, DecodeError, ValueError, RuntimeError,
+                                OSError))
         self.updates_sent = 0
         self._halt = threading.Event()
         self.secagg: SecAggClient | None = None
@@ -254,8 +258,16 @@ class FLClient:
         seed = zlib.crc32(f"{self.device_id}/{task}/{tag}".encode())
         scaffold = plan.strategy == "scaffold"
         correction = self._correction(task, state, plan, shared) if scaffold else None
-        result = state.task.train(merged, state.data, plan.hyperparams, seed=seed,
-                                  correction=correction)
+        try:
+            result = state.task.train(merged, state.data, plan.hyperparams, seed=seed,
+                                      correction=correction)
+        except TaskError as exc:
+            # A diverged training (non-finite loss) or weights that do not fit: this
+            # round gets no update from here; the coordinator's deadline covers it.
+            self.counters.add(f"fl_{exc.reason}")
+            logger.warning("%s: round %s of %s: training failed: %s", self.device_id, tag,
+                           task, exc)
+            return
         if not self._simulate(task, plan, result):
             return
         state.local_weights = dict(result.weights)

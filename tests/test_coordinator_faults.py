@@ -340,3 +340,51 @@ def test_a_device_trains_again_on_a_new_attempt_of_the_same_round(tmp_path: Path
     updates = [decode(payload, UpdateEnvelope).envelope for topic, payload in sent
                if topic == topics.update(TASK, 1, "dev-a")]
     assert [u.attempt for u in updates] == [0, 1]
+
+
+def test_a_device_whose_training_diverges_trains_again_in_the_next_round(
+        tmp_path: Path) -> None:
+    """A non-finite loss (TrainingError) is counted and the device's training thread
+    goes on: before, it ended the thread and the device never trained again."""
+    from edge_node.counters import Counters
+    from edge_node.fl_client import FLClient
+    from edge_node.settings import FLSettings
+    from fl_tasks.base import get_weights, load_task
+    from schemas.codec import decode, encode
+    from schemas.fl import GlobalModelEnvelope, HyperParams, UpdateEnvelope
+
+    topics = Topics()
+    sent: list[tuple[str, bytes]] = []
+    counters = Counters()
+    client = FLClient("dev-a", topics, FLSettings.model_validate(device_fl(0, 3)),
+                      publish=lambda topic, payload: sent.append((topic, payload)),
+                      subscribe=lambda *a: None, counters=counters,
+                      state_dir=tmp_path / "fl")
+    task = load_task("fl_tasks.digits:DigitsTask")
+    weights = {k: np.asarray(v, np.float32) for k, v in get_weights(task.build_model()).items()}
+    # Finite weights whose logits overflow float32: the first batch's loss is not finite.
+    blown = {k: v * np.float32(1e20) for k, v in weights.items()}
+
+    def version(name: str, tensors: dict[str, np.ndarray], round_: int) -> bytes:
+        return encode(tensors, GlobalModelEnvelope(task=TASK, version=name, round=round_,
+                                                   created_at=now()))
+
+    def plan(round_: int, global_version: str) -> bytes:
+        return RoundPlan(task=TASK, round=round_, global_version=global_version,
+                         selected=["dev-a"], issued_at=now(), deadline=now() + 60,
+                         strategy="fedavg",
+                         hyperparams=HyperParams(local_epochs=1, batch_size=16)).to_json()
+
+    def rounds_sent() -> list[int]:
+        return [decode(payload, UpdateEnvelope).envelope.round for _, payload in sent]
+
+    client.start()
+    try:
+        client.on_global_weights(TASK, "v1", version("v1", blown, 1))
+        client.on_round_plan(TASK, plan(1, "v1"))  # diverges
+        client.on_global_weights(TASK, "v2", version("v2", weights, 2))
+        client.on_round_plan(TASK, plan(2, "v2"))
+        wait_until(lambda: rounds_sent() == [2], timeout=60, what="round 2's update alone")
+        assert counters["fl_diverged"] == 1
+    finally:
+        client.stop()
