@@ -39,7 +39,8 @@ PACKAGES = ("torch", "onnxruntime", "ai-edge-litert", "paho-mqtt", "aiomqtt", "n
 FULL: dict[str, list[str]] = {
     "schemas": [], "inference": [], "aggregation": [], "ingest": ["--fl-params", "1000000"],
     "fleet": [], "fl": [], "models": [], "rollout": [], "sustained": ["--compare"],
-    "secagg": [], "fl_seeds": [], "fl_async": [], "fl_vs_flower": [], "fl_scale": [],
+    "secagg": [], "fl_seeds": ["--tasks", "digits,mnist1d"], "fl_async": [],
+    "fl_vs_flower": [], "fl_scale": [],
 }
 """Every benchmark with the arguments its published figures come from."""
 QUICK: dict[str, list[str]] = {
