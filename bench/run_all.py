@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"))
     parser.add_argument("--only", default="", help="Comma-separated names, e.g. schemas,fl")
     parser.add_argument("--quick", action="store_true", help="Small sizes (a smoke run)")
-    parser.add_argument("--timeout", type=float, default=3600.0, help="Per benchmark, s")
+    parser.add_argument("--timeout", type=float, default=7200.0, help="Per benchmark, s")
     parser.add_argument("--update", type=Path, default=None,
                         help="Re-run the benchmarks named by --only in this results file and "
                         "write it back (the other entries are kept)")
