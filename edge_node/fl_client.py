@@ -109,8 +109,8 @@ class FLClient:
                                config.attack.kind)
                 data = poison(data, config.attack)
             self.tasks[name] = TaskState(task, data, attack=config.attack)
-        # TaskError: a training that diverged (fl_diverged) or weights that do not fit
-        # the model cost this round, not the device's later ones.
+        # TaskError: _train handles a failed training itself (counted, a warning); this
+        # covers the rest, e.g. global weights that do not fit the model on evaluation.
         self._jobs = JobThread(f"fl-{device_id}", "fl", counters,
                                (EdgeError, TaskError, DecodeError, ValueError, RuntimeError,
                                 OSError))
