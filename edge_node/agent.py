@@ -238,8 +238,7 @@ class EdgeAgent:
         if subscribe:
             self.session.subscribe_many(topics)
         else:
-            for topic in topics:
-                self.session.unsubscribe(topic)
+            self.session.unsubscribe_many(topics)
 
     # -- agent thread ----------------------------------------------------------
 

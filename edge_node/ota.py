@@ -114,10 +114,17 @@ class Download:
     """Chunks ``[0, hashed)`` are in ``digest``."""
     progress_at: float = 0.0
     """When the last ``downloading`` progress status was sent (monotonic)."""
+    stored: list[int] = field(default_factory=list)
+    """Chunks written whose topics are still subscribed (unsubscribed in batches)."""
 
 
 PROGRESS_INTERVAL_S = 1.0
 """At most one ``downloading`` progress status per this many seconds and download."""
+
+UNSUBSCRIBE_BATCH = 16
+"""Stored chunks are unsubscribed this many at a time (one UNSUBSCRIBE packet), at each
+progress status, at the agent's report tick and when the download ends. A reconnect in
+between gets those retained chunks again, counted as ``chunk_duplicate``."""
 
 
 @dataclass
@@ -249,7 +256,11 @@ class OtaManager:
 
 
     def check_probation(self) -> None:
-        """Queue a probation check of freshly installed models."""
+        """Queue the periodic housekeeping.
+
+        Probation checks of freshly installed models, benchmark downloads that timed
+        out, stored chunks whose topics are still subscribed.
+        """
         self._jobs.put(self._check_probation)
 
     # -- status ---------------------------------------------------------------
@@ -399,10 +410,17 @@ class OtaManager:
 
     def _drop_download(self, model: str) -> None:
         download = self.downloads.pop(model, None)
-        if download is not None and download.missing:
+        if download is not None:
             m = download.manifest
-            self._chunks([self.topics.chunk(model, m.version, i) for i in download.missing],
+            self._chunks([self.topics.chunk(model, m.version, i)
+                          for i in sorted(download.missing) + download.stored], False)
+
+    def _unsubscribe_stored(self, model: str, download: Download) -> None:
+        if download.stored:
+            version = download.manifest.version
+            self._chunks([self.topics.chunk(model, version, i) for i in download.stored],
                          False)
+            download.stored.clear()
 
     # -- chunks ---------------------------------------------------------------
 
@@ -438,10 +456,13 @@ class OtaManager:
             return
         download.missing.discard(index)
         download.received += 1
+        download.stored.append(index)
         self._advance_hash(download, index, payload)
-        self._chunks([self.topics.chunk(model, version, index)], False)
         clock = time.monotonic()
-        if download.missing and clock - download.progress_at >= PROGRESS_INTERVAL_S:
+        progress = clock - download.progress_at >= PROGRESS_INTERVAL_S
+        if not download.missing or progress or len(download.stored) >= UNSUBSCRIBE_BATCH:
+            self._unsubscribe_stored(model, download)
+        if download.missing and progress:
             download.progress_at = clock
             self._status(model, DeploymentState.DOWNLOADING, manifest=manifest,
                          received=manifest.chunk_count - len(download.missing))
@@ -650,6 +671,8 @@ class OtaManager:
 
     def _check_probation(self) -> None:
         self._sweep_benchmarks()
+        for model, download in self.downloads.items():  # a download that went quiet
+            self._unsubscribe_stored(model, download)
         for model, (started, version) in list(self.probation.items()):
             age = time.monotonic() - started
             if age > self.settings.probation_s:

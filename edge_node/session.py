@@ -370,8 +370,13 @@ class MqttSession:
 
     def unsubscribe(self, topic_filter: str) -> None:
         """Stop receiving ``topic_filter``."""
+        self.unsubscribe_many([topic_filter])
+
+    def unsubscribe_many(self, filters: list[str]) -> None:
+        """Stop receiving several filters, in as few UNSUBSCRIBE packets as possible."""
         with self._lock:
-            known = self._subscriptions.pop(topic_filter, None) is not None
-            send = known and self._transport_up
+            known = [f for f in filters if self._subscriptions.pop(f, None) is not None]
+            send = self._transport_up
         if send:
-            self.client.unsubscribe(topic_filter)
+            for start in range(0, len(known), 100):
+                self.client.unsubscribe(known[start:start + 100])

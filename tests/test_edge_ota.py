@@ -7,12 +7,14 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 from edge_node.agent import EdgeAgent
+from edge_node.ota import UNSUBSCRIBE_BATCH
 from schemas.base import ModelFormat, RuntimeName, decode_message
 from schemas.device import (
     CommandStatus,
@@ -235,6 +237,31 @@ def test_resume_after_disconnect_fetches_only_missing_chunks(
     assert agent.ota.chunk_messages[MODEL] - duplicates == len(chunks)
     np.testing.assert_allclose(agent.infer(MODEL, BATCH), reference(onnx_v1[0], BATCH),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_stored_chunks_are_unsubscribed_in_batches(
+    make_agent: AgentFactory, cloud: SyncClient, topics: Topics,
+    onnx_v1: tuple[torch.nn.Module, bytes], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One UNSUBSCRIBE per batch of stored chunks, not per chunk; none left after."""
+    agent = make_agent(interval_s=30)
+    manifest, chunks = build_release(MODEL, "1.0.0", onnx_v1[1], chunk_size=128)
+    assert len(chunks) > 3 * UNSUBSCRIBE_BATCH
+    sent: list[list[str]] = []
+    unsubscribe = agent.session.client.unsubscribe
+
+    def spy(topic: str | list[str], *args: Any, **kwargs: Any) -> Any:
+        sent.append([topic] if isinstance(topic, str) else list(topic))
+        return unsubscribe(topic, *args, **kwargs)
+
+    monkeypatch.setattr(agent.session.client, "unsubscribe", spy)
+    release(cloud, topics, manifest, chunks)
+    cloud.wait_for(status_is(topics, agent.device_id, DeploymentState.INSTALLED), timeout=20)
+    chunk_topics = {topics.chunk(MODEL, "1.0.0", i) for i in range(len(chunks))}
+    assert not chunk_topics & agent.session.subscriptions()
+    assert sorted(t for batch in sent for t in batch) == sorted(chunk_topics)
+    # full batches, plus a short one at each progress status (once a second) and the end
+    assert len(sent) <= len(chunks) // UNSUBSCRIBE_BATCH + 5
 
 
 @pytest.mark.parametrize("power_loss", [False, True], ids=["killed", "torn_chunk"])
