@@ -6,7 +6,7 @@ digits with a ~100k-parameter MLP, FedAvg, every device in every round. The same
 run twice per fleet size, without and with ``secagg``, on the same running fleet; the
 ratios (with / without) come from the same run. Prints JSON:
 
-    .venv/bin/python bench/bench_secagg.py [--devices 10,50] [--rounds 4] [--in-process]
+    .venv/bin/python bench/bench_secagg.py [--devices 10,50] [--rounds 8] [--in-process]
 
 ``--in-process`` runs the agents in this process next to the cloud instead, as the first
 version of this benchmark did: one interpreter lock for 50 devices' training and
@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import psutil
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -154,8 +155,22 @@ def start_fleet(broker: LocalBroker, folder: Path, ids: list[str], prefix: str,
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def processor_seconds(fleet: subprocess.Popen[bytes] | None) -> float:
+    """User and system time of the fleet's processes so far (0 without a fleet)."""
+    if fleet is None:
+        return 0.0
+    total = 0.0
+    for process in [psutil.Process(fleet.pid), *psutil.Process(fleet.pid).children(True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
 def run(broker: LocalBroker, folder: Path, name: str, ids: list[str], *, rounds: int,
-        secure: bool) -> dict[str, Any]:
+        secure: bool, fleet: subprocess.Popen[bytes] | None) -> dict[str, Any]:
     """One task on the running agents; the median round time (first round left out)."""
     creds = broker.credentials("edgefl-cloud")
     assert creds is not None
@@ -166,13 +181,19 @@ def run(broker: LocalBroker, folder: Path, name: str, ids: list[str], *, rounds:
     })).start()
     spy = Spy(broker, name) if secure else None
     coordinator = cloud.service.coordinators[name]
+    fleet_cpu = processor_seconds(fleet)
     started = time.monotonic()
     pause = threading.Event()
     while coordinator.state.state.value not in ("finished", "failed"):
         if time.monotonic() - started > rounds * 300:
             raise TimeoutError("the task did not finish")
+        if fleet is not None and fleet.poll() is not None:
+            raise RuntimeError(f"the fleet exited with {fleet.returncode}; its log is in "
+                               f"{folder}")
         pause.wait(0.1)
     history = coordinator.history()
+    elapsed = time.monotonic() - started
+    fleet_cpu = processor_seconds(fleet) - fleet_cpu
     cloud.stop()
     if coordinator.state.state.value != "finished":
         raise RuntimeError(f"the task failed: {coordinator.state.message}")
@@ -185,6 +206,10 @@ def run(broker: LocalBroker, folder: Path, name: str, ids: list[str], *, rounds:
            "sent_bytes_per_device": round(received),
            "participants_median": statistics.median(len(h.participants) for h in measured),
            "final_central_accuracy": history[-1].central_accuracy}
+    if fleet is not None:  # the devices' processor time against the cores' while it ran
+        out["fleet_cpu_s_per_round"] = round(fleet_cpu / len(history), 3)
+        out["fleet_cpu_utilisation"] = round(fleet_cpu / (elapsed * (os.cpu_count() or 1)),
+                                             2)
     if spy is not None:
         spy.close()
         per_round_device = (spy.inboxes + spy.broadcasts * len(ids)) / (rounds * len(ids))
@@ -195,7 +220,7 @@ def run(broker: LocalBroker, folder: Path, name: str, ids: list[str], *, rounds:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", default="10,50")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--in-process", action="store_true",
                         help="The agents in this process, next to the cloud")
     args = parser.parse_args()
@@ -218,9 +243,9 @@ def main() -> None:
                         raise RuntimeError(f"the fleet exited: {fleet.returncode}")
                 try:
                     plain = run(broker, folder, names[0], ids, rounds=args.rounds,
-                                secure=False)
+                                secure=False, fleet=fleet)
                     secure = run(broker, folder, names[1], ids, rounds=args.rounds,
-                                 secure=True)
+                                 secure=True, fleet=fleet)
                 finally:
                     for agent in agents:
                         agent.stop()
