@@ -181,10 +181,13 @@ def run(broker: LocalBroker, folder: Path, name: str, ids: list[str], *, rounds:
     })).start()
     spy = Spy(broker, name) if secure else None
     coordinator = cloud.service.coordinators[name]
-    fleet_cpu = processor_seconds(fleet)
     started = time.monotonic()
+    mark: tuple[float, float] | None = None  # when round 2 opened: clock, fleet CPU
     pause = threading.Event()
     while coordinator.state.state.value not in ("finished", "failed"):
+        current = coordinator.state.current
+        if mark is None and current is not None and current.round >= 2:
+            mark = (time.monotonic(), processor_seconds(fleet))
         if time.monotonic() - started > rounds * 300:
             raise TimeoutError("the task did not finish")
         if fleet is not None and fleet.poll() is not None:
@@ -192,8 +195,7 @@ def run(broker: LocalBroker, folder: Path, name: str, ids: list[str], *, rounds:
                                f"{folder}")
         pause.wait(0.1)
     history = coordinator.history()
-    elapsed = time.monotonic() - started
-    fleet_cpu = processor_seconds(fleet) - fleet_cpu
+    end = (time.monotonic(), processor_seconds(fleet))
     cloud.stop()
     if coordinator.state.state.value != "finished":
         raise RuntimeError(f"the task failed: {coordinator.state.message}")
@@ -206,10 +208,11 @@ def run(broker: LocalBroker, folder: Path, name: str, ids: list[str], *, rounds:
            "sent_bytes_per_device": round(received),
            "participants_median": statistics.median(len(h.participants) for h in measured),
            "final_central_accuracy": history[-1].central_accuracy}
-    if fleet is not None:  # the devices' processor time against the cores' while it ran
-        out["fleet_cpu_s_per_round"] = round(fleet_cpu / len(history), 3)
-        out["fleet_cpu_utilisation"] = round(fleet_cpu / (elapsed * (os.cpu_count() or 1)),
-                                             2)
+    if fleet is not None and mark is not None:
+        # the devices' processor time over the measured rounds, against the cores'
+        cpu, elapsed = end[1] - mark[1], end[0] - mark[0]
+        out["fleet_cpu_s_per_round"] = round(cpu / len(measured), 3)
+        out["fleet_cpu_utilisation"] = round(cpu / (elapsed * (os.cpu_count() or 1)), 2)
     if spy is not None:
         spy.close()
         per_round_device = (spy.inboxes + spy.broadcasts * len(ids)) / (rounds * len(ids))
