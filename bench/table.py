@@ -203,10 +203,14 @@ def sustained(r: dict[str, Any]) -> list[Row]:
 def secagg(r: dict[str, Any]) -> list[Row]:
     rows: list[Row] = []
     for size, x in sorted(r["by_devices"].items(), key=lambda kv: int(kv[0])):
+        cpu = ""
+        if "fleet_cpu_s_per_round" in x["secagg"]:  # devices in their own processes
+            cpu = (f"; the fleet's CPU per round {_n(x['secagg']['fleet_cpu_s_per_round'], 2)}"
+                   f" s against {_n(x['plain']['fleet_cpu_s_per_round'], 2)} s")
         rows.append(("secagg", f"round with secure aggregation, {size} devices, "
                      f"{r['parameters']:,} parameters, s",
                      _n(x["secagg"]["round_s_median"], 2),
-                     f"{_n(x['plain']['round_s_median'], 2)} without",
+                     f"{_n(x['plain']['round_s_median'], 2)} without{cpu}",
                      _x(x["round_time_ratio"])))
     return rows
 
