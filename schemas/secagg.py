@@ -512,6 +512,7 @@ class SecAggDevice:
         seed_shares = shamir.split(self.seed, roster.threshold, len(peers))
         context = self.context
         ciphertexts = {}
+        nonces = secrets.token_bytes(NONCE_BYTES * len(peers))  # one read, not one per peer
         for peer in peers.values():
             plain = key_shares[peer.x - 1].to_bytes() + seed_shares[peer.x - 1].to_bytes()
             if peer.device_id == self.device_id:  # its own shares it keeps
@@ -519,7 +520,7 @@ class SecAggDevice:
                 continue
             key = agree(self.c_key, peer.c_public, context, ENCRYPTION_LABEL)
             self.pair_keys[peer.device_id] = key
-            nonce = secrets.token_bytes(NONCE_BYTES)
+            nonce = nonces[NONCE_BYTES * (peer.x - 1):NONCE_BYTES * peer.x]
             sealed = AESGCM(key).encrypt(nonce, plain, share_aad(context, self.device_id,
                                                                   peer.device_id))
             ciphertexts[peer.device_id] = _b64(nonce + sealed)

@@ -69,9 +69,25 @@ def split(secret: bytes, threshold: int, count: int) -> list[Share]:
                           f"{MAX_SHARES}")
     if len(secret) > MAX_SECRET_BYTES:
         raise ShamirError(f"secrets are at most {MAX_SECRET_BYTES} bytes")
-    coefficients = [int.from_bytes(secret, "big")] + [secrets.randbelow(P)
-                                                      for _ in range(threshold - 1)]
+    coefficients = [int.from_bytes(secret, "big"), *random_elements(threshold - 1)]
     return [Share(x, evaluate(coefficients, x)) for x in range(1, count + 1)]
+
+
+_ELEMENT_BYTES = (P.bit_length() + 64 + 7) // 8
+"""Random bytes per field element: 64 bits more than ``P``, so that reducing them modulo
+``P`` is uniform within 2^-64 (FIPS 186's extra-random-bits method)."""
+
+
+def random_elements(count: int) -> list[int]:
+    """``count`` uniformly random elements of the field, from one read of the OS's generator.
+
+    A read per element (``secrets.randbelow``) released and took back the interpreter
+    lock each time: in a simulated fleet every one of those waited behind the other
+    devices' threads.
+    """
+    pool = secrets.token_bytes(count * _ELEMENT_BYTES)
+    return [int.from_bytes(pool[i:i + _ELEMENT_BYTES], "big") % P
+            for i in range(0, len(pool), _ELEMENT_BYTES)]
 
 
 def evaluate(coefficients: Sequence[int], x: int) -> int:

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from schemas.shamir import SHARE_BYTES, P, ShamirError, Share, combine, split
+from schemas.shamir import SHARE_BYTES, P, ShamirError, Share, combine, random_elements, split
 
 
 def test_the_field_is_the_mersenne_prime_m521() -> None:
@@ -26,6 +26,15 @@ def test_shares_are_the_polynomial_at_1_to_n() -> None:
     for subset in itertools.combinations(shares, 3):
         assert combine(list(subset), 32) == secret
     assert combine(shares, 32) == secret  # more than t: the same polynomial
+
+
+def test_random_coefficients_cover_the_field() -> None:
+    """Elements below P, all different, their top bits spread (not bytes-sized values)."""
+    elements = random_elements(2000)
+    assert len(set(elements)) == 2000 and all(0 <= e < P for e in elements)
+    top = [e >> 520 for e in elements]  # the highest bit of a uniform element: ~half set
+    assert 900 < sum(top) < 1100
+    assert random_elements(0) == []
 
 
 @pytest.mark.parametrize(("t", "n"), [(1, 1), (2, 3), (3, 5), (4, 7)])
