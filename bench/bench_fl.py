@@ -64,11 +64,12 @@ def run(broker: LocalBroker, folder: Path, ids: list[str], *, rounds: int, alpha
         privacy: dict[str, Any] | None = None,
         attack: dict[str, Any] | None = None, attackers: int = 0,
         partitions: int | None = None, task: str = "fl_tasks.digits:DigitsTask",
-        seed: int = 0, keep: int = 0) -> dict[str, Any]:
+        seed: int = 0, keep: int = 0, data_seed: int = 0) -> dict[str, Any]:
     """One federated task on the real system; returns the coordinator's history.
 
-    Device ``i`` holds partition ``i`` of ``partitions`` (by default one per device):
-    with fewer devices than partitions, the last partitions' data is absent.
+    Device ``i`` holds partition ``i`` of ``partitions`` (by default one per device),
+    split with ``data_seed``: with fewer devices than partitions, the last partitions'
+    data is absent. The last ``attackers`` devices run ``attack``.
     """
     # The broker's ACL covers the default root; each run has a task name of its own.
     root = "edgefl/v1"
@@ -99,6 +100,7 @@ def run(broker: LocalBroker, folder: Path, ids: list[str], *, rounds: int, alpha
             "fl": {"tasks": {name: {"path": task, "options": kwargs,
                                         "partition": i, "partitions": partitions or len(ids),
                                         "scheme": "dirichlet", "alpha": alpha,
+                                        "seed": data_seed,
                                         "attack": attack if i >= len(ids) - attackers
                                         else None}}},
         })

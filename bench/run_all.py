@@ -40,7 +40,7 @@ FULL: dict[str, list[str]] = {
     "schemas": [], "inference": [], "aggregation": [], "ingest": ["--fl-params", "1000000"],
     "fleet": [], "fl": [], "models": [], "rollout": [], "sustained": ["--compare"],
     "secagg": [], "fl_seeds": ["--tasks", "digits,mnist1d"], "fl_async": [],
-    "fl_vs_flower": [], "fl_scale": [],
+    "fl_vs_flower": [], "fl_scale": [], "fl_robust": [],
 }
 """Every benchmark with the arguments its published figures come from."""
 QUICK: dict[str, list[str]] = {
@@ -58,6 +58,7 @@ QUICK: dict[str, list[str]] = {
     "fl_async": ["--seeds", "1", "--period", "5"],
     "fl_vs_flower": ["--seeds", "1", "--rounds", "2"],
     "fl_scale": ["--sizes", "20", "--rounds", "2", "--async-s", "10"],
+    "fl_robust": ["--seeds", "2", "--rounds", "2"],
 }
 """The same benchmarks, small: to check that each still runs, not to compare figures."""
 

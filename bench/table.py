@@ -236,6 +236,27 @@ def fl_seeds(r: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def fl_robust(r: dict[str, Any]) -> list[Row]:
+    """Per attack, the best robust strategy over data seeds against clean and honest-only."""
+    rows: list[Row] = []
+    runs, seeds = r["runs"], len(r["seeds"])
+    clean, honest = runs["fedavg/clean"], runs["fedavg/honest_only"]
+    for attack, best in r["best_robust"].items():
+        fedavg = runs[f"fedavg/{attack}"]
+        rows.append((
+            "fl_robust", f"accuracy with {r['attackers']} of {r['devices']} devices {attack}, "
+            f"{seeds} data seeds, best robust: {best['strategy']}; gap to all honest, "
+            "points, mean (min-max)",
+            f"{best['mean']:.3f} ± {best['sd']:.3f}; gap "
+            f"{best['gap_to_clean_points']['mean']:.1f} ({best['gap_to_clean_points']['min']:.1f}"
+            f" to {best['gap_to_clean_points']['max']:.1f})",
+            f"{clean['mean']:.3f} all {r['devices']} honest; {honest['mean']:.3f} the "
+            f"{r['devices'] - r['attackers']} honest alone (gap to them "
+            f"{best['gap_to_honest_only_points']['mean']:.1f}); FedAvg attacked "
+            f"{fedavg['mean']:.3f}", _x(best["mean"] / clean["mean"])))
+    return rows
+
+
 def fl_async(r: dict[str, Any]) -> list[Row]:
     """The heterogeneous fleet race: FedBuff against synchronous FedAvg."""
     p, modes = r["profile"], r["modes"]
@@ -295,7 +316,7 @@ ROWS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "fleet": fleet, "fl": fl, "models": models, "rollout": rollout, "sustained": sustained,
     "secagg": secagg,
     "fl_seeds": fl_seeds, "fl_async": fl_async, "fl_vs_flower": fl_vs_flower,
-    "fl_scale": fl_scale,
+    "fl_scale": fl_scale, "fl_robust": fl_robust,
 }
 """The figures each benchmark contributes to the table."""
 
