@@ -237,8 +237,8 @@ class EdgeAgent:
     def _chunk_subscriptions(self, topics: list[str], subscribe: bool) -> None:
         if subscribe:
             self.session.subscribe_many(topics)
-        else:
-            self.session.unsubscribe_many(topics)
+        else:  # also chunks an earlier run stored and left subscribed (resumed downloads)
+            self.session.unsubscribe_many(topics, force=True)
 
     # -- agent thread ----------------------------------------------------------
 

@@ -195,8 +195,13 @@ class OtaManager:
         self._jobs.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Finish the current step and end the thread."""
+        """Unsubscribe the stored chunks of unfinished downloads, then end the thread."""
+        self._jobs.put(self._unsubscribe_all_stored)
         self._jobs.stop(timeout)
+
+    def _unsubscribe_all_stored(self) -> None:
+        for model, download in self.downloads.items():
+            self._unsubscribe_stored(model, download)
 
     def call(self, fn: Callable[[], DeploymentStatus], timeout: float = 60.0) -> DeploymentStatus:
         """Run ``fn`` on the install thread and wait (bounded) for its result.
@@ -369,6 +374,9 @@ class OtaManager:
             return
         download = Download(manifest, set(range(manifest.chunk_count)) - present,
                             resumed=bool(present), progress_at=time.monotonic())
+        if present:  # a killed run may have left them subscribed on the broker's session
+            self._chunks([self.topics.chunk(model, manifest.version, i)
+                          for i in sorted(present)], False)
         self._advance_hash(download)
         self.downloads[model] = download
         self._status(model, DeploymentState.DOWNLOADING, manifest=manifest,
@@ -671,8 +679,7 @@ class OtaManager:
 
     def _check_probation(self) -> None:
         self._sweep_benchmarks()
-        for model, download in self.downloads.items():  # a download that went quiet
-            self._unsubscribe_stored(model, download)
+        self._unsubscribe_all_stored()  # a download that went quiet
         for model, (started, version) in list(self.probation.items()):
             age = time.monotonic() - started
             if age > self.settings.probation_s:

@@ -99,6 +99,9 @@ class MqttSession:
         self._pending: dict[int, tuple[float, AckCallback | None]] = {}
         self._early: dict[int, tuple[float, int]] = {}
         self._subscriptions: dict[str, int] = {}
+        self._unsubscribe_later: set[str] = set()
+        """Filters unsubscribed while the connection was down: sent after the next CONNACK
+        (the broker keeps a persistent session's subscriptions across connections)."""
         self._transport_up = False
         self._publish_properties: dict[str, Properties | None] = {}
         """CONNACK received on the current connection (subscriptions can be sent)."""
@@ -229,6 +232,9 @@ class MqttSession:
             # snapshot. Nothing recorded between CONNACK and SUBACK is left unsent.
             self._transport_up = True
             subscriptions = list(self._subscriptions.items())
+            later = sorted(self._unsubscribe_later)
+            self._unsubscribe_later.clear()
+        self._send_unsubscribe(later)
         if subscriptions:
             # Birth only once the broker confirmed the subscriptions, so that a command
             # sent to a device the cloud saw born is never lost.
@@ -358,6 +364,7 @@ class MqttSession:
         with self._lock:
             for topic_filter in filters:
                 self._subscriptions[topic_filter] = qos
+                self._unsubscribe_later.discard(topic_filter)
             send = self._transport_up
         if send:
             for start in range(0, len(filters), 100):
@@ -372,11 +379,26 @@ class MqttSession:
         """Stop receiving ``topic_filter``."""
         self.unsubscribe_many([topic_filter])
 
-    def unsubscribe_many(self, filters: list[str]) -> None:
-        """Stop receiving several filters, in as few UNSUBSCRIBE packets as possible."""
+    def unsubscribe_many(self, filters: list[str], *, force: bool = False) -> None:
+        """Stop receiving several filters, in as few UNSUBSCRIBE packets as possible.
+
+        Only filters this session subscribed, unless ``force``: those an earlier run of
+        the process may have left on the broker's persistent session. While the
+        connection is down they are sent after the next CONNACK.
+        """
         with self._lock:
-            known = [f for f in filters if self._subscriptions.pop(f, None) is not None]
-            send = self._transport_up
-        if send:
-            for start in range(0, len(known), 100):
-                self.client.unsubscribe(known[start:start + 100])
+            gone = [f for f in filters if self._subscriptions.pop(f, None) is not None
+                    or force]
+            if not self._transport_up:
+                self._unsubscribe_later.update(gone)
+                return
+        self._send_unsubscribe(gone)
+
+    def _send_unsubscribe(self, filters: list[str]) -> None:
+        for start in range(0, len(filters), 100):
+            batch = filters[start:start + 100]
+            code, _ = self.client.unsubscribe(batch)
+            if code != mqtt.MQTT_ERR_SUCCESS:  # the connection just dropped: next time
+                with self._lock:
+                    self._unsubscribe_later.update(
+                        f for f in batch if f not in self._subscriptions)

@@ -550,7 +550,9 @@ class SecAggDevice:
         context = self.context
         for sender in sorted(senders):
             blob = _unb64(inbox.ciphertexts[sender], "ciphertext")
-            key = self.pair_keys[sender]  # every roster peer's, from share_keys
+            key = self.pair_keys.get(sender)  # every roster peer's, from share_keys
+            if key is None:
+                raise SecAggError("out_of_order", f"no key agreed with {sender}")
             try:
                 plain = AESGCM(key).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:],
                                             share_aad(context, sender, self.device_id))

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from edge_node import ota
 from edge_node.agent import EdgeAgent
 from edge_node.ota import UNSUBSCRIBE_BATCH
 from schemas.base import ModelFormat, RuntimeName, decode_message
@@ -28,6 +29,7 @@ from schemas.topics import Topics
 from tests.agent_fixtures import AgentFactory, send_command, telemetry, wait_until
 from tests.mqtt_client import Received, SyncClient
 from tests.releases import (
+    DELIVERED,
     OTHER_KEY,
     build_release,
     export_onnx,
@@ -244,7 +246,8 @@ def test_stored_chunks_are_unsubscribed_in_batches(
     onnx_v1: tuple[torch.nn.Module, bytes], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """One UNSUBSCRIBE per batch of stored chunks, not per chunk; none left after."""
-    agent = make_agent(interval_s=30)
+    monkeypatch.setattr(ota, "PROGRESS_INTERVAL_S", 3600.0)  # no flush at a progress status
+    agent = make_agent(interval_s=30)  # nor at a report tick
     manifest, chunks = build_release(MODEL, "1.0.0", onnx_v1[1], chunk_size=128)
     assert len(chunks) > 3 * UNSUBSCRIBE_BATCH
     sent: list[list[str]] = []
@@ -260,8 +263,30 @@ def test_stored_chunks_are_unsubscribed_in_batches(
     chunk_topics = {topics.chunk(MODEL, "1.0.0", i) for i in range(len(chunks))}
     assert not chunk_topics & agent.session.subscriptions()
     assert sorted(t for batch in sent for t in batch) == sorted(chunk_topics)
-    # full batches, plus a short one at each progress status (once a second) and the end
-    assert len(sent) <= len(chunks) // UNSUBSCRIBE_BATCH + 5
+    assert len(sent) == -(-len(chunks) // UNSUBSCRIBE_BATCH)  # full batches, the rest at the end
+
+
+def test_a_chunk_unsubscribed_while_offline_is_unsubscribed_on_the_broker(
+    make_agent: AgentFactory, cloud: SyncClient, topics: Topics,
+) -> None:
+    """The broker keeps a device's subscriptions across connections: one the device
+    drops while it is not connected (here: a restarted agent dropping a chunk topic an
+    earlier run left subscribed) is sent after the next CONNACK, not forgotten."""
+    stale, probe = topics.chunk(MODEL, "9.0.0", 0), topics.chunk(MODEL, "9.0.0", 1)
+    first = make_agent()
+    first.session.subscribe(stale)
+    wait_until(lambda: cloud.publish(stale, b"x") in DELIVERED
+               and first.counters["chunk_unexpected"] >= 1, what="the stale chunk received")
+    first.stop()
+    again = make_agent(first.device_id, state_dir=first.state_dir, start=False)
+    again.session.unsubscribe_many([stale], force=True)  # not connected yet
+    again.session.subscribe(probe)
+    again.start()
+    assert again.session.connected.wait(10)
+    cloud.publish(stale, b"x")
+    cloud.publish(probe, b"x")  # after it, in order: once it is in, so would the stale one
+    wait_until(lambda: again.counters["chunk_unexpected"] >= 1, what="the probe received")
+    assert again.counters["chunk_unexpected"] == 1
 
 
 @pytest.mark.parametrize("power_loss", [False, True], ids=["killed", "torn_chunk"])
