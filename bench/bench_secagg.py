@@ -144,15 +144,29 @@ def start_fleet(broker: LocalBroker, folder: Path, ids: list[str], prefix: str,
     config.write_text(yaml.safe_dump({"fl": {"tasks": {
         name: {"path": TASK, "options": {"hidden": HIDDEN}, "scheme": "iid"}
         for name in names}}}))
-    log = (folder / f"fleet-{prefix.rstrip('-')}.log").open("wb")
-    return subprocess.Popen(
-        [sys.executable, "-m", "edgefl", "fleet", "--devices", str(len(ids)),
-         "--per-process", str(-(-len(ids) // 2)), "--prefix", prefix,
-         "--broker", f"{broker.host}:{broker.port}", "--topic-root", ROOT,
-         "--secrets-dir", str(broker.settings.layout.secrets), "--interval", "5",
-         "--state-dir", str(folder / f"fleet-{prefix}"), "--config", str(config),
-         *[x for name in names for x in ("--fl-task", f"{name}={TASK}")]],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with (folder / f"fleet-{prefix.rstrip('-')}.log").open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "edgefl", "fleet", "--devices", str(len(ids)),
+             "--per-process", str(-(-len(ids) // 2)), "--prefix", prefix,
+             "--broker", f"{broker.host}:{broker.port}", "--topic-root", ROOT,
+             "--secrets-dir", str(broker.settings.layout.secrets), "--interval", "5",
+             "--state-dir", str(folder / f"fleet-{prefix}"), "--config", str(config),
+             *[x for name in names for x in ("--fl-task", f"{name}={TASK}")]],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_fleet(fleet: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the fleet's process group; SIGKILL if it has not ended in 60 s."""
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(fleet.pid, signum)
+        except ProcessLookupError:
+            return
+        try:
+            fleet.wait(60)
+        except subprocess.TimeoutExpired:
+            continue
+        return
 
 
 def processor_seconds(fleet: subprocess.Popen[bytes] | None) -> float:
@@ -182,12 +196,12 @@ def run(broker: LocalBroker, folder: Path, name: str, ids: list[str], *, rounds:
     spy = Spy(broker, name) if secure else None
     coordinator = cloud.service.coordinators[name]
     started = time.monotonic()
-    mark: tuple[float, float] | None = None  # when round 2 opened: clock, fleet CPU
+    mark: tuple[float, float, int] | None = None  # a round >= 2 seen open: clock, CPU, round
     pause = threading.Event()
     while coordinator.state.state.value not in ("finished", "failed"):
         current = coordinator.state.current
         if mark is None and current is not None and current.round >= 2:
-            mark = (time.monotonic(), processor_seconds(fleet))
+            mark = (time.monotonic(), processor_seconds(fleet), current.round)
         if time.monotonic() - started > rounds * 300:
             raise TimeoutError("the task did not finish")
         if fleet is not None and fleet.poll() is not None:
@@ -211,7 +225,7 @@ def run(broker: LocalBroker, folder: Path, name: str, ids: list[str], *, rounds:
     if fleet is not None and mark is not None:
         # the devices' processor time over the measured rounds, against the cores'
         cpu, elapsed = end[1] - mark[1], end[0] - mark[0]
-        out["fleet_cpu_s_per_round"] = round(cpu / len(measured), 3)
+        out["fleet_cpu_s_per_round"] = round(cpu / (len(history) - mark[2] + 1), 3)
         out["fleet_cpu_utilisation"] = round(cpu / (elapsed * (os.cpu_count() or 1)), 2)
     if spy is not None:
         spy.close()
@@ -238,13 +252,11 @@ def main() -> None:
             for size, ids in fleets.items():
                 names = [f"plain{size}", f"secure{size}"]
                 agents, fleet = [], None
-                if args.in_process:
-                    agents = start_agents(broker, folder, ids, names)
-                else:
-                    fleet = start_fleet(broker, folder, ids, f"s{size}-", names)
-                    if fleet.poll() is not None:
-                        raise RuntimeError(f"the fleet exited: {fleet.returncode}")
                 try:
+                    if args.in_process:
+                        agents = start_agents(broker, folder, ids, names)
+                    else:
+                        fleet = start_fleet(broker, folder, ids, f"s{size}-", names)
                     plain = run(broker, folder, names[0], ids, rounds=args.rounds,
                                 secure=False, fleet=fleet)
                     secure = run(broker, folder, names[1], ids, rounds=args.rounds,
@@ -253,8 +265,7 @@ def main() -> None:
                     for agent in agents:
                         agent.stop()
                     if fleet is not None:
-                        os.killpg(fleet.pid, signal.SIGTERM)
-                        fleet.wait(120)
+                        stop_fleet(fleet)
                 results[str(size)] = {
                     "plain": plain, "secagg": secure,
                     "round_time_ratio": round(secure["round_s_median"]

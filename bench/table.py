@@ -204,7 +204,7 @@ def secagg(r: dict[str, Any]) -> list[Row]:
     rows: list[Row] = []
     for size, x in sorted(r["by_devices"].items(), key=lambda kv: int(kv[0])):
         cpu = ""
-        if "fleet_cpu_s_per_round" in x["secagg"]:  # devices in their own processes
+        if "fleet_cpu_s_per_round" in x["secagg"] and "fleet_cpu_s_per_round" in x["plain"]:
             cpu = (f"; the fleet's CPU per round {_n(x['secagg']['fleet_cpu_s_per_round'], 2)}"
                    f" s against {_n(x['plain']['fleet_cpu_s_per_round'], 2)} s")
         rows.append(("secagg", f"round with secure aggregation, {size} devices, "
@@ -245,8 +245,8 @@ def fl_robust(r: dict[str, Any]) -> list[Row]:
         fedavg = runs[f"fedavg/{attack}"]
         rows.append((
             "fl_robust", f"accuracy with {r['attackers']} of {r['devices']} devices {attack}, "
-            f"{seeds} data seeds, best robust: {best['strategy']}; gap to all honest, "
-            "points, mean (min-max)",
+            f"{seeds} data seeds, the best of 4 robust strategies on them: "
+            f"{best['strategy']}; gap to all honest, points, mean (min-max)",
             f"{best['mean']:.3f} ± {best['sd']:.3f}; gap "
             f"{best['gap_to_clean_points']['mean']:.1f} ({best['gap_to_clean_points']['min']:.1f}"
             f" to {best['gap_to_clean_points']['max']:.1f})",
