@@ -133,6 +133,13 @@ def baseline(alpha: float, rounds: int) -> float:
                                 epochs).accuracy
 
 
+def spread(values: list[float]) -> dict[str, float]:
+    """Mean, standard deviation, min and max (of the seeds' final accuracies)."""
+    return {"mean": round(statistics.mean(values), 4),
+            "stdev": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values)}
+
+
 def curve(result: dict[str, Any]) -> list[float]:
     """Central test accuracy per round."""
     return [round(h["central_accuracy"], 4) for h in result["history"]]

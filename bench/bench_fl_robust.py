@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -34,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_fl import DEVICES, curve, run  # noqa: E402
+from bench_fl import DEVICES, curve, run, spread  # noqa: E402
 
 from broker.local import start_local_broker  # noqa: E402
 from edge_node.fleet import one_thread_per_device  # noqa: E402
@@ -50,10 +49,8 @@ ATTACKS = {"scale10": {"kind": "scale", "factor": 10.0},
 
 
 def summary(values: list[float]) -> dict[str, Any]:
-    """Per seed, mean, standard deviation, min and max."""
-    return {"by_seed": values, "mean": round(statistics.fmean(values), 4),
-            "sd": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values)}
+    """Per seed, then mean, standard deviation, min and max."""
+    return {"by_seed": values, **spread(values)}
 
 
 def main() -> None:
@@ -97,7 +94,8 @@ def main() -> None:
         strategy = max(ROBUST, key=lambda s: runs[f"{s}/{name}"]["mean"])
         attacked = finals[f"{strategy}/{name}"]
         best[name] = {
-            "strategy": strategy, **{k: runs[f"{strategy}/{name}"][k] for k in ("mean", "sd")},
+            "strategy": strategy,
+            **{k: runs[f"{strategy}/{name}"][k] for k in ("mean", "stdev")},
             "gap_to_clean_points": summary([round(100 * (c - a), 2)
                                             for c, a in zip(clean, attacked, strict=True)]),
             "gap_to_honest_only_points": summary([round(100 * (h - a), 2) for h, a

@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_fl import DEVICES, HP, curve, run  # noqa: E402
+from bench_fl import DEVICES, HP, curve, run, spread  # noqa: E402
 
 from broker.local import start_local_broker  # noqa: E402
 from cloud.demo_model import centralized_baseline  # noqa: E402
@@ -71,13 +71,6 @@ def baseline(name: str, alpha: float, rounds: int) -> float:
     epochs = max(1, round(rounds * HP["local_epochs"] * FRACTION))
     return centralized_baseline(task_instance(name), partitions,
                                 HyperParams.model_validate(HP), epochs).accuracy
-
-
-def summary(finals: list[float]) -> dict[str, float]:
-    """Mean, standard deviation, min and max of the seeds' final accuracies."""
-    return {"mean": round(statistics.mean(finals), 4),
-            "stdev": round(statistics.stdev(finals), 4) if len(finals) > 1 else 0.0,
-            "min": min(finals), "max": max(finals)}
 
 
 def main() -> None:
@@ -132,7 +125,7 @@ def main() -> None:
                               if s["final_accuracy"] is not None]
                     curves = [s["curve"] for s in seeds if len(s["curve"]) == args.rounds]
                     by_strategy[strategy] = {
-                        "final_accuracy": summary(finals) if finals else None,
+                        "final_accuracy": spread(finals) if finals else None,
                         "final_over_baseline": round(statistics.mean(finals) / base, 4)
                         if finals else None,
                         "seeds_reaching_95pct": sum(

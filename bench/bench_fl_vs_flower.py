@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_fl import DEVICES, HP, curve, run  # noqa: E402
+from bench_fl import DEVICES, HP, curve, run, spread  # noqa: E402
 
 from broker.local import start_local_broker  # noqa: E402
 from schemas.codec import decode  # noqa: E402
@@ -216,13 +216,6 @@ def initial_weights(task_folder: Path, out: Path) -> Path:
     savez: Any = np.savez  # (its stub takes the arrays' names for options)
     savez(out, **{k: np.asarray(v, np.float32) for k, v in decoded.tensors.items()})
     return out
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    """Mean, standard deviation, min and max."""
-    return {"mean": round(statistics.mean(values), 4),
-            "stdev": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values)}
 
 
 def main() -> None:

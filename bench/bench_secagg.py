@@ -41,12 +41,14 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-import psutil
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from bench_rollout import cpu_seconds  # noqa: E402
 
 from broker.local import LocalBroker, start_local_broker  # noqa: E402
 from cloud.service import ServiceThread  # noqa: E402
@@ -171,16 +173,7 @@ def stop_fleet(fleet: subprocess.Popen[bytes]) -> None:
 
 def processor_seconds(fleet: subprocess.Popen[bytes] | None) -> float:
     """User and system time of the fleet's processes so far (0 without a fleet)."""
-    if fleet is None:
-        return 0.0
-    total = 0.0
-    for process in [psutil.Process(fleet.pid), *psutil.Process(fleet.pid).children(True)]:
-        try:
-            times = process.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += times.user + times.system
-    return total
+    return cpu_seconds(fleet.pid) if fleet is not None else 0.0
 
 
 def run(broker: LocalBroker, folder: Path, name: str, ids: list[str], *, rounds: int,

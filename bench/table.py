@@ -247,7 +247,7 @@ def fl_robust(r: dict[str, Any]) -> list[Row]:
             "fl_robust", f"accuracy with {r['attackers']} of {r['devices']} devices {attack}, "
             f"{seeds} data seeds, the best of 4 robust strategies on them: "
             f"{best['strategy']}; gap to all honest, points, mean (min-max)",
-            f"{best['mean']:.3f} ± {best['sd']:.3f}; gap "
+            f"{best['mean']:.3f} ± {best['stdev']:.3f}; gap "
             f"{best['gap_to_clean_points']['mean']:.1f} ({best['gap_to_clean_points']['min']:.1f}"
             f" to {best['gap_to_clean_points']['max']:.1f})",
             f"{clean['mean']:.3f} all {r['devices']} honest; {honest['mean']:.3f} the "
