@@ -3,8 +3,9 @@
 The real system: a local Mosquitto, the cloud service in this process, and N edge agents
 in ``edgefl fleet`` processes (two, one per core here; identities from provisioning),
 digits with a ~100k-parameter MLP, FedAvg, every device in every round. The same rounds
-run twice per fleet size, without and with ``secagg``, on the same running fleet; the
-ratios (with / without) come from the same run. Prints JSON:
+run three times per fleet size on the same running fleet: without ``secagg``, with it
+over the complete graph (Bonawitz et al.), and with SecAgg+ (``neighbours: auto``, Bell
+et al.); the ratios (with / without) come from the same run. Prints JSON:
 
     .venv/bin/python bench/bench_secagg.py [--devices 10,50] [--rounds 8] [--in-process]
 
@@ -71,6 +72,8 @@ class Spy:
         assert creds is not None
         self.inboxes = 0
         self.broadcasts = 0
+        self.neighbours: int | None = None
+        """The rosters' graph degree (None: the complete graph)."""
         self.lock = threading.Lock()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"spy-{task}",
                                   protocol=mqtt.MQTTv5)
@@ -93,20 +96,33 @@ class Spy:
                 self.inboxes += len(message.payload)
             elif len(stage) == 1:  # roster, survivors
                 self.broadcasts += len(message.payload)
+                if stage[0] == "roster":
+                    self.neighbours = json.loads(message.payload).get("neighbours")
 
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
 
 
-def task_settings(name: str, ids: list[str], rounds: int, secure: bool) -> dict[str, Any]:
-    """The cloud's task: every device in every round, with or without ``secagg``."""
+VARIANTS: dict[str, Any] = {
+    "plain": None,
+    "secagg": {"threshold": 0.67, "clip_range": 0.5, "stage_timeout_s": 120},
+    "secagg_plus": {"threshold": 0.67, "clip_range": 0.5, "stage_timeout_s": 120,
+                    "neighbours": "auto"},
+}
+"""The same rounds without secure aggregation, with it over the complete graph (Bonawitz
+et al.) and over SecAgg+'s sparse one (Bell et al.; ``neighbours: auto``: 18 of 49 peers at
+50 devices, 4 of 9 at 10)."""
+
+
+def task_settings(name: str, ids: list[str], rounds: int, variant: str) -> dict[str, Any]:
+    """The cloud's task: every device in every round, with the variant's ``secagg``."""
     task: dict[str, Any] = {
         "task": TASK, "task_kwargs": {"hidden": HIDDEN}, "rounds": rounds,
         "strategy": "fedavg", "fraction_fit": 1.0, "min_fit_clients": len(ids),
         "min_available_clients": len(ids), "round_timeout_s": 300, "hyperparams": HP}
-    if secure:
-        task["secagg"] = {"threshold": 0.67, "clip_range": 0.5, "stage_timeout_s": 120}
+    if VARIANTS[variant] is not None:
+        task["secagg"] = VARIANTS[variant]
     return task
 
 
@@ -177,13 +193,14 @@ def processor_seconds(fleet: subprocess.Popen[bytes] | None) -> float:
 
 
 def run(broker: LocalBroker, folder: Path, name: str, ids: list[str], *, rounds: int,
-        secure: bool, fleet: subprocess.Popen[bytes] | None) -> dict[str, Any]:
+        variant: str, fleet: subprocess.Popen[bytes] | None) -> dict[str, Any]:
     """One task on the running agents; the median round time (first round left out)."""
     creds = broker.credentials("edgefl-cloud")
     assert creds is not None
+    secure = VARIANTS[variant] is not None
     cloud = ServiceThread(CloudSettings.model_validate({
         "instance": f"bench-{uuid.uuid4().hex[:6]}", "topic_root": ROOT,
-        "data_dir": folder / name, "fl": {name: task_settings(name, ids, rounds, secure)},
+        "data_dir": folder / name, "fl": {name: task_settings(name, ids, rounds, variant)},
         "mqtt": {"host": broker.host, "port": broker.service_port, "password": creds[1]},
     })).start()
     spy = Spy(broker, name) if secure else None
@@ -224,6 +241,7 @@ def run(broker: LocalBroker, folder: Path, name: str, ids: list[str], *, rounds:
         spy.close()
         per_round_device = (spy.inboxes + spy.broadcasts * len(ids)) / (rounds * len(ids))
         out["protocol_bytes_received_per_device"] = round(per_round_device)
+        out["neighbours"] = spy.neighbours if spy.neighbours is not None else len(ids) - 1
     return out
 
 
@@ -243,29 +261,36 @@ def main() -> None:
                                     device_ids=[d for ids in fleets.values() for d in ids])
         try:
             for size, ids in fleets.items():
-                names = [f"plain{size}", f"secure{size}"]
+                names = {variant: f"{variant.replace('_', '')}{size}" for variant in VARIANTS}
                 agents, fleet = [], None
+                runs: dict[str, dict[str, Any]] = {}
                 try:
                     if args.in_process:
-                        agents = start_agents(broker, folder, ids, names)
+                        agents = start_agents(broker, folder, ids, list(names.values()))
                     else:
-                        fleet = start_fleet(broker, folder, ids, f"s{size}-", names)
-                    plain = run(broker, folder, names[0], ids, rounds=args.rounds,
-                                secure=False, fleet=fleet)
-                    secure = run(broker, folder, names[1], ids, rounds=args.rounds,
-                                 secure=True, fleet=fleet)
+                        fleet = start_fleet(broker, folder, ids, f"s{size}-",
+                                            list(names.values()))
+                    for variant, name in names.items():
+                        runs[variant] = run(broker, folder, name, ids, rounds=args.rounds,
+                                            variant=variant, fleet=fleet)
                 finally:
                     for agent in agents:
                         agent.stop()
                     if fleet is not None:
                         stop_fleet(fleet)
+                plain, secure, plus = runs["plain"], runs["secagg"], runs["secagg_plus"]
                 results[str(size)] = {
-                    "plain": plain, "secagg": secure,
+                    "plain": plain, "secagg": secure, "secagg_plus": plus,
                     "round_time_ratio": round(secure["round_s_median"]
                                               / plain["round_s_median"], 2),
                     "sent_bytes_ratio": round(secure["sent_bytes_per_device"]
-                                              / plain["sent_bytes_per_device"], 3)}
-                print(f"{size} devices: {results[str(size)]['round_time_ratio']}x round time",
+                                              / plain["sent_bytes_per_device"], 3),
+                    "plus_round_time_ratio": round(plus["round_s_median"]
+                                                   / plain["round_s_median"], 2),
+                    "plus_sent_bytes_ratio": round(plus["sent_bytes_per_device"]
+                                                   / plain["sent_bytes_per_device"], 3)}
+                print(f"{size} devices: {results[str(size)]['round_time_ratio']}x round time, "
+                      f"SecAgg+ {results[str(size)]['plus_round_time_ratio']}x",
                       file=sys.stderr, flush=True)
         finally:
             broker.stop()

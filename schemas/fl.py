@@ -89,10 +89,31 @@ class PrivacySpec(WireModel):
 
 
 class SecAggSpec(WireModel):
-    """Secure aggregation (Bonawitz et al. 2017) parameters for a round."""
+    """Secure aggregation (Bonawitz et al. 2017) parameters for a round.
 
-    threshold: Annotated[int, Field(ge=2, le=MAX_SELECTED,
-                                    description="Shares needed to reconstruct")]
+    With ``neighbours`` it is SecAgg+ (Bell et al. 2020): each device masks with, and
+    shares its secrets among, ``neighbours`` peers of a graph derived from the roster
+    (:func:`schemas.secagg.neighbourhoods`) instead of every other device.
+    """
+
+    threshold: Annotated[int, Field(ge=2, le=MAX_SELECTED, description=(
+        "Devices needed at every stage; without neighbours also the shares needed to "
+        "rebuild a secret"))]
+    neighbours: Annotated[int, Field(ge=2, le=MAX_SELECTED, multiple_of=2)] | None = Field(
+        default=None, description="SecAgg+: the even number of peers each device masks with "
+        "and shares its secrets among; null: every other device of the roster")
+    neighbour_threshold: Annotated[int, Field(ge=2, le=MAX_SELECTED + 1)] | None = Field(
+        default=None, description="SecAgg+: shares of a device's secret (held by it and its "
+        "neighbours) needed to rebuild it; set with neighbours")
+
+    @model_validator(mode="after")
+    def _graph(self) -> Self:
+        if (self.neighbours is None) != (self.neighbour_threshold is None):
+            raise ValueError("neighbours and neighbour_threshold go together")
+        if self.neighbours is not None and self.neighbour_threshold is not None \
+                and self.neighbour_threshold > self.neighbours + 1:
+            raise ValueError("neighbour_threshold is at most neighbours + 1 (the holders)")
+        return self
     quantization_bits: Annotated[int, Field(ge=8, le=32)] = 16
     clip_range: Annotated[float, Field(gt=0.0)] = Field(
         default=1.0, description="Values are clipped to [-clip_range, clip_range] before quantizing"

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -77,6 +78,7 @@ SEED_BYTES = 32
 NONCE_BYTES = 12
 ENCRYPTION_LABEL = b"edgefl-secagg-v1 share encryption"
 MASK_LABEL = b"edgefl-secagg-v1 pairwise mask"
+GRAPH_LABEL = b"edgefl-secagg-v1 neighbour graph"
 _ZERO_NONCE = bytes(16)
 """ChaCha20's 16-byte nonce (counter and nonce): zero, since every seed is used once."""
 
@@ -136,13 +138,19 @@ class SecAggAdvertise(WireModel):
 
 
 class SecAggRoster(WireModel):
-    """Stage 1, cloud to devices: ``U1``, the devices that advertised (sorted by id)."""
+    """Stage 1, cloud to devices: ``U1``, the devices that advertised (sorted by id).
+
+    ``threshold``, ``neighbours`` and ``neighbour_threshold`` are the round plan's
+    (:class:`schemas.fl.SecAggSpec`); :func:`neighbour_graph` says who masks with whom.
+    """
 
     task: Id
     round: RoundNumber
     attempt: NonNegInt
     nonce: RoundNonce
     threshold: Annotated[int, Field(ge=2, le=MAX_SELECTED)]
+    neighbours: Annotated[int, Field(ge=2, le=MAX_SELECTED, multiple_of=2)] | None = None
+    neighbour_threshold: Annotated[int, Field(ge=2, le=MAX_SELECTED + 1)] | None = None
     devices: list[SecAggAdvertise] = Field(max_length=MAX_SELECTED)
 
 
@@ -296,6 +304,49 @@ def _certified_key(identity: DeviceIdentity, authority: Ed25519PublicKey) -> Ed2
     return Ed25519PublicKey.from_public_bytes(raw)
 
 
+@dataclass(frozen=True, slots=True)
+class Graph:
+    """Who masks with whom in a round, and how many shares rebuild one device's secret."""
+
+    neighbours: dict[str, frozenset[str]]
+    """Each member of ``U1`` -> its peers (itself excluded; the relation is symmetric)."""
+    threshold: int
+    """Shares (held by the device and its neighbours) that rebuild its seed or key."""
+
+
+def neighbour_graph(roster: SecAggRoster) -> Graph:
+    """The round's masking graph: complete (Bonawitz et al.), or SecAgg+'s sparse one.
+
+    Without ``neighbours``, or with ``n - 1 <= neighbours`` for the ``n`` devices of the
+    roster, every device is every other's neighbour and a secret needs ``threshold``
+    shares. Otherwise it is the Harary graph ``H(k, n)`` of Bell et al. (2020) over a
+    pseudo-random order of the devices: each device is joined to the ``k / 2`` devices
+    before and after it in the order (cyclically), and a secret needs
+    ``neighbour_threshold`` of the ``k + 1`` shares. The order sorts the devices by
+    ``SHA-256(g || UTF-8 id)``, where ``g`` is ``SHA-256`` of :data:`GRAPH_LABEL`, the
+    round context and, for each roster entry in order, its length-prefixed id, ``c`` key
+    and ``s`` key (base64 as sent): it follows from keys the devices drew and the cloud
+    only relays. ``H(k, n)`` stays connected after removing any ``k - 1`` devices, so
+    while fewer than ``k`` of the roster drop out the masks join every survivor and the
+    cloud learns only the survivors' sum.
+    """
+    ids = [a.device_id for a in roster.devices]
+    k = roster.neighbours
+    if k is None or roster.neighbour_threshold is None or k >= len(ids) - 1:
+        everyone = frozenset(ids)
+        return Graph({d: everyone - {d} for d in ids}, roster.threshold)
+    digest = hashlib.sha256(GRAPH_LABEL + round_context(*_session(roster)))
+    for advert in roster.devices:
+        digest.update(_field(advert.device_id) + _field(advert.c_public)
+                      + _field(advert.s_public))
+    graph_seed = digest.digest()
+    order = sorted(ids, key=lambda d: hashlib.sha256(graph_seed + d.encode()).digest())
+    place = {d: i for i, d in enumerate(order)}
+    n, half = len(order), k // 2
+    return Graph({d: frozenset(order[(place[d] + j) % n] for j in range(-half, half + 1)
+                               if j != 0) for d in ids}, roster.neighbour_threshold)
+
+
 def share_aad(context: bytes, sender: str, recipient: str) -> bytes:
     """Associated data of one encrypted pair of shares: it cannot be moved to another pair."""
     return context + _field(sender) + _field(recipient)
@@ -407,10 +458,13 @@ class Peer:
     s_public: bytes
 
 
-def _roster_peers(roster: SecAggRoster, authority: Ed25519PublicKey) -> dict[str, Peer]:
-    """The roster's devices after every check.
+def _roster_peers(roster: SecAggRoster, authority: Ed25519PublicKey, me: str,
+                  ) -> tuple[dict[str, Peer], Graph]:
+    """``me`` and its neighbours in the roster after every check, and the round's graph.
 
-    Sorted, unique, each signed by an identity key the authority certified for it.
+    The roster is sorted, unique and of this round; each neighbour's keys are signed by
+    an identity key the authority certified for it (the others' keys only place the
+    devices in the graph: their own neighbours check them).
     """
     ids = [a.device_id for a in roster.devices]
     if ids != sorted(ids, key=str.encode) or len(set(ids)) != len(ids):
@@ -418,10 +472,20 @@ def _roster_peers(roster: SecAggRoster, authority: Ed25519PublicKey) -> dict[str
     if len(ids) < roster.threshold:
         raise SecAggError("too_few", f"{len(ids)} device(s) advertised, threshold "
                           f"{roster.threshold}")
+    if me not in ids:
+        raise SecAggError("bad_roster", "the roster leaves this device out")
+    if any(_session(advert) != _session(roster) for advert in roster.devices):
+        raise SecAggError("bad_roster", "the roster holds keys for another round")
+    graph = neighbour_graph(roster)
+    mine = graph.neighbours[me] | {me}
     peers = {}
     for x, advert in enumerate(roster.devices, start=1):
-        if _session(advert) != _session(roster):
-            raise SecAggError("bad_roster", f"{advert.device_id}'s keys are for another round")
+        if advert.device_id not in mine:
+            continue
+        if advert.device_id == me:
+            peers[me] = Peer(me, x, _unb64(advert.c_public, "key"),
+                             _unb64(advert.s_public, "key"))
+            continue
         if advert.identity.device_id != advert.device_id:
             raise SecAggError("bad_identity", f"{advert.device_id} signed with the identity "
                               f"of {advert.identity.device_id}")
@@ -434,7 +498,7 @@ def _roster_peers(roster: SecAggRoster, authority: Ed25519PublicKey) -> dict[str
                               "its identity key") from exc
         peers[advert.device_id] = Peer(advert.device_id, x, _unb64(advert.c_public, "key"),
                                        _unb64(advert.s_public, "key"))
-    return peers
+    return peers, graph
 
 
 @dataclass(slots=True)
@@ -453,7 +517,13 @@ class SecAggDevice:
     s_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
     seed: bytes = field(default_factory=lambda: secrets.token_bytes(SEED_BYTES))
     peers: dict[str, Peer] = field(default_factory=dict)
+    """This device and its neighbours in ``U1``."""
+    members: frozenset[str] = frozenset()
+    """``U1``."""
+    minimum: int = 0
+    """Devices needed at every stage (the roster's threshold)."""
     threshold: int = 0
+    """Shares that rebuild one of its secrets (:attr:`Graph.threshold`)."""
     held: dict[str, tuple[shamir.Share, shamir.Share]] = field(default_factory=dict)
     """Shares others gave it: sender -> (share of the sender's s key, of its seed)."""
     masked_with: frozenset[str] = frozenset()
@@ -501,26 +571,33 @@ class SecAggDevice:
         self._advance("advertised", "shared")
         if _session(roster) != self.session:
             raise SecAggError("bad_roster", "the roster is for another round")
-        peers = _roster_peers(roster, authority)
-        me = peers.get(self.device_id)
-        if me is None or me.c_public != self.c_key.public_key().public_bytes_raw() \
+        peers, graph = _roster_peers(roster, authority, self.device_id)
+        me = peers[self.device_id]
+        if me.c_public != self.c_key.public_key().public_bytes_raw() \
                 or me.s_public != self.s_key.public_key().public_bytes_raw():
-            raise SecAggError("bad_roster", "the roster leaves this device out or changes "
-                              "its keys")
-        self.peers, self.threshold = peers, roster.threshold
-        key_shares = shamir.split(self.s_key.private_bytes_raw(), roster.threshold, len(peers))
-        seed_shares = shamir.split(self.seed, roster.threshold, len(peers))
+            raise SecAggError("bad_roster", "the roster changes this device's keys")
+        self.peers, self.threshold = peers, graph.threshold
+        self.members = frozenset(a.device_id for a in roster.devices)
+        self.minimum = roster.threshold
+        holders = list(peers.values())
+        xs = [peer.x for peer in holders]
+        try:
+            key_shares = shamir.split_at(self.s_key.private_bytes_raw(), graph.threshold, xs)
+            seed_shares = shamir.split_at(self.seed, graph.threshold, xs)
+        except shamir.ShamirError as exc:
+            raise SecAggError("bad_roster", f"cannot share among {len(xs)} holder(s) with "
+                              f"threshold {graph.threshold}: {exc}") from exc
         context = self.context
         ciphertexts = {}
-        nonces = secrets.token_bytes(NONCE_BYTES * len(peers))  # one read, not one per peer
-        for peer in peers.values():
-            plain = key_shares[peer.x - 1].to_bytes() + seed_shares[peer.x - 1].to_bytes()
+        nonces = secrets.token_bytes(NONCE_BYTES * len(holders))  # one read, not one per peer
+        for i, peer in enumerate(holders):
+            plain = key_shares[i].to_bytes() + seed_shares[i].to_bytes()
             if peer.device_id == self.device_id:  # its own shares it keeps
-                self.held[self.device_id] = (key_shares[peer.x - 1], seed_shares[peer.x - 1])
+                self.held[self.device_id] = (key_shares[i], seed_shares[i])
                 continue
             key = agree(self.c_key, peer.c_public, context, ENCRYPTION_LABEL)
             self.pair_keys[peer.device_id] = key
-            nonce = nonces[NONCE_BYTES * (peer.x - 1):NONCE_BYTES * peer.x]
+            nonce = nonces[NONCE_BYTES * i:NONCE_BYTES * (i + 1)]
             sealed = AESGCM(key).encrypt(nonce, plain, share_aad(context, self.device_id,
                                                                   peer.device_id))
             ciphertexts[peer.device_id] = _b64(nonce + sealed)
@@ -543,7 +620,8 @@ class SecAggDevice:
             raise SecAggError("bad_inbox", "the inbox is for another device or round")
         senders = set(inbox.ciphertexts)
         if not senders <= set(self.peers) - {self.device_id}:
-            raise SecAggError("bad_inbox", "shares from devices outside the roster")
+            raise SecAggError("bad_inbox", "shares from devices that are not its neighbours "
+                              "in the roster")
         if len(senders) + 1 < self.threshold:
             raise SecAggError("too_few", f"{len(senders) + 1} device(s) shared keys, "
                               f"threshold {self.threshold}")
@@ -593,13 +671,13 @@ class SecAggDevice:
         u3 = set(survivors.devices)
         if _session(survivors) != self.session:
             raise SecAggError("bad_survivors", "the survivors are for another round")
-        if len(u3) != len(survivors.devices) or not u3 <= self.masked_with \
-                or self.device_id not in u3:
-            raise SecAggError("bad_survivors", "the survivors are not devices this one "
-                              "masked with, or leave it out")
-        if len(u3) < self.threshold:
-            raise SecAggError("too_few", f"{len(u3)} survivor(s), threshold {self.threshold}")
-        seeds = {v: _b64(self.held[v][1].to_bytes()) for v in sorted(u3)}
+        if len(u3) != len(survivors.devices) or not u3 <= self.members \
+                or not u3 & set(self.peers) <= self.masked_with or self.device_id not in u3:
+            raise SecAggError("bad_survivors", "the survivors name neighbours this one did "
+                              "not mask with, devices outside the roster, or leave it out")
+        if len(u3) < self.minimum:
+            raise SecAggError("too_few", f"{len(u3)} survivor(s), threshold {self.minimum}")
+        seeds = {v: _b64(self.held[v][1].to_bytes()) for v in sorted(u3 & self.masked_with)}
         keys = {v: _b64(self.held[v][0].to_bytes()) for v in sorted(self.masked_with - u3)}
         return SecAggUnmask(task=self.task, round=self.round, attempt=self.attempt,
                             nonce=self.nonce, device_id=self.device_id, seed_shares=seeds,
@@ -621,8 +699,13 @@ class SecAggServer:
     """Elements of a masked input."""
     nonce: str = field(kw_only=True)
     """The round plan's nonce (:func:`round_context`)."""
+    neighbours: int | None = field(default=None, kw_only=True)
+    """SecAgg+: each device's peers in the graph (:func:`neighbour_graph`); None: all."""
+    neighbour_threshold: int | None = field(default=None, kw_only=True)
+    """SecAgg+: shares that rebuild a device's secret."""
     adverts: dict[str, SecAggAdvertise] = field(default_factory=dict)
     roster: SecAggRoster | None = None
+    graph: Graph | None = None
     shares: dict[str, SecAggShares] = field(default_factory=dict)
     u2: frozenset[str] = frozenset()
     total: np.ndarray | None = None
@@ -648,20 +731,24 @@ class SecAggServer:
                               f"threshold {self.threshold}")
         ordered = [self.adverts[d] for d in sorted(self.adverts, key=str.encode)]
         self.roster = SecAggRoster(task=self.task, round=self.round, attempt=self.attempt,
-                                   nonce=self.nonce, threshold=self.threshold, devices=ordered)
+                                   nonce=self.nonce, threshold=self.threshold,
+                                   neighbours=self.neighbours,
+                                   neighbour_threshold=self.neighbour_threshold,
+                                   devices=ordered)
+        self.graph = neighbour_graph(self.roster)
         return self.roster
 
     def add_shares(self, shares: SecAggShares) -> None:
-        """Stage 2 input: one ciphertext for every other device of ``U1``."""
+        """Stage 2 input: one ciphertext for each of the device's neighbours in ``U1``."""
         self._check(shares)
-        if self.roster is None or self.u2:
+        if self.graph is None or self.u2:
             raise SecAggError("out_of_order", "shares outside the sharing stage")
-        members = {a.device_id for a in self.roster.devices}
-        if shares.device_id not in members:
+        neighbours = self.graph.neighbours.get(shares.device_id)
+        if neighbours is None:
             raise SecAggError("not_in_roster", f"{shares.device_id} did not advertise keys")
-        if set(shares.ciphertexts) != members - {shares.device_id}:
-            raise SecAggError("bad_shares", "shares must go to every other device of the "
-                              "roster, and only to them")
+        if set(shares.ciphertexts) != neighbours:
+            raise SecAggError("bad_shares", "shares must go to every neighbour of the device "
+                              "in the roster, and only to them")
         self.shares[shares.device_id] = shares
 
     def close_shares(self) -> dict[str, SecAggInbox]:
@@ -674,7 +761,7 @@ class SecAggServer:
             task=self.task, round=self.round, attempt=self.attempt, nonce=self.nonce,
             recipient=recipient,
             ciphertexts={s: self.shares[s].ciphertexts[recipient]
-                         for s in sorted(self.u2) if s != recipient})
+                         for s in sorted(self.u2) if recipient in self.shares[s].ciphertexts})
             for recipient in sorted(self.u2)}
 
     def add_masked(self, device_id: str, masked: np.ndarray) -> None:
@@ -700,10 +787,11 @@ class SecAggServer:
     def add_unmask(self, unmask: SecAggUnmask) -> None:
         """Stage 4 input from a survivor: exactly the shares the survivors' list asks for."""
         self._check(unmask)
-        if unmask.device_id not in self.u3:
+        if unmask.device_id not in self.u3 or self.graph is None:
             raise SecAggError("not_expected", f"{unmask.device_id} is not a survivor")
-        if set(unmask.seed_shares) != set(self.u3) or \
-                set(unmask.key_shares) != self.u2 - set(self.u3):
+        neighbours = self.graph.neighbours[unmask.device_id]
+        if set(unmask.seed_shares) != set(self.u3) & (neighbours | {unmask.device_id}) or \
+                set(unmask.key_shares) != (self.u2 - set(self.u3)) & neighbours:
             raise SecAggError("bad_unmask", "shares for the wrong devices")
         self.unmasks[unmask.device_id] = unmask
 
@@ -714,24 +802,26 @@ class SecAggServer:
             SecAggError: fewer than ``threshold`` answers, or shares that do not rebuild
                 a dropped device's key (its public key does not match) or that disagree.
         """
-        if len(self.unmasks) < self.threshold or self.total is None or self.roster is None:
+        if len(self.unmasks) < self.threshold or self.total is None or self.roster is None \
+                or self.graph is None:
             raise SecAggError("too_few", f"{len(self.unmasks)} unmasking answer(s), threshold "
                               f"{self.threshold}")
         context = round_context(self.task, self.round, self.attempt, self.nonce)
         adverts = {a.device_id: a for a in self.roster.devices}
         total = self.total.copy()
-        rebuild = _Rebuilder(self.threshold)
+        graph = self.graph
+        rebuild = _Rebuilder(graph.threshold)
         for v in self.u3:
-            seed = rebuild([u.seed_shares[v] for u in self.unmasks.values()], SEED_BYTES,
-                           f"{v}'s seed")
+            seed = rebuild([u.seed_shares[v] for u in self.unmasks.values()
+                            if v in u.seed_shares], SEED_BYTES, f"{v}'s seed")
             total -= expand(seed, self.size)
         for v in sorted(self.u2 - set(self.u3)):
-            raw = rebuild([u.key_shares[v] for u in self.unmasks.values()], KEY_BYTES,
-                          f"{v}'s key")
+            raw = rebuild([u.key_shares[v] for u in self.unmasks.values()
+                           if v in u.key_shares], KEY_BYTES, f"{v}'s key")
             s_key = X25519PrivateKey.from_private_bytes(raw)
             if s_key.public_key().public_bytes_raw() != _unb64(adverts[v].s_public, "key"):
                 raise SecAggError("bad_shares", f"the shares of {v}'s key do not rebuild it")
-            for u in self.u3:  # u added +mask if u < v, -mask otherwise
+            for u in sorted(set(self.u3) & graph.neighbours[v]):  # u added +mask if u < v
                 mask = expand(agree(s_key, _unb64(adverts[u].s_public, "key"), context,
                                     MASK_LABEL), self.size)
                 if pairwise_sign(u, v) > 0:
@@ -753,6 +843,9 @@ class _Rebuilder:
         self._weights: dict[tuple[int, ...], tuple[list[int], list[list[int]]]] = {}
 
     def __call__(self, encoded: Sequence[str], length: int, what: str) -> bytes:
+        if len(encoded) < self.threshold:
+            raise SecAggError("too_few", f"{what}: {len(encoded)} share(s) answered, "
+                              f"{self.threshold} needed")
         try:
             shares = [shamir.Share.from_bytes(_unb64(s, "share")) for s in encoded]
             xs = tuple(s.x for s in shares)

@@ -58,19 +58,35 @@ class Share:
 
 
 def split(secret: bytes, threshold: int, count: int) -> list[Share]:
-    """``count`` shares of ``secret``, any ``threshold`` of which rebuild it.
+    """``count`` shares of ``secret`` (at x = 1..count), any ``threshold`` of which rebuild it.
 
     Raises:
         ShamirError: ``1 <= threshold <= count <= 65535`` does not hold, or the
             secret is longer than 64 bytes.
     """
-    if not 1 <= threshold <= count <= MAX_SHARES:
-        raise ShamirError(f"need 1 <= threshold ({threshold}) <= count ({count}) <= "
-                          f"{MAX_SHARES}")
+    if not 1 <= count <= MAX_SHARES:
+        raise ShamirError(f"need 1 <= count ({count}) <= {MAX_SHARES}")
+    return split_at(secret, threshold, range(1, count + 1))
+
+
+def split_at(secret: bytes, threshold: int, xs: Sequence[int]) -> list[Share]:
+    """Shares of ``secret`` at the points ``xs`` (in that order), any ``threshold`` rebuild it.
+
+    Secure aggregation with a sparse neighbour graph gives shares to a device's
+    neighbours only, each at its place in the roster.
+
+    Raises:
+        ShamirError: ``1 <= threshold <= len(xs)`` does not hold, a point repeats or is
+            outside 1..65535, or the secret is longer than 64 bytes.
+    """
+    if not 1 <= threshold <= len(xs):
+        raise ShamirError(f"need 1 <= threshold ({threshold}) <= count ({len(xs)})")
+    if len(set(xs)) != len(xs) or not all(1 <= x <= MAX_SHARES for x in xs):
+        raise ShamirError(f"share points must be distinct and within 1..{MAX_SHARES}")
     if len(secret) > MAX_SECRET_BYTES:
         raise ShamirError(f"secrets are at most {MAX_SECRET_BYTES} bytes")
     coefficients = [int.from_bytes(secret, "big"), *random_elements(threshold - 1)]
-    return [Share(x, evaluate(coefficients, x)) for x in range(1, count + 1)]
+    return [Share(x, evaluate(coefficients, x)) for x in xs]
 
 
 _ELEMENT_BYTES = (P.bit_length() + 64 + 7) // 8

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from scipy import stats
 
 from schemas import secagg
+from schemas.fl import SecAggSpec
 from schemas.secagg import (
     DeviceIdentity,
     SecAggDevice,
@@ -70,11 +71,13 @@ def fleet(count: int) -> dict[str, SecAggDevice]:
 def run_round(count: int, threshold: int, size: int = 1000, *, seed: int = 7,
               silent: frozenset[str] = frozenset(), drop_after_keys: frozenset[str] = frozenset(),
               drop_after_shares: frozenset[str] = frozenset(),
-              drop_after_masked: frozenset[str] = frozenset()) -> Round:
+              drop_after_masked: frozenset[str] = frozenset(),
+              neighbours: int | None = None, neighbour_threshold: int | None = None) -> Round:
     """Every stage through the server, with devices that stop after the stage named."""
     rng = np.random.default_rng(seed)
     devices = fleet(count)
-    server = SecAggServer(TASK, ROUND, ATTEMPT, threshold, size, nonce=NONCE)
+    server = SecAggServer(TASK, ROUND, ATTEMPT, threshold, size, nonce=NONCE,
+                          neighbours=neighbours, neighbour_threshold=neighbour_threshold)
     transcript: list[bytes] = []
     for d, device in devices.items():
         advert = device.advertise()
@@ -382,3 +385,134 @@ def test_the_signed_bytes_are_rfc_8785_json_without_the_signature() -> None:
     del certificate["signature"]
     AUTHORITY_PUBLIC.verify(base64.b64decode(advert.identity.signature), json.dumps(
         certificate, sort_keys=True, separators=(",", ":")).encode())
+
+
+# -- SecAgg+ (Bell et al. 2020): a sparse neighbour graph -----------------------------------
+
+
+def _sparse_roster(count: int, neighbours: int, threshold: int = 2,
+                   neighbour_threshold: int = 2, nonce: str = NONCE) -> SecAggRoster:
+    server = SecAggServer(TASK, ROUND, ATTEMPT, threshold, 4, nonce=nonce,
+                          neighbours=neighbours, neighbour_threshold=neighbour_threshold)
+    for d in fleet(count):
+        server.add_advert(device(d).advertise().model_copy(update={"nonce": nonce}))
+    return server.close_adverts()
+
+
+def _connected_without(graph: secagg.Graph, removed: set[str]) -> bool:
+    left = set(graph.neighbours) - removed
+    start = next(iter(left))
+    seen, todo = {start}, [start]
+    while todo:
+        for peer in graph.neighbours[todo.pop()] - removed - seen:
+            seen.add(peer)
+            todo.append(peer)
+    return seen == left
+
+
+def test_the_neighbour_graph_is_regular_symmetric_connected_and_fixed_by_the_roster() -> None:
+    roster = _sparse_roster(50, 18, threshold=34, neighbour_threshold=13)
+    graph = secagg.neighbour_graph(roster)
+    assert graph.threshold == 13
+    assert {len(peers) for peers in graph.neighbours.values()} == {18}
+    for d, peers in graph.neighbours.items():
+        assert d not in peers
+        assert all(d in graph.neighbours[p] for p in peers)
+    assert secagg.neighbour_graph(roster) == graph  # every party computes the same
+    # Vertex connectivity k: no 17 drop-outs split it (here: 200 random sets of them).
+    rng = np.random.default_rng(5)
+    ids = sorted(graph.neighbours)
+    for _ in range(200):
+        assert _connected_without(graph, set(rng.choice(ids, 17, replace=False)))
+    # Other keys (a new round's), another graph; the order is not the ids' order.
+    other = secagg.neighbour_graph(_sparse_roster(50, 18, nonce="f" * 32))
+    assert other.neighbours != graph.neighbours
+    assert graph.neighbours["dev-00"] != {f"dev-{i:02d}" for i in (*range(1, 10),
+                                                                    *range(41, 50))}
+    # As many neighbours as the others, or more: the complete graph and its threshold.
+    small = secagg.neighbour_graph(_sparse_roster(7, 6, threshold=5, neighbour_threshold=6))
+    assert small.threshold == 5
+    assert all(len(peers) == 6 for peers in small.neighbours.values())
+
+
+def test_with_neighbours_a_device_shares_and_masks_with_its_neighbours_only() -> None:
+    devices = fleet(12)
+    server = SecAggServer(TASK, ROUND, ATTEMPT, 6, 8, nonce=NONCE, neighbours=4,
+                          neighbour_threshold=3)
+    for member in devices.values():
+        server.add_advert(member.advertise())
+    roster = server.close_adverts()
+    graph = secagg.neighbour_graph(roster)
+    sent = {d: device.share_keys(roster, AUTHORITY_PUBLIC) for d, device in devices.items()}
+    for d, shares in sent.items():
+        assert set(shares.ciphertexts) == graph.neighbours[d]
+        assert set(devices[d].pair_keys) == graph.neighbours[d]  # 4 agreements, not 11
+    # Shares to every other device (the complete graph's) are refused.
+    everyone = sent["dev-00"].model_copy(update={"ciphertexts": {
+        d: sent["dev-01"].ciphertexts.get(d, "") for d in devices if d != "dev-00"}})
+    with pytest.raises(SecAggError, match="bad_shares"):
+        server.add_shares(everyone)
+    for shares in sent.values():
+        server.add_shares(shares)
+    inboxes = server.close_shares()
+    assert {d: set(inbox.ciphertexts) for d, inbox in inboxes.items()} == graph.neighbours
+    # An inbox with shares from a device that is not a neighbour is refused.
+    stranger = next(d for d in devices if d != "dev-00" and d not in graph.neighbours["dev-00"])
+    bent = inboxes["dev-00"].model_copy(update={"ciphertexts": {
+        **inboxes["dev-00"].ciphertexts, stranger: "AAAA"}})
+    with pytest.raises(SecAggError, match="bad_inbox"):
+        devices["dev-00"].masked_input(bent, np.zeros(8, np.uint32))
+
+
+@pytest.mark.parametrize(("silent", "after_keys", "after_shares", "after_masked"), [
+    (set(), set(), set(), set()),
+    ({"dev-02"}, set(), set(), set()),
+    (set(), {"dev-03"}, set(), set()),
+    (set(), set(), {"dev-01", "dev-06", "dev-11"}, set()),
+    (set(), set(), set(), {"dev-00", "dev-07"}),
+    ({"dev-03"}, {"dev-12"}, {"dev-04"}, {"dev-05"}),
+], ids=["none", "before_keys", "after_keys", "after_shares", "after_input", "mixed"])
+def test_with_neighbours_dropouts_leave_the_exact_sum_of_the_survivors(
+    silent: set[str], after_keys: set[str], after_shares: set[str], after_masked: set[str],
+) -> None:
+    result = run_round(20, 10, neighbours=8, neighbour_threshold=5,
+                       silent=frozenset(silent), drop_after_keys=frozenset(after_keys),
+                       drop_after_shares=frozenset(after_shares),
+                       drop_after_masked=frozenset(after_masked))
+    assert set(result.survivors) == ({f"dev-{i:02d}" for i in range(20)} - silent - after_keys
+                                     - after_shares)
+    np.testing.assert_array_equal(result.total, result.expected)
+
+
+def test_with_neighbours_too_few_answers_in_one_neighbourhood_stop_the_round() -> None:
+    """Every holder's share is needed (5 of 5): one survivor that does not answer the
+    unmasking leaves its neighbours' seeds unrebuildable, though 11 of 12 answered."""
+    with pytest.raises(SecAggError, match="too_few"):
+        run_round(12, 6, neighbours=4, neighbour_threshold=5,
+                  drop_after_masked=frozenset({"dev-03"}))
+
+
+def test_the_task_config_gives_the_round_its_graph() -> None:
+    from cloud.fl.config import SecAggConfig
+    from cloud.fl.secagg_round import spec_for
+
+    auto = SecAggConfig(threshold=2 / 3, neighbours="auto")
+    # 50 selected, 34 needed: up to 16 drop out, so k = 18 > 16; a secret needs 13 of 19.
+    spec = spec_for(50, auto)
+    assert (spec.threshold, spec.neighbours, spec.neighbour_threshold) == (34, 18, 13)
+    spec = spec_for(10, auto)  # 7 needed, 3 may drop: k = 4, 4 of 5 holders
+    assert (spec.threshold, spec.neighbours, spec.neighbour_threshold) == (7, 4, 4)
+    spec = spec_for(5, auto)  # 4 needed, 1 may drop: a ring (k = 2), 2 of 3 holders
+    assert (spec.threshold, spec.neighbours, spec.neighbour_threshold) == (4, 2, 2)
+    spec = spec_for(5, SecAggConfig(threshold=0.5, neighbours="auto"))  # k = 4: complete
+    assert (spec.threshold, spec.neighbours, spec.neighbour_threshold) == (3, None, None)
+    spec = spec_for(50, SecAggConfig(threshold=0.5, neighbours=8))
+    assert (spec.threshold, spec.neighbours, spec.neighbour_threshold) == (25, 8, 5)
+    assert spec_for(50, SecAggConfig()).neighbours is None
+    for bad in (3, 0, -2):
+        with pytest.raises(ValueError, match="even number"):
+            SecAggConfig(neighbours=bad)
+    with pytest.raises(ValueError, match="go together"):
+        SecAggSpec(threshold=3, neighbours=4)
+    with pytest.raises(ValueError, match="at most neighbours"):
+        SecAggSpec(threshold=3, neighbours=4, neighbour_threshold=6)

@@ -28,6 +28,8 @@ from schemas.secagg import (
     SecAggDevice,
     SecAggMaskedEnvelope,
     SecAggRoster,
+    SecAggShares,
+    neighbour_graph,
 )
 from schemas.topics import TopicKind, Topics
 from tests.agent_fixtures import AgentFactory, wait_until
@@ -114,6 +116,46 @@ def test_a_round_aggregates_securely_to_the_mean_of_the_devices_updates(
                                 for k in sorted(before)])
         assert abs(np.corrcoef(masked.astype(np.float64), plain)[0, 1]) < 0.1
         assert [m.payload for m in spy.received_on(topics.update(TASK, 1, device_id))] == []
+    spy.close()
+
+
+def test_with_neighbours_each_device_masks_with_two_peers_and_the_mean_is_exact(
+    make_cloud: CloudFactory, make_agent: AgentFactory, mosquitto: RunningBroker,
+    topics: Topics, new_device_id: Callable[[], str],
+) -> None:
+    """SecAgg+ through the broker: 5 devices, each sharing with and masking against the 2
+    neighbours the roster's keys give it; the step is still the mean of all 5."""
+    cloud = make_cloud(fl={TASK: secagg_task(
+        min_fit_clients=5, min_available_clients=5,
+        secagg={"threshold": 0.6, "clip_range": CLIP, "stage_timeout_s": 20,
+                "neighbours": 2})})
+    spy = mosquitto.connected(mosquitto.cloud_username)
+    spy.subscribe(topics.filter(TopicKind.SECAGG_DEVICE, task=TASK))
+    spy.subscribe(topics.secagg_broadcast(TASK, 1, ROSTER))
+    ids = [new_device_id() for _ in range(5)]
+    agents = [make_agent(d, fl=secagg_fl(mosquitto, d, i, 5)) for i, d in enumerate(ids)]
+    coordinator = cloud.service.coordinators[TASK]
+    wait_until(lambda: coordinator.state.state is TaskState.FINISHED, timeout=120,
+               what="the secure round finished")
+    assert sorted(coordinator.history()[0].participants) == sorted(ids)
+    [message] = spy.received_on(topics.secagg_broadcast(TASK, 1, ROSTER))
+    roster = decode_message(SecAggRoster, message.payload)
+    assert (roster.threshold, roster.neighbours, roster.neighbour_threshold) == (3, 2, 2)
+    graph = neighbour_graph(roster)
+    for device_id in ids:
+        [sent] = spy.received_on(topics.secagg_device(TASK, 1, SHARES, device_id))
+        shares = decode_message(SecAggShares, sent.payload)
+        assert set(shares.ciphertexts) == graph.neighbours[device_id]
+        assert len(shares.ciphertexts) == 2
+    folder = cloud.settings.data_dir / "fl" / TASK
+    before = {k: np.asarray(t, np.float64) for k, t in decode(
+        (folder / "global-0.safetensors").read_bytes(), GlobalModelEnvelope).tensors.items()}
+    expected = {k: np.mean([np.clip(a.fl.tasks[TASK].local_weights[k] - before[k], -CLIP, CLIP)
+                            for a in agents], axis=0) for k in before}
+    got = global_delta(cloud, "1")
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name], value, atol=1.01 * STEP)
+    assert dict(cloud.service.health.refused.get("secagg_device", {})) == {}
     spy.close()
 
 

@@ -96,6 +96,20 @@ class SecAggConfig(SettingsSection):
                               "clipped to [-clip_range, clip_range] before quantization")
     stage_timeout_s: float = Field(default=30.0, gt=0, description="How long the key, share "
                                    "and unmasking stages wait for the devices")
+    neighbours: int | Literal["auto"] | None = Field(
+        default=None, description="SecAgg+ (Bell et al. 2020): each device masks with and "
+        "shares its secrets among this many peers (even) of a graph the round's keys fix, "
+        "instead of all: its work grows with this, not with the cohort. A secret then needs "
+        "`threshold` of its k + 1 holders. auto: the smallest even k above the drop-outs the "
+        "threshold allows (selected - needed), so that no allowed set of drop-outs splits "
+        "the graph. null: every device masks with every other (Bonawitz et al.)")
+
+    @model_validator(mode="after")
+    def _even_neighbours(self) -> Self:
+        if isinstance(self.neighbours, int) and (self.neighbours < 2 or self.neighbours % 2):
+            raise ValueError("secagg.neighbours is an even number of at least 2 (each device "
+                             "is joined to k/2 devices on each side of it in the graph)")
+        return self
 
 
 ASYNC_STRATEGIES = frozenset({"fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad",

@@ -55,7 +55,7 @@ from cloud.fl.privacy import (
 )
 from cloud.fl.registry import make_strategy
 from cloud.fl.scaffold import Scaffold
-from cloud.fl.secagg_round import Publication, SecAggRound, threshold_for
+from cloud.fl.secagg_round import Publication, SecAggRound, spec_for
 from cloud.fl.strategy import Strategy
 from cloud.fl.validation import validate_update
 from cloud.health import HealthCounters
@@ -78,7 +78,6 @@ from schemas.fl import (
     PrivacySpec,
     Rejection,
     RoundPlan,
-    SecAggSpec,
     TaskState,
     TaskStatus,
     UpdateEnvelope,
@@ -657,9 +656,7 @@ class Coordinator:
             self.secagg = None
             return
         names = self.strategy.shared_names(self.global_weights)
-        spec = SecAggSpec(threshold=threshold_for(len(record.selected), config.threshold),
-                          quantization_bits=config.quantization_bits,
-                          clip_range=config.clip_range)
+        spec = spec_for(len(record.selected), config)
         self.secagg = SecAggRound(
             topics=self.topics, task=self.name, round=record.round, attempt=record.attempt,
             nonce=record.nonce, base_version=record.global_version,

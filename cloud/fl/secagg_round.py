@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cloud.fl.config import SecAggConfig
 from schemas.base import decode_message, now
 from schemas.codec import DecodeLimits, decode
 from schemas.errors import DecodeError
@@ -53,6 +54,26 @@ JSON_BYTES_PER_DEVICE = 1024
 def threshold_for(selected: int, share: float) -> int:
     """Devices needed at every stage: ``ceil(share * selected)``, at least 2."""
     return min(selected, max(2, math.ceil(share * selected - 1e-9)))
+
+
+def spec_for(selected: int, config: SecAggConfig) -> SecAggSpec:
+    """A round's parameters for ``selected`` devices.
+
+    With ``neighbours`` (SecAgg+), a secret needs ``threshold`` of its ``k + 1`` holders;
+    ``auto`` takes the smallest even ``k`` larger than the drop-outs the threshold allows.
+    A graph with ``k >= selected - 1`` is the complete one, sent without neighbours.
+    """
+    needed = threshold_for(selected, config.threshold)
+    spec = SecAggSpec(threshold=needed, quantization_bits=config.quantization_bits,
+                      clip_range=config.clip_range)
+    if config.neighbours is None:
+        return spec
+    k = config.neighbours if isinstance(config.neighbours, int) else \
+        max(2, selected - needed + 1 + (selected - needed + 1) % 2)
+    if k >= selected - 1:
+        return spec
+    return spec.model_copy(update={"neighbours": k,
+                                   "neighbour_threshold": threshold_for(k + 1, config.threshold)})
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +118,8 @@ class SecAggRound:
     def __post_init__(self) -> None:
         size = sum(int(np.prod(shape, dtype=np.int64)) for shape in self.shapes.values())
         self.server = SecAggServer(self.task, self.round, self.attempt, self.spec.threshold,
-                                   size, nonce=self.nonce)
+                                   size, nonce=self.nonce, neighbours=self.spec.neighbours,
+                                   neighbour_threshold=self.spec.neighbour_threshold)
         self.deadline = now() + self.stage_timeout_s
 
     # -- who is expected ----------------------------------------------------------------
