@@ -8,6 +8,7 @@ import json
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -175,3 +176,50 @@ def test_broadcasts_of_rounds_a_device_is_not_in_are_not_counted_as_stale(
     inbox = SecAggInbox(**session, recipient="pi-01", ciphertexts={})
     client._message(TopicKind.SECAGG_INBOX, "digits", 4, SHARES, inbox.to_json())
     assert counters["secagg_stale"] == 1
+
+
+def test_a_roster_whose_graph_is_not_the_round_plans_is_refused(tmp_path: Path) -> None:
+    """The round plan asks for the complete graph; a roster that thins it to SecAgg+'s
+    ring, or lowers the threshold, would let the relay learn more: refused, counted, and
+    no share leaves the device. The plan's own roster is answered."""
+    from edge_node.counters import Counters
+    from edge_node.secagg_client import SecAggClient
+    from edge_node.settings import SecAggSettings
+    from schemas.fl import RoundPlan, SecAggSpec
+    from schemas.secagg import ROSTER, SecAggAdvertise, SecAggRoster
+    from schemas.topics import TopicKind, Topics
+    from tests.examples import EXAMPLES
+
+    settings = BrokerSettings(data_dir=tmp_path / "broker", port=1999)
+    add_identities(settings, ["pi-01", "pi-02", "pi-03", "pi-04"])
+    secrets = settings.layout.secrets
+    example = EXAMPLES[RoundPlan]
+    assert isinstance(example, RoundPlan)
+    plan = example.model_copy(update={"secagg": SecAggSpec(threshold=3)})
+
+    def answer(graph: dict[str, int | None]) -> tuple[int, int]:
+        """(shares sent by pi-01, its bad_roster count) for a roster of 4 with ``graph``."""
+        counters = Counters()
+        sent: dict[str, list[bytes]] = {}
+
+        def outbox(device_id: str) -> Callable[[str, bytes], None]:
+            return lambda _topic, payload: sent.setdefault(device_id, []).append(payload)
+
+        clients = {d: SecAggClient(d, Topics(), SecAggSettings(
+            identity_key=secrets / "identities" / f"{d}.key",
+            certificate=secrets / "identities" / f"{d}.json",
+            authority_key=(secrets / "identity-authority.pub").read_text().strip()),
+            publish=outbox(d), counters=counters if d == "pi-01" else Counters())
+            for d in ("pi-01", "pi-02", "pi-03", "pi-04")}
+        for client in clients.values():
+            client._begin("digits", plan)
+        adverts = [SecAggAdvertise.model_validate_json(sent[d][0]) for d in sorted(sent)]
+        roster = SecAggRoster(task="digits", round=plan.round, attempt=plan.attempt,
+                              nonce=plan.nonce or "", devices=adverts, **graph)
+        clients["pi-01"]._message(TopicKind.SECAGG_BROADCAST, "digits", plan.round, ROSTER,
+                                  roster.to_json())
+        return len(sent["pi-01"]) - 1, counters.snapshot().get("secagg_refused_bad_roster", 0)
+
+    assert answer({"threshold": 3}) == (1, 0)
+    assert answer({"threshold": 3, "neighbours": 2, "neighbour_threshold": 2}) == (0, 1)
+    assert answer({"threshold": 2}) == (0, 1)
