@@ -212,17 +212,18 @@ def secagg(r: dict[str, Any]) -> list[Row]:
                      _n(x["secagg"]["round_s_median"], 2),
                      f"{_n(x['plain']['round_s_median'], 2)} without{cpu}",
                      _x(x["round_time_ratio"])))
-        plus = x.get("secagg_plus")
-        if plus is not None:
+        for variant, ratios in x.get("plus", {}).items():
+            plus = x[variant]
             cpu = ""
             if "fleet_cpu_s_per_round" in plus and "fleet_cpu_s_per_round" in x["plain"]:
                 cpu = (f"; the fleet's CPU per round {_n(plus['fleet_cpu_s_per_round'], 2)}"
                        f" s against {_n(x['plain']['fleet_cpu_s_per_round'], 2)} s")
-            rows.append(("secagg", f"round with SecAgg+ (neighbours auto: "
-                         f"{plus['neighbours']} of {int(size) - 1} peers), {size} devices, s",
+            rows.append(("secagg", f"round with SecAgg+, threshold {ratios['threshold']:g} "
+                         f"(neighbours auto: {ratios['neighbours']} of {int(size) - 1} peers), "
+                         f"{size} devices, s",
                          _n(plus["round_s_median"], 2),
                          f"{_n(x['plain']['round_s_median'], 2)} without{cpu}",
-                         _x(x["plus_round_time_ratio"])))
+                         _x(ratios["round_time_ratio"])))
     return rows
 
 

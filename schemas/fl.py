@@ -93,7 +93,7 @@ class SecAggSpec(WireModel):
 
     With ``neighbours`` it is SecAgg+ (Bell et al. 2020): each device masks with, and
     shares its secrets among, ``neighbours`` peers of a graph derived from the roster
-    (:func:`schemas.secagg.neighbourhoods`) instead of every other device.
+    (:func:`schemas.secagg.neighbour_graph`) instead of every other device.
     """
 
     threshold: Annotated[int, Field(ge=2, le=MAX_SELECTED, description=(
@@ -105,19 +105,31 @@ class SecAggSpec(WireModel):
     neighbour_threshold: Annotated[int, Field(ge=2, le=MAX_SELECTED + 1)] | None = Field(
         default=None, description="SecAgg+: shares of a device's secret (held by it and its "
         "neighbours) needed to rebuild it; set with neighbours")
-
-    @model_validator(mode="after")
-    def _graph(self) -> Self:
-        if (self.neighbours is None) != (self.neighbour_threshold is None):
-            raise ValueError("neighbours and neighbour_threshold go together")
-        if self.neighbours is not None and self.neighbour_threshold is not None \
-                and self.neighbour_threshold > self.neighbours + 1:
-            raise ValueError("neighbour_threshold is at most neighbours + 1 (the holders)")
-        return self
     quantization_bits: Annotated[int, Field(ge=8, le=32)] = 16
     clip_range: Annotated[float, Field(gt=0.0)] = Field(
         default=1.0, description="Values are clipped to [-clip_range, clip_range] before quantizing"
     )
+
+    @model_validator(mode="after")
+    def _graph(self) -> Self:
+        check_graph_parameters(self.neighbours, self.neighbour_threshold)
+        return self
+
+
+def check_graph_parameters(neighbours: int | None, neighbour_threshold: int | None) -> None:
+    """SecAgg+'s two parameters: both or neither, and a majority of the k + 1 holders.
+
+    Raises:
+        ValueError: one without the other, or a threshold that is not more than half of
+            the ``k + 1`` holders (fewer colluding neighbours could rebuild a secret) or
+            is more than all of them.
+    """
+    if (neighbours is None) != (neighbour_threshold is None):
+        raise ValueError("neighbours and neighbour_threshold go together")
+    if neighbours is not None and neighbour_threshold is not None \
+            and not (neighbours + 1) / 2 < neighbour_threshold <= neighbours + 1:
+        raise ValueError("neighbour_threshold is more than half of neighbours + 1 (the "
+                         "holders of a secret) and at most all of them")
 
 
 class HyperParams(WireModel):

@@ -45,7 +45,7 @@ import hashlib
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Self
 
 import numpy as np
 import rfc8785
@@ -56,11 +56,11 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from pydantic import Field, StringConstraints
+from pydantic import Field, StringConstraints, model_validator
 
 from schemas import shamir
 from schemas.base import Id, NonNegInt, RoundNonce, RoundNumber, UnixTime, Version, WireModel
-from schemas.fl import MAX_SELECTED
+from schemas.fl import MAX_SELECTED, check_graph_parameters
 
 PROTOCOL = b"edgefl-secagg-v1"
 ADVERTISE, ROSTER, SHARES, MASKED, SURVIVORS, UNMASK = (
@@ -152,6 +152,11 @@ class SecAggRoster(WireModel):
     neighbours: Annotated[int, Field(ge=2, le=MAX_SELECTED, multiple_of=2)] | None = None
     neighbour_threshold: Annotated[int, Field(ge=2, le=MAX_SELECTED + 1)] | None = None
     devices: list[SecAggAdvertise] = Field(max_length=MAX_SELECTED)
+
+    @model_validator(mode="after")
+    def _graph(self) -> Self:
+        check_graph_parameters(self.neighbours, self.neighbour_threshold)
+        return self
 
 
 class SecAggShares(WireModel):
@@ -312,6 +317,19 @@ class Graph:
     """Each member of ``U1`` -> its peers (itself excluded; the relation is symmetric)."""
     threshold: int
     """Shares (held by the device and its neighbours) that rebuild its seed or key."""
+    degree: int | None = None
+    """SecAgg+'s ``k`` when the graph is sparse; None: the complete graph."""
+    order: tuple[str, ...] = ()
+    """The devices in the graph's order (a device's neighbours sit next to it)."""
+
+    def splits_without(self, members: int, survivors: int) -> bool:
+        """Whether losing ``members - survivors`` devices could split the graph.
+
+        ``H(k, n)`` stays connected after any ``k - 1`` removals, and may not after ``k``:
+        pairwise masks would then cancel within each part, and the cloud would learn each
+        part's sum instead of only the survivors' total.
+        """
+        return self.degree is not None and members - survivors >= self.degree
 
 
 def neighbour_graph(roster: SecAggRoster) -> Graph:
@@ -344,7 +362,8 @@ def neighbour_graph(roster: SecAggRoster) -> Graph:
     place = {d: i for i, d in enumerate(order)}
     n, half = len(order), k // 2
     return Graph({d: frozenset(order[(place[d] + j) % n] for j in range(-half, half + 1)
-                               if j != 0) for d in ids}, roster.neighbour_threshold)
+                               if j != 0) for d in ids}, roster.neighbour_threshold,
+                 degree=k, order=tuple(order))
 
 
 def share_aad(context: bytes, sender: str, recipient: str) -> bytes:
@@ -522,6 +541,8 @@ class SecAggDevice:
     """``U1``."""
     minimum: int = 0
     """Devices needed at every stage (the roster's threshold)."""
+    graph: Graph | None = None
+    """The round's masking graph (from the roster)."""
     threshold: int = 0
     """Shares that rebuild one of its secrets (:attr:`Graph.threshold`)."""
     held: dict[str, tuple[shamir.Share, shamir.Share]] = field(default_factory=dict)
@@ -576,7 +597,7 @@ class SecAggDevice:
         if me.c_public != self.c_key.public_key().public_bytes_raw() \
                 or me.s_public != self.s_key.public_key().public_bytes_raw():
             raise SecAggError("bad_roster", "the roster changes this device's keys")
-        self.peers, self.threshold = peers, graph.threshold
+        self.peers, self.threshold, self.graph = peers, graph.threshold, graph
         self.members = frozenset(a.device_id for a in roster.devices)
         self.minimum = roster.threshold
         holders = list(peers.values())
@@ -677,6 +698,11 @@ class SecAggDevice:
                               "not mask with, devices outside the roster, or leave it out")
         if len(u3) < self.minimum:
             raise SecAggError("too_few", f"{len(u3)} survivor(s), threshold {self.minimum}")
+        if self.graph is not None and self.graph.splits_without(len(self.members), len(u3)):
+            raise SecAggError("too_few", f"{len(self.members) - len(u3)} of {len(self.members)} "
+                              f"devices dropped out, as many as the graph's degree "
+                              f"{self.graph.degree}: the survivors' masks may not join them "
+                              "all, and parts of the sum could open")
         seeds = {v: _b64(self.held[v][1].to_bytes()) for v in sorted(u3 & self.masked_with)}
         keys = {v: _b64(self.held[v][0].to_bytes()) for v in sorted(self.masked_with - u3)}
         return SecAggUnmask(task=self.task, round=self.round, attempt=self.attempt,
@@ -780,6 +806,11 @@ class SecAggServer:
         if len(self.u3) < self.threshold:
             raise SecAggError("too_few", f"{len(self.u3)} masked input(s), threshold "
                               f"{self.threshold}")
+        if self.graph is not None and self.roster is not None and \
+                self.graph.splits_without(len(self.roster.devices), len(self.u3)):
+            raise SecAggError("too_few", f"{len(self.u3)} masked input(s) of "
+                              f"{len(self.roster.devices)}: as many dropped out as the graph's "
+                              f"degree {self.graph.degree}, so it may be split")
         self.u3.sort(key=str.encode)
         return SecAggSurvivors(task=self.task, round=self.round, attempt=self.attempt,
                                nonce=self.nonce, devices=list(self.u3))

@@ -179,9 +179,9 @@ def test_broadcasts_of_rounds_a_device_is_not_in_are_not_counted_as_stale(
 
 
 def test_a_roster_whose_graph_is_not_the_round_plans_is_refused(tmp_path: Path) -> None:
-    """The round plan asks for the complete graph; a roster that thins it to SecAgg+'s
-    ring, or lowers the threshold, would let the relay learn more: refused, counted, and
-    no share leaves the device. The plan's own roster is answered."""
+    """A roster whose graph or thresholds are not the round plan's (a ring for the
+    complete graph, a lower threshold) would let the relay learn more: refused, counted,
+    and no share leaves the device. The plan's own roster is answered."""
     from edge_node.counters import Counters
     from edge_node.secagg_client import SecAggClient
     from edge_node.settings import SecAggSettings
@@ -195,9 +195,11 @@ def test_a_roster_whose_graph_is_not_the_round_plans_is_refused(tmp_path: Path) 
     secrets = settings.layout.secrets
     example = EXAMPLES[RoundPlan]
     assert isinstance(example, RoundPlan)
-    plan = example.model_copy(update={"secagg": SecAggSpec(threshold=3)})
+    complete = example.model_copy(update={"secagg": SecAggSpec(threshold=3)})
+    ring = example.model_copy(update={"secagg": SecAggSpec(threshold=3, neighbours=2,
+                                                           neighbour_threshold=2)})
 
-    def answer(graph: dict[str, int | None]) -> tuple[int, int]:
+    def answer(plan: RoundPlan, graph: dict[str, int | None]) -> tuple[int, int]:
         """(shares sent by pi-01, its bad_roster count) for a roster of 4 with ``graph``."""
         counters = Counters()
         sent: dict[str, list[bytes]] = {}
@@ -220,6 +222,12 @@ def test_a_roster_whose_graph_is_not_the_round_plans_is_refused(tmp_path: Path) 
                                   roster.to_json())
         return len(sent["pi-01"]) - 1, counters.snapshot().get("secagg_refused_bad_roster", 0)
 
-    assert answer({"threshold": 3}) == (1, 0)
-    assert answer({"threshold": 3, "neighbours": 2, "neighbour_threshold": 2}) == (0, 1)
-    assert answer({"threshold": 2}) == (0, 1)
+    assert answer(complete, {"threshold": 3}) == (1, 0)
+    assert answer(complete, {"threshold": 3, "neighbours": 2, "neighbour_threshold": 2}) \
+        == (0, 1)
+    assert answer(complete, {"threshold": 2}) == (0, 1)
+    # A SecAgg+ plan: its own roster is answered; the complete graph, or another
+    # threshold of holders, is not.
+    assert answer(ring, {"threshold": 3, "neighbours": 2, "neighbour_threshold": 2}) == (1, 0)
+    assert answer(ring, {"threshold": 3}) == (0, 1)
+    assert answer(ring, {"threshold": 3, "neighbours": 2, "neighbour_threshold": 3}) == (0, 1)

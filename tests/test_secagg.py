@@ -72,8 +72,14 @@ def run_round(count: int, threshold: int, size: int = 1000, *, seed: int = 7,
               silent: frozenset[str] = frozenset(), drop_after_keys: frozenset[str] = frozenset(),
               drop_after_shares: frozenset[str] = frozenset(),
               drop_after_masked: frozenset[str] = frozenset(),
-              neighbours: int | None = None, neighbour_threshold: int | None = None) -> Round:
-    """Every stage through the server, with devices that stop after the stage named."""
+              neighbours: int | None = None, neighbour_threshold: int | None = None,
+              places_after_shares: tuple[int, ...] = (),
+              places_after_masked: tuple[int, ...] = ()) -> Round:
+    """Every stage through the server, with devices that stop after the stage named.
+
+    ``places_after_*``: the devices at these places of the graph's order (known once the
+    roster is out) stop after that stage too: a block of neighbours.
+    """
     rng = np.random.default_rng(seed)
     devices = fleet(count)
     server = SecAggServer(TASK, ROUND, ATTEMPT, threshold, size, nonce=NONCE,
@@ -85,6 +91,9 @@ def run_round(count: int, threshold: int, size: int = 1000, *, seed: int = 7,
             transcript.append(advert.to_json())
             server.add_advert(advert)
     roster = server.close_adverts()
+    order = secagg.neighbour_graph(roster).order
+    drop_after_shares |= {order[i] for i in places_after_shares}
+    drop_after_masked |= {order[i] for i in places_after_masked}
     for d in sorted(server.adverts):
         if d not in drop_after_keys:
             shares = devices[d].share_keys(roster, AUTHORITY_PUBLIC)
@@ -391,9 +400,10 @@ def test_the_signed_bytes_are_rfc_8785_json_without_the_signature() -> None:
 
 
 def _sparse_roster(count: int, neighbours: int, threshold: int = 2,
-                   neighbour_threshold: int = 2, nonce: str = NONCE) -> SecAggRoster:
+                   neighbour_threshold: int | None = None, nonce: str = NONCE) -> SecAggRoster:
     server = SecAggServer(TASK, ROUND, ATTEMPT, threshold, 4, nonce=nonce,
-                          neighbours=neighbours, neighbour_threshold=neighbour_threshold)
+                          neighbours=neighbours,
+                          neighbour_threshold=neighbour_threshold or neighbours // 2 + 1)
     for d in fleet(count):
         server.add_advert(device(d).advertise().model_copy(update={"nonce": nonce}))
     return server.close_adverts()
@@ -424,6 +434,17 @@ def test_the_neighbour_graph_is_regular_symmetric_connected_and_fixed_by_the_ros
     ids = sorted(graph.neighbours)
     for _ in range(200):
         assert _connected_without(graph, set(rng.choice(ids, 17, replace=False)))
+    order = graph.order
+    assert sorted(order) == ids and graph.degree == 18
+    for start in range(50):  # two blocks of the order, the hardest cut, of 17 in all
+        for first in range(1, 17):
+            cut = {order[(start + i) % 50] for i in range(first)} | {
+                order[(start + 25 + i) % 50] for i in range(17 - first)}
+            assert _connected_without(graph, cut)
+    # 18 (k) can split it: 9 and 9 on opposite sides of the order; the device and the
+    # server both refuse to unmask past k - 1 drop-outs.
+    assert not _connected_without(graph, {order[i] for i in (*range(9), *range(25, 34))})
+    assert graph.splits_without(50, 32) and not graph.splits_without(50, 33)
     # Other keys (a new round's), another graph; the order is not the ids' order.
     other = secagg.neighbour_graph(_sparse_roster(50, 18, nonce="f" * 32))
     assert other.neighbours != graph.neighbours
@@ -475,12 +496,62 @@ def test_with_neighbours_a_device_shares_and_masks_with_its_neighbours_only() ->
 def test_with_neighbours_dropouts_leave_the_exact_sum_of_the_survivors(
     silent: set[str], after_keys: set[str], after_shares: set[str], after_masked: set[str],
 ) -> None:
-    result = run_round(20, 10, neighbours=8, neighbour_threshold=5,
+    result = run_round(20, 16, neighbours=8, neighbour_threshold=5,  # auto's for 20 at 0.8
                        silent=frozenset(silent), drop_after_keys=frozenset(after_keys),
                        drop_after_shares=frozenset(after_shares),
                        drop_after_masked=frozenset(after_masked))
     assert set(result.survivors) == ({f"dev-{i:02d}" for i in range(20)} - silent - after_keys
                                      - after_shares)
+    np.testing.assert_array_equal(result.total, result.expected)
+
+
+@pytest.mark.parametrize(("after_shares", "after_masked"), [
+    ((0, 1, 2, 3), ()), ((), (5, 6, 7, 8)), ((0, 1), (2, 3)), ((0, 1), (10, 11)),
+], ids=["block_after_shares", "block_after_input", "block_of_both", "two_blocks"])
+def test_with_auto_neighbours_any_allowed_drop_outs_leave_the_exact_sum(
+    after_shares: tuple[int, ...], after_masked: tuple[int, ...],
+) -> None:
+    """20 devices at 0.8: 16 needed, so 4 may drop out; auto gives k = 8 and 5 of 9
+    holders. 4 neighbours in a row leave the devices beside them exactly 5 holders."""
+    result = run_round(20, 16, neighbours=8, neighbour_threshold=5,
+                       places_after_shares=after_shares, places_after_masked=after_masked)
+    assert len(result.survivors) == 20 - len(after_shares)
+    np.testing.assert_array_equal(result.total, result.expected)
+
+
+def test_with_neighbours_as_many_drop_outs_as_the_degree_are_refused() -> None:
+    """k = 4 and 4 devices gone in two pairs on opposite sides of the order: the graph
+    may split in two, so the server stops, and a device told of those survivors refuses
+    to send its shares."""
+    with pytest.raises(SecAggError, match=r"too_few.*degree 4"):
+        run_round(20, 10, neighbours=4, neighbour_threshold=3,
+                  places_after_shares=(0, 1, 10, 11))
+    devices = fleet(8)
+    server = SecAggServer(TASK, ROUND, ATTEMPT, 2, 4, nonce=NONCE, neighbours=2,
+                          neighbour_threshold=2)
+    for member in devices.values():
+        server.add_advert(member.advertise())
+    roster = server.close_adverts()
+    for member in devices.values():
+        server.add_shares(member.share_keys(roster, AUTHORITY_PUBLIC))
+    inboxes = server.close_shares()
+    order = secagg.neighbour_graph(roster).order
+    me = order[0]
+    devices[me].masked_input(inboxes[me], np.zeros(4, np.uint32))
+    survivors = SecAggSurvivors(task=TASK, round=ROUND, attempt=ATTEMPT, nonce=NONCE,
+                                devices=sorted(set(order) - {order[2], order[5]}))
+    with pytest.raises(SecAggError, match="as many as the graph's degree 2"):
+        devices[me].unmask(survivors)
+
+
+def test_a_roster_smaller_than_the_graph_needs_is_the_complete_graph() -> None:
+    """k = 4 planned, 5 devices advertised: every device is every other's neighbour and
+    a secret needs the global threshold of shares."""
+    graph = secagg.neighbour_graph(_sparse_roster(5, 4, threshold=3, neighbour_threshold=4))
+    assert graph.degree is None and graph.threshold == 3
+    assert all(len(peers) == 4 for peers in graph.neighbours.values())
+    result = run_round(6, 3, neighbours=4, neighbour_threshold=4, silent=frozenset({"dev-05"}),
+                       drop_after_shares=frozenset({"dev-01"}))
     np.testing.assert_array_equal(result.total, result.expected)
 
 
@@ -496,23 +567,36 @@ def test_the_task_config_gives_the_round_its_graph() -> None:
     from cloud.fl.config import SecAggConfig
     from cloud.fl.secagg_round import spec_for
 
-    auto = SecAggConfig(threshold=2 / 3, neighbours="auto")
-    # 50 selected, 34 needed: up to 16 drop out, so k = 18 > 16; a secret needs 13 of 19.
-    spec = spec_for(50, auto)
-    assert (spec.threshold, spec.neighbours, spec.neighbour_threshold) == (34, 18, 13)
-    spec = spec_for(10, auto)  # 7 needed, 3 may drop: k = 4, 4 of 5 holders
-    assert (spec.threshold, spec.neighbours, spec.neighbour_threshold) == (7, 4, 4)
-    spec = spec_for(5, auto)  # 4 needed, 1 may drop: a ring (k = 2), 2 of 3 holders
-    assert (spec.threshold, spec.neighbours, spec.neighbour_threshold) == (4, 2, 2)
-    spec = spec_for(5, SecAggConfig(threshold=0.5, neighbours="auto"))  # k = 4: complete
-    assert (spec.threshold, spec.neighbours, spec.neighbour_threshold) == (3, None, None)
-    spec = spec_for(50, SecAggConfig(threshold=0.5, neighbours=8))
-    assert (spec.threshold, spec.neighbours, spec.neighbour_threshold) == (25, 8, 5)
-    assert spec_for(50, SecAggConfig()).neighbours is None
+    def graph(selected: int, share: float, neighbours: int | str | None = "auto",
+              ) -> tuple[int, int | None, int | None]:
+        spec = spec_for(selected, SecAggConfig(threshold=share, neighbours=neighbours))
+        return spec.threshold, spec.neighbours, spec.neighbour_threshold
+
+    # 50 selected, 45 needed: 5 may drop out, so k = 10 and a secret needs 11 - 5 = 6.
+    assert graph(50, 0.9) == (45, 10, 6)
+    assert graph(50, 2 / 3) == (34, 32, 17)  # 16 may drop out
+    assert graph(10, 2 / 3) == (7, 6, 4)
+    assert graph(5, 2 / 3) == (4, 2, 2)  # 1 may drop out: a ring, 2 of 3 holders
+    assert graph(5, 0.5) == (3, None, None)  # k = 4 = selected - 1: the complete graph
+    assert graph(50, 1.0) == (50, 2, 3)  # none may drop out: every holder is needed
+    assert graph(50, 0.9, 16) == (45, 16, 12)  # more than auto's: kept
+    assert graph(50, 0.9, 4) == (45, 10, 6)  # fewer: raised to auto's
+    assert graph(50, 0.5, 8) == (25, None, None)  # 25 may drop: only the complete graph
+    assert graph(50, 0.9, None) == (45, None, None)
+    for selected in range(2, 120):  # whatever is allowed to drop, the sum survives
+        for share in (0.5, 0.6, 2 / 3, 0.75, 0.8, 0.9, 0.95, 1.0):
+            needed, k, t = graph(selected, share)
+            if k is not None and t is not None:
+                dropped = selected - needed
+                assert k > dropped and t <= k + 1 - dropped and t > (k + 1) / 2
     for bad in (3, 0, -2):
         with pytest.raises(ValueError, match="even number"):
             SecAggConfig(neighbours=bad)
     with pytest.raises(ValueError, match="go together"):
         SecAggSpec(threshold=3, neighbours=4)
-    with pytest.raises(ValueError, match="at most neighbours"):
-        SecAggSpec(threshold=3, neighbours=4, neighbour_threshold=6)
+    for outside in (2, 6):  # not more than half of the 5 holders; more than all of them
+        with pytest.raises(ValueError, match="more than half"):
+            SecAggSpec(threshold=3, neighbours=4, neighbour_threshold=outside)
+    with pytest.raises(ValueError, match="more than half"):  # the roster is checked alike
+        SecAggRoster(task=TASK, round=ROUND, attempt=ATTEMPT, nonce=NONCE, threshold=2,
+                     neighbours=4, neighbour_threshold=2, devices=[])

@@ -98,11 +98,12 @@ class SecAggConfig(SettingsSection):
                                    "and unmasking stages wait for the devices")
     neighbours: int | Literal["auto"] | None = Field(
         default=None, description="SecAgg+ (Bell et al. 2020): each device masks with and "
-        "shares its secrets among this many peers (even) of a graph the round's keys fix, "
-        "instead of all: its work grows with this, not with the cohort. A secret then needs "
-        "`threshold` of its k + 1 holders. auto: the smallest even k above the drop-outs the "
-        "threshold allows (selected - needed), so that no allowed set of drop-outs splits "
-        "the graph. null: every device masks with every other (Bonawitz et al.)")
+        "shares its secrets among k peers (even) of a graph the round's keys fix, instead "
+        "of all: its work grows with k, not with the cohort. With d = selected - needed "
+        "drop-outs allowed, k is at least 2d (auto: exactly that) and a secret needs "
+        "k + 1 - d of its k + 1 holders: any d drop-outs leave the graph connected and "
+        "every secret rebuildable. null: every device masks with every other (Bonawitz "
+        "et al.)")
 
     @model_validator(mode="after")
     def _even_neighbours(self) -> Self:

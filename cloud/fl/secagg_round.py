@@ -59,21 +59,25 @@ def threshold_for(selected: int, share: float) -> int:
 def spec_for(selected: int, config: SecAggConfig) -> SecAggSpec:
     """A round's parameters for ``selected`` devices.
 
-    With ``neighbours`` (SecAgg+), a secret needs ``threshold`` of its ``k + 1`` holders;
-    ``auto`` takes the smallest even ``k`` larger than the drop-outs the threshold allows.
-    A graph with ``k >= selected - 1`` is the complete one, sent without neighbours.
+    With ``neighbours`` (SecAgg+): the threshold allows ``d = selected - needed``
+    devices to drop out. ``k`` is at least ``2d`` (and 2), and a secret needs
+    ``k + 1 - d`` of its ``k + 1`` holders. So whichever ``d`` devices drop out, the
+    graph stays connected (``k > d``) and every secret keeps enough holders (the round
+    never fails where the complete graph would not), and a secret needs more than half
+    of its holders. A smaller ``neighbours`` is raised to that; ``auto`` is that. A graph
+    with ``k >= selected - 1`` is the complete one, sent without neighbours.
     """
     needed = threshold_for(selected, config.threshold)
     spec = SecAggSpec(threshold=needed, quantization_bits=config.quantization_bits,
                       clip_range=config.clip_range)
     if config.neighbours is None:
         return spec
-    k = config.neighbours if isinstance(config.neighbours, int) else \
-        max(2, selected - needed + 1 + (selected - needed + 1) % 2)
+    tolerated = selected - needed
+    least = max(2, 2 * tolerated)
+    k = max(least, config.neighbours) if isinstance(config.neighbours, int) else least
     if k >= selected - 1:
         return spec
-    return spec.model_copy(update={"neighbours": k,
-                                   "neighbour_threshold": threshold_for(k + 1, config.threshold)})
+    return spec.model_copy(update={"neighbours": k, "neighbour_threshold": k + 1 - tolerated})
 
 
 @dataclass(frozen=True, slots=True)
