@@ -456,13 +456,19 @@ def test_the_neighbour_graph_is_regular_symmetric_connected_and_fixed_by_the_ros
     assert all(len(peers) == 6 for peers in small.neighbours.values())
 
 
-def test_with_neighbours_a_device_shares_and_masks_with_its_neighbours_only() -> None:
-    devices = fleet(12)
-    server = SecAggServer(TASK, ROUND, ATTEMPT, 6, 8, nonce=NONCE, neighbours=4,
-                          neighbour_threshold=3)
+def _advertised(count: int, threshold: int, size: int = 4, **graph: int,
+                ) -> tuple[dict[str, SecAggDevice], SecAggServer, SecAggRoster]:
+    """``count`` devices whose keys the server took, and the roster it sent back."""
+    devices = fleet(count)
+    server = SecAggServer(TASK, ROUND, ATTEMPT, threshold, size, nonce=NONCE,
+                          **graph)  # type: ignore[arg-type]
     for member in devices.values():
         server.add_advert(member.advertise())
-    roster = server.close_adverts()
+    return devices, server, server.close_adverts()
+
+
+def test_with_neighbours_a_device_shares_and_masks_with_its_neighbours_only() -> None:
+    devices, server, roster = _advertised(12, 6, size=8, neighbours=4, neighbour_threshold=3)
     graph = secagg.neighbour_graph(roster)
     sent = {d: device.share_keys(roster, AUTHORITY_PUBLIC) for d, device in devices.items()}
     for d, shares in sent.items():
@@ -526,12 +532,7 @@ def test_with_neighbours_as_many_drop_outs_as_the_degree_are_refused() -> None:
     with pytest.raises(SecAggError, match=r"too_few.*degree 4"):
         run_round(20, 10, neighbours=4, neighbour_threshold=3,
                   places_after_shares=(0, 1, 10, 11))
-    devices = fleet(8)
-    server = SecAggServer(TASK, ROUND, ATTEMPT, 2, 4, nonce=NONCE, neighbours=2,
-                          neighbour_threshold=2)
-    for member in devices.values():
-        server.add_advert(member.advertise())
-    roster = server.close_adverts()
+    devices, server, roster = _advertised(8, 2, neighbours=2, neighbour_threshold=2)
     for member in devices.values():
         server.add_shares(member.share_keys(roster, AUTHORITY_PUBLIC))
     inboxes = server.close_shares()

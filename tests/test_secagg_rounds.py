@@ -72,6 +72,19 @@ def global_delta(cloud: RunningCloud, version: str) -> dict[str, np.ndarray]:
     return {k: after[k] - before[k] for k in after}
 
 
+def assert_step_is_the_clipped_mean(cloud: RunningCloud, agents: list[Any]) -> None:
+    """Round 1's step is the plain mean of the agents' updates (their local weights minus
+    the round's base), clipped per coordinate, up to one quantization level."""
+    folder = cloud.settings.data_dir / "fl" / TASK
+    before = {k: np.asarray(t, np.float64) for k, t in decode(
+        (folder / "global-0.safetensors").read_bytes(), GlobalModelEnvelope).tensors.items()}
+    expected = {k: np.mean([np.clip(a.fl.tasks[TASK].local_weights[k] - before[k], -CLIP, CLIP)
+                            for a in agents], axis=0) for k in before}
+    got = global_delta(cloud, "1")
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name], value, atol=1.01 * STEP)
+
+
 def test_a_round_aggregates_securely_to_the_mean_of_the_devices_updates(
     make_cloud: CloudFactory, make_agent: AgentFactory, mosquitto: RunningBroker,
     topics: Topics, new_device_id: Callable[[], str],
@@ -89,16 +102,11 @@ def test_a_round_aggregates_securely_to_the_mean_of_the_devices_updates(
     assert [h.round for h in history] == [1] and sorted(history[0].participants) == sorted(ids)
     folder = cloud.settings.data_dir / "fl" / TASK
     assert not list(folder.glob("round-1/*.safetensors")), "no update reached the cloud's disk"
+    assert_step_is_the_clipped_mean(cloud, agents)
+    assert max(float(np.abs(v).max()) for v in global_delta(cloud, "1").values()) \
+        > 100 * STEP  # it moved
     before = {k: np.asarray(t, np.float64) for k, t in decode(
         (folder / "global-0.safetensors").read_bytes(), GlobalModelEnvelope).tensors.items()}
-    # Each device's update is what it trained (its local weights minus the round's base),
-    # clipped per coordinate; the cloud's step is their plain mean, up to one level.
-    expected = {k: np.mean([np.clip(a.fl.tasks[TASK].local_weights[k] - before[k], -CLIP, CLIP)
-                            for a in agents], axis=0) for k in before}
-    got = global_delta(cloud, "1")
-    for name, value in expected.items():
-        np.testing.assert_allclose(got[name], value, atol=1.01 * STEP)
-    assert max(float(np.abs(v).max()) for v in expected.values()) > 100 * STEP  # it moved
     health = cloud.service.health
     assert health.accepted["secagg_device"] == 3 * 4  # advertise, shares, masked, unmask
     assert dict(health.refused.get("secagg_device", {})) == {}
@@ -148,14 +156,7 @@ def test_with_neighbours_each_device_masks_with_two_peers_and_the_mean_is_exact(
         shares = decode_message(SecAggShares, sent.payload)
         assert set(shares.ciphertexts) == graph.neighbours[device_id]
         assert len(shares.ciphertexts) == 2
-    folder = cloud.settings.data_dir / "fl" / TASK
-    before = {k: np.asarray(t, np.float64) for k, t in decode(
-        (folder / "global-0.safetensors").read_bytes(), GlobalModelEnvelope).tensors.items()}
-    expected = {k: np.mean([np.clip(a.fl.tasks[TASK].local_weights[k] - before[k], -CLIP, CLIP)
-                            for a in agents], axis=0) for k in before}
-    got = global_delta(cloud, "1")
-    for name, value in expected.items():
-        np.testing.assert_allclose(got[name], value, atol=1.01 * STEP)
+    assert_step_is_the_clipped_mean(cloud, agents)
     assert dict(cloud.service.health.refused.get("secagg_device", {})) == {}
     spy.close()
 
@@ -196,14 +197,7 @@ def test_a_device_that_drops_after_sharing_its_keys_leaves_the_others_sum(
     wait_until(lambda: coordinator.state.state is TaskState.FINISHED, timeout=120,
                what="the round finished without the leaver")
     assert sorted(coordinator.history()[0].participants) == sorted(ids)
-    folder = cloud.settings.data_dir / "fl" / TASK
-    before = {k: np.asarray(t, np.float64) for k, t in decode(
-        (folder / "global-0.safetensors").read_bytes(), GlobalModelEnvelope).tensors.items()}
-    expected = {k: np.mean([np.clip(a.fl.tasks[TASK].local_weights[k] - before[k], -CLIP, CLIP)
-                            for a in agents], axis=0) for k in before}
-    got = global_delta(cloud, "1")
-    for name, value in expected.items():
-        np.testing.assert_allclose(got[name], value, atol=1.01 * STEP)
+    assert_step_is_the_clipped_mean(cloud, agents)
 
 
 def test_secure_aggregation_with_distributed_differential_privacy(
