@@ -27,6 +27,12 @@ four stages over MQTT (``fl/{t}/rounds/{r}/secagg/...``):
    self masks of the survivors and the pairwise masks the dropped devices left in the
    survivors' inputs: what remains is the exact sum of the survivors' quantized updates.
 
+With ``neighbours`` in the plan (SecAgg+, Bell et al. 2020), "every other device" above
+becomes "every neighbour": each device shares its seed and key among itself and its
+``k`` neighbours in the graph of :func:`neighbour_graph`, masks against the neighbours
+only, and a secret needs ``neighbour_threshold`` of its ``k + 1`` shares; the cloud
+stops, and devices refuse to unmask, once ``k`` devices of ``U1`` have dropped out.
+
 The derivations (HKDF-SHA256 with the labels below, ChaCha20 as the PRG, the byte
 layouts of :func:`round_context`, :func:`advertise_signing_bytes` and
 :func:`share_aad`) are the wire contract: an implementation in another language that
