@@ -871,8 +871,9 @@ class SecAggServer:
 class _Rebuilder:
     """Rebuilds secrets from the unmasking answers, checking every share past the threshold.
 
-    Every secret is shared among the same holders, so the Lagrange weights are computed
-    once per set of points (the cost is then linear per secret).
+    Over the complete graph every secret is shared among the same holders, so the
+    Lagrange weights are computed once per set of points (the cost is then linear per
+    secret); with SecAgg+ each neighbourhood has its own set.
     """
 
     def __init__(self, threshold: int) -> None:
