@@ -200,13 +200,18 @@ def sustained(r: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def _fleet_cpu(secure: dict[str, Any], plain: dict[str, Any]) -> str:
+    """The fleet's CPU per round with and without secure aggregation, when measured."""
+    if "fleet_cpu_s_per_round" not in secure or "fleet_cpu_s_per_round" not in plain:
+        return ""
+    return (f"; the fleet's CPU per round {_n(secure['fleet_cpu_s_per_round'], 2)} s "
+            f"against {_n(plain['fleet_cpu_s_per_round'], 2)} s")
+
+
 def secagg(r: dict[str, Any]) -> list[Row]:
     rows: list[Row] = []
     for size, x in sorted(r["by_devices"].items(), key=lambda kv: int(kv[0])):
-        cpu = ""
-        if "fleet_cpu_s_per_round" in x["secagg"] and "fleet_cpu_s_per_round" in x["plain"]:
-            cpu = (f"; the fleet's CPU per round {_n(x['secagg']['fleet_cpu_s_per_round'], 2)}"
-                   f" s against {_n(x['plain']['fleet_cpu_s_per_round'], 2)} s")
+        cpu = _fleet_cpu(x["secagg"], x["plain"])
         rows.append(("secagg", f"round with secure aggregation, {size} devices, "
                      f"{r['parameters']:,} parameters, s",
                      _n(x["secagg"]["round_s_median"], 2),
@@ -214,10 +219,7 @@ def secagg(r: dict[str, Any]) -> list[Row]:
                      _x(x["round_time_ratio"])))
         for variant, ratios in x.get("plus", {}).items():
             plus = x[variant]
-            cpu = ""
-            if "fleet_cpu_s_per_round" in plus and "fleet_cpu_s_per_round" in x["plain"]:
-                cpu = (f"; the fleet's CPU per round {_n(plus['fleet_cpu_s_per_round'], 2)}"
-                       f" s against {_n(x['plain']['fleet_cpu_s_per_round'], 2)} s")
+            cpu = _fleet_cpu(plus, x["plain"])
             rows.append(("secagg", f"round with SecAgg+, threshold {ratios['threshold']:g} "
                          f"(neighbours auto: {ratios['neighbours']} of {int(size) - 1} peers), "
                          f"{size} devices, s",

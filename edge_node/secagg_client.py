@@ -31,7 +31,7 @@ from fl_tasks.base import Weights
 from schemas.base import decode_message, now
 from schemas.codec import encode
 from schemas.errors import DecodeError
-from schemas.fl import RoundPlan, SecAggSpec
+from schemas.fl import RoundPlan
 from schemas.secagg import (
     ADVERTISE,
     MASKED,
@@ -46,7 +46,6 @@ from schemas.secagg import (
     SecAggInbox,
     SecAggMaskedEnvelope,
     SecAggRoster,
-    SecAggShares,
     SecAggSurvivors,
     flatten,
     quantize,
@@ -144,7 +143,7 @@ class SecAggClient:
                            "older cloud?); not taking part", self.device_id, plan.round, task)
             return
         device = SecAggDevice(task, plan.round, plan.attempt, self.device_id, self.identity,
-                              self.certificate, nonce=plan.nonce)
+                              self.certificate, nonce=plan.nonce, spec=plan.secagg)
         self.sessions[task] = _Session(plan, device)
         advert = device.advertise()
         self._publish(self.topics.secagg_device(task, plan.round, ADVERTISE, self.device_id),
@@ -194,13 +193,8 @@ class SecAggClient:
                                     broadcast=True)
             if session is not None and self.device_id in {a.device_id for a in roster.devices}:
                 device = session.device
-                plan = session.plan.secagg
-
-                def share() -> SecAggShares:
-                    _check_graph(roster, plan)
-                    return device.share_keys(roster, self.authority)
-
-                shares = self._guarded(task, session, share)
+                shares = self._guarded(task, session, lambda: device.share_keys(
+                    roster, self.authority))
                 if shares is not None:
                     self._publish(self.topics.secagg_device(task, round_, SHARES,
                                                             self.device_id), shares.to_json())
@@ -248,15 +242,3 @@ class SecAggClient:
                       encode({MASKED_TENSOR: masked}, envelope))
         self.counters.add("secagg_masked_sent")
 
-
-def _check_graph(roster: SecAggRoster, spec: SecAggSpec | None) -> None:
-    """Check that the roster's threshold and graph are the round plan's.
-
-    Raises:
-        SecAggError: ``bad_roster`` when they are not (a relay that lowers the threshold
-            or thins the graph would learn more of each device's input).
-    """
-    if spec is None or (roster.threshold, roster.neighbours, roster.neighbour_threshold) != (
-            spec.threshold, spec.neighbours, spec.neighbour_threshold):
-        raise SecAggError("bad_roster", "the roster's threshold or neighbour graph is not "
-                          "the round plan's")

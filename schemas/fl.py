@@ -88,6 +88,12 @@ class PrivacySpec(WireModel):
         "null: no clip_bit is sent")
 
 
+NeighbourCount = Annotated[int, Field(ge=2, le=MAX_SELECTED, multiple_of=2)]
+"""SecAgg+'s k: each device's peers in the graph (even)."""
+NeighbourThreshold = Annotated[int, Field(ge=2, le=MAX_SELECTED + 1)]
+"""SecAgg+: shares of one device's secret (of its k + 1 holders) that rebuild it."""
+
+
 class SecAggSpec(WireModel):
     """Secure aggregation (Bonawitz et al. 2017) parameters for a round.
 
@@ -99,10 +105,10 @@ class SecAggSpec(WireModel):
     threshold: Annotated[int, Field(ge=2, le=MAX_SELECTED, description=(
         "Devices needed at every stage; without neighbours also the shares needed to "
         "rebuild a secret"))]
-    neighbours: Annotated[int, Field(ge=2, le=MAX_SELECTED, multiple_of=2)] | None = Field(
+    neighbours: NeighbourCount | None = Field(
         default=None, description="SecAgg+: the even number of peers each device masks with "
         "and shares its secrets among; null: every other device of the roster")
-    neighbour_threshold: Annotated[int, Field(ge=2, le=MAX_SELECTED + 1)] | None = Field(
+    neighbour_threshold: NeighbourThreshold | None = Field(
         default=None, description="SecAgg+: shares of a device's secret (held by it and its "
         "neighbours) needed to rebuild it; set with neighbours")
     quantization_bits: Annotated[int, Field(ge=8, le=32)] = 16

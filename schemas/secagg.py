@@ -66,7 +66,13 @@ from pydantic import Field, StringConstraints, model_validator
 
 from schemas import shamir
 from schemas.base import Id, NonNegInt, RoundNonce, RoundNumber, UnixTime, Version, WireModel
-from schemas.fl import MAX_SELECTED, check_graph_parameters
+from schemas.fl import (
+    MAX_SELECTED,
+    NeighbourCount,
+    NeighbourThreshold,
+    SecAggSpec,
+    check_graph_parameters,
+)
 
 PROTOCOL = b"edgefl-secagg-v1"
 ADVERTISE, ROSTER, SHARES, MASKED, SURVIVORS, UNMASK = (
@@ -155,8 +161,8 @@ class SecAggRoster(WireModel):
     attempt: NonNegInt
     nonce: RoundNonce
     threshold: Annotated[int, Field(ge=2, le=MAX_SELECTED)]
-    neighbours: Annotated[int, Field(ge=2, le=MAX_SELECTED, multiple_of=2)] | None = None
-    neighbour_threshold: Annotated[int, Field(ge=2, le=MAX_SELECTED + 1)] | None = None
+    neighbours: NeighbourCount | None = None
+    neighbour_threshold: NeighbourThreshold | None = None
     devices: list[SecAggAdvertise] = Field(max_length=MAX_SELECTED)
 
     @model_validator(mode="after")
@@ -538,6 +544,10 @@ class SecAggDevice:
     certificate: DeviceIdentity
     nonce: str = field(kw_only=True)
     """The round plan's nonce (:func:`round_context`)."""
+    spec: SecAggSpec | None = field(default=None, kw_only=True)
+    """The round plan's parameters: the roster must carry the same threshold and graph
+    (a relay that lowered the one or thinned the other would learn more). An agent always
+    gives it; None skips the check (the protocol's own tests build rosters directly)."""
     c_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
     s_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
     seed: bytes = field(default_factory=lambda: secrets.token_bytes(SEED_BYTES))
@@ -598,6 +608,12 @@ class SecAggDevice:
         self._advance("advertised", "shared")
         if _session(roster) != self.session:
             raise SecAggError("bad_roster", "the roster is for another round")
+        spec = self.spec
+        if spec is not None and (roster.threshold, roster.neighbours,
+                                 roster.neighbour_threshold) != (
+                spec.threshold, spec.neighbours, spec.neighbour_threshold):
+            raise SecAggError("bad_roster", "the roster's threshold or neighbour graph is "
+                              "not the round plan's")
         peers, graph = _roster_peers(roster, authority, self.device_id)
         me = peers[self.device_id]
         if me.c_public != self.c_key.public_key().public_bytes_raw() \

@@ -601,3 +601,21 @@ def test_the_task_config_gives_the_round_its_graph() -> None:
     with pytest.raises(ValueError, match="more than half"):  # the roster is checked alike
         SecAggRoster(task=TASK, round=ROUND, attempt=ATTEMPT, nonce=NONCE, threshold=2,
                      neighbours=4, neighbour_threshold=2, devices=[])
+
+
+def test_a_device_given_its_plan_refuses_a_roster_with_another_graph() -> None:
+    """The plan asks for SecAgg+ with k = 4 (3 of 5 holders); the relay's roster thins it
+    to a ring, or drops it for the complete graph: refused before any share is made."""
+    plan = SecAggSpec(threshold=6, neighbours=4, neighbour_threshold=3)
+    for graph in ({"neighbours": 2, "neighbour_threshold": 2},
+                  {"neighbours": None, "neighbour_threshold": None},
+                  {"neighbours": 4, "neighbour_threshold": 3, "threshold": 5}):
+        devices, _, roster = _advertised(12, 6, neighbours=4, neighbour_threshold=3)
+        member = devices["dev-00"]
+        member.spec = plan
+        with pytest.raises(SecAggError, match="bad_roster"):
+            member.share_keys(roster.model_copy(update=graph), AUTHORITY_PUBLIC)
+        assert member.held == {}
+    devices, _, roster = _advertised(12, 6, neighbours=4, neighbour_threshold=3)
+    devices["dev-00"].spec = plan
+    assert len(devices["dev-00"].share_keys(roster, AUTHORITY_PUBLIC).ciphertexts) == 4
